@@ -1,0 +1,344 @@
+"""The relevance cube: the one module that knows the Zarr v3 layout.
+
+Layout (``LAYOUT_VERSION`` 1)::
+
+    <root>/                       attrs: layout_version, fingerprint, model, dataset,
+                                         relevance_definition, chunk_images, layers
+      image_path   (image)        str, relative to the dataset root
+      label        (image)        int32, dataset class index (= model class index)
+      prediction   (image)        int32, -1 until computed
+      target       (image)        int32, class whose logit was attributed, -1 until computed
+      target_logit (image)        float32
+      skipped      (image)        bool, unreadable image, left out of every statistic
+      skip_reason  (image)        str
+      chunk_done   (chunk)        uint8, completion marker, written after the chunk's data
+      class_name   (class)        str
+      class_wnid   (class)        str, WordNet id or ""
+      layers/<conv name>/
+        relevance       (image, channel)                       act x grad summed over space
+        activation_max  (image, channel)                       spatial max of the conv output
+        activation_mean (image, channel)                       spatial mean of the conv output
+        input_moments   (image, in_channel, kernel_y, kernel_x) float32 (sums overflow float16)
+      stats/<subset>/<conv name>/ class-level reductions, written by ``write_class_stats``
+
+Every per-image array is chunked along ``image`` only, with the same chunk length, so one
+writer owns each chunk and a chunk is complete exactly when its marker is set. Missing data is
+NaN (the fill value), never zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+LAYOUT_VERSION = 1
+LAYERS_GROUP = "layers"
+STATS_GROUP = "stats"
+PER_LAYER_IMAGE_ARRAYS = ("relevance", "activation_max", "activation_mean")
+MOMENTS_ARRAY = "input_moments"
+RELEVANCE_DEFINITION = (
+    "R[image, channel] = sum over space of (conv output before any normalisation) x "
+    "(gradient of the target logit w.r.t. that output); sign kept. input_moments[image, k, u, v] "
+    "= sum of input channel k over the positions kernel offset (u, v) reads (zero padding "
+    "excluded), so the Gradient x Input ARV of channel c is sum_uv W[c, k, u, v] M[k, u, v]."
+)
+
+
+class CubeMismatch(ValueError):
+    """An existing store was made for a different model, dataset or layout."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_channels": self.out_channels, "in_channels": self.in_channels,
+                "kernel_size": list(self.kernel_size)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerShape":
+        return cls(int(d["out_channels"]), int(d["in_channels"]), tuple(d["kernel_size"]))  # type: ignore[arg-type]
+
+
+def _compressor() -> BloscCodec:
+    # zstd level 1 with byte shuffle: ~1.55 bytes per float16 value at near read speed.
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+
+
+def open_store_group(url: str | Path, mode: str = "r") -> zarr.Group:
+    """Open the cube's root group from a local path or any fsspec URL (memory://, s3://, ...)."""
+    url = str(url)
+    if "://" in url and not url.startswith("file://"):
+        return zarr.open_group(url, mode=mode)  # type: ignore[arg-type]
+    path = url.removeprefix("file://")
+    return zarr.open_group(path, mode=mode)  # type: ignore[arg-type]
+
+
+def store_exists(url: str | Path) -> bool:
+    try:
+        open_store_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+    return True
+
+
+def fingerprint(parts: Mapping[str, Any]) -> str:
+    """Content hash of everything that determines the cube's values."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def create_cube(
+    url: str | Path,
+    *,
+    image_paths: Sequence[str],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    class_wnids: Sequence[str | None],
+    layers: Mapping[str, LayerShape],
+    chunk_images: int,
+    attrs: Mapping[str, Any],
+    relevance_dtype: str = "float32",
+    overwrite: bool = False,
+) -> zarr.Group:
+    """Create the store, or reopen it when it was made with the same fingerprint (resume).
+
+    ``attrs`` must hold everything that determines the values (model identity with checkpoint
+    sha256, dataset manifest hash, target mode, ...); its hash is the store's fingerprint. A
+    store with another fingerprint is refused unless ``overwrite``: silently mixing two runs'
+    chunks would corrupt every statistic.
+    """
+    n = len(image_paths)
+    if len(labels) != n:
+        raise ValueError(f"{n} image paths but {len(labels)} labels")
+    if n == 0:
+        raise ValueError("the dataset has no images")
+    if chunk_images < 1:
+        raise ValueError("chunk_images must be positive")
+    layer_dicts = {name: shape.to_dict() for name, shape in layers.items()}
+    fp = fingerprint({"attrs": attrs, "layers": layer_dicts, "chunk_images": chunk_images,
+                      "relevance_dtype": relevance_dtype, "n_images": n,
+                      "layout_version": LAYOUT_VERSION})
+    if not overwrite and store_exists(url):
+        root = open_store_group(url, mode="r+")
+        found = root.attrs.get("fingerprint")
+        if found != fp:
+            raise CubeMismatch(
+                f"{url} holds a cube made with other inputs (fingerprint {str(found)[:12]} vs "
+                f"{fp[:12]}); choose another store URL or pass overwrite=True"
+            )
+        return root
+
+    root = open_store_group(url, mode="w")
+    n_chunks = -(-n // chunk_images)
+    image_dims = ["image"]
+
+    def per_image(group: zarr.Group, name: str, dtype: Any, fill: Any, extra_shape: tuple[int, ...] = (),
+                  extra_dims: Sequence[str] = ()) -> zarr.Array:
+        return group.create_array(
+            name, shape=(n, *extra_shape), chunks=(chunk_images, *extra_shape), dtype=dtype,
+            fill_value=fill, compressors=_compressor(), dimension_names=[*image_dims, *extra_dims],
+        )
+
+    per_image(root, "image_path", str, "")[:] = np.asarray(image_paths, dtype=str)
+    per_image(root, "label", "int32", -1)[:] = np.asarray(labels, dtype=np.int32)
+    per_image(root, "prediction", "int32", -1)
+    per_image(root, "target", "int32", -1)
+    per_image(root, "target_logit", "float32", np.nan)
+    per_image(root, "skipped", "bool", False)
+    per_image(root, "skip_reason", str, "")
+    root.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                      dimension_names=["chunk"])
+    nclass = len(class_names)
+    root.create_array("class_name", shape=(nclass,), chunks=(nclass,), dtype=str, fill_value="",
+                      dimension_names=["class"])[:] = np.asarray(class_names, dtype=str)
+    root.create_array("class_wnid", shape=(nclass,), chunks=(nclass,), dtype=str, fill_value="",
+                      dimension_names=["class"])[:] = np.asarray([w or "" for w in class_wnids], dtype=str)
+
+    layers_group = root.create_group(LAYERS_GROUP)
+    for name, shape in layers.items():
+        g = layers_group.create_group(name)
+        for arr in PER_LAYER_IMAGE_ARRAYS:
+            per_image(g, arr, relevance_dtype, np.nan, (shape.out_channels,), ["channel"])
+        per_image(g, MOMENTS_ARRAY, "float32", np.nan,
+                  (shape.in_channels, *shape.kernel_size), ["in_channel", "kernel_y", "kernel_x"])
+    root.attrs.update({
+        **attrs,
+        "layout_version": LAYOUT_VERSION,
+        "fingerprint": fp,
+        "chunk_images": chunk_images,
+        "n_images": n,
+        "relevance_dtype": relevance_dtype,
+        "relevance_definition": RELEVANCE_DEFINITION,
+        "layers": layer_dicts,
+    })
+    consolidate(url)
+    return root
+
+
+def cube_info(url: str | Path) -> dict[str, Any]:
+    """The root attributes (model, dataset, layers, chunking) as a plain dict."""
+    return dict(open_store_group(url, mode="r").attrs)
+
+
+def chunk_bounds(url_or_root: str | Path | zarr.Group, chunk: int) -> tuple[int, int]:
+    root = url_or_root if isinstance(url_or_root, zarr.Group) else open_store_group(url_or_root)
+    size = int(root.attrs["chunk_images"])
+    n = int(root.attrs["n_images"])
+    return chunk * size, min(n, (chunk + 1) * size)
+
+
+def completed_chunks(url: str | Path) -> np.ndarray:
+    """Boolean per chunk: its data is fully written."""
+    return open_store_group(url, mode="r")["chunk_done"][:].astype(bool)
+
+
+@dataclass
+class ChunkData:
+    """What extraction computed for one chunk; rows of skipped images stay NaN."""
+
+    prediction: np.ndarray
+    target: np.ndarray
+    target_logit: np.ndarray
+    skipped: np.ndarray
+    skip_reason: np.ndarray
+    layers: dict[str, dict[str, np.ndarray]]  # layer -> array name -> (n_chunk, ...)
+
+
+def write_chunk(root: zarr.Group, chunk: int, data: ChunkData) -> None:
+    """Write one chunk's arrays, then its completion marker (last, so a kill mid-way leaves the
+    marker unset and the chunk is redone on resume)."""
+    start, stop = chunk_bounds(root, chunk)
+    sl = slice(start, stop)
+    root["prediction"][sl] = data.prediction.astype(np.int32)
+    root["target"][sl] = data.target.astype(np.int32)
+    root["target_logit"][sl] = data.target_logit.astype(np.float32)
+    root["skipped"][sl] = data.skipped.astype(bool)
+    root["skip_reason"][sl] = np.asarray(data.skip_reason, dtype=str)
+    layers = root[LAYERS_GROUP]
+    for layer, arrays in data.layers.items():
+        g = layers[layer]
+        for name, values in arrays.items():
+            target = g[name]
+            target[sl] = values.astype(target.dtype)
+    root["chunk_done"][chunk] = 1
+
+
+def consolidate(url: str | Path) -> None:
+    """Consolidate metadata; call once from the driver, never from concurrent writers."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consolidated metadata is not yet in the v3 spec
+        zarr.consolidate_metadata(open_store_group(url, mode="r+").store)
+
+
+def layer_names(url: str | Path) -> list[str]:
+    return list(cube_info(url)["layers"])
+
+
+def _open_dataset(url: str | Path, group: str | None = None) -> xr.Dataset:
+    import warnings
+
+    url = str(url).removeprefix("file://")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return xr.open_zarr(url, group=group, consolidated=None)
+
+
+def as_str(values: Any) -> np.ndarray:
+    """Zarr returns variable-length strings as numpy StringDType; plain unicode is portable."""
+    return np.asarray(np.asarray(values).tolist(), dtype=str)
+
+
+def image_coords(url: str | Path) -> dict[str, Any]:
+    """Per-image coordinates: index, label, class name, WordNet id, prediction, skipped."""
+    root = open_store_group(url, mode="r")
+    labels = root["label"][:]
+    names = as_str(root["class_name"][:])
+    wnids = as_str(root["class_wnid"][:])
+    safe = np.clip(labels, 0, len(names) - 1)
+    return {
+        "image": np.arange(len(labels)),
+        "label": ("image", labels),
+        "class_name": ("image", names[safe]),
+        "wnid": ("image", wnids[safe]),
+        "prediction": ("image", root["prediction"][:]),
+        "skipped": ("image", root["skipped"][:]),
+        "image_path": ("image", as_str(root["image_path"][:])),
+    }
+
+
+def open_cube(url: str | Path) -> xr.DataTree:
+    """The cube as an xarray DataTree: ``/`` holds per-image coordinates and scalars,
+    ``/layers/<conv>`` the per-layer arrays (lazy, dask-backed), ``/stats/...`` reductions.
+
+    Every per-image node carries the image coordinates (DataTree inherits only indexed ones),
+    so ``tree["layers/layer3.2.conv2"].relevance`` can be grouped by ``class_name`` or filtered
+    by ``prediction`` directly.
+    """
+    info = cube_info(url)
+    coords = image_coords(url)
+    root_ds = _open_dataset(url)
+    root_ds = root_ds.drop_vars([v for v in ("chunk_done", "class_name", "class_wnid", "image_path",
+                                             "label", "prediction", "skipped") if v in root_ds])
+    root_ds = root_ds.assign_coords(coords)
+    root_ds.attrs = {k: v for k, v in info.items() if k != "layers"}
+    nodes: dict[str, xr.Dataset] = {"/": root_ds}
+    for name, shape in info["layers"].items():
+        ds = _open_dataset(url, f"{LAYERS_GROUP}/{name}")
+        ds = ds.assign_coords(coords).assign_coords(channel=np.arange(shape["out_channels"]),
+                              in_channel=np.arange(shape["in_channels"]))
+        ds.attrs = {"layer": name, **shape}
+        nodes[f"/{LAYERS_GROUP}/{name}"] = ds
+    for path, ds in _stats_datasets(url).items():
+        nodes[path] = ds
+    return xr.DataTree.from_dict(nodes)
+
+
+def _stats_datasets(url: str | Path) -> dict[str, xr.Dataset]:
+    root = open_store_group(url, mode="r")
+    if STATS_GROUP not in root:
+        return {}
+    out = {}
+    for subset in root[STATS_GROUP].group_keys():
+        for layer in root[STATS_GROUP][subset].group_keys():
+            ds = _open_dataset(url, f"{STATS_GROUP}/{subset}/{layer}")
+            out[f"/{STATS_GROUP}/{subset}/{layer}"] = ds
+    return out
+
+
+def write_class_stats(url: str | Path, subset: str, layer: str, arrays: Mapping[str, tuple[Sequence[str], np.ndarray]],
+                      attrs: Mapping[str, Any] | None = None) -> None:
+    """Store class-level reductions of one layer as labelled arrays under stats/<subset>/<layer>.
+
+    ``arrays`` maps a name to (dimension names, values); values are written whole (small).
+    """
+    root = open_store_group(url, mode="r+")
+    group = root.require_group(STATS_GROUP).require_group(subset)
+    if layer in group:
+        del group[layer]
+    g = group.create_group(layer)
+    for name, (dims, values) in arrays.items():
+        values = np.asarray(values)
+        dtype = str if values.dtype.kind in "UO" else values.dtype
+        arr = g.create_array(name, shape=values.shape, chunks=values.shape or None, dtype=dtype,
+                             dimension_names=list(dims))
+        arr[...] = values
+    if attrs:
+        g.attrs.update(dict(attrs))
+
+
+def read_class_stats(url: str | Path, subset: str, layer: str) -> xr.Dataset:
+    return _open_dataset(url, f"{STATS_GROUP}/{subset}/{layer}").load()

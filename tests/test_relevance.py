@@ -1,0 +1,165 @@
+"""Relevance and input moments against autograd oracles of their definitions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tasks.data import load_batch, scan_image_folder
+from tasks.models import conv_input_padding, load_model
+from tasks.relevance import arv_from_moments, batch_relevance, input_moments
+
+
+def autograd_arv(conv: nn.Module, x: torch.Tensor, channel: int) -> torch.Tensor:
+    """Oracle: Gradient x Input of the spatially summed output of ``channel``, per input channel."""
+    x = x.detach().clone().requires_grad_(True)
+    y = conv(x)
+    (grad,) = torch.autograd.grad(y[:, channel].sum(), x)
+    return (x * grad).sum(dim=(2, 3)).detach()
+
+
+def moments_of(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = conv(x)
+    pad = conv_input_padding(conv, tuple(x.shape[2:]), tuple(out.shape[2:]))
+    return input_moments(x, conv.kernel_size, conv.stride, conv.dilation, pad, tuple(out.shape[2:]))
+
+
+CONVS = {
+    "1x1": dict(in_channels=6, out_channels=5, kernel_size=1),
+    "3x3-strided-padded": dict(in_channels=6, out_channels=5, kernel_size=3, stride=2, padding=1),
+    "3x5-asymmetric": dict(in_channels=4, out_channels=3, kernel_size=(3, 5), stride=(1, 2), padding=(2, 1)),
+    "dilated": dict(in_channels=4, out_channels=3, kernel_size=3, dilation=2, padding=2),
+    "dilated-strided-unpadded": dict(in_channels=4, out_channels=3, kernel_size=3, dilation=2, stride=3),
+    "grouped": dict(in_channels=8, out_channels=6, kernel_size=3, padding=1, groups=2),
+    "depthwise": dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4),
+    "same-string": dict(in_channels=4, out_channels=3, kernel_size=4, padding="same"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_arv_from_moments_matches_autograd(name: str) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**CONVS[name], bias=True).double()
+    x = torch.randn(3, conv.in_channels, 11, 13, dtype=torch.float64)
+    m = moments_of(conv, x)
+    for c in range(conv.out_channels):
+        oracle = autograd_arv(conv, x, c)
+        per_group = conv.in_channels // conv.groups
+        g = c // (conv.out_channels // conv.groups)
+        ours = arv_from_moments(conv.weight.detach(), m, c, conv.groups)
+        expected = oracle[:, g * per_group:(g + 1) * per_group]
+        rel = (ours - expected).abs().max() / expected.abs().max()
+        assert rel <= 1e-5, (name, c, float(rel))
+        # Input channels outside the channel's group carry no attribution at all.
+        outside = torch.cat([oracle[:, : g * per_group], oracle[:, (g + 1) * per_group:]], dim=1)
+        assert outside.abs().max() == 0 if outside.numel() else True
+    # The mean of per-image ARVs is the ARV of the mean moments (what class means rely on).
+    mean_arv = torch.stack([arv_from_moments(conv.weight.detach(), m, c, conv.groups) for c in range(3)]).mean(1)
+    arv_of_mean = torch.stack([arv_from_moments(conv.weight.detach(), m.mean(0), c, conv.groups) for c in range(3)])
+    torch.testing.assert_close(mean_arv, arv_of_mean, rtol=1e-12, atol=1e-12)
+
+
+def test_arv_for_efficientnet_same_padding_convs() -> None:
+    """EfficientNet-Lite convs pad TF-'same' inside forward: the hook sees the unpadded input."""
+    from efficientnet_lite_pytorch.utils import get_same_padding_conv2d
+
+    torch.manual_seed(1)
+    for image_size, stride, k in [(15, 2, 3), (16, 2, 5), (15, 1, 3)]:
+        for conv_cls in (get_same_padding_conv2d(image_size=image_size), get_same_padding_conv2d(None)):
+            conv = conv_cls(4, 3, kernel_size=k, stride=stride, bias=False).double()
+            x = torch.randn(2, 4, image_size, image_size, dtype=torch.float64)
+            m = moments_of(conv, x)
+            for c in range(3):
+                oracle = autograd_arv(conv, x, c)
+                ours = arv_from_moments(conv.weight.detach(), m, c)
+                assert ((ours - oracle).abs().max() / oracle.abs().max()) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def resnet20_batch(assets_dir):
+    bundle = load_model("cifar_resnet20")
+    manifest = scan_image_folder(assets_dir / "cifar10" / "test", bundle.class_names, bundle.wnids,
+                                 max_per_class=2)
+    images, ok, _ = load_batch(manifest.root, manifest.paths, bundle.transform)
+    assert ok.all()
+    return bundle, images, torch.as_tensor(manifest.labels)
+
+
+def test_relevance_matches_layerwise_autograd(resnet20_batch) -> None:
+    bundle, images, labels = resnet20_batch
+    model = copy.deepcopy(bundle.model).double().eval()
+    x = images.double()
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(layers) == 19
+    result = batch_relevance(model, x, labels, layers)
+    modules = dict(model.named_modules())
+    for name in layers:
+        kept = {}
+        handle = modules[name].register_forward_hook(lambda m, i, o: kept.update(out=o))
+        logits = model(x)
+        handle.remove()
+        score = logits.gather(1, labels[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, kept["out"])
+        oracle = (kept["out"] * grad).sum(dim=(2, 3)).detach()
+        rel = (result.relevance[name] - oracle).abs().max() / oracle.abs().max()
+        assert rel <= 1e-5, (name, float(rel))
+    assert torch.equal(result.prediction, model(x).argmax(1))
+    torch.testing.assert_close(result.target_logit, model(x).gather(1, labels[:, None]).squeeze(1).detach())
+
+
+def test_hook_moments_give_autograd_arvs_on_real_layers(resnet20_batch) -> None:
+    bundle, images, labels = resnet20_batch
+    model = copy.deepcopy(bundle.model).double().eval()
+    x = images.double()
+    layers = ["conv1", "layer2.0.conv1", "layer3.2.conv2"]  # stem, strided 3x3, last conv
+    result = batch_relevance(model, x, labels, layers)
+    modules = dict(model.named_modules())
+    for name in layers:
+        kept = {}
+        handle = modules[name].register_forward_hook(lambda m, i, o: kept.update({"in": i[0]}))
+        model(x)
+        handle.remove()
+        conv = modules[name]
+        for c in (0, 5, conv.out_channels - 1):
+            oracle = autograd_arv(conv, kept["in"], c)
+            ours = arv_from_moments(conv.weight.detach(), result.input_moments[name], c, conv.groups)
+            assert ((ours - oracle).abs().max() / oracle.abs().max()) <= 1e-5, name
+
+
+def test_prediction_target_mode_and_eval_guard(resnet20_batch) -> None:
+    bundle, images, labels = resnet20_batch
+    model = bundle.model.eval()
+    res = batch_relevance(model, images, labels, ["layer3.2.conv2"], target_mode="prediction")
+    assert torch.equal(res.target, res.prediction)
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="eval"):
+            batch_relevance(model, images, labels, ["layer3.2.conv2"])
+    finally:
+        model.eval()
+    with pytest.raises(ValueError, match="not a conv"):
+        batch_relevance(model, images, labels, ["layer3"])
+
+
+def test_relevance_does_not_touch_parameter_grads(resnet20_batch) -> None:
+    bundle, images, labels = resnet20_batch
+    model = bundle.model.eval()
+    for p in model.parameters():
+        p.grad = None
+    batch_relevance(model, images, labels, ["layer1.0.conv1", "layer3.2.conv2"])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_input_moments_plain_sum_for_1x1() -> None:
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    m = input_moments(x, (1, 1), (1, 1), (1, 1), (0, 0), (5, 7))
+    torch.testing.assert_close(m[..., 0, 0], x.sum(dim=(2, 3)))
+    # The moments of a padded conv never count padding: all-ones input counts positions read.
+    ones = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+    m = input_moments(ones, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4))
+    # Offset 0 never reads the last row/column (3 of 4 rows), offset 1 reads all 4.
+    per_axis = torch.tensor([3.0, 4.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(m[0, 0], torch.outer(per_axis, per_axis))
