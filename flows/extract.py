@@ -10,11 +10,11 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from storage.cube import LayerShape, completed_chunks, consolidate, create_cube
+from storage.cube import completed_chunks, consolidate
 from tasks import defaults
-from tasks.data import plan_shards, scan_image_folder
-from tasks.extract import extract_chunks, pick_device
-from tasks.models import conv_layers, load_model, select_layers
+from tasks.data import plan_shards
+from tasks.extract import extract_chunks, pick_device, plan_cube
+from tasks.models import load_model
 from tasks.relevance import TargetMode
 
 
@@ -83,28 +83,13 @@ def extract_relevance_cube(
     """
     logger = get_run_logger()
     validate_extraction(chunk_images, shard_chunks, batch_size)
-    if target_mode not in ("label", "prediction"):
-        raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
-    bundle = load_model(model, weights)
-    selected = select_layers(bundle.model, layers)
     if not data_dir:
         raise ValueError("data_dir is required (an ImageFolder root)")
-    manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids, max_per_class)
-    infos = {info.name: info for info in conv_layers(bundle.model)}
-    shapes = {name: LayerShape(infos[name].out_channels, infos[name].in_channels, infos[name].kernel_size)
-              for name in selected}
+    bundle = load_model(model, weights)
     slots = device_slots(device)
-    create_cube(
-        store_url,
-        image_paths=manifest.paths,
-        labels=manifest.labels,
-        class_names=bundle.class_names,
-        class_wnids=bundle.wnids,
-        layers=shapes,
-        chunk_images=chunk_images,
-        attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": target_mode},
-        overwrite=overwrite,
-    )
+    plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
+                     overwrite)
+    selected, manifest = plan.layers, plan.manifest
     done = completed_chunks(store_url)
     shards = plan_shards(len(done), shard_chunks, pending=~done)
     logger.info("%d images, %d layers, %d of %d chunks to do in %d shards on %s", len(manifest),

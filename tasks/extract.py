@@ -11,8 +11,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from storage.cube import MOMENTS_ARRAY, ChunkData, chunk_bounds, open_store_group, write_chunk
-from tasks.data import load_batch
+from storage.cube import (MOMENTS_ARRAY, ChunkData, LayerShape, chunk_bounds, create_cube,
+                           open_store_group, write_chunk)
+from tasks.data import Manifest, load_batch, scan_image_folder
+from tasks.models import ModelBundle, conv_layers, select_layers
 from tasks.relevance import TargetMode, batch_relevance
 
 
@@ -24,6 +26,49 @@ def pick_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is available")
     return dev
+
+
+@dataclass
+class CubePlan:
+    store_url: str
+    layers: list[str]
+    manifest: Manifest
+    n_chunks: int
+
+
+def plan_cube(
+    bundle: ModelBundle,
+    data_dir: str,
+    store_url: str,
+    layers: str | Sequence[str],
+    chunk_images: int,
+    target_mode: TargetMode,
+    max_per_class: int | None = None,
+    overwrite: bool = False,
+) -> CubePlan:
+    """Validate the inputs, list the dataset and create (or reopen) the store.
+
+    Everything that can be wrong with the inputs fails here, before any model pass.
+    """
+    if target_mode not in ("label", "prediction"):
+        raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
+    selected = select_layers(bundle.model, layers)
+    manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids, max_per_class)
+    infos = {info.name: info for info in conv_layers(bundle.model)}
+    shapes = {name: LayerShape(infos[name].out_channels, infos[name].in_channels, infos[name].kernel_size)
+              for name in selected}
+    create_cube(
+        store_url,
+        image_paths=manifest.paths,
+        labels=manifest.labels,
+        class_names=bundle.class_names,
+        class_wnids=bundle.wnids,
+        layers=shapes,
+        chunk_images=chunk_images,
+        attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": target_mode},
+        overwrite=overwrite,
+    )
+    return CubePlan(store_url, selected, manifest, -(-len(manifest) // chunk_images))
 
 
 @dataclass

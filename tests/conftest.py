@@ -1,12 +1,23 @@
-"""Shared fixtures: the real assets live at ../shared/assets relative to the project root."""
+"""Shared fixtures: real assets from ../shared/assets, small real cubes, a Prefect test API."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Prefect reads its settings at import: isolate its home (cached results leak otherwise) and
+# keep telemetry off before any test module imports it.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,5 +36,55 @@ def assets_dir() -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads() -> None:
-    # CI has two cores; one intra-op thread per test process keeps runs predictable.
+    # CI has two cores; more intra-op threads than cores only adds contention.
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (the test harness runs a temporary server on 127.0.0.1)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def cifar_subset(assets_dir: Path, dest: Path, split: str, per_class: int, offset: int = 0) -> Path:
+    """An ImageFolder of real CIFAR-10 JPEGs (symlinks), ``per_class`` images of each class."""
+    src = assets_dir / "cifar10" / split
+    for cls in sorted(p.name for p in src.iterdir()):
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / cls).iterdir())[offset:offset + per_class]:
+            os.symlink(f, dest / cls / f.name)
+    return dest
+
+
+def add_bad_images(folder: Path, cls: str = "cat") -> dict[str, str]:
+    """Put a truncated JPEG, a non-image, a grayscale, a CMYK and an RGBA image into ``folder/cls``."""
+    target = folder / cls
+    good = sorted(p for p in target.iterdir() if p.suffix == ".jpg")[0]
+    data = Path(os.path.realpath(good)).read_bytes()
+    (target / "zz_truncated.jpg").write_bytes(data[: len(data) // 2])
+    (target / "zz_not_an_image.jpg").write_bytes(b"this is not a jpeg")
+    img = Image.open(good).convert("RGB")
+    img.convert("L").save(target / "zz_gray.png")
+    img.convert("CMYK").save(target / "zz_cmyk.jpg")
+    img.convert("RGBA").save(target / "zz_rgba.png")
+    return {"zz_truncated.jpg": "bad", "zz_not_an_image.jpg": "bad", "zz_gray.png": "ok",
+            "zz_cmyk.jpg": "ok", "zz_rgba.png": "ok"}
+
+
+@pytest.fixture(scope="session")
+def small_cube(tmp_path_factory, assets_dir):
+    """A real cube: ResNet-20, 24 CIFAR-10 test images per class, all 19 conv layers."""
+    from tasks.extract import extract_chunks, plan_cube
+    from tasks.models import load_model
+
+    root = tmp_path_factory.mktemp("small_cube")
+    data = cifar_subset(assets_dir, root / "data", "test", per_class=24)
+    url = str(root / "cube.zarr")
+    bundle = load_model("cifar_resnet20")
+    plan = plan_cube(bundle, str(data), url, "all", chunk_images=48, target_mode="label")
+    extract_chunks(url, bundle.model.eval(), bundle.transform, str(data), range(plan.n_chunks),
+                   plan.layers, batch_size=48)
+    return url, bundle, data

@@ -1,0 +1,38 @@
+# Two entry points: `make run` (the whole pipeline on its embedded default) and `make test`.
+# Both bootstrap everything from a bare Python 3.11+: a pinned uv in .tools/, then the locked
+# environment in .venv/ (torch's CUDA build, which also runs on CPU; see README).
+
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+UV := .tools/bin/uv
+VENV := .venv
+STAMP := $(VENV)/.synced-stamp
+
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test bench clean
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	touch $@
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/disentangle run $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/python benchmarks/run_all.py
+
+clean:
+	rm -rf .tools $(VENV) .prefect runs
