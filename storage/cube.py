@@ -79,10 +79,11 @@ def _compressor() -> BloscCodec:
 def open_store_group(url: str | Path, mode: str = "r") -> zarr.Group:
     """Open the cube's root group from a local path or any fsspec URL (memory://, s3://, ...)."""
     url = str(url)
-    if "://" in url and not url.startswith("file://"):
-        return zarr.open_group(url, mode=mode)  # type: ignore[arg-type]
-    path = url.removeprefix("file://")
-    return zarr.open_group(path, mode=mode)  # type: ignore[arg-type]
+    target = url if "://" in url and not url.startswith("file://") else url.removeprefix("file://")
+    # Writers must see the live hierarchy: consolidated metadata is a snapshot and would hide
+    # groups created since it was written.
+    consolidated = None if mode == "r" else False
+    return zarr.open_group(target, mode=mode, use_consolidated=consolidated)  # type: ignore[arg-type]
 
 
 def store_exists(url: str | Path) -> bool:

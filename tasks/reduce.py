@@ -18,7 +18,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from storage.cube import MOMENTS_ARRAY, layer_names, open_store_group, write_class_stats
+from storage.cube import MOMENTS_ARRAY, consolidate, layer_names, open_store_group, write_class_stats
 
 
 @dataclass
@@ -180,6 +180,7 @@ def write_stats(store_url: str, subset_name: str, stats: Mapping[str, LayerStats
             "mean_activation": (["class", "channel"], s.mean_activation),
             "mean_moments": (["class", "in_channel", "kernel_y", "kernel_x"], s.mean_moments),
         }, attrs)
+    consolidate(store_url)
 
 
 def read_stats(store_url: str, subset_name: str, layers: Sequence[str]) -> dict[str, LayerStats]:

@@ -112,14 +112,15 @@ class _LayerTap:
     """Forward hook on one conv: reduces input and output on the spot, and registers a tensor
     hook so that the gradient is reduced to act x grad the moment autograd produces it."""
 
-    def __init__(self, name: str, module: nn.Conv2d, result: BatchRelevance) -> None:
+    def __init__(self, name: str, module: nn.Conv2d, result: BatchRelevance, shield: bool) -> None:
         self.name = name
+        self.shield = shield
         self.module = module
         self.result = result
         self.output: torch.Tensor | None = None
         self.calls = 0
 
-    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError(
@@ -143,18 +144,22 @@ class _LayerTap:
 
             output.register_hook(reduce_grad)
         self.output = output
+        # An in-place op after the conv (VGG's ReLU(inplace=True)) would overwrite the output
+        # we multiply with the gradient: hand the rest of the network a copy instead.
+        return output.clone() if self.shield else None
 
 
 @contextmanager
 def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance) -> Iterator[list[_LayerTap]]:
     modules = dict(model.named_modules())
+    shield = any(getattr(m, "inplace", False) for m in modules.values())
     taps, handles = [], []
     try:
         for name in layers:
             module = modules.get(name)
             if not isinstance(module, nn.Conv2d):
                 raise ValueError(f"{name!r} is not a conv layer of this model")
-            tap = _LayerTap(name, module, result)
+            tap = _LayerTap(name, module, result, shield)
             taps.append(tap)
             handles.append(module.register_forward_hook(tap))
         yield taps

@@ -163,3 +163,31 @@ def test_input_moments_plain_sum_for_1x1() -> None:
     # Offset 0 never reads the last row/column (3 of 4 rows), offset 1 reads all 4.
     per_axis = torch.tensor([3.0, 4.0, 3.0], dtype=torch.float64)
     torch.testing.assert_close(m[0, 0], torch.outer(per_axis, per_axis))
+
+
+def test_relevance_survives_inplace_relu_after_conv() -> None:
+    """VGG-style conv -> ReLU(inplace=True): the hook must see the conv output, not the ReLU's."""
+    torch.manual_seed(0)
+
+    def net(inplace: bool) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=inplace),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double().eval()
+
+    inplace_net = net(True)
+    plain = net(False)
+    plain.load_state_dict(inplace_net.state_dict())
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    got = batch_relevance(inplace_net, x, labels, ["0", "2"])
+    for name in ("0", "2"):
+        kept = {}
+        handle = dict(plain.named_modules())[name].register_forward_hook(lambda m, i, o: kept.update(out=o))
+        logits = plain(x)
+        handle.remove()
+        (grad,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), kept["out"])
+        oracle = (kept["out"] * grad).sum(dim=(2, 3))
+        torch.testing.assert_close(got.relevance[name], oracle.detach(), rtol=1e-10, atol=1e-12)
+        # Activations are the conv's own (pre-ReLU) values.
+        torch.testing.assert_close(got.activation_mean[name], kept["out"].mean(dim=(2, 3)).detach())
+        assert (got.activation_mean[name] < 0).any()

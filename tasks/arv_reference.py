@@ -1,0 +1,45 @@
+"""The published code's route to ARVs: one network pass and one backward per (channel, class).
+
+Kept as an independent reference for the closed form (tests) and as the baseline of the ARV
+benchmark. It never touches input moments.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+
+def autograd_class_arv(model: nn.Module, layer: str, images: torch.Tensor, channel: int,
+                       batch_size: int = 64) -> torch.Tensor:
+    """Mean over ``images`` of Gradient x Input at the layer's input, for the spatially summed
+    output of ``channel``; (C_in,) in the model's dtype."""
+    module = dict(model.named_modules())[layer]
+    total = None
+    for start in range(0, len(images), batch_size):
+        kept: dict[str, torch.Tensor] = {}
+
+        def capture(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            kept["input"], kept["output"] = inputs[0], output
+
+        handle = module.register_forward_hook(capture)
+        try:
+            with torch.enable_grad():
+                batch = images[start:start + batch_size].detach().requires_grad_(True)
+                model(batch)
+                (grad,) = torch.autograd.grad(kept["output"][:, channel].sum(), kept["input"])
+        finally:
+            handle.remove()
+        part = (kept["input"].detach() * grad).sum(dim=(2, 3)).sum(dim=0)
+        total = part if total is None else total + part
+    assert total is not None
+    return total / len(images)
+
+
+def autograd_arvs(model: nn.Module, layer: str, images_by_class: dict[int, torch.Tensor],
+                  channels: Sequence[int]) -> dict[tuple[int, int], torch.Tensor]:
+    """{(channel, class): ARV} for every channel and class, one pass each."""
+    return {(c, t): autograd_class_arv(model, layer, imgs, c)
+            for c in channels for t, imgs in images_by_class.items()}

@@ -1,0 +1,107 @@
+"""Reduction and detection against direct computation and the per-(channel, class) autograd route."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from storage.cube import open_store_group
+from tasks.arv_reference import autograd_class_arv
+from tasks.data import load_batch
+from tasks.detect import DetectionParams, channels_to_rewire, class_arvs, cosine, detect_layer, select_pairs
+from tasks.reduce import important_mask, read_stats, reduce_cube, write_stats
+
+
+def test_reduction_matches_numpy_and_respects_selection(small_cube) -> None:
+    url, bundle, _ = small_cube
+    root = open_store_group(url)
+    labels, pred = root["label"][:], root["prediction"][:]
+    subset = np.arange(0, 240, 2)
+    for kwargs, keep in [({}, np.ones(240, bool)),
+                         ({"correct_only": True}, pred == labels),
+                         ({"subset": subset}, np.isin(np.arange(240), subset))]:
+        stats = reduce_cube(url, tau=0.03, layers=["layer3.2.conv2", "layer1.0.conv1"], **kwargs)
+        for layer, s in stats.items():
+            R = root[f"layers/{layer}/relevance"][:]
+            M = root[f"layers/{layer}/input_moments"][:]
+            for t in range(10):
+                m = (labels == t) & keep
+                assert s.count[t] == m.sum()
+                if m.sum() == 0:
+                    continue
+                np.testing.assert_allclose(s.mean_relevance[t], R[m].mean(0), rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(s.important_fraction[t], important_mask(R[m], 0.03).mean(0), atol=1e-6)
+                np.testing.assert_allclose(s.mean_moments[t], M[m].mean(0), rtol=1e-4, atol=1e-4)
+    write_stats(url, "all", stats, {"tau": 0.03})
+    back = read_stats(url, "all", ["layer3.2.conv2"])["layer3.2.conv2"]
+    np.testing.assert_array_equal(back.important_fraction, stats["layer3.2.conv2"].important_fraction)
+
+
+def test_important_mask_guard_for_images_without_positive_relevance() -> None:
+    r = np.array([[0.0, 0.0, 0.0], [-1.0, -2.0, 0.0], [1.0, 0.02, -1.0]])
+    m = important_mask(r, 0.03)
+    assert not m[0].any() and not m[1].any()
+    assert m[2].tolist() == [True, False, False]
+
+
+def test_closed_form_arvs_and_pairs_match_autograd_route(small_cube) -> None:
+    url, bundle, data = small_cube
+    model = bundle.model.eval()
+    root = open_store_group(url)
+    labels = root["label"][:]
+    paths = [str(p) for p in root["image_path"][:]]
+    images, ok, _ = load_batch(data, paths, bundle.transform)
+    assert ok.all()
+    layers = ["layer3.2.conv2", "layer2.0.conv1"]  # last conv and a strided one
+    stats = reduce_cube(url, tau=0.03, layers=layers)
+    modules = dict(model.named_modules())
+    checked = 0
+    for layer in layers:
+        conv = modules[layer]
+        # 24 images per class is a small sample: a lower p gives candidates to compare.
+        det = detect_layer(layer, conv.weight, conv.groups, stats[layer],
+                           DetectionParams(p=0.5, rule="gamma", gamma=0.95), bundle.class_names, bundle.wnids)
+        assert det.candidates, layer
+        oracle_cos = {}
+        for c in det.candidates[:3]:
+            classes = det.relevant[c]
+            ours = class_arvs(conv.weight, stats[layer].mean_moments, c, classes, conv.groups)
+            ref = np.stack([autograd_class_arv(model, layer, images[torch.as_tensor(labels == t)], c).numpy()
+                            for t in classes])
+            rel = np.abs(ours - ref).max() / np.abs(ref).max()
+            assert rel <= 1e-4, (layer, c, rel)
+            for i in range(len(classes)):
+                for j in range(i + 1, len(classes)):
+                    oracle_cos[(c, classes[i], classes[j])] = cosine(ref[i], ref[j])
+            checked += 1
+        rows = [r for r in det.pairs if (r.channel, r.class1, r.class2) in oracle_cos]
+        assert rows
+        for r in rows:
+            assert r.cosine == pytest.approx(oracle_cos[(r.channel, r.class1, r.class2)], abs=1e-5)
+        # Same gamma-pairs under the oracle's cosines.
+        gamma = float(np.median([r.cosine for r in rows])) + 1e-9
+        select_pairs(rows, DetectionParams(gamma=gamma))
+        expected = {k for k, v in oracle_cos.items() if 0 <= v < gamma}
+        assert {(r.channel, r.class1, r.class2) for r in rows if r.selected} == expected
+    assert checked >= 4
+
+
+def test_selection_rules_and_validation(small_cube) -> None:
+    url, bundle, _ = small_cube
+    conv = dict(bundle.model.named_modules())["layer3.2.conv2"]
+    stats = reduce_cube(url, tau=0.03, layers=["layer3.2.conv2"])["layer3.2.conv2"]
+    base = dict(layer="layer3.2.conv2", weight=conv.weight, groups=1, stats=stats,
+                class_names=bundle.class_names, wnids=bundle.wnids)
+    det = detect_layer(**base, params=DetectionParams(p=0.5, rule="lowest-k", k=2))
+    cos = sorted(r.cosine for r in det.pairs if r.cosine >= 0)
+    assert [r.cosine for r in sorted(det.selected, key=lambda r: r.cosine)] == cos[:2]
+    det_q = detect_layer(**base, params=DetectionParams(p=0.5, rule="quantile", quantile=0.5))
+    assert all(r.cosine <= np.quantile(cos, 0.5) + 1e-12 for r in det_q.selected)
+    assert len(channels_to_rewire(det_q)) == len({r.channel for r in det_q.selected})
+    for bad in [dict(tau=0.0), dict(tau=1.5), dict(p=0), dict(gamma=2), dict(rule="nope"), dict(quantile=0)]:
+        with pytest.raises(ValueError):
+            DetectionParams(**bad)
+    dw = torch.nn.Conv2d(4, 4, 3, groups=4)
+    na = detect_layer("dw", dw.weight, 4, stats, DetectionParams(), bundle.class_names, bundle.wnids)
+    assert not na.applicable and "input channel" in na.reason

