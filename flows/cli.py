@@ -32,16 +32,63 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--data-dir", required=True, help="ImageFolder root: <dir>/<class>/<image>")
     ext.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
 
+    run = sub.add_parser("run", help="the whole pipeline (disentangle-all-layers); defaults: CIFAR-10 demo")
+    from flows.params import PipelineParams
+
+    for name, field in PipelineParams.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        kind = field.annotation
+        help_text = (field.description or "") + f" (default: {default})"
+        if kind is bool:
+            run.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif name in ("layers", "rewire_layers", "rho_grid"):
+            run.add_argument(flag, default=None, help=help_text + "; comma-separated")
+        else:
+            run.add_argument(flag, default=None, help=help_text)
     sub.add_parser("models", help="list the registered model names")
     return parser
 
 
+def params_from_args(args: argparse.Namespace) -> "PipelineParams":
+    """Only the flags given on the command line override the defaults; pydantic converts and
+    validates them (a bad value fails here, before any work)."""
+    from flows.params import PipelineParams
+
+    given = {}
+    for name in PipelineParams.model_fields:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name in ("layers", "rewire_layers") and isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif name == "rho_grid" and isinstance(value, str):
+            value = [float(v) for v in value.split(",") if v.strip()]
+        given[name] = value
+    return PipelineParams(**given)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+        print(f"disentangle: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "models":
         from tasks.models import available_models
 
         print("\n".join(available_models()))
+        return 0
+    if args.command == "run":
+        from flows.pipeline import disentangle_all_layers
+
+        params = params_from_args(args)
+        summary = disentangle_all_layers(params)
+        print(json.dumps(summary, indent=2, default=str))
         return 0
     if args.command == "extract":
         from flows.extract import extract_relevance_cube, resolve_layers

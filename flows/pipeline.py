@@ -1,0 +1,239 @@
+"""`disentangle-all-layers`: extract -> reduce -> detect -> rewire -> evaluate -> report.
+
+Every stage is a coarse task fed by store paths and small JSON-able values. A stage whose
+inputs (content hashes of checkpoint, data manifest and parameters) are unchanged is not
+recomputed: its result is read back from the run directory (see ``flows/stage_cache.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.extract import extract_relevance_cube, validate_extraction
+from flows.params import PipelineParams
+from flows.stage_cache import StageCache
+from storage.cube import cube_info, open_store_group
+from tasks import defaults
+from tasks.checkpoint import save_disentangled
+from tasks.data import load_batch
+from tasks.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table
+from tasks.disentangle import build_splits, plan_rewiring
+from tasks.figures import wordnet_vs_cosine
+from tasks.models import load_model
+from tasks.reduce import read_stats, reduce_cube, write_stats
+from tasks.rewire import check_equivalence, rewire_model
+
+STATS_SUBSET = "detection"
+
+
+def _png_markdown(title: str, png: bytes) -> str:
+    import base64
+
+    return f"### {title}\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})\n"
+
+
+@task(name="reduce", cache_policy=NO_CACHE)
+def reduce_task(store_url: str, tau: float, correct_only: bool, scheduler_address: str | None) -> str:
+    """Class statistics of every layer, written into the store under stats/detection."""
+    stats = reduce_cube(store_url, tau=tau, correct_only=correct_only, scheduler_address=scheduler_address)
+    write_stats(store_url, STATS_SUBSET, stats, {"tau": tau, "correct_only": correct_only})
+    return store_url
+
+
+@task(name="detect", cache_policy=NO_CACHE)
+def detect_task(store_url: str, model_name: str, weights: str | None, params: dict[str, Any],
+                out_dir: str) -> dict[str, Any]:
+    """Candidates and gamma-polysemantic pairs of every layer, with WordNet similarities;
+    writes detection.csv / detection.json and the Figure 3 plot of the last layer."""
+    from tasks.wordnet import pair_similarity
+
+    detection_params = DetectionParams(**params)
+    bundle = load_model(model_name, weights)
+    info = cube_info(store_url)
+    layers = list(info["layers"])
+    stats = read_stats(store_url, STATS_SUBSET, layers)
+    modules = dict(bundle.model.named_modules())
+    detections: list[LayerDetection] = []
+    similarity_cache: dict[tuple[str, str], dict] = {}
+    for layer in layers:
+        conv = modules[layer]
+        det = detect_layer(layer, conv.weight, conv.groups, stats[layer], detection_params,
+                           bundle.class_names, bundle.wnids)
+        for row in det.pairs:
+            if row.wnid1 and row.wnid2:
+                key = (row.wnid1, row.wnid2)
+                if key not in similarity_cache:
+                    similarity_cache[key] = pair_similarity(row.wnid1, row.wnid2)
+                sim = similarity_cache[key]
+                row.wup, row.path = sim["wup"], sim["path"]
+                row.lowest_common_hypernym = ",".join(sim["lowest_common_hypernyms"])
+        detections.append(det)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pairs_table(detections)
+    with open(out / "detection.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(PairRow.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(table)
+    summaries = [d.summary() for d in detections]
+    last = next((d for d in reversed(detections) if d.applicable), None)
+    figure3: dict[str, Any] = {}
+    if last is not None and last.pairs:
+        png, rho = wordnet_vs_cosine([r.cosine for r in last.pairs], [r.wup for r in last.pairs],
+                                     last.layer, gamma=detection_params.gamma if detection_params.rule == "gamma" else None)
+        path = out / f"figure3_{last.layer}.png"
+        path.write_bytes(png)
+        figure3 = {"layer": last.layer, "spearman": rho, "pairs": len(last.pairs), "png": str(path)}
+    result = {
+        "params": detection_params.to_dict(),
+        "layers": summaries,
+        "detections": [{"layer": d.layer, "channels": d.channels, "applicable": d.applicable,
+                        "reason": d.reason, "candidates": d.candidates,
+                        "relevant": {str(k): v for k, v in d.relevant.items()},
+                        "pairs": [asdict(r) for r in d.pairs]} for d in detections],
+        "figure3": figure3,
+    }
+    (out / "detection.json").write_text(json.dumps(result, indent=1))
+    create_table_artifact(key="detection-summary", table=summaries,
+                          description="Per-layer detection: candidates, paper-default pairs, selected pairs")
+    if figure3:
+        create_markdown_artifact(key="figure3", markdown=_png_markdown(
+            f"Figure 3: WordNet vs ARV cosine, {figure3['layer']} (Spearman {figure3['spearman']:.3f})",
+            Path(figure3["png"]).read_bytes()))
+    return result
+
+
+def detections_from_json(result: dict[str, Any]) -> list[LayerDetection]:
+    out = []
+    for d in result["detections"]:
+        det = LayerDetection(d["layer"], d["channels"], d["applicable"], d["reason"], d["candidates"],
+                             {int(k): v for k, v in d["relevant"].items()},
+                             [PairRow(**r) for r in d["pairs"]])
+        out.append(det)
+    return out
+
+
+def _class_image_loader(store_url: str, transform: Any, max_images: int):
+    """Detection images of one class (first ``max_images`` readable ones, in store order)."""
+    root = open_store_group(store_url)
+    labels = root["label"][:]
+    keep = ~root["skipped"][:].astype(bool)
+    paths = np.asarray([str(p) for p in root["image_path"][:]])
+    data_root = cube_info(store_url)["dataset"]["root"]
+
+    def load(t: int) -> torch.Tensor:
+        chosen = paths[(labels == t) & keep][:max_images]
+        images, _, _ = load_batch(data_root, list(chosen), transform)
+        if images is None:
+            raise ValueError(f"no readable detection images of class {t}")
+        return images
+
+    return load
+
+
+@task(name="rewire", cache_policy=NO_CACHE)
+def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str | None,
+                detection: dict[str, Any], rewire_layers: str | list[str], max_per_layer: int | None,
+                rho_grid: list[float], rho_max_images: int, out_dir: str, check_images: int) -> dict[str, Any]:
+    """Split every selected channel, check the function is unchanged, save the checkpoint."""
+    logger = get_run_logger()
+    bundle = load_model(model_name, weights)
+    model = bundle.model.eval()
+    plan = plan_rewiring(detections_from_json(detection), rewire_layers, max_per_layer)
+    stats = read_stats(train_store, STATS_SUBSET, sorted({r.layer for r in plan.rows}))
+    splits, skipped = build_splits(model, plan.rows, stats,
+                                   _class_image_loader(train_store, bundle.transform, rho_max_images),
+                                   rho_grid, rho_max_images)
+    skipped = plan.skipped + skipped
+    out = Path(out_dir)
+    result: dict[str, Any] = {"splits": [s.to_dict() for s in splits], "skipped": skipped,
+                              "checkpoint": None, "equivalence": None}
+    if not splits:
+        logger.warning("no channel selected for rewiring; nothing to save")
+        return result
+    rewired = rewire_model(model, splits)
+    root = open_store_group(eval_store)
+    paths = [str(p) for p in root["image_path"][:]]
+    step = max(1, len(paths) // check_images)
+    images, _, _ = load_batch(cube_info(eval_store)["dataset"]["root"], paths[::step][:check_images],
+                              bundle.transform)
+    # Refuses (raises FunctionChanged) before anything is saved if the function changed.
+    equivalence = check_equivalence(model, rewired, images)
+    ckpt = out / "disentangled.pt"
+    save_disentangled(ckpt, bundle, rewired, splits, extra={"equivalence": equivalence})
+    result.update(checkpoint=str(ckpt), equivalence=equivalence)
+    rows = [{"layer": s.layer, "channel": s.channel, "concepts": " | ".join(s.concept_names),
+             "rho": s.rho, "sources": [len(x) for x in s.sources], "shared": len(s.shared)} for s in splits]
+    create_table_artifact(key="rewired-channels", table=rows,
+                          description=f"Rewired channels; max |logit diff| {equivalence['max_abs_logit_diff']:.2e}")
+    logger.info("rewired %d channels in %d layers; max |logit diff| %.2e on %d images", len(splits),
+                len({s.layer for s in splits}), equivalence["max_abs_logit_diff"], equivalence["n"])
+    return result
+
+
+@flow(name="disentangle-all-layers", log_prints=True)
+def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, Any]:
+    """The whole method on every conv layer; returns where the outputs are."""
+    logger = get_run_logger()
+    params = (params or PipelineParams()).resolved()
+    validate_extraction(params.chunk_images, params.shard_chunks, params.batch_size)
+    detection_params = params.detection()
+    from tasks.wordnet import ensure_wordnet
+
+    ensure_wordnet()  # fail before any model pass if WordNet cannot be provisioned
+    out = Path(params.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(out)
+    common = dict(model=params.model, weights=params.weights, layers=params.layers,
+                  chunk_images=params.chunk_images, shard_chunks=params.shard_chunks,
+                  batch_size=params.batch_size, device=params.device, target_mode=params.target_mode)
+    train_store = extract_relevance_cube(data_dir=params.train_dir, store_url=params.train_store,
+                                         max_per_class=params.max_per_class_train, **common)
+    eval_store = extract_relevance_cube(data_dir=params.eval_dir, store_url=params.eval_store,
+                                        max_per_class=params.max_per_class_eval, **common)
+    train_fp = cube_info(train_store)["fingerprint"]
+    eval_fp = cube_info(eval_store)["fingerprint"]
+
+    reduce_key = {"cube": train_fp, "tau": params.tau, "correct_only": params.correct_only}
+    if not cache.hit("reduce", reduce_key):
+        reduce_task(train_store, params.tau, params.correct_only, params.dask_address)
+        cache.store("reduce", reduce_key, {"store": train_store})
+
+    detect_key = {**reduce_key, "detection": detection_params.to_dict()}
+    detection = cache.get("detect", detect_key)
+    if detection is None:
+        detection = detect_task(train_store, params.model, params.weights, detection_params.to_dict(),
+                                str(out))
+        cache.store("detect", detect_key, detection)
+
+    rewire_key = {**detect_key, "eval": eval_fp, "rewire_layers": params.rewire_layers,
+                  "max_per_layer": params.max_rewired_per_layer, "rho_grid": list(params.rho_grid),
+                  "rho_max_images": params.rho_max_images}
+    rewiring = cache.get("rewire", rewire_key, must_exist=["checkpoint"])
+    if rewiring is None:
+        rewiring = rewire_task(train_store, eval_store, params.model, params.weights, detection,
+                               params.rewire_layers, params.max_rewired_per_layer, list(params.rho_grid),
+                               params.rho_max_images, str(out), params.check_images)
+        cache.store("rewire", rewire_key, rewiring)
+
+    summary = {
+        "out_dir": str(out),
+        "train_store": train_store,
+        "eval_store": eval_store,
+        "detection": {"layers": detection["layers"], "figure3": detection["figure3"]},
+        "rewired_channels": len(rewiring["splits"]),
+        "checkpoint": rewiring["checkpoint"],
+        "equivalence": rewiring["equivalence"],
+    }
+    logger.info("outputs in %s", out)
+    return summary

@@ -1,0 +1,181 @@
+"""Figures as PNG bytes (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _rank(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank), as Spearman's rho needs."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=float)
+    ranks[order] = np.arange(len(values), dtype=float)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation; NaN with fewer than 3 finite pairs or a constant input."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = _rank(x), _rank(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def to_png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def wordnet_vs_cosine(cosines: Sequence[float], similarities: Sequence[float], layer: str,
+                      gamma: float | None = None, measure: str = "Wu-Palmer") -> tuple[bytes, float]:
+    """The paper's Figure 3: WordNet similarity of each candidate pair against its ARV cosine.
+
+    Returns (PNG bytes, Spearman correlation)."""
+    rho = spearman(cosines, similarities)
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    ax.scatter(cosines, similarities, s=12, alpha=0.6, color="#3465a4", edgecolors="none")
+    if gamma is not None:
+        ax.axvline(gamma, color="#cc0000", lw=1, ls="--", label=f"gamma = {gamma:g}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("cosine similarity of the two ARVs")
+    ax.set_ylabel(f"WordNet {measure} similarity of the classes")
+    ax.set_title(f"{layer}: {len(cosines)} candidate pairs, Spearman {rho:.3f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    return to_png(fig), rho
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation figures: activation densities (the paper's Figure 2), image grids
+
+
+def bandwidth(values: np.ndarray) -> float:
+    """Silverman's rule, robust to outliers (min of std and IQR / 1.34); positive for any data
+    with spread, a small fallback for constant data."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return 1.0
+    q75, q25 = np.percentile(v, [75, 25])
+    spread = min(v.std(ddof=1), (q75 - q25) / 1.34) or v.std(ddof=1)
+    if spread <= 0:
+        spread = max(abs(float(v.mean())), 1.0) * 1e-3
+    return 0.9 * spread * v.size ** (-0.2)
+
+
+def gaussian_kde(values: Sequence[float], grid: Sequence[float], bw: float | None = None) -> np.ndarray:
+    """Gaussian kernel density of ``values`` at ``grid`` (integrates to 1 over the real line)."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    g = np.asarray(grid, float)
+    if v.size == 0:
+        return np.zeros_like(g)
+    h = bandwidth(v) if bw is None else bw
+    # Blocks of grid points bound the (grid x values) temporary for large image sets.
+    out = np.empty_like(g)
+    for s in range(0, g.size, 64):
+        z = (g[s:s + 64, None] - v[None, :]) / h
+        out[s:s + 64] = np.exp(-0.5 * z * z).sum(1)
+    return out / (v.size * h * np.sqrt(2 * np.pi))
+
+
+_SERIES_COLOURS = ("#3465a4", "#cc0000", "#4e9a06", "#f57900", "#75507b", "#c4a000")
+
+
+def activation_densities(
+    panels: Sequence[tuple[str, dict[str, np.ndarray]]],
+    title: str,
+    points: int = 256,
+    background: str | None = None,
+) -> bytes:
+    """The paper's Figure 2: one panel per channel (original, new channels), in each the density
+    of the spatially summed activation for each image group.
+
+    ``panels``: (panel title, {group label: values}); every panel shows the same groups in the
+    same colours. The group named ``background`` (e.g. "other classes") is drawn grey and dashed.
+    All panels share the x axis, so a channel that falls silent for a concept shows up as that
+    concept's density collapsing onto zero. The axis spans the 0.5-99.5 % range of all values so
+    that a few extreme images cannot squash every density into a spike.
+    """
+    allv = np.concatenate([np.asarray(v, float).ravel() for _, g in panels for v in g.values()] or [np.zeros(1)])
+    allv = allv[np.isfinite(allv)]
+    lo, hi = (np.percentile(allv, [0.5, 99.5]) if allv.size else (0.0, 1.0))
+    pad = 0.08 * (hi - lo) if hi > lo else 1.0
+    grid = np.linspace(lo - pad, hi + pad, points)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 2.6), sharex=True, squeeze=False)
+    for ax, (panel_title, groups) in zip(axes[0], panels):
+        colour = iter(_SERIES_COLOURS)
+        for label, values in groups.items():
+            v = np.asarray(values, float)
+            if label == background:
+                ax.plot(grid, gaussian_kde(v, grid), color="#888a85", ls="--", lw=1, label=f"{label} ({v.size})")
+            else:
+                c = next(colour, "#000000")
+                d = gaussian_kde(v, grid)
+                ax.plot(grid, d, color=c, lw=1.6, label=f"{label} ({v.size})")
+                ax.fill_between(grid, d, color=c, alpha=0.12)
+        ax.axvline(0.0, color="#555753", lw=0.6)
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("spatially summed activation", fontsize=7)
+    axes[0][0].set_ylabel("density", fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="upper right", frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def upsample_nearest(image: np.ndarray, min_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 enlarged by an integer factor (pixel replication) to at least ``min_side``:
+    32 x 32 images stay sharp instead of being blurred by the viewer's interpolation."""
+    factor = max(1, -(-min_side // max(1, min(image.shape[:2]))))
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def image_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    row_labels: Sequence[str],
+    captions: Sequence[Sequence[str]] | None = None,
+    title: str = "",
+    min_side: int = 96,
+) -> bytes:
+    """A grid of (H, W, 3) uint8 images, one row per channel, with row labels and captions.
+
+    Rows may have different lengths (a channel with fewer images); missing cells stay blank.
+    """
+    n_cols = max([len(r) for r in rows] + [1])
+    cell = 1.25
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(cell * n_cols + 1.4, cell * len(rows) + 0.5),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < len(row):
+                ax.imshow(upsample_nearest(np.asarray(row[j]), min_side), interpolation="nearest")
+                if captions is not None and j < len(captions[i]):
+                    ax.set_title(captions[i][j], fontsize=6.5, pad=2)
+        axes[i][0].set_ylabel(row_labels[i], fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)
