@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.cube import completed_chunks, consolidate
 from tasks import defaults
 from tasks.data import plan_shards
-from tasks.extract import extract_chunks, pick_device, plan_cube
+from tasks.extract import ChunkStats, extract_chunks, pick_device, plan_cube
 from tasks.models import load_model
 from tasks.relevance import TargetMode
 
@@ -43,8 +43,13 @@ def extract_shard(
     logger = get_run_logger()
     bundle = load_model(model_name, weights)
     model = bundle.model.to(device).eval()
+
+    def progress(s: ChunkStats) -> None:
+        logger.info("chunk %d written: %d images in %.1f s (%.0f images/s)", s.chunk, s.images,
+                    s.seconds, s.images / s.seconds if s.seconds else 0.0)
+
     stats = extract_chunks(store_url, model, bundle.transform, dataset_root, chunks, layers,
-                           batch_size, target_mode)
+                           batch_size, target_mode, on_chunk=progress)
     images = sum(s.images for s in stats)
     seconds = sum(s.seconds for s in stats)
     logger.info("shard %d: %d chunks, %d images, %d skipped, %.1f images/s", shard_index, len(stats),

@@ -143,8 +143,10 @@ def extract_chunks(
     batch_size: int,
     target_mode: TargetMode = "label",
     skip_done: bool = True,
+    on_chunk: Callable[[ChunkStats], None] | None = None,
 ) -> list[ChunkStats]:
-    """Compute and write each chunk in ``chunks``; chunks whose marker is set are skipped."""
+    """Compute and write each chunk in ``chunks``; chunks whose marker is set are skipped.
+    ``on_chunk`` is called after each written chunk (progress reporting)."""
     root = open_store_group(store_url, mode="r+")
     paths_arr = root["image_path"]
     labels_arr = root["label"]
@@ -166,4 +168,6 @@ def extract_chunks(
                 data.layers.setdefault(layer, {})
             write_chunk(root, chunk, data)
             stats.append(ChunkStats(chunk, stop - start, int(data.skipped.sum()), time.perf_counter() - t0))
+            if on_chunk is not None:
+                on_chunk(stats[-1])
     return stats

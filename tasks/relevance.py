@@ -166,6 +166,10 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance) -> It
     finally:
         for h in handles:
             h.remove()
+        # output -> its grad hook -> tap -> output is a reference cycle that would keep every
+        # batch's autograd graph alive until the cyclic GC happens to run: break it here.
+        for tap in taps:
+            tap.output = None
 
 
 def batch_relevance(

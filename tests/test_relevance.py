@@ -191,3 +191,22 @@ def test_relevance_survives_inplace_relu_after_conv() -> None:
         # Activations are the conv's own (pre-ReLU) values.
         torch.testing.assert_close(got.activation_mean[name], kept["out"].mean(dim=(2, 3)).detach())
         assert (got.activation_mean[name] < 0).any()
+
+
+def test_batch_graph_is_freed_without_waiting_for_gc(resnet20_batch) -> None:
+    """A reference cycle through the gradient hooks once kept every batch's graph alive until the
+    cyclic GC ran (tens of GB over a 50,000-image run); plain reference counting must free it."""
+    import gc
+    import weakref
+
+    bundle, images, labels = resnet20_batch
+    model = bundle.model.eval()
+    refs = []
+    handle = model.layer3[2].conv2.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+    gc.disable()
+    try:
+        batch_relevance(model, images, labels, ["layer1.0.conv1", "layer3.2.conv2"])
+        assert refs and refs[0]() is None
+    finally:
+        gc.enable()
+        handle.remove()
