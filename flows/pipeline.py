@@ -28,7 +28,7 @@ from tasks.checkpoint import save_disentangled
 from tasks.data import load_batch
 from tasks.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table
 from tasks.disentangle import build_splits, plan_rewiring
-from tasks.figures import wordnet_vs_cosine
+from tasks.report import build_summary, figure3, markdown_artifacts, write_report
 from tasks.models import load_model
 from tasks.reduce import read_stats, reduce_cube, write_stats
 from tasks.rewire import check_equivalence, rewire_model
@@ -86,14 +86,13 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
         writer.writeheader()
         writer.writerows(table)
     summaries = [d.summary() for d in detections]
-    last = next((d for d in reversed(detections) if d.applicable), None)
-    figure3: dict[str, Any] = {}
-    if last is not None and last.pairs:
-        png, rho = wordnet_vs_cosine([r.cosine for r in last.pairs], [r.wup for r in last.pairs],
-                                     last.layer, gamma=detection_params.gamma if detection_params.rule == "gamma" else None)
-        path = out / f"figure3_{last.layer}.png"
-        path.write_bytes(png)
-        figure3 = {"layer": last.layer, "spearman": rho, "pairs": len(last.pairs), "png": str(path)}
+    fig3_pngs, fig3_stats = figure3(detections, detection_params.gamma if detection_params.rule == "gamma" else None)
+    (out / "figures").mkdir(exist_ok=True)
+    for layer, st in fig3_stats.items():
+        path = out / "figures" / f"figure3_{layer}.png"
+        path.write_bytes(fig3_pngs[st["figure"]])
+        st["png"] = str(path)
+    last = next((d.layer for d in reversed(detections) if d.layer in fig3_stats), None)
     result = {
         "params": detection_params.to_dict(),
         "layers": summaries,
@@ -101,15 +100,17 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
                         "reason": d.reason, "candidates": d.candidates,
                         "relevant": {str(k): v for k, v in d.relevant.items()},
                         "pairs": [asdict(r) for r in d.pairs]} for d in detections],
-        "figure3": figure3,
+        "figure3": fig3_stats,
+        "figure3_last_layer": last,
     }
     (out / "detection.json").write_text(json.dumps(result, indent=1))
     create_table_artifact(key="detection-summary", table=summaries,
                           description="Per-layer detection: candidates, paper-default pairs, selected pairs")
-    if figure3:
+    if last is not None:
+        st = fig3_stats[last]
         create_markdown_artifact(key="figure3", markdown=_png_markdown(
-            f"Figure 3: WordNet vs ARV cosine, {figure3['layer']} (Spearman {figure3['spearman']:.3f})",
-            Path(figure3["png"]).read_bytes()))
+            f"Figure 3: WordNet similarity vs ARV cosine, {last} (Spearman {st['spearman']:.3f})",
+            Path(st["png"]).read_bytes()))
     return result
 
 
@@ -181,6 +182,50 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
     return result
 
 
+@task(name="evaluate-and-report", cache_policy=NO_CACHE)
+def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: str | None,
+                  rewiring: dict[str, Any], detection: dict[str, Any], params: dict[str, Any],
+                  out_dir: str, device: str) -> dict[str, Any]:
+    """Table 1, scores, figures, explanations before/after, then report.html + summary.json."""
+    from tasks.checkpoint import load_disentangled
+    from tasks.evaluate import evaluate_run
+    from tasks.extract import pick_device
+    from tasks.rewire import ChannelSplit
+
+    logger = get_run_logger()
+    bundle = load_model(model_name, weights)
+    detections = detections_from_json(detection)
+    evaluation, figures = None, {}
+    if rewiring.get("checkpoint"):
+        # Evaluate what was saved: the checkpoint round trip is part of what is checked.
+        rewired, spec = load_disentangled(rewiring["checkpoint"], base_weights=weights)
+        splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
+        evaluation, figures = evaluate_run(
+            bundle.model.eval(), rewired, splits, eval_store, bundle.transform,
+            class_names=bundle.class_names, wnids=bundle.wnids, tau=params["tau"],
+            batch_size=params["batch_size"], featvis_steps=params["featvis_steps"],
+            featvis_max_channels=params["featvis_channels"], explain_layers="all",
+            device=pick_device(device), log=logger.info)
+    fig3_pngs, fig3_stats = figure3(detections, params["gamma"] if params["rule"] == "gamma" else None)
+    links = {"detection cube": train_store, "evaluation cube": eval_store,
+             "detection table": str(Path(out_dir) / "detection.csv")}
+    if rewiring.get("checkpoint"):
+        links["rewired checkpoint"] = rewiring["checkpoint"]
+    summary = build_summary(params=params, evaluation=evaluation, detections=detections,
+                            figure3_stats=fig3_stats, links=links,
+                            extra={"rewiring": {"equivalence": rewiring.get("equivalence"),
+                                                "skipped": rewiring.get("skipped", [])}})
+    all_figures = {**figures, **fig3_pngs}
+    paths = write_report(out_dir, summary, all_figures)
+    artifacts = markdown_artifacts(summary, all_figures, max_channels=3)
+    for key, md in artifacts["markdown"].items():
+        create_markdown_artifact(key=key, markdown=md)
+    for key, rows in artifacts["tables"].items():
+        if rows:
+            create_table_artifact(key=key, table=rows)
+    return {k: str(v) for k, v in paths.items()}
+
+
 @flow(name="disentangle-all-layers", log_prints=True)
 def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, Any]:
     """The whole method on every conv layer; returns where the outputs are."""
@@ -226,14 +271,25 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
                                params.rho_max_images, str(out), params.check_images)
         cache.store("rewire", rewire_key, rewiring)
 
+    report_key = {**rewire_key, "eval_params": {k: getattr(params, k) for k in
+                                                ("featvis_steps", "featvis_channels", "batch_size")}}
+    report = cache.get("report", report_key, must_exist=["report", "summary"])
+    if report is None:
+        report = evaluate_task(eval_store, train_store, params.model, params.weights, rewiring, detection,
+                               params.model_dump(), str(out), params.device)
+        cache.store("report", report_key, report)
+
     summary = {
         "out_dir": str(out),
+        "report": report.get("report"),
+        "summary_json": report.get("summary"),
         "train_store": train_store,
         "eval_store": eval_store,
-        "detection": {"layers": detection["layers"], "figure3": detection["figure3"]},
+        "figure3": detection["figure3"].get(detection.get("figure3_last_layer") or "", {}),
         "rewired_channels": len(rewiring["splits"]),
         "checkpoint": rewiring["checkpoint"],
         "equivalence": rewiring["equivalence"],
     }
-    logger.info("outputs in %s", out)
+    logger.info("report: %s; checkpoint: %s; stores: %s, %s", summary["report"], summary["checkpoint"],
+                train_store, eval_store)
     return summary

@@ -62,5 +62,5 @@ EVAL_LOGIT_RTOL: float = 1e-4  # same semantics as tasks.rewire.check_equivalenc
 EVAL_EXEMPLARS: int = 8  # top images per channel in the exemplar grid
 EVAL_EXEMPLAR_MIN_SIDE: int = 96  # exemplar images are upsampled (nearest) to at least this
 EVAL_FEATVIS_STEPS: int = 64  # enough for a recognisable 32 x 32 visualisation on a CPU
-EVAL_FEATVIS_MAX_CHANNELS: int = 12  # the best-scoring channels get feature visualisations
+EVAL_FEATVIS_MAX_CHANNELS: int = 8  # the best-scoring channels get feature visualisations
 EVAL_DENSITY_POINTS: int = 256  # KDE grid of Figure 2

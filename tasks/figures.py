@@ -118,8 +118,19 @@ def activation_densities(
     pad = 0.08 * (hi - lo) if hi > lo else 1.0
     grid = np.linspace(lo - pad, hi + pad, points)
     fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 2.6), sharex=True, squeeze=False)
-    for ax, (panel_title, groups) in zip(axes[0], panels):
+    legend_ax = None
+    for ax, (panel_title, groups) in zip(axes[0], panels, strict=True):
         colour = iter(_SERIES_COLOURS)
+        values_here = np.concatenate([np.asarray(v, float).ravel() for v in groups.values()] or [np.zeros(1)])
+        if values_here.size and np.ptp(values_here) == 0:
+            # A constant channel (e.g. a residual without shared inputs is exactly 0) has no
+            # density to draw; say so instead of plotting a kernel-width spike.
+            ax.text(0.5, 0.5, f"constant: {values_here[0]:.3g}", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, color="#555753")
+            ax.set_title(panel_title, fontsize=9)
+            ax.set_yticks([])
+            ax.tick_params(labelsize=7)
+            continue
         for label, values in groups.items():
             v = np.asarray(values, float)
             if label == background:
@@ -129,13 +140,15 @@ def activation_densities(
                 d = gaussian_kde(v, grid)
                 ax.plot(grid, d, color=c, lw=1.6, label=f"{label} ({v.size})")
                 ax.fill_between(grid, d, color=c, alpha=0.12)
+        legend_ax = ax
         ax.axvline(0.0, color="#555753", lw=0.6)
         ax.set_title(panel_title, fontsize=9)
         ax.set_yticks([])
         ax.tick_params(labelsize=7)
         ax.set_xlabel("spatially summed activation", fontsize=7)
     axes[0][0].set_ylabel("density", fontsize=8)
-    axes[0][-1].legend(fontsize=7, loc="upper right", frameon=False)
+    if legend_ax is not None:
+        legend_ax.legend(fontsize=7, loc="upper right", frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return to_png(fig)
@@ -157,25 +170,37 @@ def image_grid(
 ) -> bytes:
     """A grid of (H, W, 3) uint8 images, one row per channel, with row labels and captions.
 
-    Rows may have different lengths (a channel with fewer images); missing cells stay blank.
+    Rows may have different lengths (a channel with fewer images); missing cells stay white.
+    The images are pasted into one mosaic drawn by a single ``imshow``: a subplot per image
+    costs about 20 times more to render, which adds up over dozens of channels.
     """
+    cells = [[upsample_nearest(np.asarray(im, dtype=np.uint8), min_side) for im in row] for row in rows]
+    sizes = [im.shape[:2] for row in cells for im in row] or [(min_side, min_side)]
+    ch, cw = max(h for h, _ in sizes), max(w for _, w in sizes)
     n_cols = max([len(r) for r in rows] + [1])
-    cell = 1.25
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(cell * n_cols + 1.4, cell * len(rows) + 0.5),
-                             squeeze=False)
-    for i, row in enumerate(rows):
-        for j in range(n_cols):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if j < len(row):
-                ax.imshow(upsample_nearest(np.asarray(row[j]), min_side), interpolation="nearest")
-                if captions is not None and j < len(captions[i]):
-                    ax.set_title(captions[i][j], fontsize=6.5, pad=2)
-        axes[i][0].set_ylabel(row_labels[i], fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
+    gap, cap = 6, 16 if captions is not None else 0  # pixels between cells, caption band
+    H = len(rows) * (ch + gap + cap) + gap
+    W = n_cols * (cw + gap) + gap
+    mosaic = np.full((H, W, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(cells):
+        y = gap + i * (ch + gap + cap) + cap
+        for j, im in enumerate(row):
+            x = gap + j * (cw + gap)
+            mosaic[y:y + im.shape[0], x:x + im.shape[1]] = im
+    dpi = 110
+    label_w = 1.6
+    fig = plt.figure(figsize=(W / dpi + label_w, H / dpi + (0.35 if title else 0.05)), dpi=dpi)
+    ax = fig.add_axes((label_w / (W / dpi + label_w), 0, W / dpi / (W / dpi + label_w),
+                       H / dpi / (H / dpi + (0.35 if title else 0.05))))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    for i, label in enumerate(row_labels):
+        y = gap + i * (ch + gap + cap) + cap + ch / 2
+        ax.text(-8, y, label, ha="right", va="center", fontsize=8)
+        if captions is not None and i < len(captions):
+            for j, text in enumerate(captions[i][: len(cells[i])]):
+                ax.text(gap + j * (cw + gap) + cw / 2, y - ch / 2 - 3, text, ha="center", va="bottom",
+                        fontsize=6.5)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10, y=1.0, va="bottom")
     return to_png(fig)

@@ -1,0 +1,97 @@
+"""Rewired checkpoints: the rewired state dict plus a JSON spec that rebuilds the structure.
+
+A checkpoint is a torch file ``{"format", "spec", "state_dict"}`` where ``spec`` is a JSON
+string naming the base model (name, weights path, weights sha256) and every rewired channel
+(concepts, names, rho, sources, shared inputs). The same spec is written beside it as
+``<path>.json`` for people and tools that do not load torch files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasks.assets import sha256_file
+from tasks.models import RANDOM_WEIGHTS, ModelBundle, load_model
+from tasks.rewire import ChannelSplit, rewire_model
+
+__all__ = ["FORMAT", "BaseModelMismatch", "load_disentangled", "save_disentangled", "spec_path"]
+
+FORMAT = "disentangled-checkpoint/1"
+
+
+class BaseModelMismatch(ValueError):
+    """The base weights differ from the ones the rewired checkpoint was made from."""
+
+
+def spec_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def save_disentangled(
+    path: str | Path,
+    bundle: ModelBundle,
+    rewired_model: nn.Module,
+    splits: list[ChannelSplit],
+    extra: dict | None = None,
+) -> dict:
+    """Write the rewired model to ``path`` and its spec to ``<path>.json``; returns the spec."""
+    spec = {
+        "format": FORMAT,
+        "base": bundle.identity(),
+        "splits": [s.to_dict() for s in splits],
+        "extra": extra or {},
+    }
+    text = json.dumps(spec, indent=2, sort_keys=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in rewired_model.state_dict().items()}
+    torch.save({"format": FORMAT, "spec": text, "state_dict": state}, path)
+    spec_path(path).write_text(text + "\n", encoding="utf-8")
+    return spec
+
+
+def load_disentangled(
+    path: str | Path, base_weights: str | Path | None = None
+) -> tuple[nn.Module, dict]:
+    """Rebuild a rewired model from ``path`` in one call: (model in eval mode, spec).
+
+    The base model is built by ``load_model`` from ``base_weights`` (default: the weights path
+    recorded in the spec); if that file's sha256 differs from the recorded one the load is
+    refused with ``BaseModelMismatch``, because the rewiring (sources, rho) was derived from
+    those exact weights.
+    """
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a rewired checkpoint ({FORMAT})")
+    spec = json.loads(blob["spec"])
+    base = spec["base"]
+    weights = base_weights if base_weights is not None else base.get("weights_path")
+    expected = base.get("weights_sha256")
+    if weights is not None and expected is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"base weights {weights} not found; pass the base checkpoint as base_weights"
+            )
+        actual = sha256_file(weights)
+        if actual != expected:
+            raise BaseModelMismatch(
+                f"base weights {weights} have sha256 {actual}, but {path} was rewired from "
+                f"{base.get('weights_path')} with sha256 {expected}; pass the original "
+                "base checkpoint as base_weights"
+            )
+    elif (weights is None) != (expected is None):
+        raise BaseModelMismatch(
+            f"{path} was made from base weights {base.get('weights_path')!r} "
+            f"(sha256 {expected!r}) but {weights!r} was given"
+        )
+    # A randomly initialised base has no weights file; the state dict carries every tensor.
+    bundle = load_model(base["name"], weights if weights is not None else RANDOM_WEIGHTS)
+    splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
+    model = rewire_model(bundle.model, splits)
+    model.load_state_dict(blob["state_dict"], strict=True)
+    return model.eval(), spec
