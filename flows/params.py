@@ -2,8 +2,9 @@
 
 The embedded default is the CIFAR-10 demo: ResNet-20, the training JPEGs for detection, the
 test JPEGs for evaluation, every conv layer. Small CIFAR networks have high ARV cosines (0.8 to
-1.0), so the paper's gamma = 0.5 finds nothing there; the demo selects with gamma = 0.85 and
-rewires the last block's two convs. What the paper's default finds is always reported too
+1.0), so the paper's gamma = 0.5 finds nothing there; the demo selects with gamma = 0.9 (about
+the lowest-cosine third of the last layer's candidate pairs) and rewires the last block's two
+convs. What the paper's default finds is always reported too
 (the ``paper_polysemantic`` column of the detection table).
 """
 
@@ -12,16 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks import defaults
 from tasks.detect import DetectionParams
 
-DEMO_GAMMA = 0.85
+DEMO_GAMMA = 0.9
 DEMO_REWIRE_LAYERS = ["layer3.2.conv1", "layer3.2.conv2"]
 
 
 class PipelineParams(BaseModel):
+    # A misspelt parameter (say, in `prefect deployment run -p`) must fail, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
     model: str = Field("cifar_resnet20", description="registry name: cifar_resnet20/32/44/56, efficientnet_lite0, any torchvision classifier")
     weights: str | None = Field(None, description="checkpoint path (state dict, loaded with weights_only=True); default: the model's public weights")
     train_dir: str | None = Field(None, description="ImageFolder used for detection (default for CIFAR models: CIFAR-10 train)")
@@ -34,6 +38,7 @@ class PipelineParams(BaseModel):
     rule: Literal["gamma", "lowest-k", "quantile"] = "gamma"
     k: int = 3
     quantile: float = 0.1
+    max_pairs_per_layer: int = Field(2000, description="detection-table rows kept per layer (counts stay exact)")
     correct_only: bool = Field(False, description="statistics over correctly classified images only")
     rewire_layers: str | list[str] = Field(default_factory=lambda: list(DEMO_REWIRE_LAYERS),
                                            description="layers whose selected channels are rewired ('all' or names/globs)")
@@ -74,7 +79,7 @@ class PipelineParams(BaseModel):
     def detection(self) -> DetectionParams:
         return DetectionParams(tau=self.tau, p=self.p, gamma=self.gamma,
                                cosine_lower_bound=self.cosine_lower_bound, rule=self.rule, k=self.k,
-                               quantile=self.quantile)
+                               quantile=self.quantile, max_pairs_per_layer=self.max_pairs_per_layer)
 
     def resolved(self) -> "PipelineParams":
         """Fill data and store defaults; CIFAR data comes from the assets or a checked download."""

@@ -99,7 +99,7 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
         "detections": [{"layer": d.layer, "channels": d.channels, "applicable": d.applicable,
                         "reason": d.reason, "candidates": d.candidates,
                         "relevant": {str(k): v for k, v in d.relevant.items()},
-                        "pairs": [asdict(r) for r in d.pairs]} for d in detections],
+                        "counts": d.counts, "pairs": [asdict(r) for r in d.pairs]} for d in detections],
         "figure3": fig3_stats,
         "figure3_last_layer": last,
     }
@@ -119,7 +119,7 @@ def detections_from_json(result: dict[str, Any]) -> list[LayerDetection]:
     for d in result["detections"]:
         det = LayerDetection(d["layer"], d["channels"], d["applicable"], d["reason"], d["candidates"],
                              {int(k): v for k, v in d["relevant"].items()},
-                             [PairRow(**r) for r in d["pairs"]])
+                             [PairRow(**r) for r in d["pairs"]], d.get("counts", {}))
         out.append(det)
     return out
 

@@ -9,7 +9,6 @@ lower <= cos(ARV_1, ARV_2) < gamma.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -36,6 +35,10 @@ class DetectionParams:
     # quantile of the layer's candidate-pair cosines. Both still respect the lower bound.
     k: int = 3
     quantile: float = 0.1
+    # Pairs kept as table rows per layer (all selected ones first, then a deterministic sample
+    # for Figure 3). Counts are always exact; early layers of ImageNet models can have millions
+    # of candidate pairs, each needing a WordNet lookup.
+    max_pairs_per_layer: int = 2000
 
     def __post_init__(self) -> None:
         problems = []
@@ -53,6 +56,8 @@ class DetectionParams:
             problems.append(f"k must be positive, got {self.k}")
         if not 0 < self.quantile <= 1:
             problems.append(f"quantile must be in (0, 1], got {self.quantile}")
+        if self.max_pairs_per_layer < 1:
+            problems.append(f"max_pairs_per_layer must be positive, got {self.max_pairs_per_layer}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -90,18 +95,22 @@ class LayerDetection:
     reason: str = ""
     candidates: list[int] = field(default_factory=list)
     relevant: dict[int, list[int]] = field(default_factory=dict)  # channel -> relevant classes
-    pairs: list[PairRow] = field(default_factory=list)
+    pairs: list[PairRow] = field(default_factory=list)  # rows kept (see max_pairs_per_layer)
+    counts: dict[str, int] = field(default_factory=dict)  # exact, over all pairs
 
     @property
     def selected(self) -> list[PairRow]:
         return [r for r in self.pairs if r.selected]
 
     def summary(self) -> dict[str, Any]:
+        n_pairs = self.counts.get("pairs", len(self.pairs))
         return {"layer": self.layer, "channels": self.channels, "applicable": self.applicable,
-                "reason": self.reason, "candidates": len(self.candidates), "pairs": len(self.pairs),
-                "paper_polysemantic_pairs": sum(r.paper_polysemantic for r in self.pairs),
-                "selected_pairs": len(self.selected),
-                "selected_channels": len({r.channel for r in self.selected})}
+                "reason": self.reason, "candidates": len(self.candidates), "pairs": n_pairs,
+                "paper_polysemantic_pairs": self.counts.get(
+                    "paper_polysemantic_pairs", sum(r.paper_polysemantic for r in self.pairs)),
+                "selected_pairs": self.counts.get("selected_pairs", len(self.selected)),
+                "selected_channels": self.counts.get("selected_channels", len({r.channel for r in self.selected})),
+                "rows_kept": len(self.pairs)}
 
 
 def relevant_classes(stats: LayerStats, p: float) -> np.ndarray:
@@ -125,6 +134,49 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / denom if denom > 0 else float("nan")
 
 
+def candidate_pair_cosines(weight: torch.Tensor, groups: int, mean_moments: np.ndarray,
+                           relevant: np.ndarray, candidates: np.ndarray) -> dict[str, np.ndarray]:
+    """Every pair of relevant classes of every candidate: (channel, class1, class2, cosine) as
+    flat arrays, vectorised per channel."""
+    chans, c1s, c2s, coss = [], [], [], []
+    w = weight.detach().double().cpu()
+    for c in candidates:
+        classes = np.flatnonzero(relevant[:, c])
+        arvs = arv_from_moments(w, torch.as_tensor(mean_moments[classes], dtype=torch.float64), int(c),
+                                groups).numpy()
+        norms = np.linalg.norm(arvs, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            unit = arvs / norms[:, None]
+        i, j = np.triu_indices(len(classes), k=1)
+        cos = np.einsum("pk,pk->p", unit[i], unit[j])
+        chans.append(np.full(len(i), c, dtype=np.int64))
+        c1s.append(classes[i])
+        c2s.append(classes[j])
+        coss.append(cos)
+    if not chans:
+        return {"channel": np.zeros(0, np.int64), "class1": np.zeros(0, np.int64),
+                "class2": np.zeros(0, np.int64), "cosine": np.zeros(0)}
+    return {"channel": np.concatenate(chans), "class1": np.concatenate(c1s),
+            "class2": np.concatenate(c2s), "cosine": np.concatenate(coss)}
+
+
+def selection_mask(cosine: np.ndarray, params: DetectionParams) -> np.ndarray:
+    """Which pairs the chosen rule selects; NaN cosines (a zero ARV) never count."""
+    valid = np.isfinite(cosine) & (cosine >= params.cosine_lower_bound)
+    if params.rule == "gamma":
+        return valid & (cosine < params.gamma)
+    if not valid.any():
+        return valid
+    if params.rule == "lowest-k":
+        idx = np.flatnonzero(valid)
+        keep = idx[np.argsort(cosine[idx], kind="stable")[: params.k]]
+        out = np.zeros_like(valid)
+        out[keep] = True
+        return out
+    cut = float(np.quantile(cosine[valid], params.quantile))
+    return valid & (cosine <= cut)
+
+
 def detect_layer(
     layer: str,
     weight: torch.Tensor,
@@ -134,7 +186,10 @@ def detect_layer(
     class_names: Sequence[str],
     wnids: Sequence[str | None],
 ) -> LayerDetection:
-    """Candidates and every pair of relevant classes of each candidate, with ARV cosines."""
+    """Candidates and every pair of relevant classes of each candidate, with ARV cosines.
+
+    Counts cover every pair; rows are kept for all selected pairs (lowest cosine first) and, up
+    to ``params.max_pairs_per_layer``, a deterministic sample of the others."""
     channels = weight.shape[0]
     per_group_in = weight.shape[1]
     if per_group_in < 2:
@@ -144,40 +199,36 @@ def detect_layer(
     relevant = relevant_classes(stats, params.p)
     cands = candidate_channels(relevant)
     det = LayerDetection(layer, channels, applicable=True, candidates=cands.tolist())
-    for c in cands:
-        classes = np.flatnonzero(relevant[:, c]).tolist()
-        det.relevant[int(c)] = classes
-        arvs = class_arvs(weight, stats.mean_moments, int(c), classes, groups)
-        for (i, t1), (j, t2) in itertools.combinations(enumerate(classes), 2):
-            cos = cosine(arvs[i], arvs[j])
-            det.pairs.append(PairRow(
-                layer=layer, channel=int(c), class1=t1, class2=t2,
-                name1=class_names[t1], name2=class_names[t2], wnid1=wnids[t1] or "", wnid2=wnids[t2] or "",
-                cosine=cos, fraction1=float(stats.important_fraction[t1, c]),
-                fraction2=float(stats.important_fraction[t2, c]),
-                paper_polysemantic=defaults.COSINE_LOWER_BOUND <= cos < defaults.GAMMA,
-                selected=False,
-            ))
-    select_pairs(det.pairs, params)
+    det.relevant = {int(c): np.flatnonzero(relevant[:, c]).tolist() for c in cands}
+    pairs = candidate_pair_cosines(weight, groups, stats.mean_moments, relevant, cands)
+    cos = pairs["cosine"]
+    selected = selection_mask(cos, params)
+    paper = np.isfinite(cos) & (cos >= defaults.COSINE_LOWER_BOUND) & (cos < defaults.GAMMA)
+    det.counts = {"pairs": int(len(cos)), "paper_polysemantic_pairs": int(paper.sum()),
+                  "selected_pairs": int(selected.sum()),
+                  "selected_channels": int(len(np.unique(pairs["channel"][selected])))}
+    chosen = np.flatnonzero(selected)
+    chosen = chosen[np.argsort(cos[chosen], kind="stable")][: params.max_pairs_per_layer]
+    rest = np.flatnonzero(~selected)
+    room = params.max_pairs_per_layer - len(chosen)
+    if len(rest) > room:
+        rest = np.sort(np.random.default_rng(0).choice(rest, size=max(room, 0), replace=False))
+    for i in np.concatenate([chosen, rest]).astype(np.int64):
+        c, t1, t2 = int(pairs["channel"][i]), int(pairs["class1"][i]), int(pairs["class2"][i])
+        det.pairs.append(PairRow(
+            layer=layer, channel=c, class1=t1, class2=t2, name1=class_names[t1], name2=class_names[t2],
+            wnid1=wnids[t1] or "", wnid2=wnids[t2] or "", cosine=float(cos[i]),
+            fraction1=float(stats.important_fraction[t1, c]), fraction2=float(stats.important_fraction[t2, c]),
+            paper_polysemantic=bool(paper[i]), selected=bool(selected[i]),
+        ))
     return det
 
 
 def select_pairs(rows: list[PairRow], params: DetectionParams) -> None:
-    """Mark the pairs the chosen rule selects (in place)."""
-    valid = [r for r in rows if np.isfinite(r.cosine) and r.cosine >= params.cosine_lower_bound]
-    if params.rule == "gamma":
-        chosen = [r for r in valid if r.cosine < params.gamma]
-    elif params.rule == "lowest-k":
-        chosen = sorted(valid, key=lambda r: (r.cosine, r.channel, r.class1, r.class2))[: params.k]
-    else:
-        if not valid:
-            chosen = []
-        else:
-            cut = float(np.quantile([r.cosine for r in valid], params.quantile))
-            chosen = [r for r in valid if r.cosine <= cut]
-    ids = {id(r) for r in chosen}
-    for r in rows:
-        r.selected = id(r) in ids
+    """Mark the pairs the chosen rule selects among ``rows`` (in place)."""
+    mask = selection_mask(np.asarray([r.cosine for r in rows], dtype=float), params)
+    for r, m in zip(rows, mask):
+        r.selected = bool(m)
 
 
 def channels_to_rewire(det: LayerDetection) -> list[PairRow]:

@@ -105,3 +105,19 @@ def test_selection_rules_and_validation(small_cube) -> None:
     dw = torch.nn.Conv2d(4, 4, 3, groups=4)
     na = detect_layer("dw", dw.weight, 4, stats, DetectionParams(), bundle.class_names, bundle.wnids)
     assert not na.applicable and "input channel" in na.reason
+
+
+def test_counts_stay_exact_when_rows_are_capped(small_cube) -> None:
+    url, bundle, _ = small_cube
+    conv = dict(bundle.model.named_modules())["layer3.2.conv2"]
+    stats = reduce_cube(url, tau=0.03, layers=["layer3.2.conv2"])["layer3.2.conv2"]
+    args = ("layer3.2.conv2", conv.weight, 1, stats)
+    full = detect_layer(*args, DetectionParams(p=0.5, gamma=0.95), bundle.class_names, bundle.wnids)
+    capped = detect_layer(*args, DetectionParams(p=0.5, gamma=0.95, max_pairs_per_layer=3),
+                          bundle.class_names, bundle.wnids)
+    assert len(full.pairs) > 3 and len(capped.pairs) == 3
+    assert capped.summary()["pairs"] == full.summary()["pairs"] == len(full.pairs)
+    assert capped.summary()["selected_pairs"] == sum(r.selected for r in full.pairs)
+    # Kept rows are the lowest-cosine selected pairs first.
+    lowest = sorted(r.cosine for r in full.pairs if r.selected)[:3]
+    assert [r.cosine for r in capped.pairs] == pytest.approx(lowest)
