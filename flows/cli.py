@@ -6,7 +6,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from flows.params import PipelineParams
 
 # Before Prefect is imported: no telemetry, and a patient start for the temporary local API
 # (its 20 s default is too short on a loaded 2-core machine).

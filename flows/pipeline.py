@@ -23,7 +23,6 @@ from flows.extract import extract_relevance_cube, validate_extraction
 from flows.params import PipelineParams
 from flows.stage_cache import StageCache
 from storage.cube import cube_info, open_store_group
-from tasks import defaults
 from tasks.checkpoint import save_disentangled
 from tasks.data import load_batch
 from tasks.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table

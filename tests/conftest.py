@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +13,6 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -35,9 +33,10 @@ def assets_dir() -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _few_threads() -> None:
-    # CI has two cores; more intra-op threads than cores only adds contention.
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+def _one_thread() -> None:
+    # The tests' convs are small: a second intra-op thread gains little and, on a shared
+    # two-core machine, spinning threads slow them down several-fold.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

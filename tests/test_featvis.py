@@ -42,15 +42,6 @@ def noise_images(n: int = 16, size: int = 32) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small convolutions: a second thread only adds contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_optimised_image_drives_the_channel() -> None:
     model = tiny_net()
     objective = channel_objective(model, "2", 1)

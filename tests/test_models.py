@@ -30,14 +30,6 @@ def _resnet20_path(assets_dir: Path) -> Path:
     return assets_dir / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convs gain nothing from a second thread, and spinning threads on a shared
-    # two-core machine slow these tests down several-fold.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
