@@ -57,7 +57,50 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             run.add_argument(flag, default=None, help=help_text)
     sub.add_parser("models", help="list the registered model names")
+    show = sub.add_parser("show", help="print a finished run's detection and evaluation summary")
+    show.add_argument("run_dir", help="the run's --out-dir")
+    show.add_argument("--examples", type=int, default=3, help="lowest-cosine pairs shown per layer")
     return parser
+
+
+def show_run(run_dir: str, examples: int = 3) -> None:
+    """Plain-text digest of detection.json and summary.json of a run."""
+    from pathlib import Path
+
+    run = Path(run_dir)
+    detection = json.loads((run / "detection.json").read_text())
+    print(f"{'layer':<28}{'channels':>9}{'candidates':>11}{'pairs':>9}{'paper':>8}{'selected':>9}  lowest-cosine pairs (channel: classes, cos, Wu-Palmer)")
+    for det, summary in zip(detection["detections"], detection["layers"]):
+        pairs = sorted(det["pairs"], key=lambda r: r["cosine"])[:examples]
+        ex = "; ".join(f"{r['channel']}: {r['name1']}/{r['name2']} {r['cosine']:.3f} "
+                       f"{r['wup'] if r['wup'] is None else round(r['wup'], 3)}" for r in pairs)
+        if not det["applicable"]:
+            ex = "not applicable: " + det["reason"]
+        print(f"{det['layer']:<28}{summary['channels']:>9}{summary['candidates']:>11}{summary['pairs']:>9}"
+              f"{summary['paper_polysemantic_pairs']:>8}{summary['selected_pairs']:>9}  {ex}")
+    last = detection.get("figure3_last_layer")
+    if last:
+        print(f"Figure 3 ({last}): Spearman {detection['figure3'][last]['spearman']:.3f} over "
+              f"{detection['figure3'][last]['n_pairs']} pairs")
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        return
+    ev = json.loads(summary_path.read_text()).get("evaluation") or {}
+    acc = ev.get("accuracy") or {}
+    if acc:
+        print(f"accuracy original {acc['accuracy_original']:.4f}, rewired {acc['accuracy_rewired']:.4f} on "
+              f"{acc['n']} images; max |logit diff| {acc['max_abs_logit_diff']:.2e}")
+    aggregate = ev.get("table1_aggregate") or {}
+    keys = ("channels", "own_median", "other_median", "residual_median", "score_mean", "invariant_max_abs_error")
+    for agg in [*aggregate.get("layers", []), {"layer": "model", **(aggregate.get("model") or {})}]:
+        if agg.get("channels"):
+            print(f"Table 1 {agg['layer']}: " + ", ".join(f"{k} {agg.get(k):.4g}" for k in keys
+                                                           if agg.get(k) is not None))
+    for c in ev.get("channels", []):
+        ex = c.get("explanations", {})
+        parts = ", ".join(f"{k}: {v['formula']} ({v['iou']:.3f})" for k, v in ex.items() if v and v.get("formula"))
+        print(f"{c['layer']}/{c['channel']} {' / '.join(c['concept_names'])} rho {c['rho']} "
+              f"score {c['score'] if c['score'] is None else round(c['score'], 3)}: {parts}")
 
 
 def params_from_args(args: argparse.Namespace) -> "PipelineParams":
@@ -92,6 +135,9 @@ def _main(argv: Sequence[str] | None) -> int:
         from tasks.models import available_models
 
         print("\n".join(available_models()))
+        return 0
+    if args.command == "show":
+        show_run(args.run_dir, args.examples)
         return 0
     if args.command == "run":
         from flows.pipeline import disentangle_all_layers
