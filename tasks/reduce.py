@@ -3,7 +3,7 @@
 Per layer and class: image count, mean relevance, fraction of images for which each channel is
 important (R >= tau * P, P = sum_c max(R, 0); an image with P = 0 marks nothing), mean
 activation, and mean input moments (which give every ARV in closed form). Each chunk is turned
-into per-class partial sums with a one-hot matmul and the partials are summed by dask's tree
+into per-class partial sums (sorted segment sums) and the partials are summed by dask's tree
 reduction, so memory stays flat in the number of images. Everything accumulates in float32
 whatever the storage dtype.
 """
@@ -33,18 +33,20 @@ class LayerStats:
     mean_moments: np.ndarray  # (class, in_channel, kh, kw)
 
 
-def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n, class) float32; rows of excluded images (label -1) are zero."""
-    out = np.zeros((len(labels), n_classes), dtype=np.float32)
-    keep = labels >= 0
-    out[np.flatnonzero(keep), labels[keep]] = 1.0
-    return out
+def class_sums(labels: np.ndarray, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """(class, ...) float32 sums of the rows of ``x`` per label; rows labelled -1 are left out.
 
-
-def _clean(block: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """float32 copy with excluded rows zeroed: NaN x 0 would still be NaN in the matmul."""
-    out = block.astype(np.float32, copy=True)
-    out[~keep] = 0.0
+    Sort-and-segment-sum rather than a one-hot matmul: no BLAS call (whose own threads fight
+    dask's for the cores) and O(rows) work instead of O(rows x classes).
+    """
+    out = np.zeros((n_classes, *x.shape[1:]), dtype=np.float32)
+    keep = np.flatnonzero(labels >= 0)
+    if len(keep) == 0:
+        return out
+    order = keep[np.argsort(labels[keep], kind="stable")]
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    out[sorted_labels[starts]] = np.add.reduceat(x[order].astype(np.float32, copy=False), starts, axis=0)
     return out
 
 
@@ -66,17 +68,14 @@ def _block_labels(labels: np.ndarray, block_info: dict | None) -> np.ndarray:
 def _relevance_block(r: np.ndarray, labels: np.ndarray, n_classes: int, tau: float,
                      block_info: dict | None = None) -> np.ndarray:
     lab = _block_labels(labels, block_info)
-    onehot = _one_hot(lab, n_classes)
-    r = _clean(r, lab >= 0)
-    important = important_mask(r, tau).astype(np.float32)
-    return np.stack([onehot.T @ r, onehot.T @ important])[None]  # (1, 2, class, channel)
+    # NaN rows (skipped images) carry label -1 and are never summed.
+    important = important_mask(np.nan_to_num(r.astype(np.float32)), tau).astype(np.float32)
+    return np.stack([class_sums(lab, r, n_classes), class_sums(lab, important, n_classes)])[None]
 
 
 def _sum_block(x: np.ndarray, labels: np.ndarray, n_classes: int, block_info: dict | None = None) -> np.ndarray:
     lab = _block_labels(labels, block_info)
-    onehot = _one_hot(lab, n_classes)
-    flat = _clean(x.reshape(x.shape[0], -1), lab >= 0)
-    return (onehot.T @ flat).reshape(1, n_classes, *x.shape[1:])
+    return class_sums(lab, x, n_classes)[None]
 
 
 def image_selection(
