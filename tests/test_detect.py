@@ -121,3 +121,17 @@ def test_counts_stay_exact_when_rows_are_capped(small_cube) -> None:
     # Kept rows are the lowest-cosine selected pairs first.
     lowest = sorted(r.cosine for r in full.pairs if r.selected)[:3]
     assert [r.cosine for r in capped.pairs] == pytest.approx(lowest)
+
+
+def test_reduction_on_a_distributed_scheduler_by_address(small_cube) -> None:
+    """The same statistics when the reduction runs on an existing cluster given its address."""
+    from distributed import LocalCluster
+
+    url, _, _ = small_cube
+    local = reduce_cube(url, tau=0.03, layers=["layer3.2.conv2"])["layer3.2.conv2"]
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        remote = reduce_cube(url, tau=0.03, layers=["layer3.2.conv2"],
+                             scheduler_address=cluster.scheduler_address)["layer3.2.conv2"]
+    np.testing.assert_allclose(remote.mean_relevance, local.mean_relevance, rtol=1e-6)
+    np.testing.assert_array_equal(remote.important_fraction, local.important_fraction)
+    np.testing.assert_allclose(remote.mean_moments, local.mean_moments, rtol=1e-6)
