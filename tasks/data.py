@@ -47,7 +47,7 @@ def folder_to_class_index(
 ) -> dict[str, int]:
     """Map class folder names to model class indices by WordNet id, then by class name.
 
-    A folder that matches neither is an error: training the label mapping by sort order alone
+    A folder that matches neither is an error: assigning labels by sort order alone
     would silently attribute the wrong logits when the dataset has a subset of the classes.
     """
     by_wnid = {w: i for i, w in enumerate(wnids) if w}
