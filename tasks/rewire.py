@@ -422,17 +422,14 @@ class DisentangledConv2d(nn.Module):
 
         extra = torch.stack(extra_rows)
         extra_bias = None if bias is None else bias[torch.tensor(extra_channel)]
+        # The original rows (split channels' rows replaced by d_1) and the extra rows run as two
+        # conv calls: the main output then stays contiguous and the merge writes only the split
+        # channels in place, so the added cost scales with the number of split channels.
+        self.conv = _conv_shell(conv, main, bias, conv.groups)
         if conv.groups == 1:
-            self.conv = _conv_shell(
-                conv,
-                torch.cat([main, extra]),
-                None if bias is None else torch.cat([bias, extra_bias]),
-                groups=1,
-            )
-            self.extra = None
+            self.extra = _conv_shell(conv, extra, extra_bias, groups=1)
             self.register_buffer("extra_inputs", None, persistent=False)
         else:
-            self.conv = _conv_shell(conv, main, bias, conv.groups)
             # Each extra row is its own group, fed by a gathered copy of its group's inputs.
             self.extra = _conv_shell(conv, extra, extra_bias, groups=len(extra_rows))
             gather = [
@@ -443,6 +440,12 @@ class DisentangledConv2d(nn.Module):
         self.parts = nn.Identity()
         self.register_buffer("channels", torch.tensor(channels), persistent=False)
         self.register_buffer("part_rows", torch.tensor(part_rows), persistent=False)
+        # Position of each part in cat([main[:, channels], extra]): d_1 of split slot i sits at
+        # i, extra row e at len(channels) + e.
+        n_split = len(channels)
+        order = [slot if row < conv.out_channels else n_split + row - conv.out_channels
+                 for slot, row in zip(part_slot, part_rows)]
+        self.register_buffer("part_order", torch.tensor(order), persistent=False)
         self.register_buffer("part_slot", torch.tensor(part_slot), persistent=False)
         self.register_buffer(
             "part_coef", torch.tensor(part_coef, dtype=weight.dtype), persistent=False
@@ -450,31 +453,27 @@ class DisentangledConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)
-        if self.extra is not None:
-            y = torch.cat([y, self.extra(x.index_select(1, self.extra_inputs))], 1)
-        parts = self.parts(y.index_select(1, self.part_rows))
+        extra_in = x if self.extra_inputs is None else x.index_select(1, self.extra_inputs)
+        extra = self.extra(extra_in)
+        parts = self.parts(torch.cat([y.index_select(1, self.channels), extra], 1)
+                           .index_select(1, self.part_order))
         weighted = parts * self.part_coef.to(parts.dtype).view(1, -1, 1, 1)
         merged = weighted.new_zeros(
             (y.shape[0], self.channels.numel()) + y.shape[2:]
         ).index_add_(1, self.part_slot, weighted)
-        return y[:, : self.out_channels].index_copy(1, self.channels, merged)
+        return y.index_copy(1, self.channels, merged)
 
     @torch.no_grad()
     def merged_weight(self) -> tuple[Tensor, Tensor | None]:
         """The (weight, bias) of the equivalent plain conv, rebuilt from the part rows."""
         w = self.conv.weight[: self.out_channels].clone()
         b = None if self.conv.bias is None else self.conv.bias[: self.out_channels].clone()
-        rows = torch.cat([self.conv.weight, self._extra_weight()])
+        rows = torch.cat([self.conv.weight, self.extra.weight])
         for slot, c in enumerate(self.channels.tolist()):
             sel = self.part_slot == slot
             coef = self.part_coef[sel].to(w.dtype).view(-1, 1, 1, 1)
             w[c] = (rows[self.part_rows[sel]] * coef).sum(0)
         return w, b
-
-    def _extra_weight(self) -> Tensor:
-        if self.extra is None:
-            return self.conv.weight[:0]
-        return self.extra.weight
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, split_channels={self.channels.tolist()}"
