@@ -205,7 +205,10 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
             batch_size=params["batch_size"], featvis_steps=params["featvis_steps"],
             featvis_max_channels=params["featvis_channels"], explain_layers="all",
             device=pick_device(device), log=logger.info)
-    fig3_pngs, fig3_stats = figure3(detections, params["gamma"] if params["rule"] == "gamma" else None)
+    # Figure 3 was drawn by the detect stage; reuse its files rather than redraw every layer.
+    fig3_stats = {layer: {k: v for k, v in st.items() if k != "png"} for layer, st in detection["figure3"].items()}
+    fig3_pngs = {st["figure"]: Path(detection["figure3"][layer]["png"]).read_bytes()
+                 for layer, st in fig3_stats.items()}
     links = {"detection cube": train_store, "evaluation cube": eval_store,
              "detection table": str(Path(out_dir) / "detection.csv")}
     if rewiring.get("checkpoint"):
