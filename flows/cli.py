@@ -145,6 +145,10 @@ def _main(argv: Sequence[str] | None) -> int:
         params = params_from_args(args)
         summary = disentangle_all_layers(params)
         print(json.dumps(summary, indent=2, default=str))
+        print(f"report: {summary.get('report')}\n"
+              f"open a relevance cube with: .venv/bin/python -c \"from storage import open_cube; "
+              f"print(open_cube('{summary['eval_store']}'))\"\n"
+              f"digest: .venv/bin/disentangle show {summary['out_dir']}")
         return 0
     if args.command == "extract":
         from flows.extract import extract_relevance_cube, resolve_layers
