@@ -461,7 +461,9 @@ class DisentangledConv2d(nn.Module):
         merged = weighted.new_zeros(
             (y.shape[0], self.channels.numel()) + y.shape[2:]
         ).index_add_(1, self.part_slot, weighted)
-        return y.index_copy(1, self.channels, merged)
+        # In place: the conv does not save its output for backward, and the parts above are
+        # copies, so overwriting the split channels avoids copying the whole output.
+        return y.index_copy_(1, self.channels, merged)
 
     @torch.no_grad()
     def merged_weight(self) -> tuple[Tensor, Tensor | None]:
