@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -122,7 +121,3 @@ def resolve_layers(value: str | Sequence[str]) -> str | list[str]:
     if isinstance(value, str) and "," in value:
         return [v.strip() for v in value.split(",") if v.strip()]
     return value if isinstance(value, str) else list(value)
-
-
-def default_store(run_dir: str | Path) -> str:
-    return str(Path(run_dir) / "cube.zarr")

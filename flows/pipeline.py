@@ -27,7 +27,7 @@ from tasks.checkpoint import save_disentangled
 from tasks.data import load_batch
 from tasks.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table
 from tasks.disentangle import build_splits, plan_rewiring
-from tasks.report import build_summary, figure3, markdown_artifacts, write_report
+from tasks.report import build_summary, data_uri, figure3, markdown_artifacts, write_report
 from tasks.models import load_model
 from tasks.reduce import read_stats, reduce_cube, write_stats
 from tasks.rewire import check_equivalence, rewire_model
@@ -36,9 +36,7 @@ STATS_SUBSET = "detection"
 
 
 def _png_markdown(title: str, png: bytes) -> str:
-    import base64
-
-    return f"### {title}\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})\n"
+    return f"### {title}\n\n![{title}]({data_uri(png)})\n"
 
 
 @task(name="reduce", cache_policy=NO_CACHE)

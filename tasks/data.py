@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -144,7 +143,3 @@ def load_batch(
             ok[i] = True
     return (torch.stack(tensors) if tensors else None), ok, reasons
 
-
-def manifest_to_json(manifest: Manifest) -> str:
-    return json.dumps({"root": manifest.root, "paths": list(manifest.paths),
-                       "labels": manifest.labels.tolist(), "folders": list(manifest.folders)})

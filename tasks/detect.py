@@ -240,8 +240,5 @@ def channels_to_rewire(det: LayerDetection) -> list[PairRow]:
     return [best[c] for c in sorted(best)]
 
 
-PAIR_COLUMNS = [f.name for f in PairRow.__dataclass_fields__.values()]  # type: ignore[attr-defined]
-
-
 def pairs_table(detections: Sequence[LayerDetection]) -> list[dict[str, Any]]:
     return [asdict(r) for det in detections for r in det.pairs]

@@ -118,14 +118,15 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def _data_uri(png: bytes) -> str:
+def data_uri(png: bytes) -> str:
+    """A PNG as a data URI, so pages and artifacts need no file access."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _img(figures: Mapping[str, bytes], key: str | None, alt: str) -> str:
     if not key or key not in figures:
         return ""
-    return f'<img src="{_data_uri(figures[key])}" alt="{_e(alt)}">'
+    return f'<img src="{data_uri(figures[key])}" alt="{_e(alt)}">'
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
@@ -478,7 +479,7 @@ def markdown_artifacts(summary: Mapping[str, Any], figures: Mapping[str, bytes],
                     f"score {fmt(c.get('score'))}, rho {fmt(c.get('rho'))}", ""]
             for key, label in (("fig2", "Figure 2"), ("exemplars", "Exemplars"), ("featvis", "Feature visualisations")):
                 if figs.get(key) in figures:
-                    body += [f"![{label}]({_data_uri(figures[figs[key]])})", ""]
+                    body += [f"![{label}]({data_uri(figures[figs[key]])})", ""]
             slug = f"channel-{c['layer']}-{c['channel']}".lower().replace(".", "-").replace("_", "-")
             docs[slug] = "\n".join(body)
     tables: dict[str, list[dict[str, Any]]] = {

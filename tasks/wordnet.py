@@ -284,7 +284,6 @@ def ensure_wordnet(cache_dir: str | Path | None = None) -> Path:
     Idempotent and cheap after the first call; safe when several processes run it at once.
     Raises RuntimeError naming every route tried when none works.
     """
-    global _state
     nltk_data = Path(cache_dir or cache_root()).expanduser().resolve() / "nltk_data"
     with _lock:
         if _state is not None and _state[0] == _state_key(nltk_data):
