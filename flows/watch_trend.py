@@ -123,10 +123,16 @@ def update_trends(entries: Sequence[dict[str, Any]], completed_out_dirs: dict[st
             log(f"trend of {g}: {w}")
         from tasks.trend_report import trend_figures
 
-        figures = trend_figures(trend)
-        paths = write_trend(trend, out, figures)
-        if publish is not None:
-            publish(group_slug(g, phash), trend, figures)
+        try:
+            figures = trend_figures(trend)
+            paths = write_trend(trend, out, figures)
+            if publish is not None:
+                publish(group_slug(g, phash), trend, figures)
+        except Exception as exc:  # noqa: BLE001 - a trend must never cost the scan its analyses
+            log(f"trend of {g} could not be written: {type(exc).__name__}: {exc}")
+            rows.append({**row, "status": "failed", "message": f"{type(exc).__name__}: {exc}",
+                         "seconds": round(time.perf_counter() - t0, 3)})
+            continue
         rows.append({**row, "status": "updated", **paths, "message": "; ".join(trend.warnings) or None,
                      "seconds": round(time.perf_counter() - t0, 3)})
     return rows

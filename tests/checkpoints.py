@@ -25,10 +25,10 @@ def training_batches(assets_dir: Path, per_class: int, offset: int, batch_size: 
     return [(x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, len(order), batch_size)]
 
 
-def finetune_checkpoints(assets_dir: Path, dest: Path, save_at: Sequence[int], *, lr: float = 0.2,
+def finetune_checkpoints(assets_dir: Path, dest: Path, save_at: Sequence[int], *, lr: float = 0.01,
                          batch_size: int = 32, per_class: int = 32, seed: int = 0,
                          name: str = "resnet20-step{step:03d}.pt") -> list[Path]:
-    """Fine-tune ResNet-20 with SGD (momentum 0.9, a large learning rate so that the channel
+    """Fine-tune ResNet-20 with SGD (momentum 0.9; a learning rate of the size ResNet-20 was trained with, so that the channel
     statistics really move) and save ``{"step", "epoch", "state_dict"}`` at each step of
     ``save_at``; returns the files in step order."""
     from tasks.models import load_model
