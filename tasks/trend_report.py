@@ -93,8 +93,7 @@ def heatmap_figure(trend: Trend, layer: str) -> bytes:
     values = np.array([[_nan(p.lowest_cosine) for p in c.points] for c in rows], float)
     n_ck = len(trend.checkpoints)
     fig, ax = plt.subplots(figsize=(min(2.0 + 0.9 * n_ck, 12), min(1.2 + 0.2 * len(rows), 16)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#e6e6e6")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#e6e6e6")
     finite = values[np.isfinite(values)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, vmin=lo, vmax=max(hi, lo + 1e-6),

@@ -108,7 +108,9 @@ def watched(tmp_path_factory, assets_dir, prefect_api):
     after = (trend_dir / "trend.json").read_bytes(), (trend_dir / "trend.json").stat().st_mtime_ns, \
         (trend_dir / "trend.html").stat().st_mtime_ns
     print(f"trend fixture timings (s): fine-tune {finetune_s:.1f}, first scan {first_s:.1f}, pickup "
-          f"{picked_up_s:.1f}, empty scan {again_s:.1f} (trend {again['trend_seconds']})")
+          f"{picked_up_s:.1f}, empty scan {again_s:.1f}; comparison in the scans: first "
+          f"{first['trend_seconds']}, after pickup {scans[-1]['trend_seconds'] if scans else None}, "
+          f"empty {again['trend_seconds']}")
     return dict(root=root, data=data, folder=folder, registry=registry, scan=scan, first=first, scans=scans,
                 errors=errors, half_written=half_written, again=again, before=before, after=after,
                 trend_dir=trend_dir, steps={"c-early.pt": 10, "b-middle.pt": 20, "a-late.pt": 30})
