@@ -294,6 +294,24 @@ def test_compare_by_hand_and_refusal_of_another_architecture(watched, trend, tmp
     assert mixed.differing_params == {"gamma": [0.9, 0.95]}
 
 
+def test_order_falls_back_from_step_to_mtime_to_as_given(tmp_path) -> None:
+    from tasks.trend import CheckpointInfo, RunFiles, order_runs
+
+    def run(name: str, **info) -> RunFiles:
+        return RunFiles(tmp_path / name, {}, {}, CheckpointInfo(**info))
+
+    by_step = [run("a", step=30, mtime=1.0), run("b", step=10, mtime=3.0), run("c", step=20, mtime=2.0)]
+    assert [(r.run_dir.name) for r in order_runs(by_step)[0]] == ["b", "c", "a"]
+    assert order_runs(by_step)[1] == "step"
+    by_epoch = [run("a", epoch=2.0), run("b", epoch=1.5)]
+    assert [r.run_dir.name for r in order_runs(by_epoch)[0]] == ["b", "a"]
+    by_mtime = [run("a", step=5, mtime=9.0), run("b", mtime=1.0)]  # not every checkpoint has a step
+    assert [r.run_dir.name for r in order_runs(by_mtime)[0]] == ["b", "a"]
+    assert order_runs(by_mtime)[1] == "mtime"
+    given = [run("z"), run("y", mtime=1.0)]
+    assert [r.run_dir.name for r in order_runs(given)[0]] == ["z", "y"] and order_runs(given)[1] == "given"
+
+
 def test_pending_files_wait_until_complete(tmp_path) -> None:
     from flows.watch_follow import Pending, matches
 
