@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean chromium
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -28,7 +28,15 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/disentangle run $(ARGS)
 
-test: setup
+# The HTML tests render reports in headless Chromium; CI machines get it from Debian's
+# package (root, or sudo without a password), and CI=true fails instead of skipping without it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "chromium not found: installing the Debian package"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
+test: setup chromium
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -60,7 +60,32 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a finished run's detection and evaluation summary")
     show.add_argument("run_dir", help="the run's --out-dir")
     show.add_argument("--examples", type=int, default=3, help="lowest-cosine pairs shown per layer")
+    cmp = sub.add_parser("compare", help="how polysemanticity changes over the checkpoints of analysed runs")
+    cmp.add_argument("run_dirs", nargs="+", help="two or more run directories (--out-dir of `disentangle run`)")
+    cmp.add_argument("--out", default=None, help="where trend.json and trend.html go (default: <parent of the first run>/trend)")
     return parser
+
+
+def compare(run_dirs: Sequence[str], out: str | None = None) -> dict[str, str]:
+    """trend.json and trend.html of the runs, in checkpoint order; warnings go to stderr."""
+    import warnings
+    from pathlib import Path
+
+    from tasks.trend import compare_runs, write_trend
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trend = compare_runs(run_dirs)
+    for w in caught:
+        print(f"disentangle: warning: {w.message}", file=sys.stderr)
+    paths = write_trend(trend, out or Path(run_dirs[0]).resolve().parent / "trend")
+    for c in trend.checkpoints:
+        acc = "-" if c.accuracy is None else f"{c.accuracy:.4f}"
+        selected = sum(lt.points[c.index].selected_pairs for lt in trend.layers)
+        print(f"{c.index}: {c.label}  accuracy {acc}  selected pairs {selected}  ({c.run_dir})")
+    print(f"{len(trend.changes)} channel changes; ordered by {trend.order_by}")
+    print(f"trend: {paths['trend_html']}\nnumbers: {paths['trend_json']}")
+    return paths
 
 
 def show_run(run_dir: str, examples: int = 3) -> None:
@@ -138,6 +163,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "show":
         show_run(args.run_dir, args.examples)
+        return 0
+    if args.command == "compare":
+        compare(args.run_dirs, args.out)
         return 0
     if args.command == "run":
         from flows.pipeline import disentangle_all_layers

@@ -31,6 +31,7 @@ from tasks.report import build_summary, data_uri, figure3, markdown_artifacts, w
 from tasks.models import load_model
 from tasks.reduce import read_stats, reduce_cube, write_stats
 from tasks.rewire import check_equivalence, rewire_model
+from tasks.trend import checkpoint_info, write_checkpoint_record
 
 STATS_SUBSET = "detection"
 
@@ -77,6 +78,8 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
         detections.append(det)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # what a comparison over checkpoints needs: the training step and the whole architecture
+    write_checkpoint_record(out, checkpoint_info(model_name, weights, bundle.model))
     table = pairs_table(detections)
     with open(out / "detection.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(PairRow.__dataclass_fields__))
@@ -96,9 +99,11 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
         "detections": [{"layer": d.layer, "channels": d.channels, "applicable": d.applicable,
                         "reason": d.reason, "candidates": d.candidates,
                         "relevant": {str(k): v for k, v in d.relevant.items()},
+                        "relevant_all": _relevant_all(stats[d.layer], detection_params.p),
                         "counts": d.counts, "pairs": [asdict(r) for r in d.pairs]} for d in detections],
         "figure3": fig3_stats,
         "figure3_last_layer": last,
+        "class_names": list(bundle.class_names),
     }
     (out / "detection.json").write_text(json.dumps(result, indent=1))
     create_table_artifact(key="detection-summary", table=summaries,
@@ -109,6 +114,14 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
             f"Figure 3: WordNet similarity vs ARV cosine, {last} (Spearman {st['spearman']:.3f})",
             Path(st["png"]).read_bytes()))
     return result
+
+
+def _relevant_all(stats: Any, p: float) -> dict[str, list[int]]:
+    """Relevant classes of every channel with at least one (candidates have two or more)."""
+    from tasks.detect import relevant_classes
+
+    rel = relevant_classes(stats, p)
+    return {str(c): np.flatnonzero(rel[:, c]).tolist() for c in range(rel.shape[1]) if rel[:, c].any()}
 
 
 def detections_from_json(result: dict[str, Any]) -> list[LayerDetection]:

@@ -43,6 +43,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.params import PipelineParams
+from flows.watch_trend import SETTLE_SECONDS, TrendGroups, publish_artifacts, still_written, update_trends
 
 DEFAULT_PATTERNS = ["*.th", "*.pt", "*.pth"]
 # Set per checkpoint by the watcher; an override of these would make analyses collide.
@@ -306,9 +307,12 @@ def fetch(fs: fsspec.AbstractFileSystem, path: str, cache_dir: Path) -> tuple[st
 
 @task(name="hash-checkpoints", cache_policy=NO_CACHE)
 def hash_checkpoints(location: str, patterns: list[str], registry_path: str, cache_dir: str,
-                     storage_options: dict[str, Any] | None, rehash: bool) -> list[dict[str, Any]]:
+                     storage_options: dict[str, Any] | None, rehash: bool,
+                     settle_seconds: float = SETTLE_SECONDS) -> list[dict[str, Any]]:
     """List and content-hash every checkpoint; remote files are fetched into the cache while
-    they are hashed. Unchanged (URL, size, stamp) reuse the recorded hash unless ``rehash``."""
+    they are hashed. Unchanged (URL, size, stamp) reuse the recorded hash unless ``rehash``.
+    A local file still being written (see ``still_written``) is returned with
+    ``incomplete: True`` and no hash, and nothing of it is recorded."""
     logger = get_run_logger()
     registry = Registry(registry_path)
     fs, paths = list_checkpoints(location, patterns, storage_options)
@@ -317,6 +321,10 @@ def hash_checkpoints(location: str, patterns: list[str], registry_path: str, cac
     for path in paths:
         url = _url(fs, path)
         try:
+            if local and still_written(path, settle_seconds):
+                logger.info("%s is still being written; left for a later scan", url)
+                out.append({"url": url, "path": path, "sha256": None, "incomplete": True})
+                continue
             info = fs.info(path)
             size, stamp = info.get("size"), _stamp(info)
             sha = None if rehash else registry.known_sha(url, size, stamp)
@@ -336,9 +344,9 @@ def hash_checkpoints(location: str, patterns: list[str], registry_path: str, cac
             logger.warning("cannot read %s: %s", url, exc)
             continue
         out.append({"url": url, "path": path, "sha256": sha, "size": size, "weights": weights,
-                    "local": local})
+                    "local": local, "incomplete": False})
     logger.info("%d checkpoints under %s (%d distinct contents)", len(out), location,
-                len({f["sha256"] for f in out}))
+                len({f["sha256"] for f in out if f["sha256"]}))
     return out
 
 
@@ -407,10 +415,13 @@ def _analyse_in_process(params: PipelineParams, name: str) -> tuple[str, str | N
     return "failed", run_id, None, error or state.name
 
 
-def _wait_for(flow_run_ids: list[str], poll_s: float) -> dict[str, Any]:
+def _wait_for(flow_run_ids: list[str], poll_s: float, timeout_s: float | None = None) -> dict[str, Any]:
+    """Final states of the runs that finished within ``timeout_s`` (None: no deadline); the
+    others are left out: a pool without a worker must not hold the scan forever."""
     from prefect.client.orchestration import get_client
 
     states: dict[str, Any] = {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         while len(states) < len(flow_run_ids):
             for run_id in flow_run_ids:
@@ -419,6 +430,8 @@ def _wait_for(flow_run_ids: list[str], poll_s: float) -> dict[str, Any]:
                     if state is not None and state.is_final():
                         states[run_id] = state
             if len(states) < len(flow_run_ids):
+                if deadline is not None and time.monotonic() + poll_s > deadline:
+                    break
                 time.sleep(poll_s)
     return states
 
@@ -442,6 +455,9 @@ def watch_checkpoints(
     stale_after_hours: float = 48.0,
     fail_on_error: bool = True,
     poll_seconds: float = 5.0,
+    wait_timeout_seconds: float | None = 6 * 3600.0,
+    trends: TrendGroups = "folder",
+    settle_seconds: float = SETTLE_SECONDS,
 ) -> dict[str, Any]:
     """Analyse every checkpoint under ``location`` whose content was not analysed with these
     parameters yet.
@@ -456,7 +472,14 @@ def watch_checkpoints(
     deployment: run each analysis through this deployment (e.g.
         "disentangle-all-layers/cifar10-demo") instead of as an in-process subflow; its workers
         must see runs_root and cache_dir at the same paths. wait: wait for those runs (else the
-        next scan records how they ended).
+        next scan records how they ended). wait_timeout_seconds: stop waiting after this long
+        (None: no deadline); runs still unfinished stay "running" in the registry and the next
+        scan records how they ended.
+    trends: after the analyses, update the comparison over checkpoints (trend.json,
+        trend.html, artifacts) of each folder ("folder"), of the whole location ("location"),
+        or not ("none"); written to <runs_root>/trends/<group>-<params hash>.
+    settle_seconds: a local torch checkpoint modified this recently that does not load yet is
+        being written; it is left for a later scan, never analysed half-written.
     """
     logger = get_run_logger()
     from prefect.runtime import flow_run
@@ -472,12 +495,16 @@ def watch_checkpoints(
     me = flow_run.id
     stale_after_s = stale_after_hours * 3600
 
-    entries = hash_checkpoints(location, patterns, str(reg.path), str(cache), storage_options, rehash)
+    scanned = hash_checkpoints(location, patterns, str(reg.path), str(cache), storage_options, rehash,
+                               settle_seconds)
+    entries = [e for e in scanned if not e.get("incomplete")]
     by_sha: dict[str, list[dict[str, Any]]] = {}
     for entry in entries:
         by_sha.setdefault(entry["sha256"], []).append(entry)
 
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = [{"checkpoint": e["url"], "sha256": None, "action": "incomplete",
+                                   "status": None, "out_dir": None, "alias_of": None}
+                                  for e in scanned if e.get("incomplete")]
     started: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (entry, claimed row)
     for sha, group in by_sha.items():
         primary = group[0]
@@ -543,18 +570,33 @@ def watch_checkpoints(
             results[sha] = {"status": "failed", "flow_run_id": None, "error": error}
 
     if pending and wait:
-        for run_id, state in _wait_for(list(pending), poll_seconds).items():
+        finished = _wait_for(list(pending), poll_seconds, wait_timeout_seconds)
+        for run_id, state in finished.items():
             sha, _ = pending[run_id]
             status = "completed" if state.is_completed() else "failed"
             error = None if status == "completed" else f"{state.name}: {state.message}"
             reg.finish(sha, phash, status, error=error, flow_run_id=run_id)
             results[sha] = {"status": status, "flow_run_id": run_id, "error": error}
+        late = [pending[r][1] for r in pending if r not in finished]
+        if late:
+            logger.warning("%d analyses not finished after %.0f s (is a worker polling the pool?); the "
+                           "next scan records how they end: %s", len(late), wait_timeout_seconds, ", ".join(late))
 
     for entry, claimed in started:
         res = results[entry["sha256"]]
         rows.append({"checkpoint": entry["url"], "sha256": entry["sha256"], "action": "started",
                      "status": res["status"], "out_dir": claimed["out_dir"], "alias_of": None,
                      "flow_run_id": res["flow_run_id"], "error": res["error"]})
+
+    trend_rows: list[dict[str, Any]] = []
+    trend_s = 0.0
+    if trends != "none":
+        t0 = time.perf_counter()
+        done = {r["sha256"]: r["out_dir"] for r in reg.analyses("completed") if r["params_hash"] == phash}
+        trend_rows = update_trends(entries, done, location=location if "://" in location else str(Path(location).expanduser().resolve()),
+                                   mode=trends, root=root, phash=phash, publish=publish_artifacts,
+                                   log=logger.warning)
+        trend_s = time.perf_counter() - t0
 
     failed = [r for r in rows if r["action"] == "started" and r["status"] == "failed"]
     summary = {
@@ -565,7 +607,10 @@ def watch_checkpoints(
         "started": sum(r["action"] == "started" for r in rows),
         "completed": sum(r["action"] == "started" and r["status"] == "completed" for r in rows),
         "failed": len(failed),
+        "incomplete": sum(r["action"] == "incomplete" for r in rows),
         "files": rows,
+        "trends": trend_rows,
+        "trend_seconds": round(trend_s, 3),
     }
     if rows:
         from prefect.artifacts import create_table_artifact
@@ -596,6 +641,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs-root", default=None)
     parser.add_argument("--deployment", default=None, help="e.g. disentangle-all-layers/cifar10-demo")
     parser.add_argument("--list", action="store_true", help="print the registry and exit")
+    parser.add_argument("--trends", choices=["folder", "location", "none"], default="folder",
+                        help="groups whose comparison over checkpoints is updated after each scan")
+    parser.add_argument("--follow", action="store_true",
+                        help="keep running: scan again within seconds of a checkpoint arriving (local folder)")
+    parser.add_argument("--settle-seconds", type=float, default=2.0,
+                        help="with --follow: a file must be unchanged this long (and loadable) to be analysed")
     args = parser.parse_args(argv)
     if args.list:
         for row in Registry(args.registry).analyses():
@@ -603,11 +654,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   "aliases", "out_dir", "flow_run_id", "attempts",
                                                   "error", "started_at", "finished_at")}))
         return 0
-    summary = watch_checkpoints(
-        location=args.location, patterns=args.patterns, registry=args.registry,
-        params=json.loads(args.params) if args.params else None, runs_root=args.runs_root,
-        deployment=args.deployment)
-    print(json.dumps(summary, indent=2, default=str))
+    scan = dict(location=args.location, patterns=args.patterns, registry=args.registry,
+                params=json.loads(args.params) if args.params else None, runs_root=args.runs_root,
+                deployment=args.deployment, trends=args.trends)
+    canonical_params(scan["params"])  # a bad parameter fails now, not at the first event
+    if not args.follow:
+        print(json.dumps(watch_checkpoints(**scan), indent=2, default=str))
+        return 0
+    from flows.watch_follow import follow
+
+    def one_scan(ready: list[Path]) -> None:
+        state = watch_checkpoints(**scan, fail_on_error=False, return_state=True)
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, dict):
+            print(json.dumps({k: result[k] for k in ("checkpoints", "started", "completed", "failed",
+                                                      "incomplete", "trend_seconds")}), flush=True)
+
+    try:
+        follow(args.location, one_scan, patterns=args.patterns or DEFAULT_PATTERNS,
+               settle_seconds=args.settle_seconds)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
