@@ -31,6 +31,12 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-mode", choices=["label", "prediction"], default="label")
     p.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other inputs")
+    p.add_argument("--layout", choices=["detection", "evaluation", "full"], default="detection",
+                   help="what the cube keeps per image (see README, 'Which cube holds what')")
+    p.add_argument("--per-image-moments", action="store_true",
+                   help="also keep input moments per image (ARVs of arbitrary image subsets)")
+    p.add_argument("--storage-dtype", choices=["float16", "float32"], default=defaults.STORAGE_DTYPE,
+                   help="dtype of the per-image relevance/activation arrays on disk")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +164,7 @@ def _main(argv: Sequence[str] | None) -> int:
             layers=resolve_layers(args.layers), chunk_images=args.chunk_images,
             shard_chunks=args.shard_chunks, batch_size=args.batch_size, device=args.device,
             target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
+            layout=args.layout, per_image_moments=args.per_image_moments, storage_dtype=args.storage_dtype,
         )
         print(json.dumps({"store": url}))
         print(f"open it with: python -c \"from storage import open_cube; print(open_cube('{url}'))\"")

@@ -9,7 +9,7 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from storage.cube import completed_chunks, consolidate
+from storage.cube import CubeLayout, completed_chunks, consolidate
 from tasks import defaults
 from tasks.data import plan_shards
 from tasks.extract import ChunkStats, extract_chunks, pick_device, plan_cube
@@ -80,6 +80,9 @@ def extract_relevance_cube(
     target_mode: TargetMode = "label",
     max_per_class: int | None = None,
     overwrite: bool = False,
+    layout: str = "detection",
+    per_image_moments: bool = defaults.PER_IMAGE_MOMENTS,
+    storage_dtype: str = defaults.STORAGE_DTYPE,
 ) -> str:
     """Write per-image relevance, input moments and activations of every selected conv layer.
 
@@ -87,12 +90,13 @@ def extract_relevance_cube(
     """
     logger = get_run_logger()
     validate_extraction(chunk_images, shard_chunks, batch_size)
+    cube_layout = CubeLayout.preset(layout, per_image_moments=per_image_moments, dtype=storage_dtype)
     if not data_dir:
         raise ValueError("data_dir is required (an ImageFolder root)")
     bundle = load_model(model, weights)
     slots = device_slots(device)
     plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
-                     overwrite)
+                     overwrite, cube_layout)
     selected, manifest = plan.layers, plan.manifest
     done = completed_chunks(store_url)
     shards = plan_shards(len(done), shard_chunks, pending=~done)

@@ -27,6 +27,12 @@ EXPLAIN_OPERATORS: tuple[str, ...] = ("OR", "AND", "AND NOT")
 CHUNK_IMAGES: int = 512  # images per Zarr chunk (and per completion marker)
 SHARD_CHUNKS: int = 8  # chunks per Prefect shard task: thousands of images per task
 BATCH_SIZE: int = 128  # must divide CHUNK_IMAGES so batches never straddle chunks
+# Per-image channel arrays (relevance, activations) on disk; sums stay float32. float16 left
+# ResNet-20/CIFAR-10 detection unchanged (benchmarks/bench_cube_size.py --dtype-effect).
+STORAGE_DTYPE: str = "float16"
+# Detection cube: relevance per image, moments as per-chunk class sums. True also keeps the
+# per-image moments (ARVs of arbitrary image subsets, at several times the bytes).
+PER_IMAGE_MOMENTS: bool = False
 
 # Compositional explanations, image level. None: binarise each unit at the quantile
 # 1 - 1/n_classes, so that it is active on as many images as a class has on average;

@@ -112,9 +112,12 @@ class _LayerTap:
     """Forward hook on one conv: reduces input and output on the spot, and registers a tensor
     hook so that the gradient is reduced to act x grad the moment autograd produces it."""
 
-    def __init__(self, name: str, module: nn.Conv2d, result: BatchRelevance, shield: bool) -> None:
+    def __init__(self, name: str, module: nn.Conv2d, result: BatchRelevance, shield: bool,
+                 moments: bool = True, activations: bool = True) -> None:
         self.name = name
         self.shield = shield
+        self.moments = moments
+        self.activations = activations
         self.module = module
         self.result = result
         self.output: torch.Tensor | None = None
@@ -127,15 +130,17 @@ class _LayerTap:
                 f"conv {self.name!r} ran more than once in one forward pass; shared convs have "
                 "no single relevance per channel"
             )
-        x = inputs[0].detach()
-        out_hw = (output.shape[2], output.shape[3])
-        pad = conv_input_padding(module, (x.shape[2], x.shape[3]), out_hw)
         with torch.no_grad():
-            self.result.input_moments[self.name] = input_moments(
-                x, module.kernel_size, module.stride, module.dilation, pad, out_hw
-            ).cpu()
-            self.result.activation_max[self.name] = output.detach().amax(dim=(2, 3)).cpu()
-            self.result.activation_mean[self.name] = output.detach().mean(dim=(2, 3)).cpu()
+            if self.moments:
+                x = inputs[0].detach()
+                out_hw = (output.shape[2], output.shape[3])
+                pad = conv_input_padding(module, (x.shape[2], x.shape[3]), out_hw)
+                self.result.input_moments[self.name] = input_moments(
+                    x, module.kernel_size, module.stride, module.dilation, pad, out_hw
+                ).cpu()
+            if self.activations:
+                self.result.activation_max[self.name] = output.detach().amax(dim=(2, 3)).cpu()
+                self.result.activation_mean[self.name] = output.detach().mean(dim=(2, 3)).cpu()
         if output.requires_grad:
             detached = output.detach()
 
@@ -150,7 +155,8 @@ class _LayerTap:
 
 
 @contextmanager
-def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance) -> Iterator[list[_LayerTap]]:
+def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
+          moment_layers: Sequence[str] | None = None, activations: bool = True) -> Iterator[list[_LayerTap]]:
     modules = dict(model.named_modules())
     shield = any(getattr(m, "inplace", False) for m in modules.values())
     taps, handles = [], []
@@ -159,7 +165,8 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance) -> It
             module = modules.get(name)
             if not isinstance(module, nn.Conv2d):
                 raise ValueError(f"{name!r} is not a conv layer of this model")
-            tap = _LayerTap(name, module, result, shield)
+            tap = _LayerTap(name, module, result, shield,
+                            moments=moment_layers is None or name in moment_layers, activations=activations)
             taps.append(tap)
             handles.append(module.register_forward_hook(tap))
         yield taps
@@ -178,8 +185,14 @@ def batch_relevance(
     labels: torch.Tensor,
     layers: Sequence[str],
     target_mode: TargetMode = "label",
+    *,
+    moment_layers: Sequence[str] | None = None,
+    activations: bool = True,
 ) -> BatchRelevance:
     """One forward and one backward pass: relevance, moments and activations of all ``layers``.
+
+    ``moment_layers``: the layers whose input moments are computed (None: all); ``activations``:
+    whether the spatial max and mean of the outputs are. What a cube does not store is not computed.
 
     The backward asks autograd only for the gradient of the input images (an ancestor of every
     conv, whatever the branching), so no parameter gradients are computed, and each layer's
@@ -193,7 +206,7 @@ def batch_relevance(
     result = BatchRelevance(
         logits=torch.empty(0), prediction=torch.empty(0), target=torch.empty(0), target_logit=torch.empty(0)
     )
-    with torch.enable_grad(), _taps(model, layers, result) as taps:
+    with torch.enable_grad(), _taps(model, layers, result, moment_layers, activations) as taps:
         # Gradients must flow even when the caller froze the parameters.
         images = images.detach().requires_grad_(True)
         logits = model(images)
