@@ -133,14 +133,16 @@ class CubeLayout:
         """``detection``: relevance per image (the tau rule), moments and activation means as
         class sums. ``evaluation``: relevance (Table 1's image selection) and activation max
         (exemplars, explanations) per image; no moments. ``full``: everything per image plus the
-        class sums. ``per_image_moments`` adds per-image moments (ARVs of any image subset)."""
+        class sums. ``per_image_moments`` adds per-image moments and activation means (statistics and ARVs of
+        any image subset)."""
         arrays = {"detection": ("relevance",), "evaluation": ("relevance", "activation_max"),
                   "full": (*PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY)}
         if name not in arrays:
             raise ValueError(f"layout must be one of {sorted(arrays)}, got {name!r}")
         per_image = arrays[name]
-        if per_image_moments and MOMENTS_ARRAY not in per_image:
-            per_image = (*per_image, MOMENTS_ARRAY)
+        if per_image_moments:
+            # A subset's statistics need every summed quantity per image.
+            per_image = (*per_image, *(a for a in ("activation_mean", MOMENTS_ARRAY) if a not in per_image))
         return cls(per_image, name != "evaluation", dtype)
 
 
