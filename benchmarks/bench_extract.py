@@ -112,7 +112,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     stores = {v: str(tmp / f"{v}.zarr") for v in ("extract", "extract+decode")}
-    shapes = {i.name: LayerShape(i.out_channels, i.in_channels, i.kernel_size) for i in infos}
+    shapes = {i.name: LayerShape(i.out_channels, i.in_channels, i.kernel_size, i.groups) for i in infos}
     for url in stores.values():
         create_cube(url, image_paths=manifest.paths, labels=manifest.labels, class_names=bundle.class_names,
                     class_wnids=bundle.wnids, layers=shapes, chunk_images=args.chunk,
@@ -177,7 +177,7 @@ def main() -> None:
     if {"extract", "extract+decode"} & set(variants):
         root = open_store_group(written)
         assert root["chunk_done"][:].all()
-        assert np.isfinite(root[f"layers/{layers[-1]}/input_moments"][:]).all()
+        assert np.isfinite(root[f"layers/{layers[-1]}/relevance"][:]).all()
     store_bytes = sum(f.stat().st_size for f in Path(written).rglob("*") if f.is_file())
 
     def paired(a: list[list[float]], b: list[list[float]]) -> float:
