@@ -67,8 +67,10 @@ def du(path: Path, part: str = "") -> int:
 
 
 def imagenet_folder(n: int, work: Path) -> Path:
+    if (work / f"imagenet_{n}").exists():
+        return work / f"imagenet_{n}"
     src = ASSETS / "imagenet-samples"
-    dest = work / "imagenet"
+    dest = work / f"imagenet_{n}"
     for folder in sorted(p.name for p in src.iterdir() if p.is_dir())[:n]:
         (dest / folder).mkdir(parents=True, exist_ok=True)
         for f in sorted((src / folder).iterdir()):

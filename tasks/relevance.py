@@ -108,6 +108,11 @@ class BatchRelevance:
     activation_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, C_out)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors (autocast), unchanged otherwise (float64 oracles)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class _LayerTap:
     """Forward hook on one conv: reduces input and output on the spot, and registers a tensor
     hook so that the gradient is reduced to act x grad the moment autograd produces it."""
@@ -132,20 +137,21 @@ class _LayerTap:
             )
         with torch.no_grad():
             if self.moments:
-                x = inputs[0].detach()
+                # float32 whatever the autocast dtype: sums of inputs overflow float16.
+                x = _wide(inputs[0].detach())
                 out_hw = (output.shape[2], output.shape[3])
                 pad = conv_input_padding(module, (x.shape[2], x.shape[3]), out_hw)
                 self.result.input_moments[self.name] = input_moments(
                     x, module.kernel_size, module.stride, module.dilation, pad, out_hw
-                ).cpu()
+                )
             if self.activations:
-                self.result.activation_max[self.name] = output.detach().amax(dim=(2, 3)).cpu()
-                self.result.activation_mean[self.name] = output.detach().mean(dim=(2, 3)).cpu()
+                self.result.activation_max[self.name] = _wide(output.detach().amax(dim=(2, 3)))
+                self.result.activation_mean[self.name] = _wide(output.detach()).mean(dim=(2, 3))
         if output.requires_grad:
             detached = output.detach()
 
             def reduce_grad(grad: torch.Tensor) -> None:
-                self.result.relevance[self.name] = (detached * grad).sum(dim=(2, 3)).cpu()
+                self.result.relevance[self.name] = (_wide(detached) * _wide(grad)).sum(dim=(2, 3))
 
             output.register_hook(reduce_grad)
         self.output = output
@@ -226,6 +232,11 @@ def batch_relevance(
     if set(result.relevance) != set(layers):
         lost = sorted(set(layers) - set(result.relevance))
         raise RuntimeError(f"no gradient reached conv layers {lost}: is their output used?")
+    # Reduced values stay on the device until the backward is done: one transfer per batch
+    # instead of a synchronising copy inside every hook.
+    for values in (result.relevance, result.input_moments, result.activation_max, result.activation_mean):
+        for name in values:
+            values[name] = values[name].cpu()
     result.logits = logits.detach().cpu()
     result.prediction = prediction.cpu()
     result.target = target.detach().cpu()
