@@ -26,7 +26,9 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="all", help="'all', a name, or comma-separated names/globs")
     p.add_argument("--chunk-images", type=int, default=defaults.CHUNK_IMAGES)
     p.add_argument("--shard-chunks", type=int, default=defaults.SHARD_CHUNKS)
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: chosen from the free memory, at most "
+                        f"{defaults.BATCH_SIZE})")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--target-mode", choices=["label", "prediction"], default="label")
     p.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class")

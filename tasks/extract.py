@@ -17,6 +17,7 @@ from storage.cube import (ACTIVATION_SUMS_ARRAY, DEFAULT_LAYOUT, MOMENT_SUMS_ARR
                            CubeLayout, LayerShape, check_layout_version, chunk_bounds, create_cube,
                            open_store_group, write_chunk)
 from tasks.grouping import statistics_class, subset_class_sums
+from tasks import defaults
 from tasks.data import Manifest, load_batch, scan_image_folder
 from tasks.models import ModelBundle, conv_layers, select_layers
 from tasks.relevance import TargetMode, batch_relevance
@@ -241,3 +242,65 @@ def extract_chunks(
             if on_chunk is not None:
                 on_chunk(stats[-1])
     return stats
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for one extraction on ``device``: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def activation_bytes_per_image(model: nn.Module, image_shape: Sequence[int]) -> int:
+    """float32 bytes of every leaf module's output for one image: what autograd keeps for the
+    backward, within a small factor (one probe forward without gradients)."""
+    total = [0]
+
+    def count(_m: nn.Module, _i: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            total[0] += out[0].numel() * 4
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def auto_batch_size(
+    model: nn.Module,
+    image_shape: Sequence[int],
+    chunk_images: int,
+    *,
+    free_bytes: int | None = None,
+    budget_bytes: int = defaults.AUTO_BATCH_BUDGET_BYTES,
+    factor: float = defaults.AUTO_BATCH_MEMORY_FACTOR,
+    largest: int = defaults.BATCH_SIZE,
+) -> int:
+    """The largest batch (a divisor of ``chunk_images``, at most ``largest``) whose estimated
+    extraction memory, ``factor`` x the leaf outputs of the batch, fits in ``budget_bytes`` and
+    in half the free memory of the model's device."""
+    device = next(model.parameters()).device
+    free = available_memory(device) if free_bytes is None else free_bytes
+    per_image = activation_bytes_per_image(model, image_shape) * factor
+    allowed = min(budget_bytes, free // 2)
+    batch = 1
+    for b in range(1, min(largest, chunk_images) + 1):
+        if chunk_images % b == 0 and b * per_image <= allowed:
+            batch = b
+    return batch
