@@ -90,7 +90,7 @@ def main() -> int:
             x = x.detach().requires_grad_(True)
             torch.autograd.grad(model(x).gather(1, y[:, None]).sum(), inputs=[x])
 
-    def loader(root, paths, transform):
+    def loader(root, paths, transform, executor=None):
         i = int(paths[0]) // args.batch
         return batches[i], np.ones(len(paths), dtype=bool), [""] * len(paths)
 

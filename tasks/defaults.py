@@ -31,6 +31,7 @@ BATCH_SIZE: int = 128  # must divide CHUNK_IMAGES so batches never straddle chun
 # factor x the float32 outputs of every leaf module, fits this budget and half the free memory.
 AUTO_BATCH_BUDGET_BYTES: int = 3 * 2**30  # keeps extraction under 4 GB with the model and buffers
 AUTO_BATCH_MEMORY_FACTOR: float = 2.0  # measured peak / estimate, see benchmarks/bench_memory.py
+DECODE_WORKERS: int = 2  # threads decoding each batch's images (PIL releases the GIL)
 # Per-image channel arrays (relevance, activations) on disk; sums stay float32. float16 left
 # ResNet-20/CIFAR-10 detection unchanged (benchmarks/bench_cube_size.py --dtype-effect).
 STORAGE_DTYPE: str = "float16"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -96,9 +96,12 @@ class ChunkSpec:
     n_classes: int
 
     @property
-    def activations(self) -> bool:
-        # Activation means feed the class sums; max and mean come from the same pass.
-        return self.layout.class_sums or any(a in self.layout.per_image for a in ("activation_max", "activation_mean"))
+    def activations(self) -> frozenset[str]:
+        """Which spatial reductions of the outputs to compute: means feed the class sums."""
+        out = {"max"} if "activation_max" in self.layout.per_image else set()
+        if self.layout.class_sums or "activation_mean" in self.layout.per_image:
+            out.add("mean")
+        return frozenset(out)
 
     @property
     def moments(self) -> bool:
@@ -125,6 +128,7 @@ def compute_chunk(
     target_mode: TargetMode = "label",
     prefetch: ThreadPoolExecutor | None = None,
     spec: ChunkSpec | None = None,
+    decoders: ThreadPoolExecutor | None = None,
 ) -> ChunkData:
     """Relevance, moments and activations for the images of one chunk, and the chunk's class
     sums of the moments and activation means (``spec``; None: every per-image array, no sums).
@@ -138,7 +142,9 @@ def compute_chunk(
     want_activations = spec.activations if spec is not None else True
 
     def load(s: int):
-        return load_batch(dataset_root, paths[s:s + batch_size], transform)
+        if decoders is None:  # keeps the two-argument call that benchmarks substitute
+            return load_batch(dataset_root, paths[s:s + batch_size], transform)
+        return load_batch(dataset_root, paths[s:s + batch_size], transform, decoders)
 
     pending = prefetch.submit(load, starts[0]) if prefetch else None
     out_layers: dict[str, dict[str, np.ndarray]] = {}
@@ -210,9 +216,15 @@ def extract_chunks(
     target_mode: TargetMode = "label",
     skip_done: bool = True,
     on_chunk: Callable[[ChunkStats], None] | None = None,
+    decode_workers: int = defaults.DECODE_WORKERS,
 ) -> list[ChunkStats]:
     """Compute and write each chunk in ``chunks``; chunks whose marker is set are skipped.
-    ``on_chunk`` is called after each written chunk (progress reporting)."""
+    ``on_chunk`` is called after each written chunk (progress reporting).
+
+    The next batch decodes in ``decode_workers`` threads while the model runs, and a chunk is
+    compressed and written by a writer thread while the next one is computed (at most one
+    write in flight, so memory holds two chunks at most). The writer sets the marker last, so a
+    kill during a write leaves the chunk to be redone."""
     root = open_store_group(store_url, mode="r+")
     check_layout_version(root.attrs, store_url)
     stored_mode = root.attrs.get("target_mode", target_mode)
@@ -222,25 +234,44 @@ def extract_chunks(
     paths_arr = root["image_path"]
     labels_arr = root["label"]
     done = root["chunk_done"]
-    stats = []
-    with ThreadPoolExecutor(max_workers=1) as prefetch:
-        for chunk in chunks:
-            if skip_done and done[chunk]:
-                continue
-            t0 = time.perf_counter()
-            start, stop = chunk_bounds(root, chunk)
-            paths = [str(p) for p in paths_arr[start:stop]]
-            labels = labels_arr[start:stop]
-            data = compute_chunk(model, transform, dataset_root, paths, labels, layers, batch_size,
-                                 target_mode, prefetch, spec)
-            # A chunk where every image failed still gets its arrays (all NaN) so that the
-            # layer groups are complete; the marker then records it as done.
-            for layer in layers:
-                data.layers.setdefault(layer, {})
-            write_chunk(root, chunk, data)
-            stats.append(ChunkStats(chunk, stop - start, int(data.skipped.sum()), time.perf_counter() - t0))
-            if on_chunk is not None:
-                on_chunk(stats[-1])
+    stats: list[ChunkStats] = []
+    decoders = ThreadPoolExecutor(max_workers=decode_workers) if decode_workers > 1 else None
+    pending: tuple[Future, ChunkStats] | None = None
+
+    def finish(item: tuple[Future, ChunkStats]) -> None:
+        future, st = item
+        future.result()  # a failed write raises here, before any later chunk is reported
+        st.seconds = time.perf_counter() - st.seconds
+        stats.append(st)
+        if on_chunk is not None:
+            on_chunk(st)
+
+    try:
+        with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=1) as writer:
+            for chunk in chunks:
+                if skip_done and done[chunk]:
+                    continue
+                t0 = time.perf_counter()
+                start, stop = chunk_bounds(root, chunk)
+                paths = [str(p) for p in paths_arr[start:stop]]
+                labels = labels_arr[start:stop]
+                data = compute_chunk(model, transform, dataset_root, paths, labels, layers, batch_size,
+                                     target_mode, prefetch, spec, decoders)
+                # A chunk where every image failed still gets its arrays (all NaN) so that the
+                # layer groups are complete; the marker then records it as done.
+                for layer in layers:
+                    data.layers.setdefault(layer, {})
+                if pending is not None:
+                    finish(pending)
+                # ChunkStats.seconds holds the start time until the write is done.
+                pending = (writer.submit(write_chunk, root, chunk, data),
+                           ChunkStats(chunk, stop - start, int(data.skipped.sum()), t0))
+            if pending is not None:
+                finish(pending)
+                pending = None
+    finally:
+        if decoders is not None:
+            decoders.shutdown()
     return stats
 
 

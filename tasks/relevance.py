@@ -118,10 +118,12 @@ class _LayerTap:
     hook so that the gradient is reduced to act x grad the moment autograd produces it."""
 
     def __init__(self, name: str, module: nn.Conv2d, result: BatchRelevance, shield: bool,
-                 moments: bool = True, activations: bool = True) -> None:
+                 moments: bool = True, activations: bool | frozenset[str] = True) -> None:
         self.name = name
         self.shield = shield
         self.moments = moments
+        if isinstance(activations, bool):
+            activations = frozenset({"max", "mean"} if activations else ())
         self.activations = activations
         self.module = module
         self.result = result
@@ -144,8 +146,9 @@ class _LayerTap:
                 self.result.input_moments[self.name] = input_moments(
                     x, module.kernel_size, module.stride, module.dilation, pad, out_hw
                 )
-            if self.activations:
+            if "max" in self.activations:
                 self.result.activation_max[self.name] = _wide(output.detach().amax(dim=(2, 3)))
+            if "mean" in self.activations:
                 self.result.activation_mean[self.name] = _wide(output.detach()).mean(dim=(2, 3))
         if output.requires_grad:
             detached = output.detach()
@@ -162,7 +165,8 @@ class _LayerTap:
 
 @contextmanager
 def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
-          moment_layers: Sequence[str] | None = None, activations: bool = True) -> Iterator[list[_LayerTap]]:
+          moment_layers: Sequence[str] | None = None,
+          activations: bool | frozenset[str] = True) -> Iterator[list[_LayerTap]]:
     modules = dict(model.named_modules())
     shield = any(getattr(m, "inplace", False) for m in modules.values())
     taps, handles = [], []
@@ -193,12 +197,13 @@ def batch_relevance(
     target_mode: TargetMode = "label",
     *,
     moment_layers: Sequence[str] | None = None,
-    activations: bool = True,
+    activations: bool | frozenset[str] = True,
 ) -> BatchRelevance:
     """One forward and one backward pass: relevance, moments and activations of all ``layers``.
 
     ``moment_layers``: the layers whose input moments are computed (None: all); ``activations``:
-    whether the spatial max and mean of the outputs are. What a cube does not store is not computed.
+    whether the spatial max and mean of the outputs are (or a set of "max", "mean"). What a cube
+    does not store is not computed.
 
     The backward asks autograd only for the gradient of the input images (an ancestor of every
     conv, whatever the branching), so no parameter gradients are computed, and each layer's
