@@ -90,9 +90,12 @@ def extract_relevance_cube(
     per_image_moments: bool = defaults.PER_IMAGE_MOMENTS,
     storage_dtype: str = defaults.STORAGE_DTYPE,
 ) -> str:
-    """Write per-image relevance, input moments and activations of every selected conv layer.
+    """Write the cube of every selected conv layer: per-image relevance and what ``layout``
+    keeps (``storage.cube.CubeLayout.preset``: "detection" adds per-chunk class sums of the input
+    moments, "evaluation" per-image activation max, "full" everything per image).
 
-    Re-running with the same inputs resumes: finished chunks are skipped.
+    ``batch_size`` None: chosen per shard from the device's free memory. Re-running with the
+    same inputs resumes: finished chunks are skipped.
     """
     logger = get_run_logger()
     validate_extraction(chunk_images, shard_chunks, batch_size)
