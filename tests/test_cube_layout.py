@@ -147,3 +147,30 @@ def test_old_layout_store_is_refused_clearly(tmp_path, assets_dir) -> None:
         plan_cube(bundle, str(data), url, "layer3.*", chunk_images=10, target_mode="label")
     with pytest.raises(ValueError, match="bfloat16"):
         CubeLayout(dtype="bfloat16")
+
+
+def test_auto_batch_size_fits_the_memory_and_divides_the_chunk() -> None:
+    from tasks.extract import activation_bytes_per_image, auto_batch_size
+
+    model = load_model("cifar_resnet20").model.eval()
+    per_image = activation_bytes_per_image(model, (3, 32, 32))
+    assert 1e5 < per_image < 1e8
+    assert auto_batch_size(model, (3, 32, 32), 512, free_bytes=2**40) == 128
+    b = auto_batch_size(model, (3, 32, 32), 480, free_bytes=int(2 * 2.0 * per_image * 40))
+    assert 480 % b == 0 and b * 2.0 * per_image <= 2.0 * per_image * 40
+    assert b == 40
+    assert auto_batch_size(model, (3, 32, 32), 512, free_bytes=1) == 1
+
+
+def test_gpu_benchmark_refuses_clearly_without_cuda() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal path is not reachable")
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "gpu_extract.py")],
+                         capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert out.returncode == 2
+    assert "needs a CUDA device" in out.stderr
