@@ -181,6 +181,8 @@ def compute_chunk(
     data = ChunkData(prediction, target, target_logit, skipped, reasons.astype(str), out_layers)
     if spec is not None and spec.layout.class_sums:
         data.class_sums = chunk_class_sums(data, labels, layers, spec, target_mode)
+        classes = statistics_class(labels, data.prediction, data.skipped, target_mode)
+        data.sum_classes = np.unique(classes[classes >= 0])
         keep = set(spec.layout.per_image)
         # What only fed the sums is dropped here: it is neither written nor kept in memory.
         for arrays in out_layers.values():

@@ -43,15 +43,18 @@ def statistics_class(
     return np.where(keep, cls, EXCLUDED)
 
 
-def class_sums(labels: np.ndarray, x: np.ndarray, n_classes: int) -> np.ndarray:
+def class_sums(labels: np.ndarray, x: np.ndarray, n_classes: int, out: np.ndarray | None = None) -> np.ndarray:
     """(class, ...) float32 sums of the rows of ``x`` per label; rows labelled -1 are left out.
 
     Sort-and-segment-sum rather than a one-hot matmul: no BLAS call (whose own threads fight
     dask's for the cores) and O(rows) work instead of O(rows x classes). Extraction and the
     reduce stage both sum a chunk's rows with this function, so a chunk's partial sums are the
-    same bytes whichever of the two computes them.
+    same bytes whichever of the two computes them. ``out``: a zeroed float32 array to fill (only
+    the rows of present classes are written, so untouched rows of a fresh ``np.zeros`` cost no
+    memory).
     """
-    out = np.zeros((n_classes, *x.shape[1:]), dtype=np.float32)
+    if out is None:
+        out = np.zeros((n_classes, *x.shape[1:]), dtype=np.float32)
     keep = np.flatnonzero(labels >= 0)
     if len(keep) == 0:
         return out
@@ -65,4 +68,7 @@ def class_sums(labels: np.ndarray, x: np.ndarray, n_classes: int) -> np.ndarray:
 def subset_class_sums(x: np.ndarray, all_classes: np.ndarray, correct_classes: np.ndarray,
                       n_classes: int) -> np.ndarray:
     """(2, class, ...) float32: class sums over every usable image and over the correct ones."""
-    return np.stack([class_sums(all_classes, x, n_classes), class_sums(correct_classes, x, n_classes)])
+    out = np.zeros((2, n_classes, *x.shape[1:]), dtype=np.float32)
+    class_sums(all_classes, x, n_classes, out[0])
+    class_sums(correct_classes, x, n_classes, out[1])
+    return out

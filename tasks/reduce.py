@@ -102,8 +102,9 @@ def _per_image_partials(arr: Any, labels: np.ndarray, n_classes: int) -> da.Arra
 
 
 def _stored_partials(arr: Any, subset: int) -> da.Array:
-    """(chunk, class, ...) dask array of the class sums extraction wrote, one block per chunk."""
-    return da.from_zarr(arr)[:, subset]
+    """(chunk, class, ...) dask array of the class sums extraction wrote, one block per chunk
+    (every class block of a chunk in one dask block; missing blocks read as zeros)."""
+    return da.from_zarr(arr, chunks=(1, *arr.shape[1:]))[:, subset]
 
 
 def layer_stats_graph(store_url: str, layer: str, labels: np.ndarray, n_classes: int, tau: float,
