@@ -26,8 +26,9 @@ Layout (``LAYOUT_VERSION`` 2)::
 
 Every per-image array is chunked along ``image`` only, with the same chunk length, so one
 writer owns each chunk and a chunk is complete exactly when its marker is set. The class-sum
-arrays are chunked one slab per image chunk and written by that chunk's writer before its
-marker, so a resumed chunk overwrites (never adds to) its own partial sums. ``subset`` 0 sums
+arrays are chunked per image chunk and per block of ``CLASS_BLOCK`` classes, written by that
+image chunk's writer before its marker (only the blocks of the classes it holds; the others stay
+missing and read as zeros), so a resumed chunk overwrites (never adds to) its own partial sums. ``subset`` 0 sums
 every usable image, 1 only the correctly classified ones; ``class`` is the image's statistics
 class (``tasks.grouping.statistics_class``). Layers whose channels read one input channel each
 (depthwise) have no moments at all: ARVs are not applicable there. Missing per-image data is
