@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test bench clean chromium
+.PHONY: setup run test bench bench-gpu clean chromium
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -41,6 +41,11 @@ test: setup chromium
 
 bench: setup
 	$(VENV)/bin/python benchmarks/run_all.py
+
+# On a CUDA machine: ResNet-50 all-layer extraction vs bare forward+backward, fp32 and bf16
+# autocast, peak GPU memory. Refuses (exit 2) without CUDA.
+bench-gpu: setup
+	$(VENV)/bin/python benchmarks/gpu_extract.py --amp $(ARGS)
 
 clean:
 	rm -rf .tools $(VENV) .prefect runs

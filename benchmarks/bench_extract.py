@@ -65,13 +65,16 @@ class PreDecoded:
     def __init__(self, batches: dict[tuple[str, ...], torch.Tensor]) -> None:
         self.batches = batches
 
-    def __call__(self, root, paths, transform):
+    def __call__(self, root, paths, transform, executor=None):
         images = self.batches[tuple(paths)]
         return images, np.ones(len(paths), dtype=bool), [""] * len(paths)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cifar_resnet20",
+                        help="cifar_resnet20 (CIFAR-10 test) or an ImageNet model such as resnet50 (random "
+                             "weights, ImageNet sample images at 224 px)")
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=512, help="images per Zarr chunk (multiple of --batch)")
@@ -89,11 +92,12 @@ def main() -> None:
         parser.error("--chunk must be a multiple of --batch")
     torch.set_num_threads(args.threads)
 
-    bundle = load_model("cifar_resnet20")
+    cifar = args.model.startswith("cifar_")
+    bundle = load_model(args.model, None if cifar else "random")
     model = bundle.model.eval()
     infos = conv_layers(model)
     layers = [i.name for i in infos]
-    data_root = cifar10_image_folder("test")
+    data_root = cifar10_image_folder("test") if cifar else Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-samples"
     manifest = scan_image_folder(data_root, bundle.class_names, bundle.wnids)
     manifest = manifest.subset(evenly_spaced(len(manifest), args.images))
     n = len(manifest)
@@ -112,7 +116,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     stores = {v: str(tmp / f"{v}.zarr") for v in ("extract", "extract+decode")}
-    shapes = {i.name: LayerShape(i.out_channels, i.in_channels, i.kernel_size) for i in infos}
+    shapes = {i.name: LayerShape(i.out_channels, i.in_channels, i.kernel_size, i.groups) for i in infos}
     for url in stores.values():
         create_cube(url, image_paths=manifest.paths, labels=manifest.labels, class_names=bundle.class_names,
                     class_wnids=bundle.wnids, layers=shapes, chunk_images=args.chunk,
@@ -177,7 +181,7 @@ def main() -> None:
     if {"extract", "extract+decode"} & set(variants):
         root = open_store_group(written)
         assert root["chunk_done"][:].all()
-        assert np.isfinite(root[f"layers/{layers[-1]}/input_moments"][:]).all()
+        assert np.isfinite(root[f"layers/{layers[-1]}/relevance"][:]).all()
     store_bytes = sum(f.stat().st_size for f in Path(written).rglob("*") if f.is_file())
 
     def paired(a: list[list[float]], b: list[list[float]]) -> float:
@@ -187,7 +191,7 @@ def main() -> None:
     cpu_passes = {v: [sum(r) for r in cpu[v]] for v in variants}
     med = {v: statistics.median(passes[v]) for v in variants}
     cpu_med = {v: statistics.median(cpu_passes[v]) for v in variants}
-    print(f"ResNet-20 / CIFAR-10 test, {len(layers)} conv layers, {n} images, batch {args.batch}, "
+    print(f"{args.model} ({'real' if cifar else 'random'} weights) on {'CIFAR-10 test' if cifar else 'ImageNet samples, 224 px'}, {len(layers)} conv layers, {n} images, batch {args.batch}, "
           f"chunk {args.chunk}, {args.threads} torch threads, {args.repeats} repeats x {n_chunks} chunks, "
           f"variants interleaved chunk by chunk in rotating order")
     print(f"store on disk: {store_bytes / 2**20:.1f} MiB for {n} images ({store_bytes / n / 1024:.1f} KiB/image)")

@@ -44,13 +44,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage.cube import (MOMENTS_ARRAY, ChunkData, LayerShape, create_cube, layer_names,  # noqa: E402
+from storage.cube import (MOMENTS_ARRAY, ChunkData, CubeLayout, LayerShape, create_cube, layer_names,  # noqa: E402
                            open_store_group, write_chunk)
 from tasks.models import conv_layers, load_model  # noqa: E402
 from tasks.reduce import reduce_cube  # noqa: E402
 
 READ_ARRAYS = ("relevance", "activation_mean", MOMENTS_ARRAY)  # what reduce_cube reads per layer
 PER_LAYER = ("relevance", "activation_max", "activation_mean", MOMENTS_ARRAY)
+# Every array per image in float32, no class sums: the reduction reads the per-image route.
+PER_IMAGE_LAYOUT = CubeLayout(per_image=PER_LAYER, class_sums=False, dtype="float32")
 TAU = 0.03
 N_CLASSES = 10
 
@@ -70,7 +72,7 @@ def seed_chunks_real(bundle, shapes, n_seed: int, chunk: int, work: Path) -> tup
     create_cube(url, image_paths=manifest.paths, labels=manifest.labels, class_names=bundle.class_names,
                 class_wnids=bundle.wnids, layers=shapes, chunk_images=chunk,
                 attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": "label"},
-                overwrite=True)
+                layout=PER_IMAGE_LAYOUT, overwrite=True)
     n_chunks = -(-len(manifest) // chunk)
     extract_chunks(url, bundle.model, bundle.transform, str(root_dir), list(range(n_chunks)), list(shapes),
                    128, "label", skip_done=False)
@@ -123,7 +125,7 @@ def build_cube(url: Path, n_images: int, chunk: int, data: str) -> None:
     labels = np.tile(seed_labels, reps)[:n_images]
     create_cube(str(url), image_paths=[f"synthetic/{i:07d}" for i in range(n_images)], labels=labels,
                 class_names=bundle.class_names, class_wnids=bundle.wnids, layers=shapes, chunk_images=chunk,
-                attrs={"benchmark": "bench_reduce", "data": data}, overwrite=True)
+                attrs={"benchmark": "bench_reduce", "data": data}, layout=PER_IMAGE_LAYOUT, overwrite=True)
     root = open_store_group(str(url), mode="r+")
     for c in range(-(-n_images // chunk)):
         n = min(chunk, n_images - c * chunk)
@@ -177,7 +179,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cache = Path(args.cache_dir)
-    url = cache / f"cube_{args.data}_{args.images}_{args.chunk}.zarr"
+    url = cache / f"cube_v2_{args.data}_{args.images}_{args.chunk}.zarr"
     marker = url.with_suffix(".complete")
     if args.rebuild or not marker.exists():
         marker.unlink(missing_ok=True)

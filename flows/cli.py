@@ -26,11 +26,19 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="all", help="'all', a name, or comma-separated names/globs")
     p.add_argument("--chunk-images", type=int, default=defaults.CHUNK_IMAGES)
     p.add_argument("--shard-chunks", type=int, default=defaults.SHARD_CHUNKS)
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: chosen from the free memory, at most "
+                        f"{defaults.BATCH_SIZE})")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--target-mode", choices=["label", "prediction"], default="label")
     p.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other inputs")
+    p.add_argument("--layout", choices=["detection", "evaluation", "full"], default="detection",
+                   help="what the cube keeps per image (see README, 'Which cube holds what')")
+    p.add_argument("--per-image-moments", action="store_true",
+                   help="also keep input moments per image (ARVs of arbitrary image subsets)")
+    p.add_argument("--storage-dtype", choices=["float16", "float32"], default=defaults.STORAGE_DTYPE,
+                   help="dtype of the per-image relevance/activation arrays on disk")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +194,7 @@ def _main(argv: Sequence[str] | None) -> int:
             layers=resolve_layers(args.layers), chunk_images=args.chunk_images,
             shard_chunks=args.shard_chunks, batch_size=args.batch_size, device=args.device,
             target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
+            layout=args.layout, per_image_moments=args.per_image_moments, storage_dtype=args.storage_dtype,
         )
         print(json.dumps({"store": url}))
         print(f"open it with: python -c \"from storage import open_cube; print(open_cube('{url}'))\"")

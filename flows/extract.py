@@ -9,10 +9,10 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from storage.cube import completed_chunks, consolidate
+from storage.cube import CubeLayout, completed_chunks, consolidate, cube_info
 from tasks import defaults
 from tasks.data import plan_shards
-from tasks.extract import ChunkStats, extract_chunks, pick_device, plan_cube
+from tasks.extract import ChunkStats, auto_batch_size, extract_chunks, pick_device, plan_cube
 from tasks.models import load_model
 from tasks.relevance import TargetMode
 
@@ -34,7 +34,7 @@ def extract_shard(
     shard_index: int,
     chunks: list[int],
     layers: list[str],
-    batch_size: int,
+    batch_size: int | None,
     device: str,
     target_mode: TargetMode,
 ) -> dict[str, Any]:
@@ -42,6 +42,9 @@ def extract_shard(
     logger = get_run_logger()
     bundle = load_model(model_name, weights)
     model = bundle.model.to(device).eval()
+    if batch_size is None:
+        batch_size = auto_batch_size(model, (3, *bundle.input_size), int(cube_info(store_url)["chunk_images"]))
+        logger.info("batch size %d, chosen from the free memory of %s", batch_size, device)
 
     def progress(s: ChunkStats) -> None:
         logger.info("chunk %d written: %d images in %.1f s (%.0f images/s)", s.chunk, s.images,
@@ -56,7 +59,10 @@ def extract_shard(
     return {"shard": shard_index, "chunks": [asdict(s) for s in stats]}
 
 
-def validate_extraction(chunk_images: int, shard_chunks: int, batch_size: int) -> None:
+def validate_extraction(chunk_images: int, shard_chunks: int, batch_size: int | None) -> None:
+    """``batch_size`` None: chosen per shard from the free memory (``auto_batch_size``)."""
+    if batch_size is None:
+        batch_size = 1
     if chunk_images < 1 or shard_chunks < 1 or batch_size < 1:
         raise ValueError("chunk_images, shard_chunks and batch_size must be positive")
     if chunk_images % batch_size and batch_size < chunk_images:
@@ -75,24 +81,31 @@ def extract_relevance_cube(
     layers: str | list[str] = "all",
     chunk_images: int = defaults.CHUNK_IMAGES,
     shard_chunks: int = defaults.SHARD_CHUNKS,
-    batch_size: int = defaults.BATCH_SIZE,
+    batch_size: int | None = None,
     device: str = "auto",
     target_mode: TargetMode = "label",
     max_per_class: int | None = None,
     overwrite: bool = False,
+    layout: str = "detection",
+    per_image_moments: bool = defaults.PER_IMAGE_MOMENTS,
+    storage_dtype: str = defaults.STORAGE_DTYPE,
 ) -> str:
-    """Write per-image relevance, input moments and activations of every selected conv layer.
+    """Write the cube of every selected conv layer: per-image relevance and what ``layout``
+    keeps (``storage.cube.CubeLayout.preset``: "detection" adds per-chunk class sums of the input
+    moments, "evaluation" per-image activation max, "full" everything per image).
 
-    Re-running with the same inputs resumes: finished chunks are skipped.
+    ``batch_size`` None: chosen per shard from the device's free memory. Re-running with the
+    same inputs resumes: finished chunks are skipped.
     """
     logger = get_run_logger()
     validate_extraction(chunk_images, shard_chunks, batch_size)
+    cube_layout = CubeLayout.preset(layout, per_image_moments=per_image_moments, dtype=storage_dtype)
     if not data_dir:
         raise ValueError("data_dir is required (an ImageFolder root)")
     bundle = load_model(model, weights)
     slots = device_slots(device)
     plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
-                     overwrite)
+                     overwrite, cube_layout)
     selected, manifest = plan.layers, plan.manifest
     done = completed_chunks(store_url)
     shards = plan_shards(len(done), shard_chunks, pending=~done)

@@ -54,6 +54,8 @@ class PipelineParams(BaseModel):
     shard_chunks: int = defaults.SHARD_CHUNKS
     batch_size: int = defaults.BATCH_SIZE
     target_mode: Literal["label", "prediction"] = "label"
+    per_image_moments: bool = Field(defaults.PER_IMAGE_MOMENTS, description="detection cube also keeps per-image input moments (ARVs of any image subset)")
+    storage_dtype: Literal["float16", "float32"] = Field(defaults.STORAGE_DTYPE, description="dtype of per-image relevance/activations on disk")
     dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     max_per_class_train: int | None = None
     max_per_class_eval: int | None = None

@@ -254,11 +254,14 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
     cache = StageCache(out)
     common = dict(model=params.model, weights=params.weights, layers=params.layers,
                   chunk_images=params.chunk_images, shard_chunks=params.shard_chunks,
-                  batch_size=params.batch_size, device=params.device, target_mode=params.target_mode)
+                  batch_size=params.batch_size, device=params.device, target_mode=params.target_mode,
+                  storage_dtype=params.storage_dtype)
+    # The detection cube keeps what the statistics need; the evaluation cube what evaluation reads.
     train_store = extract_relevance_cube(data_dir=params.train_dir, store_url=params.train_store,
-                                         max_per_class=params.max_per_class_train, **common)
+                                         max_per_class=params.max_per_class_train, layout="detection",
+                                         per_image_moments=params.per_image_moments, **common)
     eval_store = extract_relevance_cube(data_dir=params.eval_dir, store_url=params.eval_store,
-                                        max_per_class=params.max_per_class_eval, **common)
+                                        max_per_class=params.max_per_class_eval, layout="evaluation", **common)
     train_fp = cube_info(train_store)["fingerprint"]
     eval_fp = cube_info(eval_store)["fingerprint"]
 

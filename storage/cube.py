@@ -1,9 +1,9 @@
 """The relevance cube: the one module that knows the Zarr v3 layout.
 
-Layout (``LAYOUT_VERSION`` 1)::
+Layout (``LAYOUT_VERSION`` 2)::
 
-    <root>/                       attrs: layout_version, fingerprint, model, dataset,
-                                         relevance_definition, chunk_images, layers
+    <root>/                       attrs: layout_version, fingerprint, model, dataset, target_mode,
+                                         relevance_definition, chunk_images, layers, layout
       image_path   (image)        str, relative to the dataset root
       label        (image)        int32, dataset class index (= model class index)
       prediction   (image)        int32, -1 until computed
@@ -14,23 +14,32 @@ Layout (``LAYOUT_VERSION`` 1)::
       chunk_done   (chunk)        uint8, completion marker, written after the chunk's data
       class_name   (class)        str
       class_wnid   (class)        str, WordNet id or ""
-      layers/<conv name>/
+      layers/<conv name>/          per-image arrays: only those the layout names (see CubeLayout)
         relevance       (image, channel)                       act x grad summed over space
         activation_max  (image, channel)                       spatial max of the conv output
         activation_mean (image, channel)                       spatial mean of the conv output
         input_moments   (image, in_channel, kernel_y, kernel_x) float32 (sums overflow float16)
+                                   class sums, one slab per chunk (layout.class_sums):
+        moment_sums     (chunk, subset, class, in_channel, kernel_y, kernel_x) float32
+        activation_sums (chunk, subset, class, channel)                          float32
       stats/<subset>/<conv name>/ class-level reductions, written by ``write_class_stats``
 
 Every per-image array is chunked along ``image`` only, with the same chunk length, so one
-writer owns each chunk and a chunk is complete exactly when its marker is set. Missing data is
-NaN (the fill value), never zero.
+writer owns each chunk and a chunk is complete exactly when its marker is set. The class-sum
+arrays are chunked per image chunk and per block of ``CLASS_BLOCK`` classes, written by that
+image chunk's writer before its marker (only the blocks of the classes it holds; the others stay
+missing and read as zeros), so a resumed chunk overwrites (never adds to) its own partial sums. ``subset`` 0 sums
+every usable image, 1 only the correctly classified ones; ``class`` is the image's statistics
+class (``tasks.grouping.statistics_class``). Layers whose channels read one input channel each
+(depthwise) have no moments at all: ARVs are not applicable there. Missing per-image data is
+NaN (the fill value), never zero; class sums start at zero.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,11 +48,20 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 LAYERS_GROUP = "layers"
 STATS_GROUP = "stats"
 PER_LAYER_IMAGE_ARRAYS = ("relevance", "activation_max", "activation_mean")
 MOMENTS_ARRAY = "input_moments"
+MOMENT_SUMS_ARRAY = "moment_sums"
+ACTIVATION_SUMS_ARRAY = "activation_sums"
+# Subsets of the class sums: index 0 every usable image, 1 the correctly classified ones.
+CLASS_SUM_SUBSETS = ("all", "correct")
+STORAGE_DTYPES = ("float16", "float32")
+# Classes per Zarr chunk of the class-sum arrays: a chunk of a class-sorted dataset touches one
+# or two classes, so only their blocks are compressed and written (a dense 1,000-class slab of
+# ResNet-50 is 635 MB raw per image chunk); the rest stay missing and read as zeros.
+CLASS_BLOCK = 16
 RELEVANCE_DEFINITION = (
     "R[image, channel] = sum over space of (conv output before any normalisation) x "
     "(gradient of the target logit w.r.t. that output); sign kept. input_moments[image, k, u, v] "
@@ -56,19 +74,84 @@ class CubeMismatch(ValueError):
     """An existing store was made for a different model, dataset or layout."""
 
 
+class LayoutVersionError(CubeMismatch):
+    """The store was written by another layout version of this project."""
+
+
 @dataclass(frozen=True)
 class LayerShape:
     out_channels: int
     in_channels: int
     kernel_size: tuple[int, int]
+    groups: int = 1
+
+    @property
+    def arv_applicable(self) -> bool:
+        """ARVs need channels that read two or more input channels (not depthwise)."""
+        return self.in_channels // self.groups >= 2
 
     def to_dict(self) -> dict[str, Any]:
         return {"out_channels": self.out_channels, "in_channels": self.in_channels,
-                "kernel_size": list(self.kernel_size)}
+                "kernel_size": list(self.kernel_size), "groups": self.groups}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerShape":
-        return cls(int(d["out_channels"]), int(d["in_channels"]), tuple(d["kernel_size"]))  # type: ignore[arg-type]
+        return cls(int(d["out_channels"]), int(d["in_channels"]), tuple(d["kernel_size"]),  # type: ignore[arg-type]
+                   int(d.get("groups", 1)))
+
+
+@dataclass(frozen=True)
+class CubeLayout:
+    """What the cube keeps: which per-image arrays, whether per-chunk class sums, in what dtype.
+
+    ``dtype`` applies to the per-image channel arrays (relevance, activations); input moments
+    and class sums are always float32 (sums of inputs overflow float16). Every reduction
+    accumulates in float32 whatever is stored.
+    """
+
+    per_image: tuple[str, ...] = ("relevance",)
+    class_sums: bool = True
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.per_image) - {*PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY}
+        if unknown:
+            raise ValueError(f"unknown per-image arrays {sorted(unknown)}")
+        if self.dtype not in STORAGE_DTYPES:
+            hint = (" (zarr has no bfloat16 without the ml_dtypes package; float16 keeps 3 more "
+                    "mantissa bits)") if self.dtype == "bfloat16" else ""
+            raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}{hint}")
+
+    @property
+    def per_image_moments(self) -> bool:
+        return MOMENTS_ARRAY in self.per_image
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"per_image": list(self.per_image), "class_sums": self.class_sums, "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CubeLayout":
+        return cls(tuple(d["per_image"]), bool(d["class_sums"]), str(d["dtype"]))
+
+    @classmethod
+    def preset(cls, name: str, *, per_image_moments: bool = False, dtype: str = "float16") -> "CubeLayout":
+        """``detection``: relevance per image (the tau rule), moments and activation means as
+        class sums. ``evaluation``: relevance (Table 1's image selection) and activation max
+        (exemplars, explanations) per image; no moments. ``full``: everything per image plus the
+        class sums. ``per_image_moments`` adds per-image moments and activation means (statistics and ARVs of
+        any image subset)."""
+        arrays = {"detection": ("relevance",), "evaluation": ("relevance", "activation_max"),
+                  "full": (*PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY)}
+        if name not in arrays:
+            raise ValueError(f"layout must be one of {sorted(arrays)}, got {name!r}")
+        per_image = arrays[name]
+        if per_image_moments:
+            # A subset's statistics need every summed quantity per image.
+            per_image = (*per_image, *(a for a in ("activation_mean", MOMENTS_ARRAY) if a not in per_image))
+        return cls(per_image, name != "evaluation", dtype)
+
+
+DEFAULT_LAYOUT = CubeLayout()
 
 
 def _compressor() -> BloscCodec:
@@ -110,7 +193,7 @@ def create_cube(
     layers: Mapping[str, LayerShape],
     chunk_images: int,
     attrs: Mapping[str, Any],
-    relevance_dtype: str = "float32",
+    layout: CubeLayout = DEFAULT_LAYOUT,
     overwrite: bool = False,
 ) -> zarr.Group:
     """Create the store, or reopen it when it was made with the same fingerprint (resume).
@@ -129,10 +212,11 @@ def create_cube(
         raise ValueError("chunk_images must be positive")
     layer_dicts = {name: shape.to_dict() for name, shape in layers.items()}
     fp = fingerprint({"attrs": attrs, "layers": layer_dicts, "chunk_images": chunk_images,
-                      "relevance_dtype": relevance_dtype, "n_images": n,
+                      "layout": layout.to_dict(), "n_images": n,
                       "layout_version": LAYOUT_VERSION})
     if not overwrite and store_exists(url):
         root = open_store_group(url, mode="r+")
+        check_layout_version(root.attrs, url)
         found = root.attrs.get("fingerprint")
         if found != fp:
             raise CubeMismatch(
@@ -168,19 +252,34 @@ def create_cube(
                       dimension_names=["class"])[:] = np.asarray([w or "" for w in class_wnids], dtype=str)
 
     layers_group = root.create_group(LAYERS_GROUP)
+    moment_dims = ["in_channel", "kernel_y", "kernel_x"]
+    n_sub = len(CLASS_SUM_SUBSETS)
     for name, shape in layers.items():
         g = layers_group.create_group(name)
         for arr in PER_LAYER_IMAGE_ARRAYS:
-            per_image(g, arr, relevance_dtype, np.nan, (shape.out_channels,), ["channel"])
-        per_image(g, MOMENTS_ARRAY, "float32", np.nan,
-                  (shape.in_channels, *shape.kernel_size), ["in_channel", "kernel_y", "kernel_x"])
+            if arr in layout.per_image:
+                per_image(g, arr, layout.dtype, np.nan, (shape.out_channels,), ["channel"])
+        moment_shape = (shape.in_channels, *shape.kernel_size)
+        if layout.per_image_moments and shape.arv_applicable:
+            per_image(g, MOMENTS_ARRAY, "float32", np.nan, moment_shape, moment_dims)
+        if layout.class_sums:
+            sums = [(ACTIVATION_SUMS_ARRAY, (shape.out_channels,), ["channel"])]
+            if shape.arv_applicable:
+                sums.append((MOMENT_SUMS_ARRAY, moment_shape, moment_dims))
+            for arr, extra, dims in sums:
+                # One slab per image chunk: the chunk's writer owns it.
+                g.create_array(arr, shape=(n_chunks, n_sub, nclass, *extra),
+                               chunks=(1, n_sub, min(nclass, CLASS_BLOCK), *extra),
+                               dtype="float32", fill_value=0.0, compressors=_compressor(),
+                               dimension_names=["chunk", "subset", "class", *dims])
     root.attrs.update({
         **attrs,
         "layout_version": LAYOUT_VERSION,
         "fingerprint": fp,
         "chunk_images": chunk_images,
         "n_images": n,
-        "relevance_dtype": relevance_dtype,
+        "layout": layout.to_dict(),
+        "class_sum_subsets": list(CLASS_SUM_SUBSETS),
         "relevance_definition": RELEVANCE_DEFINITION,
         "layers": layer_dicts,
     })
@@ -188,9 +287,30 @@ def create_cube(
     return root
 
 
+def check_layout_version(attrs: Mapping[str, Any], url: str | Path) -> None:
+    found = attrs.get("layout_version")
+    if found != LAYOUT_VERSION:
+        raise LayoutVersionError(
+            f"{url} has cube layout version {found}, this version of the project reads version "
+            f"{LAYOUT_VERSION} (per-image moments became per-chunk class sums); extract it again "
+            "into a new store URL, or pass overwrite=True"
+        )
+
+
 def cube_info(url: str | Path) -> dict[str, Any]:
     """The root attributes (model, dataset, layers, chunking) as a plain dict."""
-    return dict(open_store_group(url, mode="r").attrs)
+    attrs = dict(open_store_group(url, mode="r").attrs)
+    check_layout_version(attrs, url)
+    return attrs
+
+
+def cube_layout(url_or_attrs: str | Path | Mapping[str, Any]) -> CubeLayout:
+    attrs = url_or_attrs if isinstance(url_or_attrs, Mapping) else cube_info(url_or_attrs)
+    return CubeLayout.from_dict(attrs["layout"])
+
+
+def layer_shapes(url: str | Path) -> dict[str, LayerShape]:
+    return {name: LayerShape.from_dict(d) for name, d in cube_info(url)["layers"].items()}
 
 
 def chunk_bounds(url_or_root: str | Path | zarr.Group, chunk: int) -> tuple[int, int]:
@@ -215,6 +335,10 @@ class ChunkData:
     skipped: np.ndarray
     skip_reason: np.ndarray
     layers: dict[str, dict[str, np.ndarray]]  # layer -> array name -> (n_chunk, ...)
+    # layer -> class-sum array name -> (subset, class, ...), float32
+    class_sums: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # classes with at least one image in the sums (None: found by scanning the sums)
+    sum_classes: np.ndarray | None = None
 
 
 def write_chunk(root: zarr.Group, chunk: int, data: ChunkData) -> None:
@@ -231,8 +355,24 @@ def write_chunk(root: zarr.Group, chunk: int, data: ChunkData) -> None:
     for layer, arrays in data.layers.items():
         g = layers[layer]
         for name, values in arrays.items():
+            if name not in g:  # computed for the class sums only
+                continue
             target = g[name]
             target[sl] = values.astype(target.dtype)
+    for layer, arrays in data.class_sums.items():
+        g = layers[layer]
+        for name, values in arrays.items():
+            if name not in g:
+                continue
+            target = g[name]
+            present = data.sum_classes
+            if present is None:
+                present = np.flatnonzero(values.reshape(values.shape[0], values.shape[1], -1).any(axis=(0, 2)))
+            block = target.chunks[2]
+            # Only the class blocks that hold data; a resumed chunk rewrites the same blocks.
+            for b in np.unique(np.asarray(present, dtype=np.int64) // block):
+                sl = slice(int(b) * block, min((int(b) + 1) * block, values.shape[1]))
+                target[chunk, :, sl] = values[:, sl].astype(np.float32, copy=False)
     root["chunk_done"][chunk] = 1
 
 
@@ -299,8 +439,11 @@ def open_cube(url: str | Path) -> xr.DataTree:
     nodes: dict[str, xr.Dataset] = {"/": root_ds}
     for name, shape in info["layers"].items():
         ds = _open_dataset(url, f"{LAYERS_GROUP}/{name}")
-        ds = ds.assign_coords(coords).assign_coords(channel=np.arange(shape["out_channels"]),
-                              in_channel=np.arange(shape["in_channels"]))
+        ds = ds.assign_coords(coords).assign_coords(channel=np.arange(shape["out_channels"]))
+        if "in_channel" in ds.dims:
+            ds = ds.assign_coords(in_channel=np.arange(shape["in_channels"]))
+        if "subset" in ds.dims:
+            ds = ds.assign_coords(subset=list(CLASS_SUM_SUBSETS))
         ds.attrs = {"layer": name, **shape}
         nodes[f"/{LAYERS_GROUP}/{name}"] = ds
     for path, ds in _stats_datasets(url).items():

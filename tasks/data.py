@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -130,13 +131,21 @@ def plan_shards(n_chunks: int, chunks_per_shard: int, pending: np.ndarray | None
 
 
 def load_batch(
-    root: str | Path, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]
+    root: str | Path, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
+    executor: Executor | None = None,
 ) -> tuple[torch.Tensor | None, np.ndarray, list[str]]:
-    """Decode ``paths``; returns (stacked good images or None, ok mask, reasons)."""
+    """Decode ``paths``; returns (stacked good images or None, ok mask, reasons).
+
+    With ``executor`` the images decode in its threads (PIL releases the GIL while decoding);
+    the result and its order are the same either way. An unreadable file is recorded, never raised.
+    """
     root = Path(root)
     tensors, ok, reasons = [], np.zeros(len(paths), dtype=bool), []
-    for i, p in enumerate(paths):
-        t, reason = load_image(root / p, transform)
+    if executor is not None:
+        decoded = list(executor.map(lambda p: load_image(root / p, transform), paths))
+    else:
+        decoded = (load_image(root / p, transform) for p in paths)
+    for i, (t, reason) in enumerate(decoded):
         reasons.append(reason)
         if t is not None:
             tensors.append(t)

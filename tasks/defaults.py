@@ -27,6 +27,17 @@ EXPLAIN_OPERATORS: tuple[str, ...] = ("OR", "AND", "AND NOT")
 CHUNK_IMAGES: int = 512  # images per Zarr chunk (and per completion marker)
 SHARD_CHUNKS: int = 8  # chunks per Prefect shard task: thousands of images per task
 BATCH_SIZE: int = 128  # must divide CHUNK_IMAGES so batches never straddle chunks
+# batch_size=None: the largest divisor of CHUNK_IMAGES (<= BATCH_SIZE) whose estimated peak,
+# factor x the float32 outputs of every leaf module, fits this budget and half the free memory.
+AUTO_BATCH_BUDGET_BYTES: int = 3 * 2**30  # keeps extraction under 4 GB with the model and buffers
+AUTO_BATCH_MEMORY_FACTOR: float = 2.0  # measured peak / estimate, see benchmarks/bench_memory.py
+DECODE_WORKERS: int = 2  # threads decoding each batch's images (PIL releases the GIL)
+# Per-image channel arrays (relevance, activations) on disk; sums stay float32. float16 left
+# ResNet-20/CIFAR-10 detection unchanged (benchmarks/bench_cube_size.py --dtype-effect).
+STORAGE_DTYPE: str = "float16"
+# Detection cube: relevance per image, moments as per-chunk class sums. True also keeps the
+# per-image moments (ARVs of arbitrary image subsets, at several times the bytes).
+PER_IMAGE_MOMENTS: bool = False
 
 # Compositional explanations, image level. None: binarise each unit at the quantile
 # 1 - 1/n_classes, so that it is active on as many images as a class has on average;

@@ -6,6 +6,11 @@ activation, and mean input moments (which give every ARV in closed form). Each c
 into per-class partial sums (sorted segment sums) and the partials are summed by dask's tree
 reduction, so memory stays flat in the number of images. Everything accumulates in float32
 whatever the storage dtype.
+
+Moments and activation means come from the per-chunk class sums that extraction wrote (the
+default layout), or from per-image arrays when the cube keeps them (needed for arbitrary image
+subsets). Both routes build the same per-chunk partials with the same function and sum them with
+the same dask tree, so their results are bitwise identical.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import dask
 import dask.array as da
 import numpy as np
 
-from storage.cube import MOMENTS_ARRAY, consolidate, layer_names, open_store_group, write_class_stats
+from storage.cube import (ACTIVATION_SUMS_ARRAY, CLASS_SUM_SUBSETS, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY,
+                           consolidate, cube_info, cube_layout, layer_names, open_store_group,
+                           write_class_stats)
+from tasks.grouping import class_sums, statistics_class
 
 
 @dataclass
@@ -30,24 +38,8 @@ class LayerStats:
     mean_relevance: np.ndarray  # (class, channel)
     important_fraction: np.ndarray  # (class, channel)
     mean_activation: np.ndarray  # (class, channel), spatial mean of the conv output
-    mean_moments: np.ndarray  # (class, in_channel, kh, kw)
-
-
-def class_sums(labels: np.ndarray, x: np.ndarray, n_classes: int) -> np.ndarray:
-    """(class, ...) float32 sums of the rows of ``x`` per label; rows labelled -1 are left out.
-
-    Sort-and-segment-sum rather than a one-hot matmul: no BLAS call (whose own threads fight
-    dask's for the cores) and O(rows) work instead of O(rows x classes).
-    """
-    out = np.zeros((n_classes, *x.shape[1:]), dtype=np.float32)
-    keep = np.flatnonzero(labels >= 0)
-    if len(keep) == 0:
-        return out
-    order = keep[np.argsort(labels[keep], kind="stable")]
-    sorted_labels = labels[order]
-    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    out[sorted_labels[starts]] = np.add.reduceat(x[order].astype(np.float32, copy=False), starts, axis=0)
-    return out
+    # (class, in_channel, kh, kw); None where ARVs are not applicable (depthwise layers)
+    mean_moments: np.ndarray | None
 
 
 def important_mask(relevance: np.ndarray, tau: float) -> np.ndarray:
@@ -84,13 +76,14 @@ def image_selection(
     correct_only: bool = False,
     subset: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
-    """Labels with excluded images set to -1: skipped images always, optionally those the model
-    got wrong, optionally everything outside ``subset`` (indices or a boolean mask)."""
+    """Statistics class per image (``tasks.grouping.statistics_class``) with excluded images set
+    to -1: skipped images always, optionally those the model got wrong, optionally everything
+    outside ``subset`` (indices or a boolean mask)."""
     root = open_store_group(store_url)
-    labels = root["label"][:].astype(np.int64)
-    keep = ~root["skipped"][:].astype(bool) & (root["prediction"][:] >= 0)
-    if correct_only:
-        keep &= root["prediction"][:] == labels
+    target_mode = cube_info(store_url).get("target_mode", "label")
+    labels = statistics_class(root["label"][:], root["prediction"][:], root["skipped"][:], target_mode,
+                              correct_only=correct_only)
+    keep = labels >= 0
     if subset is not None:
         subset = np.asarray(subset)
         mask = subset if subset.dtype == bool else np.isin(np.arange(len(labels)), subset)
@@ -100,24 +93,64 @@ def image_selection(
     return np.where(keep, labels, -1)
 
 
-def layer_stats_graph(store_url: str, layer: str, labels: np.ndarray, n_classes: int, tau: float) -> dict[str, Any]:
-    """Lazy dask graph of one layer's class sums."""
+def _per_image_partials(arr: Any, labels: np.ndarray, n_classes: int) -> da.Array:
+    """(chunk, class, ...) dask array of per-chunk class sums of a per-image array."""
+    x = da.from_zarr(arr)
+    one_per_block = (1,) * x.numblocks[0]
+    return da.map_blocks(_sum_block, x, labels, n_classes, dtype=np.float32, new_axis=[1],
+                         chunks=(one_per_block, (n_classes,), *[(s,) for s in x.shape[1:]]))
+
+
+def _stored_partials(arr: Any, subset: int) -> da.Array:
+    """(chunk, class, ...) dask array of the class sums extraction wrote, one block per chunk
+    (every class block of a chunk in one dask block; missing blocks read as zeros)."""
+    return da.from_zarr(arr, chunks=(1, *arr.shape[1:]))[:, subset]
+
+
+def layer_stats_graph(store_url: str, layer: str, labels: np.ndarray, n_classes: int, tau: float,
+                      sums_subset: int | None = None) -> dict[str, Any]:
+    """Lazy dask graph of one layer's class sums.
+
+    ``sums_subset``: read moments and activation means from the stored class sums of that subset
+    (0 all usable images, 1 correct ones); None: from the per-image arrays.
+    """
     group = open_store_group(store_url)["layers"][layer]
     rel = da.from_zarr(group["relevance"])
-    act = da.from_zarr(group["activation_mean"])
-    mom = da.from_zarr(group[MOMENTS_ARRAY])
     n_ch = rel.shape[1]
     one_per_block = (1,) * rel.numblocks[0]
     # Labels travel as a numpy closure; each block slices its own rows via block_info.
     rel_sums = da.map_blocks(_relevance_block, rel, labels, n_classes, tau, dtype=np.float32,
                              drop_axis=1, new_axis=[1, 2, 3],
                              chunks=(one_per_block, (2,), (n_classes,), (n_ch,))).sum(axis=0)
-    act_sums = da.map_blocks(_sum_block, act, labels, n_classes, dtype=np.float32,
-                             drop_axis=1, new_axis=[1, 2],
-                             chunks=(one_per_block, (n_classes,), (n_ch,))).sum(axis=0)
-    mom_sums = da.map_blocks(_sum_block, mom, labels, n_classes, dtype=np.float32, new_axis=[1],
-                             chunks=(one_per_block, (n_classes,), *[(s,) for s in mom.shape[1:]])).sum(axis=0)
-    return {"relevance": rel_sums, "activation": act_sums, "moments": mom_sums}
+    # Same partials, same tree: a sum over chunks of (class, ...) blocks, one block per chunk.
+    if sums_subset is None:
+        act = _per_image_partials(group["activation_mean"], labels, n_classes)
+        mom = _per_image_partials(group[MOMENTS_ARRAY], labels, n_classes) if MOMENTS_ARRAY in group else None
+    else:
+        act = _stored_partials(group[ACTIVATION_SUMS_ARRAY], sums_subset)
+        mom = _stored_partials(group[MOMENT_SUMS_ARRAY], sums_subset) if MOMENT_SUMS_ARRAY in group else None
+    return {"relevance": rel_sums, "activation": act.sum(axis=0),
+            "moments": mom.sum(axis=0) if mom is not None else None}
+
+
+def moments_source(store_url: str, *, correct_only: bool, subset: Any, prefer: str = "auto") -> int | None:
+    """Which route gives moments and activation means: a class-sum subset index, or None for
+    the per-image arrays. Arbitrary subsets need per-image arrays."""
+    if prefer not in ("auto", "class_sums", "per_image"):
+        raise ValueError(f"moments_from must be 'auto', 'class_sums' or 'per_image', got {prefer!r}")
+    layout = cube_layout(store_url)
+    has_per_image = layout.per_image_moments and "activation_mean" in layout.per_image
+    if prefer == "per_image" or (subset is not None) or (prefer == "auto" and not layout.class_sums):
+        if not has_per_image:
+            why = "an image subset needs" if subset is not None else "moments_from='per_image' needs"
+            raise ValueError(
+                f"{store_url} keeps moments and activation means only as per-chunk class sums; {why} "
+                "per-image moments: extract with per_image_moments=True (layout 'full')")
+        return None
+    if not layout.class_sums:
+        raise ValueError(f"{store_url} has no class sums (layout {layout.per_image}); extract with the "
+                         "detection layout")
+    return CLASS_SUM_SUBSETS.index("correct" if correct_only else "all")
 
 
 @contextlib.contextmanager
@@ -142,15 +175,20 @@ def reduce_cube(
     correct_only: bool = False,
     subset: Sequence[int] | np.ndarray | None = None,
     scheduler_address: str | None = None,
+    moments_from: str = "auto",
 ) -> dict[str, LayerStats]:
-    """Class statistics of every layer, computed in one dask pass over the store."""
+    """Class statistics of every layer, computed in one dask pass over the store.
+
+    ``moments_from``: "class_sums" (extraction-time partials), "per_image", or "auto" (class
+    sums when the cube has them and no ``subset`` is asked for)."""
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     root = open_store_group(store_url)
     n_classes = int(root["class_name"].shape[0])
+    source = moments_source(store_url, correct_only=correct_only, subset=subset, prefer=moments_from)
     labels = image_selection(store_url, correct_only=correct_only, subset=subset)
     layers = list(layers) if layers is not None else layer_names(store_url)
-    graphs = {layer: layer_stats_graph(store_url, layer, labels, n_classes, tau) for layer in layers}
+    graphs = {layer: layer_stats_graph(store_url, layer, labels, n_classes, tau, source) for layer in layers}
     with dask_scheduler(scheduler_address):
         (computed,) = dask.compute(graphs)
     count = np.bincount(labels[labels >= 0], minlength=n_classes).astype(np.float32)
@@ -164,7 +202,7 @@ def reduce_cube(
             mean_relevance=rel / denom[:, None],
             important_fraction=imp / denom[:, None],
             mean_activation=sums["activation"] / denom[:, None],
-            mean_moments=sums["moments"] / denom.reshape(-1, 1, 1, 1),
+            mean_moments=sums["moments"] / denom.reshape(-1, 1, 1, 1) if sums["moments"] is not None else None,
         )
     return out
 
@@ -172,13 +210,15 @@ def reduce_cube(
 def write_stats(store_url: str, subset_name: str, stats: Mapping[str, LayerStats], attrs: Mapping[str, Any]) -> None:
     """Store each layer's statistics as labelled (class x channel) arrays under stats/<subset>."""
     for layer, s in stats.items():
-        write_class_stats(store_url, subset_name, layer, {
+        arrays = {
             "count": (["class"], s.count),
             "mean_relevance": (["class", "channel"], s.mean_relevance),
             "important_fraction": (["class", "channel"], s.important_fraction),
             "mean_activation": (["class", "channel"], s.mean_activation),
-            "mean_moments": (["class", "in_channel", "kernel_y", "kernel_x"], s.mean_moments),
-        }, attrs)
+        }
+        if s.mean_moments is not None:
+            arrays["mean_moments"] = (["class", "in_channel", "kernel_y", "kernel_x"], s.mean_moments)
+        write_class_stats(store_url, subset_name, layer, arrays, attrs)
     consolidate(store_url)
 
 
@@ -190,5 +230,5 @@ def read_stats(store_url: str, subset_name: str, layers: Sequence[str]) -> dict[
         ds = read_class_stats(store_url, subset_name, layer)
         out[layer] = LayerStats(layer, ds["count"].values, ds["mean_relevance"].values,
                                 ds["important_fraction"].values, ds["mean_activation"].values,
-                                ds["mean_moments"].values)
+                                ds["mean_moments"].values if "mean_moments" in ds else None)
     return out

@@ -108,13 +108,23 @@ class BatchRelevance:
     activation_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, C_out)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors (autocast), unchanged otherwise (float64 oracles)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class _LayerTap:
     """Forward hook on one conv: reduces input and output on the spot, and registers a tensor
     hook so that the gradient is reduced to act x grad the moment autograd produces it."""
 
-    def __init__(self, name: str, module: nn.Conv2d, result: BatchRelevance, shield: bool) -> None:
+    def __init__(self, name: str, module: nn.Conv2d, result: BatchRelevance, shield: bool,
+                 moments: bool = True, activations: bool | frozenset[str] = True) -> None:
         self.name = name
         self.shield = shield
+        self.moments = moments
+        if isinstance(activations, bool):
+            activations = frozenset({"max", "mean"} if activations else ())
+        self.activations = activations
         self.module = module
         self.result = result
         self.output: torch.Tensor | None = None
@@ -127,20 +137,24 @@ class _LayerTap:
                 f"conv {self.name!r} ran more than once in one forward pass; shared convs have "
                 "no single relevance per channel"
             )
-        x = inputs[0].detach()
-        out_hw = (output.shape[2], output.shape[3])
-        pad = conv_input_padding(module, (x.shape[2], x.shape[3]), out_hw)
         with torch.no_grad():
-            self.result.input_moments[self.name] = input_moments(
-                x, module.kernel_size, module.stride, module.dilation, pad, out_hw
-            ).cpu()
-            self.result.activation_max[self.name] = output.detach().amax(dim=(2, 3)).cpu()
-            self.result.activation_mean[self.name] = output.detach().mean(dim=(2, 3)).cpu()
+            if self.moments:
+                # float32 whatever the autocast dtype: sums of inputs overflow float16.
+                x = _wide(inputs[0].detach())
+                out_hw = (output.shape[2], output.shape[3])
+                pad = conv_input_padding(module, (x.shape[2], x.shape[3]), out_hw)
+                self.result.input_moments[self.name] = input_moments(
+                    x, module.kernel_size, module.stride, module.dilation, pad, out_hw
+                )
+            if "max" in self.activations:
+                self.result.activation_max[self.name] = _wide(output.detach().amax(dim=(2, 3)))
+            if "mean" in self.activations:
+                self.result.activation_mean[self.name] = _wide(output.detach()).mean(dim=(2, 3))
         if output.requires_grad:
             detached = output.detach()
 
             def reduce_grad(grad: torch.Tensor) -> None:
-                self.result.relevance[self.name] = (detached * grad).sum(dim=(2, 3)).cpu()
+                self.result.relevance[self.name] = (_wide(detached) * _wide(grad)).sum(dim=(2, 3))
 
             output.register_hook(reduce_grad)
         self.output = output
@@ -150,7 +164,9 @@ class _LayerTap:
 
 
 @contextmanager
-def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance) -> Iterator[list[_LayerTap]]:
+def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
+          moment_layers: Sequence[str] | None = None,
+          activations: bool | frozenset[str] = True) -> Iterator[list[_LayerTap]]:
     modules = dict(model.named_modules())
     shield = any(getattr(m, "inplace", False) for m in modules.values())
     taps, handles = [], []
@@ -159,7 +175,8 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance) -> It
             module = modules.get(name)
             if not isinstance(module, nn.Conv2d):
                 raise ValueError(f"{name!r} is not a conv layer of this model")
-            tap = _LayerTap(name, module, result, shield)
+            tap = _LayerTap(name, module, result, shield,
+                            moments=moment_layers is None or name in moment_layers, activations=activations)
             taps.append(tap)
             handles.append(module.register_forward_hook(tap))
         yield taps
@@ -178,8 +195,15 @@ def batch_relevance(
     labels: torch.Tensor,
     layers: Sequence[str],
     target_mode: TargetMode = "label",
+    *,
+    moment_layers: Sequence[str] | None = None,
+    activations: bool | frozenset[str] = True,
 ) -> BatchRelevance:
     """One forward and one backward pass: relevance, moments and activations of all ``layers``.
+
+    ``moment_layers``: the layers whose input moments are computed (None: all); ``activations``:
+    whether the spatial max and mean of the outputs are (or a set of "max", "mean"). What a cube
+    does not store is not computed.
 
     The backward asks autograd only for the gradient of the input images (an ancestor of every
     conv, whatever the branching), so no parameter gradients are computed, and each layer's
@@ -193,7 +217,7 @@ def batch_relevance(
     result = BatchRelevance(
         logits=torch.empty(0), prediction=torch.empty(0), target=torch.empty(0), target_logit=torch.empty(0)
     )
-    with torch.enable_grad(), _taps(model, layers, result) as taps:
+    with torch.enable_grad(), _taps(model, layers, result, moment_layers, activations) as taps:
         # Gradients must flow even when the caller froze the parameters.
         images = images.detach().requires_grad_(True)
         logits = model(images)
@@ -213,6 +237,11 @@ def batch_relevance(
     if set(result.relevance) != set(layers):
         lost = sorted(set(layers) - set(result.relevance))
         raise RuntimeError(f"no gradient reached conv layers {lost}: is their output used?")
+    # Reduced values stay on the device until the backward is done: one transfer per batch
+    # instead of a synchronising copy inside every hook.
+    for values in (result.relevance, result.input_moments, result.activation_max, result.activation_mean):
+        for name in values:
+            values[name] = values[name].cpu()
     result.logits = logits.detach().cpu()
     result.prediction = prediction.cpu()
     result.target = target.detach().cpu()

@@ -75,7 +75,9 @@ def add_bad_images(folder: Path, cls: str = "cat") -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def small_cube(tmp_path_factory, assets_dir):
-    """A real cube: ResNet-20, 24 CIFAR-10 test images per class, all 19 conv layers."""
+    """A real cube: ResNet-20, 24 CIFAR-10 test images per class, all 19 conv layers; the "full"
+    float32 layout, so that it holds per-image moments and the class sums side by side."""
+    from storage.cube import CubeLayout
     from tasks.extract import extract_chunks, plan_cube
     from tasks.models import load_model
 
@@ -83,7 +85,8 @@ def small_cube(tmp_path_factory, assets_dir):
     data = cifar_subset(assets_dir, root / "data", "test", per_class=24)
     url = str(root / "cube.zarr")
     bundle = load_model("cifar_resnet20")
-    plan = plan_cube(bundle, str(data), url, "all", chunk_images=48, target_mode="label")
+    plan = plan_cube(bundle, str(data), url, "all", chunk_images=48, target_mode="label",
+                     layout=CubeLayout.preset("full", dtype="float32"))
     extract_chunks(url, bundle.model.eval(), bundle.transform, str(data), range(plan.n_chunks),
                    plan.layers, batch_size=48)
     return url, bundle, data

@@ -18,7 +18,7 @@ from tests.conftest import add_bad_images, cifar_subset
 def test_cube_layout_and_values_match_direct_computation(small_cube) -> None:
     url, bundle, data = small_cube
     root = open_store_group(url)
-    assert root.attrs["layout_version"] == 1
+    assert root.attrs["layout_version"] == 2
     assert root.attrs["model"]["weights_sha256"].startswith("12fca82f")
     assert len(root.attrs["layers"]) == 19
     assert completed_chunks(url).all()
