@@ -35,6 +35,9 @@ BATCH_SIZE: int = 128  # must divide CHUNK_IMAGES so batches never straddle chun
 # pixel-level setting is 0.995 (top 0.5 %).
 EXPLAIN_ACTIVE_QUANTILE: float | None = None
 EXPLAIN_MIN_ACTIVE_IMAGES: int = 5
+# Concepts with fewer images than this among the explained ones are left out of formulas: with
+# one image per class, "A OR B OR C" of the classes of a unit's top images always wins.
+EXPLAIN_MIN_CONCEPT_IMAGES: int = 2
 # A unit active on fewer images than this has an IoU that rests on a handful of images (one
 # active image gives IoU 1/class size for its class): the report warns.
 EXPLAIN_FEW_ACTIVE_IMAGES: int = 5

@@ -29,6 +29,7 @@ from tasks.defaults import (
     EXPLAIN_BEAM_WIDTH,
     EXPLAIN_MAX_FORMULA_LENGTH,
     EXPLAIN_MIN_ACTIVE_IMAGES,
+    EXPLAIN_MIN_CONCEPT_IMAGES,
     EXPLAIN_OPERATORS,
     EXPLAIN_UNIT_CHUNK,
 )
@@ -289,6 +290,7 @@ def explain_units(
     beam_width: int = EXPLAIN_BEAM_WIDTH,
     max_length: int = EXPLAIN_MAX_FORMULA_LENGTH,
     operators: Sequence[str] = EXPLAIN_OPERATORS,
+    min_concept_images: int = EXPLAIN_MIN_CONCEPT_IMAGES,
 ) -> list[Explanation]:
     """Explain every unit of a layer.
 
@@ -305,7 +307,7 @@ def explain_units(
     hits, sizes = class_counts(binarise(acts, thresholds), labels, n_classes)
     return explain_counts(
         hits, sizes, concepts, beam_width=beam_width, max_length=max_length,
-        operators=operators, thresholds=thresholds,
+        operators=operators, thresholds=thresholds, min_concept_images=min_concept_images,
     )
 
 
@@ -354,6 +356,7 @@ def explain_counts(
     operators: Sequence[str] = EXPLAIN_OPERATORS,
     thresholds: np.ndarray | None = None,
     unit_chunk: int = EXPLAIN_UNIT_CHUNK,
+    min_concept_images: int = EXPLAIN_MIN_CONCEPT_IMAGES,
 ) -> list[Explanation]:
     """Beam search for every unit given per-class counts ``hits`` (n_units, n_classes) and
     ``sizes`` (n_classes,).
@@ -366,6 +369,11 @@ def explain_counts(
     already met, or no image at all, is dropped, so the shorter formula survives. Ties in IoU
     go to the shorter formula, then to the earlier beam entry, operator (in ``operators``
     order) and concept (in the mapping's order).
+
+    Concepts with fewer than ``min_concept_images`` images are left out (unless none has as
+    many): a concept of one image matches whichever unit is active on that image, so with one
+    image per class every unit would read as an OR of the classes of its top images, and
+    nothing they share could win.
     """
     hits = np.asarray(hits)
     sizes = np.asarray(sizes)
@@ -381,6 +389,11 @@ def explain_counts(
     names, cmat = concept_matrix(concepts, hits.shape[1])
     if not np.any(cmat @ (sizes > 0)):
         raise ValueError("no concept covers any image")
+    images_per_concept = cmat.astype(np.int64) @ sizes.astype(np.int64)
+    big = images_per_concept >= min_concept_images
+    if big.any() and not big.all():
+        names = tuple(n for n, b in zip(names, big, strict=True) if b)
+        cmat = cmat[big]
     n_units = hits.shape[0]
     thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
 

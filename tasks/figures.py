@@ -42,6 +42,15 @@ def to_png(fig: plt.Figure) -> bytes:
     return buf.getvalue()
 
 
+def to_jpeg(fig: plt.Figure, quality: int = 85) -> bytes:
+    """Photographs compress about eight times better as JPEG than as PNG, at no visible loss at
+    thumbnail size (a grid of 24 ImageNet thumbnails: about 40 kB instead of 260 kB)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="jpeg", dpi=110, bbox_inches="tight", pil_kwargs={"quality": quality})
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def wordnet_vs_cosine(cosines: Sequence[float], similarities: Sequence[float], layer: str,
                       gamma: float | None = None, measure: str = "Wu-Palmer") -> tuple[bytes, float]:
     """The paper's Figure 3: WordNet similarity of each candidate pair against its ARV cosine.
@@ -189,9 +198,12 @@ def image_grid(
     every image as a ``thumbnail`` of about ``side`` pixels.
 
     Rows may have different lengths (a channel with fewer images); missing cells stay white.
+    Grids of photographs (images reduced to the thumbnail size) are JPEG, grids of small images
+    enlarged by pixel replication PNG (which keeps them sharp and compresses them well).
     The images are pasted into one mosaic drawn by a single ``imshow``: a subplot per image
     costs about 20 times more to render, which adds up over dozens of channels.
     """
+    photo = any(max(np.asarray(im).shape[:2]) > side for row in rows for im in row)
     cells = [[thumbnail(im, side) for im in row] for row in rows]
     sizes = [im.shape[:2] for row in cells for im in row] or [(side, side)]
     ch, cw = max(h for h, _ in sizes), max(w for _, w in sizes)
@@ -221,7 +233,7 @@ def image_grid(
                         fontsize=6.5)
     if title:
         fig.suptitle(title, fontsize=10, y=1.0, va="bottom")
-    return to_png(fig)
+    return to_jpeg(fig) if photo else to_png(fig)
 
 
 def cosine_quantiles_by_layer(

@@ -121,16 +121,21 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def image_type(data: bytes) -> str:
+    """"jpeg" or "png", from the file's magic bytes."""
+    return "jpeg" if data[:3] == b"\xff\xd8\xff" else "png"
+
+
 def data_uri(png: bytes) -> str:
-    """A PNG as a data URI, so pages and artifacts need no file access."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    """A PNG (or JPEG) as a data URI, so pages and artifacts need no file access."""
+    return f"data:image/{image_type(png)};base64," + base64.b64encode(png).decode("ascii")
 
 
 def _img(figures: Mapping[str, bytes], key: str | None, alt: str,
          linked: Mapping[str, str] | None = None) -> str:
     """An embedded figure, or a link to its PNG file when the page has no room for it."""
     if key and linked and key in linked:
-        return f'<p><a href="{_e(linked[key])}">{_e(alt)} (PNG file)</a></p>'
+        return f'<p><a href="{_e(linked[key])}">{_e(alt)} (image file)</a></p>'
     if not key or key not in figures:
         return ""
     return f'<img src="{data_uri(figures[key])}" alt="{_e(alt)}">'
@@ -555,7 +560,8 @@ def _section_layer_explanations(ev: Mapping[str, Any], rewired: set[tuple[str, i
     out = ["<h2 id='layer-explanations'>Compositional explanations of every channel</h2>",
            "<p class='lead'>Per-image spatial maximum of each channel, binarised at the "
            f"{_e(fmt(params.get('explain_quantile'), 4))} quantile ({_e(params.get('explain_quantile_rule', ''))}), "
-           "matched against classes and their WordNet hypernyms (IoU over images). Per layer the "
+           "matched against classes and their WordNet hypernyms (IoU over images; concepts with fewer than "
+           f"{defaults.EXPLAIN_MIN_CONCEPT_IMAGES} images are left out). Per layer the "
            f"{rows_per_layer} best-IoU channels and the rewired ones (*); every channel is in "
            "<code>explanations.csv</code> and <code>summary.json</code>.</p>"]
     summary_rows = []
@@ -667,7 +673,7 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], figures: Mappi
     embedded = _embedded_keys(summary, figures, embed_channels, max_bytes)
     linked: dict[str, str] = {}
     for key in sorted(set(figures) - embedded):
-        path = out / "figures" / f"{_slug(key)}.png"
+        path = out / "figures" / f"{_slug(key)}.{'jpg' if image_type(figures[key]) == 'jpeg' else 'png'}"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(figures[key])
         linked[key] = path.relative_to(out).as_posix()
