@@ -87,8 +87,8 @@ EVAL_FEW_IMAGES: int = 5
 # orig <= 0, or when the own ratio's spread exceeds EVAL_RATIO_SPREAD_LIMIT times
 # max(1, |median|). Flagged concepts are read through the positive-mass shares
 # sum_i pos(d)_i / sum_i pos(orig)_i, which divide by no per-image value.
-EVAL_SIGN_CROSSING_FRACTION: float = 0.05
-EVAL_RATIO_SPREAD_LIMIT: float = 3.0
+EVAL_SIGN_CROSSING_FRACTION: float = 0.1
+EVAL_RATIO_SPREAD_LIMIT: float = 5.0
 
 # Detection diagnostics: images read from the cube (whole chunks, spread over it) to count
 # important channels per image at tau and at the smaller taus below; no model pass.
