@@ -199,6 +199,7 @@ details[open] > summary { margin-bottom: 6px; }
 nav ul { columns: 3; margin: 6px 0; padding-left: 18px; }
 .findings { background: var(--bg-alt); border: 1px solid var(--line); border-radius: 6px; padding: 8px 18px; }
 .findings li { margin: 2px 0; }
+.findings h2 { margin-top: 8px; }
 ul.warn { color: #8a5a00; } ul.warn li::marker { content: "! "; }
 img.thumbs { image-rendering: pixelated; }
 """
