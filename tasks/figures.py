@@ -251,7 +251,7 @@ def cosine_quantiles_by_layer(
     stats = [{"med": q["median"], "q1": q["q25"], "q3": q["q75"], "whislo": q["q10"], "whishi": q["q90"],
               "fliers": [q["min"], q["max"]], "label": f"{name} ({pairs:,})"} for name, q, pairs in layers]
     if stats:
-        ax.bxp(stats[::-1], vert=False, showfliers=True, widths=0.6,
+        ax.bxp(stats[::-1], orientation="horizontal", showfliers=True, widths=0.6,
                flierprops={"marker": ".", "markersize": 3, "markerfacecolor": "#555753"},
                boxprops={"color": "#3465a4"}, medianprops={"color": "#cc0000"})
     if gamma is not None:
