@@ -19,6 +19,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from tasks import defaults
 
+# `disentangle run` finished, wrote its report, but found no channel to rewire.
+EXIT_NOTHING_TO_REWIRE = 3
+
 
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="cifar_resnet20", help="registry name (see `disentangle models`)")
@@ -96,44 +99,71 @@ def compare(run_dirs: Sequence[str], out: str | None = None) -> dict[str, str]:
     return paths
 
 
+def _g(x: object) -> str:
+    return "-" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
+
+
 def show_run(run_dir: str, examples: int = 3) -> None:
-    """Plain-text digest of detection.json and summary.json of a run."""
+    """Plain-text digest of detection.json and summary.json of a run. Every statistic that
+    rests on few images is marked with "!" and its n."""
     from pathlib import Path
 
     run = Path(run_dir)
     detection = json.loads((run / "detection.json").read_text())
-    print(f"{'layer':<28}{'channels':>9}{'candidates':>11}{'pairs':>9}{'paper':>8}{'selected':>9}  lowest-cosine pairs (channel: classes, cos, Wu-Palmer)")
+    print(f"{'layer':<28}{'channels':>9}{'candidates':>11}{'pairs':>9}{'paper':>8}{'selected':>9}"
+          f"{'imp/img':>9}{'rel/ch':>8}{'img/cls':>9}  lowest-cosine pairs (channel: classes, cos, Wu-Palmer)")
+    warnings = []
     for det, summary in zip(detection["detections"], detection["layers"]):
         pairs = sorted(det["pairs"], key=lambda r: r["cosine"])[:examples]
         ex = "; ".join(f"{r['channel']}: {r['name1']}/{r['name2']} {r['cosine']:.3f} "
                        f"{r['wup'] if r['wup'] is None else round(r['wup'], 3)}" for r in pairs)
         if not det["applicable"]:
             ex = "not applicable: " + det["reason"]
+        diag = det.get("diagnostics") or {}
         print(f"{det['layer']:<28}{summary['channels']:>9}{summary['candidates']:>11}{summary['pairs']:>9}"
-              f"{summary['paper_polysemantic_pairs']:>8}{summary['selected_pairs']:>9}  {ex}")
+              f"{summary['paper_polysemantic_pairs']:>8}{summary['selected_pairs']:>9}"
+              f"{_g(diag.get('important_per_image_median')):>9}{_g(diag.get('relevant_classes_median')):>8}"
+              f"{_g(diag.get('images_per_class_median')):>9}  {ex}")
+        warnings += [f"{det['layer']}: {w}" for w in diag.get("warnings", [])]
+    print("imp/img: median important channels per image at tau (over diagnostic_images); rel/ch: median "
+          "relevant classes per channel; img/cls: median images per class")
     last = detection.get("figure3_last_layer")
     if last:
         print(f"Figure 3 ({last}): Spearman {detection['figure3'][last]['spearman']:.3f} over "
               f"{detection['figure3'][last]['n_pairs']} pairs")
     summary_path = run / "summary.json"
-    if not summary_path.is_file():
-        return
-    ev = json.loads(summary_path.read_text()).get("evaluation") or {}
-    acc = ev.get("accuracy") or {}
-    if acc:
-        print(f"accuracy original {acc['accuracy_original']:.4f}, rewired {acc['accuracy_rewired']:.4f} on "
-              f"{acc['n']} images; max |logit diff| {acc['max_abs_logit_diff']:.2e}")
-    aggregate = ev.get("table1_aggregate") or {}
-    keys = ("channels", "own_median", "other_median", "residual_median", "score_mean", "invariant_max_abs_error")
-    for agg in [*aggregate.get("layers", []), {"layer": "model", **(aggregate.get("model") or {})}]:
-        if agg.get("channels"):
-            print(f"Table 1 {agg['layer']}: " + ", ".join(f"{k} {agg.get(k):.4g}" for k in keys
-                                                           if agg.get(k) is not None))
-    for c in ev.get("channels", []):
-        ex = c.get("explanations", {})
-        parts = ", ".join(f"{k}: {v['formula']} ({v['iou']:.3f})" for k, v in ex.items() if v and v.get("formula"))
-        print(f"{c['layer']}/{c['channel']} {' / '.join(c['concept_names'])} rho {c['rho']} "
-              f"score {c['score'] if c['score'] is None else round(c['score'], 3)}: {parts}")
+    if summary_path.is_file():
+        ev = json.loads(summary_path.read_text()).get("evaluation") or {}
+        acc = ev.get("accuracy") or {}
+        if acc:
+            print(f"accuracy original {acc['accuracy_original']:.4f}, rewired {acc['accuracy_rewired']:.4f} on "
+                  f"{acc['n']} images; max |logit diff| {acc['max_abs_logit_diff']:.2e}")
+        aggregate = ev.get("table1_aggregate") or {}
+        keys = ("own_median", "other_median", "own_mass", "other_mass", "residual_median", "score_mean",
+                "invariant_max_abs_error")
+        for agg in [*aggregate.get("layers", []), {"layer": "model", **(aggregate.get("model") or {})}]:
+            if agg.get("channels_total", agg.get("channels")):
+                mark = "! " if agg.get("few_images") else ""
+                print(f"{mark}Table 1 {agg['layer']} (n = {agg.get('channels')} of {agg.get('channels_total')} "
+                      f"channels, {agg.get('n_images')} images, min {agg.get('min_images')} per concept): "
+                      + ", ".join(f"{k} {agg.get(k):.4g}" for k in keys if agg.get(k) is not None))
+                if agg.get("without_data"):
+                    print(f"  channels without evaluation images of their concepts: {', '.join(agg['without_data'])}")
+        for c in ev.get("channels", []):
+            ex = c.get("explanations", {})
+            parts = ", ".join(f"{k}: {v['formula']} ({v['iou']:.3f}, {v.get('n_active')} active)"
+                              for k, v in ex.items() if v and v.get("formula"))
+            n = [r["n"] for r in c.get("table1", [])]
+            print(f"{c['layer']}/{c['channel']} {' / '.join(c['concept_names'])} rho {c['rho']} "
+                  f"score {c['score'] if c['score'] is None else round(c['score'], 3)} (n {n}): {parts}")
+            warnings += [f"{c['layer']}/{c['channel']}: {w}" for w in c.get("warnings", [])]
+        for layer, rows in (ev.get("layer_explanations") or {}).items():
+            few = sum(1 for r in rows if r.get("few_active"))
+            if few:
+                warnings.append(f"{layer}: {few} of {len(rows)} explanations rest on fewer than "
+                                f"{defaults.EXPLAIN_FEW_ACTIVE_IMAGES} active images")
+    for w in warnings:
+        print(f"! {w}")
 
 
 def params_from_args(args: argparse.Namespace) -> "PipelineParams":
@@ -185,6 +215,9 @@ def _main(argv: Sequence[str] | None) -> int:
               f"open a relevance cube with: .venv/bin/python -c \"from storage import open_cube; "
               f"print(open_cube('{summary['eval_store']}'))\"\n"
               f"digest: .venv/bin/disentangle show {summary['out_dir']}")
+        if not summary.get("rewired_channels"):
+            print(f"disentangle: {summary.get('outcome', 'nothing to rewire')}", file=sys.stderr)
+            return EXIT_NOTHING_TO_REWIRE
         return 0
     if args.command == "extract":
         from flows.extract import extract_relevance_cube, resolve_layers

@@ -61,6 +61,10 @@ class PipelineParams(BaseModel):
     max_per_class_eval: int | None = None
     featvis_channels: int = Field(6, description="rewired channels that get feature visualisations")
     featvis_steps: int = defaults.FEATVIS_STEPS
+    explain_quantile: float | None = Field(
+        defaults.EXPLAIN_ACTIVE_QUANTILE, gt=0, lt=1,
+        description="activation quantile at which explanations binarise a unit; default: about one present "
+                    f"class's worth of the evaluation images active, at least {defaults.EXPLAIN_MIN_ACTIVE_IMAGES}")
 
     @field_validator("rho_grid")
     @classmethod

@@ -25,7 +25,7 @@ from flows.stage_cache import StageCache
 from storage.cube import cube_info, open_store_group
 from tasks.checkpoint import save_disentangled
 from tasks.data import load_batch
-from tasks.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table
+from tasks.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table, read_relevance_sample
 from tasks.disentangle import build_splits, plan_rewiring
 from tasks.report import build_summary, data_uri, figure3, markdown_artifacts, write_report
 from tasks.models import load_model
@@ -65,8 +65,9 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
     similarity_cache: dict[tuple[str, str], dict] = {}
     for layer in layers:
         conv = modules[layer]
+        sample = read_relevance_sample(store_url, layer) if conv.weight.shape[1] >= 2 else None
         det = detect_layer(layer, conv.weight, conv.groups, stats[layer], detection_params,
-                           bundle.class_names, bundle.wnids)
+                           bundle.class_names, bundle.wnids, sample)
         for row in det.pairs:
             if row.wnid1 and row.wnid2:
                 key = (row.wnid1, row.wnid2)
@@ -100,13 +101,15 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
                         "reason": d.reason, "candidates": d.candidates,
                         "relevant": {str(k): v for k, v in d.relevant.items()},
                         "relevant_all": _relevant_all(stats[d.layer], detection_params.p),
-                        "counts": d.counts, "pairs": [asdict(r) for r in d.pairs]} for d in detections],
+                        "counts": d.counts, "diagnostics": d.diagnostics,
+                        "pairs": [asdict(r) for r in d.pairs]} for d in detections],
         "figure3": fig3_stats,
         "figure3_last_layer": last,
         "class_names": list(bundle.class_names),
     }
     (out / "detection.json").write_text(json.dumps(result, indent=1))
-    create_table_artifact(key="detection-summary", table=summaries,
+    create_table_artifact(key="detection-summary",
+                          table=[{k: v for k, v in d.items() if not isinstance(v, (list, dict))} for d in summaries],
                           description="Per-layer detection: candidates, paper-default pairs, selected pairs")
     if last is not None:
         st = fig3_stats[last]
@@ -129,9 +132,27 @@ def detections_from_json(result: dict[str, Any]) -> list[LayerDetection]:
     for d in result["detections"]:
         det = LayerDetection(d["layer"], d["channels"], d["applicable"], d["reason"], d["candidates"],
                              {int(k): v for k, v in d["relevant"].items()},
-                             [PairRow(**r) for r in d["pairs"]], d.get("counts", {}))
+                             [PairRow(**r) for r in d["pairs"]], d.get("counts", {}), d.get("diagnostics", {}))
         out.append(det)
     return out
+
+
+def nothing_to_rewire_reason(detection: dict[str, Any], planned: list[Any], skipped: list[Any]) -> str:
+    """One sentence on why no channel was rewired, from the detection summaries."""
+    layers = detection.get("layers", [])
+    cands = sum(d.get("candidates") or 0 for d in layers)
+    pairs = sum(d.get("pairs") or 0 for d in layers)
+    sel = sum(d.get("selected_pairs") or 0 for d in layers)
+    text = f"{cands} candidate channels, {pairs} candidate pairs, {sel} selected pairs in {len(layers)} layers"
+    if sel and not planned:
+        text += "; none of the selected pairs is in the rewired layers (rewire_layers)"
+    elif planned:
+        text += f"; {len(skipped)} planned channel(s) could not be split"
+    few = [d["layer"] for d in layers if any("important channels per image" in w for w in d.get("warnings", []))]
+    if few:
+        text += f"; (almost) no important channels at this tau in {', '.join(few[:5])}" + (
+            f" and {len(few) - 5} more" if len(few) > 5 else "") + " (the report shows smaller taus)"
+    return text
 
 
 def _class_image_loader(store_url: str, transform: Any, max_images: int):
@@ -170,7 +191,8 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
     result: dict[str, Any] = {"splits": [s.to_dict() for s in splits], "skipped": skipped,
                               "checkpoint": None, "equivalence": None}
     if not splits:
-        logger.warning("no channel selected for rewiring; nothing to save")
+        result["nothing_to_rewire"] = nothing_to_rewire_reason(detection, plan.rows, skipped)
+        logger.warning("nothing to rewire: %s", result["nothing_to_rewire"])
         return result
     rewired = rewire_model(model, splits)
     root = open_store_group(eval_store)
@@ -215,6 +237,7 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
             class_names=bundle.class_names, wnids=bundle.wnids, tau=params["tau"],
             batch_size=params["batch_size"], featvis_steps=params["featvis_steps"],
             featvis_max_channels=params["featvis_channels"], explain_layers="all",
+            explain_quantile=params.get("explain_quantile"),
             device=pick_device(device), log=logger.info)
     # Figure 3 was drawn by the detect stage; reuse its files rather than redraw every layer.
     fig3_stats = {layer: {k: v for k, v in st.items() if k != "png"} for layer, st in detection["figure3"].items()}
@@ -227,7 +250,8 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
     summary = build_summary(params=params, evaluation=evaluation, detections=detections,
                             figure3_stats=fig3_stats, links=links,
                             extra={"rewiring": {"equivalence": rewiring.get("equivalence"),
-                                                "skipped": rewiring.get("skipped", [])}})
+                                                "skipped": rewiring.get("skipped", []),
+                                                "nothing_to_rewire": rewiring.get("nothing_to_rewire")}})
     all_figures = {**figures, **fig3_pngs}
     paths = write_report(out_dir, summary, all_figures)
     artifacts = markdown_artifacts(summary, all_figures, max_channels=3)
@@ -288,7 +312,8 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
         cache.store("rewire", rewire_key, rewiring)
 
     report_key = {**rewire_key, "eval_params": {k: getattr(params, k) for k in
-                                                ("featvis_steps", "featvis_channels", "batch_size")}}
+                                                ("featvis_steps", "featvis_channels", "batch_size",
+                                                 "explain_quantile")}}
     report = cache.get("report", report_key, must_exist=["report", "summary"])
     if report is None:
         report = evaluate_task(eval_store, train_store, params.model, params.weights, rewiring, detection,
@@ -303,6 +328,10 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
         "eval_store": eval_store,
         "figure3": detection["figure3"].get(detection.get("figure3_last_layer") or "", {}),
         "rewired_channels": len(rewiring["splits"]),
+        # Visible in the run's result (and the CLI's exit status), not only as a warning line.
+        "outcome": (f"rewired {len(rewiring['splits'])} channels" if rewiring["splits"]
+                    else "nothing to rewire: " + (rewiring.get("nothing_to_rewire")
+                                                  or nothing_to_rewire_reason(detection, [], []))),
         "checkpoint": rewiring["checkpoint"],
         "equivalence": rewiring["equivalence"],
     }

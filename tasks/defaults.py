@@ -39,10 +39,22 @@ STORAGE_DTYPE: str = "float16"
 # per-image moments (ARVs of arbitrary image subsets, at several times the bytes).
 PER_IMAGE_MOMENTS: bool = False
 
-# Compositional explanations, image level. None: binarise each unit at the quantile
-# 1 - 1/n_classes, so that it is active on as many images as a class has on average;
-# Mu & Andreas's pixel-level setting is 0.995 (top 0.5 %).
+# Compositional explanations, image level. None: binarise each unit at the quantile that makes
+# it active on as many images as one class PRESENT in the explained images has on average, and
+# on at least EXPLAIN_MIN_ACTIVE_IMAGES (tasks.explain.present_quantile); the model's class
+# count would leave one active image per unit on an ImageNet subset. Mu & Andreas's
+# pixel-level setting is 0.995 (top 0.5 %).
 EXPLAIN_ACTIVE_QUANTILE: float | None = None
+EXPLAIN_MIN_ACTIVE_IMAGES: int = 5
+# Concepts with fewer images than this among the explained ones are left out of formulas: with
+# one image per class, "A OR B OR C" of the classes of a unit's top images always wins.
+EXPLAIN_MIN_CONCEPT_IMAGES: int = 2
+# A unit active on fewer images than this has an IoU that rests on a handful of images (one
+# active image gives IoU 1/class size for its class): the report warns.
+EXPLAIN_FEW_ACTIVE_IMAGES: int = 5
+# Per-layer explanation tables: the report shows this many rows per layer (best IoU first);
+# every row is in explanations.csv and summary.json.
+EXPLAIN_REPORT_ROWS: int = 12
 EXPLAIN_PAPER_QUANTILE: float = 0.995
 EXPLAIN_UNIT_CHUNK: int = 256  # units searched together (bounds the candidate arrays' memory)
 
@@ -71,7 +83,43 @@ EVAL_MIN_ABS_ORIG_FRACTION: float = 0.01
 EVAL_SCORE_EPS: float = 1e-6  # denominator guard of the disentanglement score
 EVAL_LOGIT_RTOL: float = 1e-4  # same semantics as tasks.rewire.check_equivalence
 EVAL_EXEMPLARS: int = 8  # top images per channel in the exemplar grid
-EVAL_EXEMPLAR_MIN_SIDE: int = 96  # exemplar images are upsampled (nearest) to at least this
+# Exemplar thumbnails have this side: small images (CIFAR 32 x 32) are enlarged by an integer
+# factor (pixel replication, stays sharp), larger ones (ImageNet 224) reduced; a 224-pixel
+# grid of 24 photos is about 2 MB of PNG, a 64-pixel one about 0.2 MB.
+EVAL_EXEMPLAR_SIDE: int = 64
+EVAL_FEATVIS_SIDE: int = 128  # feature visualisations in the report grid
 EVAL_FEATVIS_STEPS: int = 64  # enough for a recognisable 32 x 32 visualisation on a CPU
 EVAL_FEATVIS_MAX_CHANNELS: int = 8  # the best-scoring channels get feature visualisations
 EVAL_DENSITY_POINTS: int = 256  # KDE grid of Figure 2
+# Statistics resting on fewer images than this say so (n beside them, a warning).
+EVAL_FEW_IMAGES: int = 5
+# Table 1's per-image ratios x/orig explode where the original pre-BN activation crosses zero
+# on the concept images: a concept is flagged when at least this share of its images has
+# orig <= 0, or when the own ratio's spread exceeds EVAL_RATIO_SPREAD_LIMIT times
+# max(1, |median|). Flagged concepts are read through the positive-mass shares
+# sum_i pos(d)_i / sum_i pos(orig)_i, which divide by no per-image value.
+EVAL_SIGN_CROSSING_FRACTION: float = 0.1
+EVAL_RATIO_SPREAD_LIMIT: float = 5.0
+
+# Detection diagnostics: images read from the cube (whole chunks, spread over it) to count
+# important channels per image at tau and at the smaller taus below; no model pass.
+DETECT_DIAGNOSTIC_IMAGES: int = 20_000
+DETECT_DIAGNOSTIC_TAUS: tuple[float, ...] = (0.01, 0.003)
+# A layer whose median image has fewer important channels than this at tau "has (almost) no
+# important channels": the report shows what the smaller taus give.
+DETECT_FEW_IMPORTANT: float = 1.0
+# Fewer images per class than this: p is coarse (with one image it is 0 or 1) and ARVs are
+# means of a few images; detection says so.
+DETECT_FEW_IMAGES_PER_CLASS: int = 10
+
+# Size limits of what is written for a browser and for the orchestrator.
+# Prefect 3.8.8 drops any event whose JSON exceeds PREFECT_EVENTS_MAXIMUM_SIZE_BYTES, default
+# 1,500,000 bytes (prefect/server/events/messaging.py, "Refusing to publish event of size");
+# an artifact's data travels in such an event, so each artifact stays under 1 MB, leaving room
+# for the envelope and JSON escaping.
+PREFECT_EVENT_MAX_BYTES: int = 1_500_000
+ARTIFACT_MAX_BYTES: int = 1_000_000
+# report.html embeds figures for the best REPORT_EMBED_CHANNELS channels; the others' figures
+# are PNG files beside it, linked. The page is kept under REPORT_MAX_BYTES.
+REPORT_EMBED_CHANNELS: int = 12
+REPORT_MAX_BYTES: int = 8_000_000

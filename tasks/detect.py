@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tasks import defaults
-from tasks.reduce import LayerStats
+from tasks.reduce import LayerStats, class_sums, important_mask
 from tasks.relevance import arv_from_moments
 
 SelectionRule = Literal["gamma", "lowest-k", "quantile"]
@@ -97,6 +97,9 @@ class LayerDetection:
     relevant: dict[int, list[int]] = field(default_factory=dict)  # channel -> relevant classes
     pairs: list[PairRow] = field(default_factory=list)  # rows kept (see max_pairs_per_layer)
     counts: dict[str, int] = field(default_factory=dict)  # exact, over all pairs
+    # Why detection found what it found (``layer_diagnostics``): important channels per image,
+    # relevant classes per channel, images per class, cosine quantiles, warnings.
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def selected(self) -> list[PairRow]:
@@ -110,7 +113,7 @@ class LayerDetection:
                     "paper_polysemantic_pairs", sum(r.paper_polysemantic for r in self.pairs)),
                 "selected_pairs": self.counts.get("selected_pairs", len(self.selected)),
                 "selected_channels": self.counts.get("selected_channels", len({r.channel for r in self.selected})),
-                "rows_kept": len(self.pairs)}
+                "rows_kept": len(self.pairs), **self.diagnostics}
 
 
 def relevant_classes(stats: LayerStats, p: float) -> np.ndarray:
@@ -177,6 +180,118 @@ def selection_mask(cosine: np.ndarray, params: DetectionParams) -> np.ndarray:
     return valid & (cosine <= cut)
 
 
+def importance_per_image(relevance: np.ndarray, taus: Sequence[float]) -> dict[float, np.ndarray]:
+    """(n_images,) number of important channels of each image at each tau; rows with missing
+    (NaN) relevance are left out."""
+    r = np.asarray(relevance, dtype=np.float32)
+    r = r[np.isfinite(r).all(1)]
+    return {float(t): important_mask(r, float(t)).sum(1) for t in taus}
+
+
+def candidates_at(relevance: np.ndarray, labels: np.ndarray, n_classes: int, tau: float, p: float) -> int:
+    """Candidates (channels relevant for >= 2 classes at fraction p) from per-image relevance,
+    as the reduce stage would count them at ``tau``."""
+    r = np.asarray(relevance, dtype=np.float32)
+    ok = np.isfinite(r).all(1) & (np.asarray(labels) >= 0)
+    r, lab = r[ok], np.asarray(labels)[ok]
+    if lab.size == 0:
+        return 0
+    count = np.bincount(lab, minlength=n_classes).astype(np.float64)
+    frac = class_sums(lab, important_mask(r, tau).astype(np.float32), n_classes) / np.maximum(count[:, None], 1)
+    relevant = (frac >= p) & (count[:, None] > 0)
+    return int((relevant.sum(0) >= 2).sum())
+
+
+def layer_diagnostics(
+    stats: LayerStats, relevant: np.ndarray | None, cosines: np.ndarray | None, params: DetectionParams,
+    sample: tuple[np.ndarray, np.ndarray] | None = None, *,
+    smaller_taus: Sequence[float] = defaults.DETECT_DIAGNOSTIC_TAUS,
+) -> dict[str, Any]:
+    """Why a layer has the candidates it has, as plain data.
+
+    - images per class (median, min over classes with images): p is a fraction of these;
+    - relevant classes per channel (median, max), and per candidate;
+    - with ``sample`` = (relevance rows, labels) read from the cube: the median and max number
+      of important channels per image at tau and, for ``smaller_taus`` below tau, the median and
+      the candidate count they would give (no model pass; exact when the sample is the cube);
+    - quantiles of the candidate-pair ARV cosines (for the per-layer picture) and the share
+      below gamma;
+    - ``warnings``: few images per class, (almost) no important channels at tau.
+    """
+    out: dict[str, Any] = {}
+    warns: list[str] = []
+    counts = np.asarray(stats.count)
+    present = counts[counts > 0]
+    out["classes_with_images"] = int(present.size)
+    out["images_per_class_median"] = float(np.median(present)) if present.size else 0.0
+    out["images_per_class_min"] = int(present.min()) if present.size else 0
+    if present.size and np.median(present) < defaults.DETECT_FEW_IMAGES_PER_CLASS:
+        msg = (f"median {np.median(present):g} image(s) per class (min {int(present.min())}): p is a fraction of "
+               "that few images")
+        if np.median(present) <= 1:
+            msg = ("one image per class: p is 0 or 1 (a single occurrence makes a channel relevant) and ARVs "
+                   "are single-image values")
+        warns.append(msg)
+    if relevant is not None:
+        per_channel = relevant.sum(0)
+        out["relevant_classes_median"] = float(np.median(per_channel)) if per_channel.size else 0.0
+        out["relevant_classes_max"] = int(per_channel.max()) if per_channel.size else 0
+        cand = per_channel[per_channel >= 2]
+        out["relevant_classes_per_candidate_median"] = float(np.median(cand)) if cand.size else None
+    if sample is not None:
+        rel, lab = sample
+        taus = [params.tau] + [t for t in smaller_taus if t < params.tau]
+        per_image = importance_per_image(rel, taus)
+        n = int(per_image[float(params.tau)].size)
+        out["diagnostic_images"] = n
+        here = per_image[float(params.tau)]
+        out["important_per_image_median"] = float(np.median(here)) if n else None
+        out["important_per_image_max"] = int(here.max()) if n else None
+        out["smaller_tau"] = [
+            {"tau": t, "important_per_image_median": float(np.median(per_image[float(t)])) if n else None,
+             "candidates": candidates_at(rel, lab, stats.count.shape[0], t, params.p)}
+            for t in taus[1:]]
+        if n and np.median(here) < defaults.DETECT_FEW_IMPORTANT:
+            alt = "; ".join(f"tau {a['tau']:g}: median {a['important_per_image_median']:g}, "
+                            f"{a['candidates']} candidates" for a in out["smaller_tau"])
+            warns.append(f"median {np.median(here):g} important channels per image at tau {params.tau:g} "
+                         f"(max {int(here.max())}, {n} images): (almost) none" + (f"; {alt}" if alt else ""))
+    if cosines is not None:
+        c = np.asarray(cosines, float)
+        c = c[np.isfinite(c)]
+        if c.size:
+            qs = np.quantile(c, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+            out["cosine_quantiles"] = dict(zip(("min", "q10", "q25", "median", "q75", "q90", "max"),
+                                               map(float, qs), strict=True))
+            out["cosine_below_gamma"] = float((c < params.gamma).mean())
+    out["warnings"] = warns
+    return out
+
+
+def read_relevance_sample(store_url: str, layer: str,
+                          max_images: int = defaults.DETECT_DIAGNOSTIC_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+    """(relevance rows, labels) of up to ``max_images`` images: whole chunks spread evenly over
+    the cube (images are stored in class order, so the first rows would be the first classes
+    only); skipped images are left out."""
+    from storage.cube import open_store_group
+
+    root = open_store_group(store_url)
+    arr = root["layers"][layer]["relevance"]
+    n, step = arr.shape[0], arr.chunks[0]
+    n_chunks = -(-n // step)
+    take = max(1, min(n_chunks, max_images // max(1, step)))
+    picks = np.unique(np.linspace(0, n_chunks - 1, take).round().astype(int))
+    labels = root["label"][:].astype(np.int64)
+    skipped = root["skipped"][:].astype(bool)
+    rows, labs = [], []
+    for k in picks:
+        lo, hi = int(k * step), int(min(n, (k + 1) * step))
+        keep = ~skipped[lo:hi]
+        rows.append(np.asarray(arr[lo:hi], np.float32)[keep])
+        labs.append(labels[lo:hi][keep])
+    return np.concatenate(rows), np.concatenate(labs)
+
+
 def detect_layer(
     layer: str,
     weight: torch.Tensor,
@@ -185,11 +300,14 @@ def detect_layer(
     params: DetectionParams,
     class_names: Sequence[str],
     wnids: Sequence[str | None],
+    sample: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LayerDetection:
     """Candidates and every pair of relevant classes of each candidate, with ARV cosines.
 
     Counts cover every pair; rows are kept for all selected pairs (lowest cosine first) and, up
-    to ``params.max_pairs_per_layer``, a deterministic sample of the others."""
+    to ``params.max_pairs_per_layer``, a deterministic sample of the others. ``sample``
+    (relevance rows, labels from the cube) adds the per-image diagnostics of
+    ``layer_diagnostics``."""
     channels = weight.shape[0]
     per_group_in = weight.shape[1]
     if per_group_in < 2:
@@ -207,6 +325,7 @@ def detect_layer(
     det.counts = {"pairs": int(len(cos)), "paper_polysemantic_pairs": int(paper.sum()),
                   "selected_pairs": int(selected.sum()),
                   "selected_channels": int(len(np.unique(pairs["channel"][selected])))}
+    det.diagnostics = layer_diagnostics(stats, relevant, cos, params, sample)
     chosen = np.flatnonzero(selected)
     chosen = chosen[np.argsort(cos[chosen], kind="stable")][: params.max_pairs_per_layer]
     rest = np.flatnonzero(~selected)

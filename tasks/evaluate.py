@@ -39,9 +39,9 @@ from tasks.explain import (
     activation_thresholds,
     binarise,
     class_counts,
-    default_quantile,
     explain_units,
     iou_from_counts,
+    present_quantile,
 )
 from tasks.reduce import important_mask
 from tasks.rewire import ChannelSplit, DisentangledConv2d, capture_parts
@@ -65,6 +65,8 @@ __all__ = [
     "invariant_deviation",
     "jsonable",
     "part_labels",
+    "positive_mass_shares",
+    "ratio_instability",
     "run_channels",
     "tiny_orig",
     "top_k",
@@ -248,6 +250,50 @@ def invariant_deviation(
     return {"max_ratio_deviation": ratio, "max_abs_error": err, "n_checked": int(v.sum())}
 
 
+def positive_mass_shares(orig_pos: np.ndarray, part_pos: np.ndarray, j: int) -> dict[str, Any]:
+    """Ratios of summed positive masses over a concept's images: sum_i pos(x)_i / sum_i pos(orig)_i
+    for every part x (d_1..d_k, r), the own channel d_j and the mean of the other concept
+    channels. No per-image division, so images where orig crosses zero cannot explode it; it is
+    the quantity the disentanglement score and the rho choice are built on. None without
+    positive mass."""
+    orig_pos = np.asarray(orig_pos, float)
+    part_pos = np.asarray(part_pos, float)
+    k = part_pos.shape[1] - 1
+    total = float(orig_pos.sum())
+    names = part_labels(k)
+    if orig_pos.size == 0 or total <= 0:
+        return {"n": int(orig_pos.size), "fractions": {n: None for n in names}, "own": None, "other": None}
+    shares = part_pos.sum(0) / total
+    other = [i for i in range(k) if i != j]
+    return {"n": int(orig_pos.size), "fractions": {n: float(v) for n, v in zip(names, shares, strict=True)},
+            "own": float(shares[j]), "other": float(np.mean(shares[other])) if other else None}
+
+
+def ratio_instability(
+    orig_sum: np.ndarray, own_ratio: np.ndarray,
+    crossing_fraction: float = defaults.EVAL_SIGN_CROSSING_FRACTION,
+    spread_limit: float = defaults.EVAL_RATIO_SPREAD_LIMIT,
+) -> dict[str, Any]:
+    """Whether per-image ratios x/orig can be trusted on a concept's images.
+
+    They cannot where the original pre-BN activation crosses zero there (a share of at least
+    ``crossing_fraction`` of the images has orig <= 0: ratios change sign and explode near
+    zero), or where the own ratio's std exceeds ``spread_limit`` x max(1, |median|).
+    """
+    o = np.asarray(orig_sum, float)
+    r = np.asarray(own_ratio, float)
+    r = r[np.isfinite(r)]
+    share = float((o <= 0).mean()) if o.size else 0.0
+    spread = float(r.std() / max(1.0, abs(float(np.median(r))))) if r.size else 0.0
+    reasons = []
+    if o.size and share >= crossing_fraction:
+        reasons.append(f"the original activation is <= 0 on {share:.0%} of the images (crosses zero)")
+    if spread > spread_limit:
+        reasons.append(f"the own ratio's std is {spread:.3g} x max(1, |median|)")
+    return {"unstable": bool(reasons), "nonpositive_share": share, "relative_spread": spread,
+            "reasons": reasons}
+
+
 def channel_table1(
     run: ChannelRun,
     labels: np.ndarray,
@@ -259,7 +305,10 @@ def channel_table1(
     Images: label in the concept's classes, original channel important (``important``), and
     |orig| not tiny (``tiny_orig``). Each row: the statistics of d_m / orig for every concept
     channel m and of r / orig, of the own channel d_j / orig and of the other concepts' channels
-    (mean over i != j of d_i / orig), and the per-image invariant's largest deviation.
+    (mean over i != j of d_i / orig), and the per-image invariant's largest deviation. Also
+    ``positive_mass`` (``positive_mass_shares`` on the same images), ``ratio_check``
+    (``ratio_instability``) and ``warnings``: where the ratios are unstable, the positive-mass
+    shares are the statistic to read; a concept with few or no images says so.
     """
     labels = np.asarray(labels)
     tiny = tiny_orig(run.orig_sum, min_abs_orig_fraction)
@@ -273,6 +322,17 @@ def channel_table1(
         frac = run.part_sum[use] / run.orig_sum[use, None]
         other = [i for i in range(k) if i != j]
         inv = frac[:, :k].sum(1) - (k - 1) * frac[:, k] if use.any() else np.zeros(0)
+        check = ratio_instability(run.orig_sum[chosen], frac[:, j])
+        n = int(use.sum())
+        warns = []
+        if n == 0:
+            warns.append(f"no evaluation image of {run.split.concept_names[j]} on which the original channel "
+                         "is important: no statistic")
+        elif n < defaults.EVAL_FEW_IMAGES:
+            warns.append(f"{run.split.concept_names[j]}: only {n} image{'s' * (n != 1)}")
+        if check["unstable"]:
+            warns.append(f"{run.split.concept_names[j]}: d/orig ratios are unstable ("
+                         + "; ".join(check["reasons"]) + "); read the positive-mass shares")
         rows.append({
             "concept": j + 1,
             "concept_name": run.split.concept_names[j],
@@ -280,11 +340,14 @@ def channel_table1(
             "n_images": int(of_concept.sum()),
             "n_important": int(chosen.sum()),
             "n_tiny_orig": int((chosen & tiny).sum()),
-            "n": int(use.sum()),
+            "n": n,
             "fractions": {names[m]: fraction_stats(frac[:, m]) for m in range(k + 1)},
             "own": fraction_stats(frac[:, j]),
             "other": fraction_stats(frac[:, other].mean(1) if use.any() else np.zeros(0)),
             "invariant_max_deviation": float(np.abs(inv - 1.0).max()) if inv.size else None,
+            "positive_mass": positive_mass_shares(run.orig_pos[chosen], run.part_pos[chosen], j),
+            "ratio_check": check,
+            "warnings": warns,
         })
     return rows
 
@@ -346,35 +409,59 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def channel_summary(table1: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """Per-channel means over concepts of the own / other / residual fraction statistics."""
-    out: dict[str, float | None] = {}
+def channel_summary(table1: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-channel means over concepts of the own / other / residual fraction statistics and of
+    the positive-mass shares; ``has_data``: every concept has Table 1 images; ``n_images``: the
+    smallest per-concept image count; ``ratio_unstable``: some concept's ratios are unstable."""
+    out: dict[str, Any] = {}
     for key in ("own", "other"):
         for stat in ("mean", "median"):
             out[f"{key}_{stat}"] = _mean(r[key][stat] for r in table1)
     for stat in ("mean", "median"):
         out[f"residual_{stat}"] = _mean(r["fractions"]["r"][stat] for r in table1)
+    out["own_mass"] = _mean((r.get("positive_mass") or {}).get("own") for r in table1)
+    out["other_mass"] = _mean((r.get("positive_mass") or {}).get("other") for r in table1)
+    out["has_data"] = bool(table1) and all(r["n"] > 0 for r in table1)
+    out["n_images"] = min((r["n"] for r in table1), default=0)
+    out["ratio_unstable"] = any((r.get("ratio_check") or {}).get("unstable") for r in table1)
     return out
 
 
 def aggregate_table1(channels: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per-layer and whole-model Table 1: the mean over channels of each channel's summary
-    (own / other / residual fraction means and medians, score), plus the worst invariant.
+    (own / other / residual fraction means and medians, positive-mass shares, score), plus the
+    worst invariant.
 
-    ``channels``: entries with "layer", "summary" (``channel_summary``), "score" and
-    "invariant" ({"max_ratio_deviation", "max_abs_error"}).
+    Only channels with evaluation images of all their concepts (``has_data``) count; each
+    aggregate says how many (``channels``), over how many images (``n_images``: summed Table 1
+    images; ``min_images``: the fewest any concept of a counted channel has), and lists the
+    channels without data and those whose ratios are unstable.
+
+    ``channels``: entries with "layer", "channel", "summary" (``channel_summary``), "score",
+    "table1" and "invariant" ({"max_ratio_deviation", "max_abs_error"}).
     """
+    stat_keys = ("own_mean", "own_median", "other_mean", "other_median", "residual_mean",
+                 "residual_median", "own_mass", "other_mass")
+
     def agg(group: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        keys = list(group[0]["summary"]) if group else []
-        out: dict[str, Any] = {"channels": len(group)}
-        out.update({k: _mean(c["summary"][k] for c in group) for k in keys})
-        scores = [c["score"] for c in group if c["score"] is not None]
+        counted = [c for c in group if c["summary"].get("has_data", True)]
+        out: dict[str, Any] = {"channels": len(counted), "channels_total": len(group)}
+        out["n_images"] = int(sum(r["n"] for c in counted for r in c.get("table1", [])))
+        out["min_images"] = min((c["summary"].get("n_images", 0) for c in counted), default=0)
+        out.update({k: _mean(c["summary"].get(k) for c in counted) for k in stat_keys})
+        scores = [c["score"] for c in counted if c["score"] is not None]
+        out["score_n"] = len(scores)
         out["score_mean"] = _mean(scores)
         out["score_median"] = float(np.median(scores)) if scores else None
-        devs = [c["invariant"]["max_ratio_deviation"] for c in group
+        devs = [c["invariant"]["max_ratio_deviation"] for c in counted
                 if c["invariant"]["max_ratio_deviation"] is not None]
         out["invariant_max_ratio_deviation"] = max(devs) if devs else None
         out["invariant_max_abs_error"] = max((c["invariant"]["max_abs_error"] for c in group), default=None)
+        out["without_data"] = [f"{c['layer']}/{c['channel']}" for c in group
+                               if not c["summary"].get("has_data", True)]
+        out["ratio_unstable"] = [f"{c['layer']}/{c['channel']}" for c in counted
+                                 if c["summary"].get("ratio_unstable")]
+        out["few_images"] = out["channels"] > 0 and out["min_images"] < defaults.EVAL_FEW_IMAGES
         return out
 
     layers: dict[str, list[Mapping[str, Any]]] = {}
@@ -456,12 +543,16 @@ def class_concepts(class_names: Sequence[str], wnids: Sequence[str | None] | Non
     return out
 
 
-def _explanation_dict(e: Explanation, concept_ious: Mapping[str, float]) -> dict[str, Any]:
+def _explanation_dict(e: Explanation, concept_ious: Mapping[str, float],
+                      concepts: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Plain data of one explanation. A unit that is never active (e.g. a residual without
-    shared inputs, constant 0) gets no formula: the search's IoU-0 pick would be arbitrary."""
+    shared inputs, constant 0) gets no formula: the search's IoU-0 pick would be arbitrary.
+    ``hypernyms``: the formula's concepts that stand for more than one class."""
     active = e.n_active > 0
     return {
         "formula": str(e.best) if active else None,
+        "concepts": list(e.best.concepts) if active else [],
+        "hypernyms": [c for c in e.best.concepts if concepts is not None and len(concepts[c]) > 1] if active else [],
         "iou": e.best.iou,
         "length": e.best.length if active else 0,
         "best_single": str(e.best_single) if active else None,
@@ -469,6 +560,8 @@ def _explanation_dict(e: Explanation, concept_ious: Mapping[str, float]) -> dict
         "best_by_length": [{"formula": str(f), "iou": f.iou} for f in e.best_by_length] if active else [],
         "threshold": e.threshold,
         "n_active": e.n_active,
+        # One active image gives IoU 1/(its class size) for its class whatever the unit does.
+        "few_active": e.n_active < defaults.EXPLAIN_FEW_ACTIVE_IMAGES,
         "concept_iou": dict(concept_ious),
     }
 
@@ -484,10 +577,11 @@ def explain_before_after(
     """Explanations of the original channel ("orig") and of every part ("d1".."dk", "r") from
     their per-image spatial max. Each also gets the IoU of every split concept's class set
     (``concept_iou``): after a good split, d_j matches concept j better than the original did.
+    ``quantile`` None: `present_quantile` of ``labels``.
     """
     acts = np.concatenate([run.orig_max[:, None], run.part_max], 1)
     keys = ["orig", *part_labels(run.k)]
-    q = default_quantile(n_classes) if quantile is None else quantile
+    q = present_quantile(labels) if quantile is None else quantile
     exps = explain_units(acts, labels, concepts, n_classes, quantile=q, **kwargs)
     hits, sizes = class_counts(binarise(acts, activation_thresholds(acts, q)), labels, n_classes)
     masks = np.zeros((run.k, n_classes), bool)
@@ -496,7 +590,8 @@ def explain_before_after(
     out = {}
     for u, (key, e) in enumerate(zip(keys, exps, strict=True)):
         ious = iou_from_counts(masks, hits[u][None, :], sizes)
-        out[key] = _explanation_dict(e, {n: float(i) for n, i in zip(run.split.concept_names, ious, strict=True)})
+        out[key] = _explanation_dict(e, {n: float(i) for n, i in zip(run.split.concept_names, ious, strict=True)},
+                                     concepts)
     return out
 
 
@@ -522,8 +617,9 @@ def explain_layer(
     if rows is not None:
         r = np.asarray(rows)
         keep &= r if r.dtype == bool else np.isin(np.arange(len(labels)), r)
-    exps = explain_units(acts[keep], labels[keep], concepts, n_classes, quantile=quantile, **kwargs)
-    return [{"channel": e.unit, **_explanation_dict(e, {})} for e in exps]
+    q = present_quantile(labels[keep]) if quantile is None else quantile
+    exps = explain_units(acts[keep], labels[keep], concepts, n_classes, quantile=q, **kwargs)
+    return [{"channel": e.unit, **_explanation_dict(e, {}, concepts)} for e in exps]
 
 
 # ---------------------------------------------------------------------------------------
@@ -724,17 +820,29 @@ def evaluate_run(
         score, per_concept = channel_score(run, labels, important)
         valid = important & ~tiny_orig(run.orig_sum, min_abs_orig_fraction)
         by_key[(s.layer, s.channel)] = run
+        summary_c = channel_summary(table)
+        if not summary_c["has_data"]:
+            # A score over some concepts only would rank a channel on half its story.
+            score = None
+        explanations = explain_before_after(run, labels, concepts, n_classes, explain_quantile)
+        warns = [w for r in table for w in r["warnings"]]
+        few = [key for key, e in explanations.items() if key != "r" and e.get("few_active")]
+        if few:
+            warns.append(f"explanations of {', '.join(few)} rest on fewer than "
+                         f"{defaults.EXPLAIN_FEW_ACTIVE_IMAGES} active images")
         channels.append({
             "layer": s.layer, "channel": s.channel, "k": s.k,
             "concepts": s.concepts, "concept_names": s.concept_names, "rho": s.rho,
             "n_sources": [len(x) for x in s.sources], "n_shared": len(s.shared),
             "score": score, "score_per_concept": per_concept, "selection": selection,
-            "table1": table, "summary": channel_summary(table),
+            "table1": table, "summary": summary_c,
             "invariant": invariant_deviation(run.orig_sum, run.part_sum, valid),
-            "explanations": explain_before_after(run, labels, concepts, n_classes, explain_quantile),
+            "explanations": explanations,
+            "warnings": warns,
             "figures": {},
         })
-    channels.sort(key=lambda c: (c["score"] is None, -(c["score"] or 0.0), c["layer"], c["channel"]))
+    channels.sort(key=lambda c: (not c["summary"]["has_data"], c["score"] is None, -(c["score"] or 0.0),
+                                 c["layer"], c["channel"]))
     for rank, c in enumerate(channels, 1):
         c["rank"] = rank
     timings["tables_and_explanations"] = time.perf_counter() - t
@@ -788,7 +896,7 @@ def evaluate_run(
             key = f"exemplars/{c['layer']}/{c['channel']}"
             figures[key] = image_grid(grid_rows, labels_row, captions,
                                       f"{c['layer']} channel {c['channel']}: top {exemplars} images by spatial max",
-                                      defaults.EVAL_EXEMPLAR_MIN_SIDE)
+                                      defaults.EVAL_EXEMPLAR_SIDE)
             c["figures"]["exemplars"] = key
             c["exemplars"] = listing
     timings["exemplars"] = time.perf_counter() - t
@@ -805,7 +913,7 @@ def evaluate_run(
             key = f"featvis/{c['layer']}/{c['channel']}"
             figures[key] = image_grid([images], [f"{c['layer']} / {c['channel']}"],
                                       [["original"] + [f"d{j + 1}: {n}" for j, n in enumerate(s.concept_names)]],
-                                      "", defaults.EVAL_EXEMPLAR_MIN_SIDE)
+                                      "", defaults.EVAL_FEATVIS_SIDE)
             c["figures"]["featvis"] = key
     timings["feature_visualisation"] = time.perf_counter() - t
 
@@ -835,7 +943,11 @@ def evaluate_run(
         "params": {"tau": tau, "min_abs_orig_fraction": min_abs_orig_fraction, "batch_size": batch_size,
                    "max_per_class": max_per_class, "exemplars": exemplars, "featvis_steps": featvis_steps,
                    "featvis_max_channels": featvis_max_channels, "explain_quantile":
-                   default_quantile(n_classes) if explain_quantile is None else explain_quantile,
+                   present_quantile(labels) if explain_quantile is None else explain_quantile,
+                   "explain_quantile_rule": (
+                       f"about one present class's worth of images active ({len(rows)} images, "
+                       f"{int(np.unique(labels).size)} classes present), at least "
+                       f"{defaults.EXPLAIN_MIN_ACTIVE_IMAGES}" if explain_quantile is None else "set by the run"),
                    "score_eps": defaults.EVAL_SCORE_EPS, "rtol": rtol},
         "accuracy": accuracy,
         "channels": channels,

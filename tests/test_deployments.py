@@ -356,6 +356,12 @@ def test_deployment_run_through_a_process_worker(tmp_path, assets_dir) -> None:
         for name in ("report.html", "summary.json"):  # once the flow writes them
             if name in pipeline_source:
                 assert (outputs / name).is_file(), name
+        from tasks.defaults import REPORT_MAX_BYTES
+
+        page = (outputs / "report.html").read_text(encoding="utf-8")
+        # the demo's report opens with its findings and stays small enough for a browser
+        assert re.findall(r"<h2[^>]*>(.*?)</h2>", page)[0] == "Findings"
+        assert len(page.encode()) < REPORT_MAX_BYTES
     finally:
         for proc in reversed(procs):
             _stop(proc)
