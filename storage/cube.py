@@ -255,7 +255,9 @@ def record_chunk_writer(root: zarr.Group, chunk: int, writer: str) -> None:
 
 def chunk_writers(url: str | Path) -> list[str]:
     """Who wrote each chunk ("" where unknown: a store made before the record existed)."""
-    root = open_store_group(url, mode="r")
+    # The live hierarchy (the group may be newer than the consolidated metadata); opening
+    # "r+" writes nothing.
+    root = open_store_group(url, mode="r+")
     if EXTRACTION_GROUP not in root:
         return [""] * root["chunk_done"].shape[0]
     return [str(w) for w in root[f"{EXTRACTION_GROUP}/chunk_writer"][:]]
