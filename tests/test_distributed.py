@@ -285,3 +285,14 @@ def test_pipeline_with_s3_cubes_and_outputs_on_the_cluster_equals_local(
             logs += more
             offset += 200
     assert not any(SECRET in log.message for log in logs)
+
+
+def test_cluster_flags_parse_and_conflicts_fail_fast(capsys) -> None:
+    from flows.cli import build_parser, main, params_from_args
+
+    params = params_from_args(build_parser().parse_args(["run", "--workers", "3"]))
+    assert params.dask_workers == 3 and params.dask_address is None
+    assert main(["run", "--workers", "2", "--dask-address", "tcp://127.0.0.1:8786"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["run", "--workers", "0"]) == 2
+    assert "dask_workers must be positive" in capsys.readouterr().err
