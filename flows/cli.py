@@ -42,6 +42,9 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
                    help="also keep input moments per image (ARVs of arbitrary image subsets)")
     p.add_argument("--storage-dtype", choices=["float16", "float32"], default=defaults.STORAGE_DTYPE,
                    help="dtype of the per-image relevance/activation arrays on disk")
+    p.add_argument("--dask-address", default=None, help="run the shards on this Dask scheduler (tcp://host:8786)")
+    p.add_argument("--workers", "--dask-workers", dest="dask_workers", type=int, default=None,
+                   help="run the shards on a local Dask cluster of N worker processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,15 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, field in PipelineParams.model_fields.items():
         flag = "--" + name.replace("_", "-")
+        flags = [flag, "--workers"] if name == "dask_workers" else [flag]
         default = field.get_default(call_default_factory=True)
         kind = field.annotation
         help_text = (field.description or "") + f" (default: {default})"
         if kind is bool:
-            run.add_argument(flag, action="store_true", default=None, help=help_text)
+            run.add_argument(*flags, action="store_true", default=None, help=help_text)
         elif name in ("layers", "rewire_layers", "rho_grid"):
-            run.add_argument(flag, default=None, help=help_text + "; comma-separated")
+            run.add_argument(*flags, default=None, help=help_text + "; comma-separated")
         else:
-            run.add_argument(flag, default=None, help=help_text)
+            run.add_argument(*flags, dest=name, default=None, help=help_text)
     sub.add_parser("models", help="list the registered model names")
     show = sub.add_parser("show", help="print a finished run's detection and evaluation summary")
     show.add_argument("run_dir", help="the run's --out-dir")
@@ -228,6 +232,7 @@ def _main(argv: Sequence[str] | None) -> int:
             shard_chunks=args.shard_chunks, batch_size=args.batch_size, device=args.device,
             target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
             layout=args.layout, per_image_moments=args.per_image_moments, storage_dtype=args.storage_dtype,
+            dask_address=args.dask_address, dask_workers=args.dask_workers,
         )
         print(json.dumps({"store": url}))
         print(f"open it with: python -c \"from storage import open_cube; print(open_cube('{url}'))\"")

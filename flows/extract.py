@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from typing import Any, Sequence
 
@@ -9,7 +10,9 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from storage.cube import CubeLayout, completed_chunks, consolidate, cube_info
+from flows.cluster import ClusterInfo, cluster_address, inspect_cluster, worker_identity
+from storage.cube import (CubeLayout, completed_chunks, consolidate, cube_info, open_store_group,
+                          prepare_chunk_writers, record_chunk_writer)
 from tasks import defaults
 from tasks.data import plan_shards
 from tasks.extract import ChunkStats, auto_batch_size, extract_chunks, pick_device, plan_cube
@@ -25,7 +28,13 @@ def device_slots(device: str) -> list[str]:
     return [str(dev)]
 
 
-@task(name="extract-shard", cache_policy=NO_CACHE, task_run_name="extract-shard-{shard_index}")
+# A shard that fails (or whose Dask worker dies, which Dask reschedules on another worker) is
+# retried; finished chunks have their markers set, so a retry writes only the unfinished ones.
+SHARD_RETRIES = 2
+
+
+@task(name="extract-shard", cache_policy=NO_CACHE, task_run_name="extract-shard-{shard_index}",
+      retries=SHARD_RETRIES, retry_delay_seconds=1)
 def extract_shard(
     store_url: str,
     model_name: str,
@@ -38,15 +47,23 @@ def extract_shard(
     device: str,
     target_mode: TargetMode,
 ) -> dict[str, Any]:
-    """Load the model on ``device`` and write every unfinished chunk of the shard."""
+    """Load the model on ``device`` and write every unfinished chunk of the shard.
+
+    ``device`` is resolved where the task runs: on a Dask worker "auto" is the GPU that worker
+    sees (``CUDA_VISIBLE_DEVICES``), or its CPU.
+    """
     logger = get_run_logger()
+    writer = worker_identity()
+    dev = pick_device(device)
     bundle = load_model(model_name, weights)
-    model = bundle.model.to(device).eval()
+    model = bundle.model.to(dev).eval()
     if batch_size is None:
         batch_size = auto_batch_size(model, (3, *bundle.input_size), int(cube_info(store_url)["chunk_images"]))
-        logger.info("batch size %d, chosen from the free memory of %s", batch_size, device)
+        logger.info("batch size %d, chosen from the free memory of %s", batch_size, dev)
+    root = open_store_group(store_url, mode="r+")
 
     def progress(s: ChunkStats) -> None:
+        record_chunk_writer(root, s.chunk, writer)
         logger.info("chunk %d written: %d images in %.1f s (%.0f images/s)", s.chunk, s.images,
                     s.seconds, s.images / s.seconds if s.seconds else 0.0)
 
@@ -54,9 +71,11 @@ def extract_shard(
                            batch_size, target_mode, on_chunk=progress)
     images = sum(s.images for s in stats)
     seconds = sum(s.seconds for s in stats)
-    logger.info("shard %d: %d chunks, %d images, %d skipped, %.1f images/s", shard_index, len(stats),
-                images, sum(s.skipped for s in stats), images / seconds if seconds else 0.0)
-    return {"shard": shard_index, "chunks": [asdict(s) for s in stats]}
+    logger.info("shard %d on %s (%s): %d chunks, %d images, %d skipped, %.1f images/s", shard_index,
+                writer, dev, len(stats), images, sum(s.skipped for s in stats),
+                images / seconds if seconds else 0.0)
+    return {"shard": shard_index, "writer": writer, "device": str(dev),
+            "chunks": [asdict(s) for s in stats]}
 
 
 def validate_extraction(chunk_images: int, shard_chunks: int, batch_size: int | None) -> None:
@@ -70,6 +89,44 @@ def validate_extraction(chunk_images: int, shard_chunks: int, batch_size: int | 
             f"batch_size {batch_size} must divide chunk_images {chunk_images}: a batch may not "
             "straddle two chunks (each chunk has one writer)"
         )
+
+
+@flow(name="extract-shards")
+def extract_shards(
+    store_url: str,
+    model: str,
+    weights: str | None,
+    dataset_root: str,
+    shards: list[list[int]],
+    layers: list[str],
+    batch_size: int | None,
+    device: str,
+    target_mode: TargetMode,
+    cluster: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run one shard task per entry of ``shards``: on the Dask cluster described by ``cluster``
+    (the caller sets a ``DaskTaskRunner`` on this flow), else on threads here, one chain of
+    shards per local device so that shards never share one."""
+    futures: list = []
+    if cluster is not None:
+        info = ClusterInfo.from_dict(cluster)
+        import dask
+
+        annotate = dask.annotate(resources=info.resources) if info.resources else contextlib.nullcontext()
+        with annotate:  # prefect-dask passes Dask annotations on to the scheduler
+            for i, chunks in enumerate(shards):
+                futures.append(extract_shard.submit(store_url, model, weights, dataset_root, i, chunks,
+                                                    layers, batch_size, device, target_mode))
+    else:
+        slots = device_slots(device)
+        for i, chunks in enumerate(shards):
+            # Chaining each shard after the previous one on the same slot keeps one task per device.
+            previous = futures[i - len(slots)] if i >= len(slots) else None
+            futures.append(extract_shard.submit(
+                store_url, model, weights, dataset_root, i, chunks, layers, batch_size,
+                slots[i % len(slots)], target_mode, wait_for=[previous] if previous is not None else None,
+            ))
+    return [f.result() for f in futures]
 
 
 @flow(name="extract-relevance-cube", log_prints=True)
@@ -89,13 +146,16 @@ def extract_relevance_cube(
     layout: str = "detection",
     per_image_moments: bool = defaults.PER_IMAGE_MOMENTS,
     storage_dtype: str = defaults.STORAGE_DTYPE,
+    dask_address: str | None = None,
+    dask_workers: int | None = None,
 ) -> str:
     """Write the cube of every selected conv layer: per-image relevance and what ``layout``
     keeps (``storage.cube.CubeLayout.preset``: "detection" adds per-chunk class sums of the input
     moments, "evaluation" per-image activation max, "full" everything per image).
 
-    ``batch_size`` None: chosen per shard from the device's free memory. Re-running with the
-    same inputs resumes: finished chunks are skipped.
+    ``batch_size`` None: chosen per shard from the device's free memory. Shards run on threads in this process by default, on the Dask cluster at ``dask_address``,
+    or on a local cluster of ``dask_workers`` processes started for this run. Re-running with
+    the same inputs resumes: finished chunks are skipped.
     """
     logger = get_run_logger()
     validate_extraction(chunk_images, shard_chunks, batch_size)
@@ -103,25 +163,28 @@ def extract_relevance_cube(
     if not data_dir:
         raise ValueError("data_dir is required (an ImageFolder root)")
     bundle = load_model(model, weights)
-    slots = device_slots(device)
-    plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
-                     overwrite, cube_layout)
-    selected, manifest = plan.layers, plan.manifest
-    done = completed_chunks(store_url)
-    shards = plan_shards(len(done), shard_chunks, pending=~done)
-    logger.info("%d images, %d layers, %d of %d chunks to do in %d shards on %s", len(manifest),
-                len(selected), int((~done).sum()), len(done), len(shards), ", ".join(slots))
-    futures: list = []
-    for shard in shards:
-        # Chaining each shard after the previous one on the same slot keeps one task per device.
-        previous = futures[shard.index - len(slots)] if shard.index >= len(slots) else None
-        futures.append(extract_shard.submit(
-            store_url, model, weights, manifest.root, shard.index, list(shard.chunks), selected,
-            batch_size, slots[shard.index % len(slots)], target_mode,
-            wait_for=[previous] if previous is not None else None,
-        ))
-    for f in futures:
-        f.result()
+    with cluster_address(dask_address, dask_workers) as address:
+        cluster = inspect_cluster(address) if address else None
+        slots = (f"{cluster.workers} Dask workers at {address}"
+                 + (f" ({cluster.gpu_workers} with a GPU)" if cluster.gpu_workers else "")
+                 if cluster else ", ".join(device_slots(device)))
+        plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
+                         overwrite, cube_layout)
+        selected, manifest = plan.layers, plan.manifest
+        prepare_chunk_writers(store_url)
+        done = completed_chunks(store_url)
+        shards = plan_shards(len(done), shard_chunks, pending=~done)
+        logger.info("%d images, %d layers, %d of %d chunks to do in %d shards on %s", len(manifest),
+                    len(selected), int((~done).sum()), len(done), len(shards), slots)
+        if shards:
+            runner = None
+            if cluster is not None:
+                from prefect_dask import DaskTaskRunner
+
+                runner = DaskTaskRunner(address=address)
+            run = extract_shards.with_options(task_runner=runner) if runner else extract_shards
+            run(store_url, model, weights, manifest.root, [list(s.chunks) for s in shards], selected,
+                batch_size, device, target_mode, cluster.to_dict() if cluster else None)
     consolidate(store_url)
     missing = int((~completed_chunks(store_url)).sum())
     if missing:

@@ -56,7 +56,8 @@ class PipelineParams(BaseModel):
     target_mode: Literal["label", "prediction"] = "label"
     per_image_moments: bool = Field(defaults.PER_IMAGE_MOMENTS, description="detection cube also keeps per-image input moments (ARVs of any image subset)")
     storage_dtype: Literal["float16", "float32"] = Field(defaults.STORAGE_DTYPE, description="dtype of per-image relevance/activations on disk")
-    dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://10.0.0.5:8786: runs the extraction shards and the reductions")
+    dask_workers: int | None = Field(None, description="start a local Dask cluster of N worker processes for this run (instead of dask_address)")
     max_per_class_train: int | None = None
     max_per_class_eval: int | None = None
     featvis_channels: int = Field(6, description="rewired channels that get feature visualisations")
@@ -80,6 +81,9 @@ class PipelineParams(BaseModel):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive")
+        from flows.cluster import validate_cluster_choice
+
+        validate_cluster_choice(self.dask_address, self.dask_workers)
         return self
 
     def detection(self) -> DetectionParams:
@@ -101,6 +105,8 @@ class PipelineParams(BaseModel):
             value = updates.get(name, getattr(self, name))
             if not Path(value).is_dir():
                 raise ValueError(f"{name} {value} is not a directory")
-        updates["train_store"] = self.train_store or str(Path(self.out_dir) / "cube-train.zarr")
-        updates["eval_store"] = self.eval_store or str(Path(self.out_dir) / "cube-eval.zarr")
+        from flows.outputs import join
+
+        updates["train_store"] = self.train_store or join(self.out_dir, "cube-train.zarr")
+        updates["eval_store"] = self.eval_store or join(self.out_dir, "cube-eval.zarr")
         return self.model_copy(update=updates)

@@ -7,11 +7,12 @@ recomputed: its result is read back from the run directory (see ``flows/stage_ca
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.cluster import cluster_address
 from flows.extract import extract_relevance_cube, validate_extraction
+from flows.outputs import RunOutputs
 from flows.params import PipelineParams
 from flows.stage_cache import StageCache
 from storage.cube import cube_info, open_store_group
@@ -273,13 +276,50 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
     from tasks.wordnet import ensure_wordnet
 
     ensure_wordnet()  # fail before any model pass if WordNet cannot be provisioned
-    out = Path(params.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # At a URL, outputs are written to a local mirror and uploaded (also when a stage fails).
+    outputs = RunOutputs.at(params.out_dir)
+    outputs.pull()
+    out = outputs.local
     cache = StageCache(out)
+    # One cluster (or none) for both extractions and the reduction.
+    with cluster_address(params.dask_address, params.dask_workers) as address, _pushed(outputs):
+        rewiring, detection, report, train_store, eval_store = _stages(params, detection_params, out,
+                                                                       cache, address)
+    summary = {
+        "out_dir": outputs.location,
+        "report": outputs.url_of(report.get("report")),
+        "summary_json": outputs.url_of(report.get("summary")),
+        "train_store": train_store,
+        "eval_store": eval_store,
+        "figure3": detection["figure3"].get(detection.get("figure3_last_layer") or "", {}),
+        "rewired_channels": len(rewiring["splits"]),
+        # Visible in the run's result (and the CLI's exit status), not only as a warning line.
+        "outcome": (f"rewired {len(rewiring['splits'])} channels" if rewiring["splits"]
+                    else "nothing to rewire: " + (rewiring.get("nothing_to_rewire")
+                                                  or nothing_to_rewire_reason(detection, [], []))),
+        "checkpoint": outputs.url_of(rewiring["checkpoint"]),
+        "equivalence": rewiring["equivalence"],
+    }
+    logger.info("report: %s; checkpoint: %s; stores: %s, %s", summary["report"], summary["checkpoint"],
+                train_store, eval_store)
+    return summary
+
+
+@contextlib.contextmanager
+def _pushed(outputs: RunOutputs) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        outputs.push()
+
+
+def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path, cache: StageCache,
+            address: str | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str, str]:
+    """extract -> reduce -> detect -> rewire -> evaluate/report, each skipped when cached."""
     common = dict(model=params.model, weights=params.weights, layers=params.layers,
                   chunk_images=params.chunk_images, shard_chunks=params.shard_chunks,
                   batch_size=params.batch_size, device=params.device, target_mode=params.target_mode,
-                  storage_dtype=params.storage_dtype)
+                  storage_dtype=params.storage_dtype, dask_address=address)
     # The detection cube keeps what the statistics need; the evaluation cube what evaluation reads.
     train_store = extract_relevance_cube(data_dir=params.train_dir, store_url=params.train_store,
                                          max_per_class=params.max_per_class_train, layout="detection",
@@ -291,7 +331,7 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
 
     reduce_key = {"cube": train_fp, "tau": params.tau, "correct_only": params.correct_only}
     if not cache.hit("reduce", reduce_key):
-        reduce_task(train_store, params.tau, params.correct_only, params.dask_address)
+        reduce_task(train_store, params.tau, params.correct_only, address)
         cache.store("reduce", reduce_key, {"store": train_store})
 
     detect_key = {**reduce_key, "detection": detection_params.to_dict()}
@@ -320,21 +360,4 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
                                params.model_dump(), str(out), params.device)
         cache.store("report", report_key, report)
 
-    summary = {
-        "out_dir": str(out),
-        "report": report.get("report"),
-        "summary_json": report.get("summary"),
-        "train_store": train_store,
-        "eval_store": eval_store,
-        "figure3": detection["figure3"].get(detection.get("figure3_last_layer") or "", {}),
-        "rewired_channels": len(rewiring["splits"]),
-        # Visible in the run's result (and the CLI's exit status), not only as a warning line.
-        "outcome": (f"rewired {len(rewiring['splits'])} channels" if rewiring["splits"]
-                    else "nothing to rewire: " + (rewiring.get("nothing_to_rewire")
-                                                  or nothing_to_rewire_reason(detection, [], []))),
-        "checkpoint": rewiring["checkpoint"],
-        "equivalence": rewiring["equivalence"],
-    }
-    logger.info("report: %s; checkpoint: %s; stores: %s, %s", summary["report"], summary["checkpoint"],
-                train_store, eval_store)
-    return summary
+    return rewiring, detection, report, train_store, eval_store

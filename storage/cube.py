@@ -23,6 +23,8 @@ Layout (``LAYOUT_VERSION`` 2)::
         moment_sums     (chunk, subset, class, in_channel, kernel_y, kernel_x) float32
         activation_sums (chunk, subset, class, channel)                          float32
       stats/<subset>/<conv name>/ class-level reductions, written by ``write_class_stats``
+      extraction/
+        chunk_writer (chunk)      str, host/pid[/dask worker] that wrote the chunk (provenance)
 
 Every per-image array is chunked along ``image`` only, with the same chunk length, so one
 writer owns each chunk and a chunk is complete exactly when its marker is set. The class-sum
@@ -51,6 +53,7 @@ from zarr.codecs import BloscCodec
 LAYOUT_VERSION = 2
 LAYERS_GROUP = "layers"
 STATS_GROUP = "stats"
+EXTRACTION_GROUP = "extraction"
 PER_LAYER_IMAGE_ARRAYS = ("relevance", "activation_max", "activation_mean")
 MOMENTS_ARRAY = "input_moments"
 MOMENT_SUMS_ARRAY = "moment_sums"
@@ -374,6 +377,30 @@ def write_chunk(root: zarr.Group, chunk: int, data: ChunkData) -> None:
                 sl = slice(int(b) * block, min((int(b) + 1) * block, values.shape[1]))
                 target[chunk, :, sl] = values[:, sl].astype(np.float32, copy=False)
     root["chunk_done"][chunk] = 1
+
+
+def prepare_chunk_writers(url: str | Path) -> None:
+    """Create ``extraction/chunk_writer`` if missing; call from the driver before the shards
+    run (one chunk per element, so each shard writes only its own chunks' records)."""
+    root = open_store_group(url, mode="r+")
+    group = root.require_group(EXTRACTION_GROUP)
+    if "chunk_writer" not in group:
+        group.create_array("chunk_writer", shape=root["chunk_done"].shape, chunks=(1,), dtype=str,
+                           fill_value="", dimension_names=["chunk"])
+
+
+def record_chunk_writer(root: zarr.Group, chunk: int, writer: str) -> None:
+    root[f"{EXTRACTION_GROUP}/chunk_writer"][chunk] = writer
+
+
+def chunk_writers(url: str | Path) -> list[str]:
+    """Who wrote each chunk ("" where unknown: a store made before the record existed)."""
+    # The live hierarchy (the group may be newer than the consolidated metadata); opening
+    # "r+" writes nothing.
+    root = open_store_group(url, mode="r+")
+    if EXTRACTION_GROUP not in root:
+        return [""] * root["chunk_done"].shape[0]
+    return [str(w) for w in root[f"{EXTRACTION_GROUP}/chunk_writer"][:]]
 
 
 def consolidate(url: str | Path) -> None:
