@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from prefect import flow, get_run_logger, task
@@ -37,15 +37,13 @@ def extract_shard(
     batch_size: int,
     device: str,
     target_mode: TargetMode,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Load the model on ``device`` and write every unfinished chunk of the shard."""
     logger = get_run_logger()
-    bundle = load_model(model_name, weights)
+    bundle = load_model(model_name, weights, seed=seed)
     model = bundle.model.to(device).eval()
-
-    def progress(s: ChunkStats) -> None:
-        logger.info("chunk %d written: %d images in %.1f s (%.0f images/s)", s.chunk, s.images,
-                    s.seconds, s.images / s.seconds if s.seconds else 0.0)
+    progress = ShardProgress(shard_index, len(chunks), logger.info)
 
     stats = extract_chunks(store_url, model, bundle.transform, dataset_root, chunks, layers,
                            batch_size, target_mode, on_chunk=progress)
@@ -54,6 +52,24 @@ def extract_shard(
     logger.info("shard %d: %d chunks, %d images, %d skipped, %.1f images/s", shard_index, len(stats),
                 images, sum(s.skipped for s in stats), images / seconds if seconds else 0.0)
     return {"shard": shard_index, "chunks": [asdict(s) for s in stats]}
+
+
+class ShardProgress:
+    """Per-chunk progress line of one shard: images/s so far and the shard's ETA."""
+
+    def __init__(self, shard_index: int, n_chunks: int, log: Callable[..., None]) -> None:
+        self.shard_index, self.n_chunks, self.log = shard_index, n_chunks, log
+        self.done = self.images = 0
+        self.seconds = 0.0
+
+    def __call__(self, s: ChunkStats) -> None:
+        self.done += 1
+        self.images += s.images
+        self.seconds += s.seconds
+        rate = self.images / self.seconds if self.seconds else 0.0
+        eta = self.seconds / self.done * (self.n_chunks - self.done)
+        self.log("shard %d: chunk %d written (%d/%d), %d images, %.1f images/s, shard ETA %.0f s",
+                 self.shard_index, s.chunk, self.done, self.n_chunks, self.images, rate, eta)
 
 
 def validate_extraction(chunk_images: int, shard_chunks: int, batch_size: int) -> None:
@@ -80,6 +96,7 @@ def extract_relevance_cube(
     target_mode: TargetMode = "label",
     max_per_class: int | None = None,
     overwrite: bool = False,
+    seed: int = 0,
 ) -> str:
     """Write per-image relevance, input moments and activations of every selected conv layer.
 
@@ -89,7 +106,7 @@ def extract_relevance_cube(
     validate_extraction(chunk_images, shard_chunks, batch_size)
     if not data_dir:
         raise ValueError("data_dir is required (an ImageFolder root)")
-    bundle = load_model(model, weights)
+    bundle = load_model(model, weights, seed=seed)
     slots = device_slots(device)
     plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
                      overwrite)
@@ -104,7 +121,7 @@ def extract_relevance_cube(
         previous = futures[shard.index - len(slots)] if shard.index >= len(slots) else None
         futures.append(extract_shard.submit(
             store_url, model, weights, manifest.root, shard.index, list(shard.chunks), selected,
-            batch_size, slots[shard.index % len(slots)], target_mode,
+            batch_size, slots[shard.index % len(slots)], target_mode, seed,
             wait_for=[previous] if previous is not None else None,
         ))
     for f in futures:

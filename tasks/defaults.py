@@ -64,3 +64,8 @@ EVAL_EXEMPLAR_MIN_SIDE: int = 96  # exemplar images are upsampled (nearest) to a
 EVAL_FEATVIS_STEPS: int = 64  # enough for a recognisable 32 x 32 visualisation on a CPU
 EVAL_FEATVIS_MAX_CHANNELS: int = 8  # the best-scoring channels get feature visualisations
 EVAL_DENSITY_POINTS: int = 256  # KDE grid of Figure 2
+
+# Preflight of `disentangle run`: fewer images than this in a class makes p (a fraction of the
+# class's images) and the class-mean ARVs too coarse to be statistics; the run warns.
+PREFLIGHT_MIN_IMAGES_PER_CLASS: int = 5
+PREFLIGHT_TIMING_IMAGES: int = 4  # images of the timed relevance pass behind the time estimate

@@ -78,6 +78,18 @@ def _sum_block(x: np.ndarray, labels: np.ndarray, n_classes: int, block_info: di
     return class_sums(lab, x, n_classes)[None]
 
 
+def statistics_labels(root: Any) -> np.ndarray:
+    """The one "statistics class" of every image of an opened store (int64, -1: none).
+
+    target_mode "label": the dataset label; "prediction": the model's prediction, so that
+    relevance of the predicted class is grouped with the class it was computed for. Every
+    class statistic (reduction, rho choice, evaluation, explanations) groups by this.
+    """
+    if root.attrs.get("target_mode", "label") == "prediction":
+        return root["prediction"][:].astype(np.int64)
+    return root["label"][:].astype(np.int64)
+
+
 def image_selection(
     store_url: str,
     *,
@@ -87,10 +99,10 @@ def image_selection(
     """Labels with excluded images set to -1: skipped images always, optionally those the model
     got wrong, optionally everything outside ``subset`` (indices or a boolean mask)."""
     root = open_store_group(store_url)
-    labels = root["label"][:].astype(np.int64)
-    keep = ~root["skipped"][:].astype(bool) & (root["prediction"][:] >= 0)
+    labels = statistics_labels(root)
+    keep = ~root["skipped"][:].astype(bool) & (root["prediction"][:] >= 0) & (labels >= 0)
     if correct_only:
-        keep &= root["prediction"][:] == labels
+        keep &= root["prediction"][:] == root["label"][:]
     if subset is not None:
         subset = np.asarray(subset)
         mask = subset if subset.dtype == bool else np.isin(np.arange(len(labels)), subset)
