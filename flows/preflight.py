@@ -115,8 +115,9 @@ class Preflight:
             f"{self.arv_layers} applicable for ARVs",
             f"  rewire   {rewire}; {bound} per layer; gamma {self.gamma:g} "
             f"(model preset: {self.preset})",
-            f"  estimate cubes {self.store_bytes / 1e9:.3g} GB uncompressed; extraction "
-            f"{self.estimated_extraction_s:.0f} s on this device ({self.seconds_per_image * 1e3:.1f} ms/image)",
+            f"  estimate cubes {self.store_bytes / 1e9:.3g} GB uncompressed; extraction at most about "
+            f"{self.estimated_extraction_s:.0f} s on this device ({self.seconds_per_image * 1e3:.1f} ms/image "
+            f"timed on a batch of {defaults.PREFLIGHT_TIMING_IMAGES}; full batches are faster)",
         ]
         out += [f"  warning  {w}" for w in self.warnings]
         return out
