@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
@@ -64,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [flag, "--workers"] if name == "dask_workers" else [flag]
         default = field.get_default(call_default_factory=True)
         kind = field.annotation
-        help_text = (field.description or "") + f" (default: {default})"
+        shown = "the model's preset" if default is None and "preset" in (field.description or "") else default
+        help_text = (field.description or "") + f" (default: {shown})"
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
         if kind is bool:
             run.add_argument(*flags, action="store_true", default=None, help=help_text)
+        elif choices:
+            run.add_argument(*flags, default=None, choices=choices, help=help_text)
         elif name in ("layers", "rewire_layers", "rho_grid"):
             run.add_argument(*flags, default=None, help=help_text + "; comma-separated")
         else:
@@ -191,7 +196,9 @@ def params_from_args(args: argparse.Namespace) -> "PipelineParams":
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+    # pydantic's ValidationError and CubeMismatch are ValueErrors too. Printed once, without a
+    # traceback: the preflight raises these before any work, so there is nothing to debug.
+    except (ValueError, FileNotFoundError) as exc:
         print(f"disentangle: error: {exc}", file=sys.stderr)
         return 2
 
@@ -210,15 +217,20 @@ def _main(argv: Sequence[str] | None) -> int:
         compare(args.run_dirs, args.out)
         return 0
     if args.command == "run":
-        from flows.pipeline import disentangle_all_layers
+        from flows.pipeline import disentangle_all_layers, preflight_inputs
 
-        params = params_from_args(args)
-        summary = disentangle_all_layers(params)
+        params = params_from_args(args).resolved()
+        # Before the flow starts: a bad input stops here with one readable line.
+        checked = preflight_inputs(params)
+        print(checked.text(), flush=True)
+        summary = disentangle_all_layers(params, preflight=checked.to_dict())
         print(json.dumps(summary, indent=2, default=str))
         print(f"report: {summary.get('report')}\n"
               f"open a relevance cube with: .venv/bin/python -c \"from storage import open_cube; "
               f"print(open_cube('{summary['eval_store']}'))\"\n"
               f"digest: .venv/bin/disentangle show {summary['out_dir']}")
+        if summary.get("export"):
+            print(f"standalone rewired model (plain PyTorch): torch.export.load('{summary['export']}').module()")
         if not summary.get("rewired_channels"):
             print(f"disentangle: {summary.get('outcome', 'nothing to rewire')}", file=sys.stderr)
             return EXIT_NOTHING_TO_REWIRE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from prefect import flow, get_run_logger, task
@@ -46,6 +46,7 @@ def extract_shard(
     batch_size: int | None,
     device: str,
     target_mode: TargetMode,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Load the model on ``device`` and write every unfinished chunk of the shard.
 
@@ -55,17 +56,18 @@ def extract_shard(
     logger = get_run_logger()
     writer = worker_identity()
     dev = pick_device(device)
-    bundle = load_model(model_name, weights)
+    bundle = load_model(model_name, weights, seed=seed)
     model = bundle.model.to(dev).eval()
     if batch_size is None:
         batch_size = auto_batch_size(model, (3, *bundle.input_size), int(cube_info(store_url)["chunk_images"]))
         logger.info("batch size %d, chosen from the free memory of %s", batch_size, dev)
     root = open_store_group(store_url, mode="r+")
 
+    shard_progress = ShardProgress(shard_index, len(chunks), logger.info)
+
     def progress(s: ChunkStats) -> None:
         record_chunk_writer(root, s.chunk, writer)
-        logger.info("chunk %d written: %d images in %.1f s (%.0f images/s)", s.chunk, s.images,
-                    s.seconds, s.images / s.seconds if s.seconds else 0.0)
+        shard_progress(s)
 
     stats = extract_chunks(store_url, model, bundle.transform, dataset_root, chunks, layers,
                            batch_size, target_mode, on_chunk=progress)
@@ -76,6 +78,24 @@ def extract_shard(
                 images / seconds if seconds else 0.0)
     return {"shard": shard_index, "writer": writer, "device": str(dev),
             "chunks": [asdict(s) for s in stats]}
+
+
+class ShardProgress:
+    """Per-chunk progress line of one shard: images/s so far and the shard's ETA."""
+
+    def __init__(self, shard_index: int, n_chunks: int, log: Callable[..., None]) -> None:
+        self.shard_index, self.n_chunks, self.log = shard_index, n_chunks, log
+        self.done = self.images = 0
+        self.seconds = 0.0
+
+    def __call__(self, s: ChunkStats) -> None:
+        self.done += 1
+        self.images += s.images
+        self.seconds += s.seconds
+        rate = self.images / self.seconds if self.seconds else 0.0
+        eta = self.seconds / self.done * (self.n_chunks - self.done)
+        self.log("shard %d: chunk %d written (%d/%d), %d images, %.1f images/s, shard ETA %.0f s",
+                 self.shard_index, s.chunk, self.done, self.n_chunks, self.images, rate, eta)
 
 
 def validate_extraction(chunk_images: int, shard_chunks: int, batch_size: int | None) -> None:
@@ -103,6 +123,7 @@ def extract_shards(
     device: str,
     target_mode: TargetMode,
     cluster: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run one shard task per entry of ``shards``: on the Dask cluster described by ``cluster``
     (the caller sets a ``DaskTaskRunner`` on this flow), else on threads here, one chain of
@@ -116,7 +137,7 @@ def extract_shards(
         with annotate:  # prefect-dask passes Dask annotations on to the scheduler
             for i, chunks in enumerate(shards):
                 futures.append(extract_shard.submit(store_url, model, weights, dataset_root, i, chunks,
-                                                    layers, batch_size, device, target_mode))
+                                                    layers, batch_size, device, target_mode, seed))
     else:
         slots = device_slots(device)
         for i, chunks in enumerate(shards):
@@ -124,7 +145,8 @@ def extract_shards(
             previous = futures[i - len(slots)] if i >= len(slots) else None
             futures.append(extract_shard.submit(
                 store_url, model, weights, dataset_root, i, chunks, layers, batch_size,
-                slots[i % len(slots)], target_mode, wait_for=[previous] if previous is not None else None,
+                slots[i % len(slots)], target_mode, seed,
+                wait_for=[previous] if previous is not None else None,
             ))
     return [f.result() for f in futures]
 
@@ -148,6 +170,7 @@ def extract_relevance_cube(
     storage_dtype: str = defaults.STORAGE_DTYPE,
     dask_address: str | None = None,
     dask_workers: int | None = None,
+    seed: int = 0,
 ) -> str:
     """Write the cube of every selected conv layer: per-image relevance and what ``layout``
     keeps (``storage.cube.CubeLayout.preset``: "detection" adds per-chunk class sums of the input
@@ -162,7 +185,7 @@ def extract_relevance_cube(
     cube_layout = CubeLayout.preset(layout, per_image_moments=per_image_moments, dtype=storage_dtype)
     if not data_dir:
         raise ValueError("data_dir is required (an ImageFolder root)")
-    bundle = load_model(model, weights)
+    bundle = load_model(model, weights, seed=seed)
     with cluster_address(dask_address, dask_workers) as address:
         cluster = inspect_cluster(address) if address else None
         slots = (f"{cluster.workers} Dask workers at {address}"
@@ -184,7 +207,7 @@ def extract_relevance_cube(
                 runner = DaskTaskRunner(address=address)
             run = extract_shards.with_options(task_runner=runner) if runner else extract_shards
             run(store_url, model, weights, manifest.root, [list(s.chunks) for s in shards], selected,
-                batch_size, device, target_mode, cluster.to_dict() if cluster else None)
+                batch_size, device, target_mode, cluster.to_dict() if cluster else None, seed)
     consolidate(store_url)
     missing = int((~completed_chunks(store_url)).sum())
     if missing:

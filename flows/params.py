@@ -1,25 +1,25 @@
 """Parameters of `disentangle-all-layers`, validated before any work.
 
 The embedded default is the CIFAR-10 demo: ResNet-20, the training JPEGs for detection, the
-test JPEGs for evaluation, every conv layer. Small CIFAR networks have high ARV cosines (0.8 to
-1.0), so the paper's gamma = 0.5 finds nothing there; the demo selects with gamma = 0.9 (about
-the lowest-cosine third of the last layer's candidate pairs) and rewires the last block's two
-convs. What the paper's default finds is always reported too
-(the ``paper_polysemantic`` column of the detection table).
+test JPEGs for evaluation, every conv layer. ``gamma``, ``rewire_layers`` and
+``max_rewired_per_layer`` left unset come from the model's preset (``tasks/presets.py``): the
+CIFAR preset selects with gamma = 0.9 and rewires the last block's two convs, every other model
+gets the paper's gamma = 0.5 and rewires the layers where the rule found pairs. What the paper's
+default finds is always reported too (the ``paper_polysemantic`` column of the detection table).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks import defaults
 from tasks.detect import DetectionParams
+from tasks.presets import preset_for
 
-DEMO_GAMMA = 0.9
-DEMO_REWIRE_LAYERS = ["layer3.2.conv1", "layer3.2.conv2"]
+_PRESET_FIELDS = ("gamma", "rewire_layers", "max_rewired_per_layer")
 
 
 class PipelineParams(BaseModel):
@@ -33,16 +33,17 @@ class PipelineParams(BaseModel):
     layers: str | list[str] = Field("all", description="conv layers to analyse: 'all', names or glob patterns")
     tau: float = defaults.TAU
     p: float = defaults.P_FRACTION
-    gamma: float = DEMO_GAMMA
+    gamma: float | None = Field(None, description="ARV cosine threshold; default: the model's preset (CIFAR ResNets 0.9, others the paper's 0.5)")
     cosine_lower_bound: float = defaults.COSINE_LOWER_BOUND
     rule: Literal["gamma", "lowest-k", "quantile"] = "gamma"
     k: int = 3
     quantile: float = 0.1
     max_pairs_per_layer: int = Field(2000, description="detection-table rows kept per layer (counts stay exact)")
     correct_only: bool = Field(False, description="statistics over correctly classified images only")
-    rewire_layers: str | list[str] = Field(default_factory=lambda: list(DEMO_REWIRE_LAYERS),
-                                           description="layers whose selected channels are rewired ('all' or names/globs)")
-    max_rewired_per_layer: int | None = None
+    rewire_layers: str | list[str] | None = Field(None, description="layers whose selected channels are rewired: 'all', 'auto' (every layer where the rule found pairs) or names/globs; default: the model's preset (CIFAR ResNets: the last block's two convs, others: auto)")
+    max_rewired_per_layer: int | None = Field(None, description="lowest-cosine channels rewired per layer; default: the model's preset (CIFAR: no bound, others: 8)")
+    seed: int = Field(0, description="seed of randomly initialised weights (recorded in every store)")
+    overwrite: bool = Field(False, description="replace stores made from other inputs")
     rho_grid: list[float] = Field(default_factory=lambda: list(defaults.RHO_GRID))
     rho_max_images: int = defaults.RHO_MAX_IMAGES_PER_CONCEPT
     check_images: int = 1024
@@ -53,11 +54,11 @@ class PipelineParams(BaseModel):
     chunk_images: int = defaults.CHUNK_IMAGES
     shard_chunks: int = defaults.SHARD_CHUNKS
     batch_size: int = defaults.BATCH_SIZE
-    target_mode: Literal["label", "prediction"] = "label"
     per_image_moments: bool = Field(defaults.PER_IMAGE_MOMENTS, description="detection cube also keeps per-image input moments (ARVs of any image subset)")
     storage_dtype: Literal["float16", "float32"] = Field(defaults.STORAGE_DTYPE, description="dtype of per-image relevance/activations on disk")
     dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://10.0.0.5:8786: runs the extraction shards and the reductions")
     dask_workers: int | None = Field(None, description="start a local Dask cluster of N worker processes for this run (instead of dask_address)")
+    target_mode: Literal["label", "prediction"] = Field("label", description="label: attribute and group by the folder label; prediction: by the model's prediction (any folder names)")
     max_per_class_train: int | None = None
     max_per_class_eval: int | None = None
     featvis_channels: int = Field(6, description="rewired channels that get feature visualisations")
@@ -74,9 +75,23 @@ class PipelineParams(BaseModel):
             raise ValueError("rho_grid values must lie in (0, 1]")
         return sorted(set(float(r) for r in v))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: object) -> object:
+        """Unset model-dependent parameters come from the model's preset."""
+        if isinstance(data, dict):
+            data = dict(data)
+            preset = preset_for(str(data.get("model") or cls.model_fields["model"].default))
+            for name in _PRESET_FIELDS:
+                if data.get(name) is None:
+                    data[name] = getattr(preset, name)
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "PipelineParams":
         self.detection()  # raises ValueError with every problem in tau, p, gamma, ...
+        if self.correct_only and self.target_mode == "prediction":
+            raise ValueError("correct_only needs dataset labels; it does not apply to target_mode='prediction'")
         for name in ("max_per_class_train", "max_per_class_eval", "max_rewired_per_layer"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -85,6 +100,15 @@ class PipelineParams(BaseModel):
 
         validate_cluster_choice(self.dask_address, self.dask_workers)
         return self
+
+    def store_layouts(self) -> dict[str, dict[str, Any]]:
+        """Layout arguments of the two cubes (``storage.cube.CubeLayout.preset``), used by the
+        extraction and by the preflight that creates the stores: the detection cube keeps what
+        the statistics need, the evaluation cube what evaluation reads."""
+        return {"train": {"layout": "detection", "per_image_moments": self.per_image_moments,
+                          "storage_dtype": self.storage_dtype},
+                "eval": {"layout": "evaluation", "per_image_moments": False,
+                         "storage_dtype": self.storage_dtype}}
 
     def detection(self) -> DetectionParams:
         return DetectionParams(tau=self.tau, p=self.p, gamma=self.gamma,

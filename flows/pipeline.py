@@ -24,6 +24,7 @@ from flows.cluster import cluster_address
 from flows.extract import extract_relevance_cube, validate_extraction
 from flows.outputs import RunOutputs
 from flows.params import PipelineParams
+from flows.preflight import Preflight, run_preflight
 from flows.stage_cache import StageCache
 from storage.cube import cube_info, open_store_group
 from tasks.checkpoint import save_disentangled
@@ -32,7 +33,7 @@ from tasks.detect import DetectionParams, LayerDetection, PairRow, detect_layer,
 from tasks.disentangle import build_splits, plan_rewiring
 from tasks.report import build_summary, data_uri, figure3, markdown_artifacts, write_report
 from tasks.models import load_model
-from tasks.reduce import read_stats, reduce_cube, write_stats
+from tasks.reduce import read_stats, reduce_cube, statistics_labels, write_stats
 from tasks.rewire import check_equivalence, rewire_model
 from tasks.trend import checkpoint_info, write_checkpoint_record
 
@@ -53,13 +54,13 @@ def reduce_task(store_url: str, tau: float, correct_only: bool, scheduler_addres
 
 @task(name="detect", cache_policy=NO_CACHE)
 def detect_task(store_url: str, model_name: str, weights: str | None, params: dict[str, Any],
-                out_dir: str) -> dict[str, Any]:
+                out_dir: str, seed: int = 0) -> dict[str, Any]:
     """Candidates and gamma-polysemantic pairs of every layer, with WordNet similarities;
     writes detection.csv / detection.json and the Figure 3 plot of the last layer."""
     from tasks.wordnet import pair_similarity
 
     detection_params = DetectionParams(**params)
-    bundle = load_model(model_name, weights)
+    bundle = load_model(model_name, weights, seed=seed)
     info = cube_info(store_url)
     layers = list(info["layers"])
     stats = read_stats(store_url, STATS_SUBSET, layers)
@@ -161,7 +162,7 @@ def nothing_to_rewire_reason(detection: dict[str, Any], planned: list[Any], skip
 def _class_image_loader(store_url: str, transform: Any, max_images: int):
     """Detection images of one class (first ``max_images`` readable ones, in store order)."""
     root = open_store_group(store_url)
-    labels = root["label"][:]
+    labels = statistics_labels(root)  # the class the statistics (and the ARVs) grouped by
     keep = ~root["skipped"][:].astype(bool)
     paths = np.asarray([str(p) for p in root["image_path"][:]])
     data_root = cube_info(store_url)["dataset"]["root"]
@@ -179,10 +180,14 @@ def _class_image_loader(store_url: str, transform: Any, max_images: int):
 @task(name="rewire", cache_policy=NO_CACHE)
 def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str | None,
                 detection: dict[str, Any], rewire_layers: str | list[str], max_per_layer: int | None,
-                rho_grid: list[float], rho_max_images: int, out_dir: str, check_images: int) -> dict[str, Any]:
-    """Split every selected channel, check the function is unchanged, save the checkpoint."""
+                rho_grid: list[float], rho_max_images: int, out_dir: str, check_images: int,
+                seed: int = 0) -> dict[str, Any]:
+    """Split every selected channel, check the function is unchanged, save the checkpoint and
+    a standalone export (``disentangled.pt2``, plain torch)."""
+    from tasks.export import export_model
+
     logger = get_run_logger()
-    bundle = load_model(model_name, weights)
+    bundle = load_model(model_name, weights, seed=seed)
     model = bundle.model.eval()
     plan = plan_rewiring(detections_from_json(detection), rewire_layers, max_per_layer)
     stats = read_stats(train_store, STATS_SUBSET, sorted({r.layer for r in plan.rows}))
@@ -207,7 +212,11 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
     equivalence = check_equivalence(model, rewired, images)
     ckpt = out / "disentangled.pt"
     save_disentangled(ckpt, bundle, rewired, splits, extra={"equivalence": equivalence})
-    result.update(checkpoint=str(ckpt), equivalence=equivalence)
+    result.update(checkpoint=str(ckpt), equivalence=equivalence, export=None)
+    try:
+        result["export"] = str(export_model(rewired, images[:2], out / "disentangled.pt2"))
+    except Exception as exc:  # torch.export cannot trace every model; the checkpoint stands
+        logger.warning("standalone export failed (%s: %s); the checkpoint is saved", type(exc).__name__, exc)
     rows = [{"layer": s.layer, "channel": s.channel, "concepts": " | ".join(s.concept_names),
              "rho": s.rho, "sources": [len(x) for x in s.sources], "shared": len(s.shared)} for s in splits]
     create_table_artifact(key="rewired-channels", table=rows,
@@ -220,7 +229,8 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
 @task(name="evaluate-and-report", cache_policy=NO_CACHE)
 def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: str | None,
                   rewiring: dict[str, Any], detection: dict[str, Any], params: dict[str, Any],
-                  out_dir: str, device: str) -> dict[str, Any]:
+                  out_dir: str, device: str, seed: int = 0,
+                  preflight: dict[str, Any] | None = None) -> dict[str, Any]:
     """Table 1, scores, figures, explanations before/after, then report.html + summary.json."""
     from tasks.checkpoint import load_disentangled
     from tasks.evaluate import evaluate_run
@@ -228,7 +238,7 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
     from tasks.rewire import ChannelSplit
 
     logger = get_run_logger()
-    bundle = load_model(model_name, weights)
+    bundle = load_model(model_name, weights, seed=seed)
     detections = detections_from_json(detection)
     evaluation, figures = None, {}
     if rewiring.get("checkpoint"):
@@ -250,11 +260,16 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
              "detection table": str(Path(out_dir) / "detection.csv")}
     if rewiring.get("checkpoint"):
         links["rewired checkpoint"] = rewiring["checkpoint"]
+    if rewiring.get("export"):
+        links["rewired model, standalone (torch.export.load)"] = rewiring["export"]
+    extra: dict[str, Any] = {"rewiring": {"equivalence": rewiring.get("equivalence"),
+                                          "skipped": rewiring.get("skipped", []),
+                                          "nothing_to_rewire": rewiring.get("nothing_to_rewire")}}
+    if preflight:
+        extra = {"notes": preflight.get("notes", []), "preflight": Preflight.from_dict(preflight).lines()[1:],
+                 **extra}
     summary = build_summary(params=params, evaluation=evaluation, detections=detections,
-                            figure3_stats=fig3_stats, links=links,
-                            extra={"rewiring": {"equivalence": rewiring.get("equivalence"),
-                                                "skipped": rewiring.get("skipped", []),
-                                                "nothing_to_rewire": rewiring.get("nothing_to_rewire")}})
+                            figure3_stats=fig3_stats, links=links, extra=extra)
     all_figures = {**figures, **fig3_pngs}
     paths = write_report(out_dir, summary, all_figures)
     artifacts = markdown_artifacts(summary, all_figures, max_channels=3)
@@ -266,9 +281,35 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
     return {k: str(v) for k, v in paths.items()}
 
 
+def stage_keys(params: PipelineParams, model_identity: dict[str, Any], train_fp: str,
+               eval_fp: str) -> dict[str, dict[str, Any]]:
+    """The stage cache's key of every stage: what its result depends on. The model identity
+    (with the state dict's content hash) is in every key, besides the cube fingerprints."""
+    reduce_key = {"model": model_identity, "cube": train_fp, "tau": params.tau,
+                  "correct_only": params.correct_only}
+    detect_key = {**reduce_key, "detection": params.detection().to_dict()}
+    rewire_key = {**detect_key, "eval": eval_fp, "rewire_layers": params.rewire_layers,
+                  "max_per_layer": params.max_rewired_per_layer, "rho_grid": list(params.rho_grid),
+                  "rho_max_images": params.rho_max_images}
+    report_key = {**rewire_key, "eval_params": {k: getattr(params, k) for k in
+                                                ("featvis_steps", "featvis_channels", "batch_size",
+                                                 "explain_quantile")}}
+    return {"reduce": reduce_key, "detect": detect_key, "rewire": rewire_key, "report": report_key}
+
+
+def preflight_inputs(params: PipelineParams) -> Preflight:
+    """Resolve ``params`` and check every input before any work (see ``flows/preflight.py``)."""
+    validate_extraction(params.chunk_images, params.shard_chunks, params.batch_size)
+    return run_preflight(params)
+
+
 @flow(name="disentangle-all-layers", log_prints=True)
-def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, Any]:
-    """The whole method on every conv layer; returns where the outputs are."""
+def disentangle_all_layers(params: PipelineParams | None = None,
+                           preflight: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole method on every conv layer; returns where the outputs are.
+
+    ``preflight``: the ``Preflight.to_dict()`` of these params when the caller (the CLI) has
+    already run it; otherwise it runs here, before any model pass."""
     logger = get_run_logger()
     params = (params or PipelineParams()).resolved()
     validate_extraction(params.chunk_images, params.shard_chunks, params.batch_size)
@@ -276,15 +317,23 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
     from tasks.wordnet import ensure_wordnet
 
     ensure_wordnet()  # fail before any model pass if WordNet cannot be provisioned
+    if preflight is None:
+        preflight = preflight_inputs(params).to_dict()
+    checked = Preflight.from_dict(preflight)
+    for line in checked.lines():
+        logger.info(line)
     # At a URL, outputs are written to a local mirror and uploaded (also when a stage fails).
     outputs = RunOutputs.at(params.out_dir)
     outputs.pull()
     out = outputs.local
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preflight.json").write_text(json.dumps(preflight, indent=1, default=str))
     cache = StageCache(out)
     # One cluster (or none) for both extractions and the reduction.
     with cluster_address(params.dask_address, params.dask_workers) as address, _pushed(outputs):
         rewiring, detection, report, train_store, eval_store = _stages(params, detection_params, out,
-                                                                       cache, address)
+                                                                       cache, address, checked,
+                                                                       preflight)
     summary = {
         "out_dir": outputs.location,
         "report": outputs.url_of(report.get("report")),
@@ -298,6 +347,8 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
                     else "nothing to rewire: " + (rewiring.get("nothing_to_rewire")
                                                   or nothing_to_rewire_reason(detection, [], []))),
         "checkpoint": outputs.url_of(rewiring["checkpoint"]),
+        "export": outputs.url_of(rewiring.get("export")),
+        "preflight": outputs.url_of(str(out / "preflight.json")),
         "equivalence": rewiring["equivalence"],
     }
     logger.info("report: %s; checkpoint: %s; stores: %s, %s", summary["report"], summary["checkpoint"],
@@ -314,50 +365,50 @@ def _pushed(outputs: RunOutputs) -> Iterator[None]:
 
 
 def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path, cache: StageCache,
-            address: str | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str, str]:
+            address: str | None, checked: Preflight, preflight: dict[str, Any],
+            ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str, str]:
     """extract -> reduce -> detect -> rewire -> evaluate/report, each skipped when cached."""
     common = dict(model=params.model, weights=params.weights, layers=params.layers,
                   chunk_images=params.chunk_images, shard_chunks=params.shard_chunks,
                   batch_size=params.batch_size, device=params.device, target_mode=params.target_mode,
-                  storage_dtype=params.storage_dtype, dask_address=address)
+                  dask_address=address, seed=params.seed)
+    # The preflight created (or replaced) both stores; extraction resumes them.
     # The detection cube keeps what the statistics need; the evaluation cube what evaluation reads.
     train_store = extract_relevance_cube(data_dir=params.train_dir, store_url=params.train_store,
-                                         max_per_class=params.max_per_class_train, layout="detection",
-                                         per_image_moments=params.per_image_moments, **common)
+                                         max_per_class=params.max_per_class_train,
+                                         **params.store_layouts()["train"], **common)
     eval_store = extract_relevance_cube(data_dir=params.eval_dir, store_url=params.eval_store,
-                                        max_per_class=params.max_per_class_eval, layout="evaluation", **common)
+                                        max_per_class=params.max_per_class_eval,
+                                        **params.store_layouts()["eval"], **common)
     train_fp = cube_info(train_store)["fingerprint"]
     eval_fp = cube_info(eval_store)["fingerprint"]
+    keys = stage_keys(params, checked.model_identity, train_fp, eval_fp)
 
-    reduce_key = {"cube": train_fp, "tau": params.tau, "correct_only": params.correct_only}
+    reduce_key = keys["reduce"]
     if not cache.hit("reduce", reduce_key):
         reduce_task(train_store, params.tau, params.correct_only, address)
         cache.store("reduce", reduce_key, {"store": train_store})
 
-    detect_key = {**reduce_key, "detection": detection_params.to_dict()}
+    detect_key = keys["detect"]
     detection = cache.get("detect", detect_key)
     if detection is None:
         detection = detect_task(train_store, params.model, params.weights, detection_params.to_dict(),
-                                str(out))
+                                str(out), params.seed)
         cache.store("detect", detect_key, detection)
 
-    rewire_key = {**detect_key, "eval": eval_fp, "rewire_layers": params.rewire_layers,
-                  "max_per_layer": params.max_rewired_per_layer, "rho_grid": list(params.rho_grid),
-                  "rho_max_images": params.rho_max_images}
+    rewire_key = keys["rewire"]
     rewiring = cache.get("rewire", rewire_key, must_exist=["checkpoint"])
     if rewiring is None:
         rewiring = rewire_task(train_store, eval_store, params.model, params.weights, detection,
                                params.rewire_layers, params.max_rewired_per_layer, list(params.rho_grid),
-                               params.rho_max_images, str(out), params.check_images)
+                               params.rho_max_images, str(out), params.check_images, params.seed)
         cache.store("rewire", rewire_key, rewiring)
 
-    report_key = {**rewire_key, "eval_params": {k: getattr(params, k) for k in
-                                                ("featvis_steps", "featvis_channels", "batch_size",
-                                                 "explain_quantile")}}
+    report_key = keys["report"]
     report = cache.get("report", report_key, must_exist=["report", "summary"])
     if report is None:
         report = evaluate_task(eval_store, train_store, params.model, params.weights, rewiring, detection,
-                               params.model_dump(), str(out), params.device)
+                               params.model_dump(), str(out), params.device, params.seed, preflight)
         cache.store("report", report_key, report)
 
     return rewiring, detection, report, train_store, eval_store

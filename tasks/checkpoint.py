@@ -90,7 +90,8 @@ def load_disentangled(
             f"(sha256 {expected!r}) but {weights!r} was given"
         )
     # A randomly initialised base has no weights file; the state dict carries every tensor.
-    bundle = load_model(base["name"], weights if weights is not None else RANDOM_WEIGHTS)
+    bundle = load_model(base["name"], weights if weights is not None else RANDOM_WEIGHTS,
+                        seed=base.get("seed") or 0)
     splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
     model = rewire_model(bundle.model, splits)
     model.load_state_dict(blob["state_dict"], strict=True)

@@ -43,12 +43,15 @@ class Manifest:
 
 
 def folder_to_class_index(
-    folders: Sequence[str], class_names: Sequence[str], wnids: Sequence[str | None]
+    folders: Sequence[str], class_names: Sequence[str], wnids: Sequence[str | None],
+    allow_unmatched: bool = False,
 ) -> dict[str, int]:
     """Map class folder names to model class indices by WordNet id, then by class name.
 
     A folder that matches neither is an error: assigning labels by sort order alone
     would silently attribute the wrong logits when the dataset has a subset of the classes.
+    With ``allow_unmatched`` (target_mode "prediction", where labels come from the model)
+    such folders get label -1 instead.
     """
     by_wnid = {w: i for i, w in enumerate(wnids) if w}
     by_name = {n.lower(): i for i, n in enumerate(class_names)}
@@ -61,10 +64,14 @@ def folder_to_class_index(
             mapping[f] = by_name[f.lower()]
         else:
             unknown.append(f)
-    if unknown:
+            if allow_unmatched:
+                mapping[f] = -1
+    if unknown and not allow_unmatched:
         raise ValueError(
             f"{len(unknown)} class folders match no class of the model (by WordNet id or name), "
-            f"e.g. {unknown[:5]}; the model's classes start {list(class_names)[:5]}"
+            f"e.g. {unknown[:5]}; the model's classes start {list(class_names)[:5]}. For "
+            "unlabelled or differently labelled images use target_mode 'prediction' "
+            "(--target-mode prediction): statistics are then grouped by the model's prediction"
         )
     return mapping
 
@@ -74,15 +81,17 @@ def scan_image_folder(
     class_names: Sequence[str],
     wnids: Sequence[str | None],
     max_per_class: int | None = None,
+    allow_unmatched: bool = False,
 ) -> Manifest:
-    """List ``root/<class>/<image>`` in sorted order; labels follow the model's class index."""
+    """List ``root/<class>/<image>`` in sorted order; labels follow the model's class index
+    (-1 for folders matching no class, allowed only with ``allow_unmatched``)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not folders:
         raise ValueError(f"{root} has no class folders (expected ImageFolder layout root/<class>/<image>)")
-    mapping = folder_to_class_index(folders, class_names, wnids)
+    mapping = folder_to_class_index(folders, class_names, wnids, allow_unmatched)
     paths, labels = [], []
     for f in folders:
         files = sorted(p.name for p in (root / f).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

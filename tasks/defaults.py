@@ -123,3 +123,8 @@ ARTIFACT_MAX_BYTES: int = 1_000_000
 # are PNG files beside it, linked. The page is kept under REPORT_MAX_BYTES.
 REPORT_EMBED_CHANNELS: int = 12
 REPORT_MAX_BYTES: int = 8_000_000
+
+# Preflight of `disentangle run`: fewer images than this in a class makes p (a fraction of the
+# class's images) and the class-mean ARVs too coarse to be statistics; the run warns.
+PREFLIGHT_MIN_IMAGES_PER_CLASS: int = 5
+PREFLIGHT_TIMING_IMAGES: int = 4  # images of the timed relevance pass behind the time estimate

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tasks import defaults
+from tasks.presets import AUTO_REWIRE
 from tasks.detect import LayerDetection, PairRow, channels_to_rewire, class_arvs
 from tasks.reduce import LayerStats
 from tasks.rewire import ChannelSplit, NotApplicable, choose_rho, collect_layer_inputs
@@ -26,13 +27,43 @@ class RewirePlan:
     skipped: list[dict] = field(default_factory=list)  # {"layer", "reason"}
 
 
+def resolve_rewire_layers(analysed: Sequence[str], layers: str | Sequence[str]) -> list[str] | str:
+    """The analysed layers that ``layers`` ('all', 'auto', names or globs) names, in order, or
+    'auto'. A name or pattern that matches no analysed conv layer is an error (listing them),
+    as in ``select_layers``: a typo must not silently rewire nothing."""
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if patterns == [AUTO_REWIRE]:
+        return AUTO_REWIRE
+    if AUTO_REWIRE in patterns:
+        raise ValueError(f"rewire_layers {AUTO_REWIRE!r} cannot be combined with names or patterns")
+    names = list(analysed)
+    if not patterns:
+        raise ValueError("rewire_layers is empty")
+    chosen: set[str] = set()
+    for p in patterns:
+        hits = names if p == "all" else [n for n in names if n == p or fnmatch.fnmatchcase(n, p)]
+        if not hits:
+            shown = names if len(names) <= 6 else names[:5] + ["..."] + names[-1:]
+            raise ValueError(
+                f"rewire_layers: no analysed conv layer matches {p!r} ({len(names)} conv layers: "
+                f"{', '.join(shown)}); use a name, a glob pattern, 'all' or 'auto' (every layer "
+                "where the rule found pairs)")
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
+
+
 def plan_rewiring(detections: Sequence[LayerDetection], layers: str | Sequence[str] = "all",
                   max_per_layer: int | None = None) -> RewirePlan:
-    """The channels to rewire: per chosen layer, each selected channel's lowest-cosine pair."""
-    patterns = [layers] if isinstance(layers, str) else list(layers)
+    """The channels to rewire: per chosen layer, each selected channel's lowest-cosine pair.
+
+    ``layers='auto'``: every applicable layer where the rule selected pairs."""
+    resolved = resolve_rewire_layers([d.layer for d in detections], layers)
     plan = RewirePlan(rows=[])
     for det in detections:
-        if not any(p == "all" or fnmatch.fnmatchcase(det.layer, p) for p in patterns):
+        if resolved == AUTO_REWIRE:
+            if not det.applicable:
+                continue
+        elif det.layer not in resolved:
             continue
         if not det.applicable:
             plan.skipped.append({"layer": det.layer, "reason": det.reason})

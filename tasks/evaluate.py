@@ -43,7 +43,7 @@ from tasks.explain import (
     iou_from_counts,
     present_quantile,
 )
-from tasks.reduce import important_mask
+from tasks.reduce import important_mask, statistics_labels
 from tasks.rewire import ChannelSplit, DisentangledConv2d, capture_parts
 
 __all__ = [
@@ -611,7 +611,7 @@ def explain_layer(
     """
     root = open_store_group(eval_cube_url)
     n_classes = int(root["class_name"].shape[0])
-    labels = root["label"][:].astype(np.int64)
+    labels = statistics_labels(root)
     acts = np.asarray(root["layers"][layer]["activation_max"][:], dtype=np.float32)
     keep = ~root["skipped"][:].astype(bool) & np.isfinite(acts).all(1) & (labels >= 0)
     if rows is not None:
@@ -771,7 +771,7 @@ def evaluate_run(
     rewired = rewired.to(dev).eval()
 
     root = open_store_group(eval_cube_url)
-    cube_labels = root["label"][:].astype(np.int64)
+    cube_labels = statistics_labels(root)
     cube_names = list(as_str(root["class_name"][:]))
     cube_wnids = [w or None for w in as_str(root["class_wnid"][:])]
     names = list(class_names) if class_names is not None else cube_names

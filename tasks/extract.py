@@ -59,7 +59,8 @@ def plan_cube(
     if target_mode not in ("label", "prediction"):
         raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
     selected = select_layers(bundle.model, layers)
-    manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids, max_per_class)
+    manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids, max_per_class,
+                                 allow_unmatched=target_mode == "prediction")
     infos = {info.name: info for info in conv_layers(bundle.model)}
     shapes = {name: LayerShape(infos[name].out_channels, infos[name].in_channels, infos[name].kernel_size,
                                infos[name].groups)

@@ -8,6 +8,7 @@ zero padding a conv applies to the tensor its forward hook sees.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import math
 import re
 import warnings
@@ -36,6 +37,7 @@ __all__ = [
     "load_model",
     "read_state_dict",
     "select_layers",
+    "state_dict_sha256",
 ]
 
 # Pass as ``weights`` to get a randomly initialised model of any registered architecture.
@@ -74,6 +76,14 @@ class ModelBundle:
     weights_path: str | None
     weights_sha256: str | None
     input_size: tuple[int, int]
+    # Content hash of every tensor the model holds: two bundles with equal hashes compute the
+    # same function, whatever file (or seed) the tensors came from.
+    state_sha256: str = ""
+    seed: int | None = None  # the seed of randomly initialised weights, None for trained ones
+
+    @property
+    def trained(self) -> bool:
+        return self.weights_path is not None
 
     def identity(self) -> dict:
         """What a stored result needs to name the model it came from."""
@@ -81,8 +91,26 @@ class ModelBundle:
             "name": self.name,
             "weights_path": self.weights_path,
             "weights_sha256": self.weights_sha256,
+            "state_sha256": self.state_sha256,
+            "seed": self.seed,
+            "trained": self.trained,
             "num_classes": len(self.class_names),
         }
+
+    def weights_description(self) -> str:
+        if self.trained:
+            return f"{self.weights_path} (sha256 {str(self.weights_sha256)[:12]})"
+        return f"random initialisation, seed {self.seed} (not trained)"
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor in the state dict."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{key}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,7 +126,7 @@ def available_models() -> list[str]:
     return cifar + [_EFFICIENTNET_LITE0] + _torchvision_names()
 
 
-def load_model(name: str, weights: str | Path | None = None) -> ModelBundle:
+def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> ModelBundle:
     """Build model ``name`` in eval mode on the CPU.
 
     ``weights``: a state-dict file (plain, or a dict with a ``state_dict`` entry, keys may
@@ -106,7 +134,20 @@ def load_model(name: str, weights: str | Path | None = None) -> ModelBundle:
     ``"ResNet50_Weights.IMAGENET1K_V1"`` (downloads), ``"random"``, or None: the published
     pretrained weights for the CIFAR ResNets and EfficientNet-Lite0, random initialisation
     (with a warning) for torchvision models, whose ImageNet weights may not be reachable.
+
+    Random initialisation draws from ``torch.manual_seed(seed)`` in a forked RNG, so every
+    stage (and every extraction shard) that loads the same name, weights and seed gets the
+    same network, and the caller's random state is left alone.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        bundle = _load(name, weights)
+    bundle.state_sha256 = state_dict_sha256(bundle.model)
+    bundle.seed = None if bundle.trained else int(seed)
+    return bundle
+
+
+def _load(name: str, weights: str | Path | None) -> ModelBundle:
     if name.startswith("cifar_resnet") and name[len("cifar_resnet") :].isdigit():
         depth = int(name[len("cifar_resnet") :])
         if depth in _CIFAR_DEPTHS:
@@ -215,7 +256,7 @@ def _load_torchvision(name: str, weights: str | Path | None) -> ModelBundle:
     if weights is None or weights == RANDOM_WEIGHTS:
         if weights is None:
             warnings.warn(
-                f"{name}: no weights given, the model is randomly initialised; pass a "
+                f"{name}: no weights given, the model is randomly initialised (seeded); pass a "
                 f"state-dict path or a weight enum such as '{default_weights}'",
                 UserWarning,
                 stacklevel=3,

@@ -70,6 +70,17 @@ def _sum_block(x: np.ndarray, labels: np.ndarray, n_classes: int, block_info: di
     return class_sums(lab, x, n_classes)[None]
 
 
+def statistics_labels(root: Any) -> np.ndarray:
+    """The one "statistics class" of every image of an opened store (int64, -1: left out).
+
+    ``tasks.grouping.statistics_class`` with the store's own arrays and ``target_mode``: the
+    dataset label, or the model's prediction in prediction mode. Every class statistic
+    (reduction, rho choice, evaluation, explanations) groups by this.
+    """
+    return statistics_class(root["label"][:], root["prediction"][:], root["skipped"][:],
+                            root.attrs.get("target_mode", "label"))
+
+
 def image_selection(
     store_url: str,
     *,

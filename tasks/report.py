@@ -611,6 +611,7 @@ def render_report(summary: Mapping[str, Any], figures: Mapping[str, bytes], base
         f"<p class='lead'>Created {_e(summary.get('created', ''))}. Method: Hesse et al., "
         "&ldquo;Disentangling Polysemantic Channels in CNNs&rdquo; (2025); explanations: Mu &amp; Andreas, "
         "&ldquo;Compositional Explanations of Neurons&rdquo; (2020).</p>",
+        "".join(f"<p class='lead'><strong>{_e(n)}</strong></p>" for n in (summary.get("extra") or {}).get("notes", [])),
         _section_findings(summary, base, warnings),
         "".join(nav),
         _section_warnings(warnings),

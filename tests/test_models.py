@@ -71,10 +71,14 @@ def test_resnet20_checkpoint_loads_with_weights_only(assets_dir: Path, resnet20)
     assert not any(k.startswith("module.") for k in state)
     assert torch.equal(resnet20.model.layer3[2].conv2.weight, state["layer3.2.conv2.weight"])
     assert resnet20.weights_sha256 == RESNET20_SHA256
+    assert re.fullmatch(r"[0-9a-f]{64}", resnet20.state_sha256)
     assert resnet20.identity() == {
         "name": "cifar_resnet20",
         "weights_path": str(_resnet20_path(assets_dir)),
         "weights_sha256": RESNET20_SHA256,
+        "state_sha256": resnet20.state_sha256,
+        "seed": None,
+        "trained": True,
         "num_classes": 10,
     }
     assert not resnet20.model.training

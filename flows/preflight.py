@@ -1,0 +1,265 @@
+"""Preflight of `disentangle run`: every input checked, and the run described, before any work.
+
+Both dataset folders are scanned and matched to the model's classes, layer and rewire patterns
+are resolved, stores made from other inputs are found, and one small timed relevance pass gives
+the time estimate, all before the first extraction chunk. The result is a typed value
+(``Preflight``) that the CLI prints, the flow logs and the report shows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flows.params import PipelineParams
+from storage.cube import MOMENTS_ARRAY, PER_LAYER_IMAGE_ARRAYS, CubeLayout, CubeMismatch
+from tasks import defaults
+from tasks.data import Manifest, load_batch, scan_image_folder
+from tasks.disentangle import resolve_rewire_layers
+from tasks.models import ModelBundle, conv_layers, load_model, select_layers
+from tasks.presets import preset_for
+
+__all__ = ["DatasetCheck", "Preflight", "prepare_stores", "run_preflight"]
+
+
+@dataclass
+class DatasetCheck:
+    role: str
+    root: str
+    images: int
+    folders: int
+    matched_folders: int  # folders that are model classes (by WordNet id or name)
+    unmatched_examples: list[str]
+    min_per_folder: int
+    median_per_folder: float
+    max_per_folder: int
+
+    @classmethod
+    def of(cls, role: str, manifest: Manifest) -> "DatasetCheck":
+        folder_of = np.asarray([p.split("/", 1)[0] for p in manifest.paths])
+        counts = np.asarray([int((folder_of == f).sum()) for f in manifest.folders])
+        first = {f: i for i, f in reversed(list(enumerate(folder_of)))}
+        unmatched = [f for f in manifest.folders if f in first and manifest.labels[first[f]] < 0]
+        unmatched += [f for f in manifest.folders if f not in first]  # folders without images
+        return cls(role, manifest.root, len(manifest), len(manifest.folders),
+                   len(manifest.folders) - len(unmatched), unmatched[:5],
+                   int(counts.min()), float(np.median(counts)), int(counts.max()))
+
+    def line(self) -> str:
+        match = f"{self.matched_folders} match model classes"
+        if self.matched_folders < self.folders:
+            match += f", {self.folders - self.matched_folders} do not (e.g. {', '.join(self.unmatched_examples)})"
+        return (f"{self.role:<6} {self.root}: {self.images} images in {self.folders} folders ({match}); "
+                f"images per folder min {self.min_per_folder}, median {self.median_per_folder:g}, "
+                f"max {self.max_per_folder}")
+
+
+@dataclass
+class Preflight:
+    model: str
+    weights: str
+    trained: bool
+    seed: int | None
+    weights_sha256: str | None
+    state_sha256: str
+    model_identity: dict[str, Any]
+    num_classes: int
+    device: str
+    target_mode: str
+    preset: str
+    gamma: float
+    train: DatasetCheck
+    eval: DatasetCheck
+    layers: int
+    first_layer: str
+    last_layer: str
+    arv_layers: int  # conv layers whose channels read >= 2 inputs (ARVs can separate concepts)
+    rewire_layers: list[str] | str
+    max_rewired_per_layer: int | None
+    store_bytes: int  # per-image arrays of both cubes, before compression
+    seconds_per_image: float  # one relevance pass over every selected layer, this device
+    estimated_extraction_s: float
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the report says in its first lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preflight":
+        d = dict(d)
+        d["train"], d["eval"] = DatasetCheck(**d["train"]), DatasetCheck(**d["eval"])
+        return cls(**d)
+
+    def lines(self) -> list[str]:
+        rewire = self.rewire_layers if isinstance(self.rewire_layers, str) else (
+            f"{len(self.rewire_layers)} ({', '.join(self.rewire_layers[:4])}"
+            f"{', ...' if len(self.rewire_layers) > 4 else ''})")
+        if self.rewire_layers == "auto":
+            rewire = "auto (every analysed layer where the rule selects pairs)"
+        bound = ("every selected channel" if self.max_rewired_per_layer is None
+                 else f"at most {self.max_rewired_per_layer} channels")
+        out = [
+            "preflight",
+            f"  model    {self.model}, {self.num_classes} classes, device {self.device}",
+            f"  weights  {self.weights}; state sha256 {self.state_sha256[:12]}",
+            f"  labels   target_mode {self.target_mode}"
+            + (" (class statistics, evaluation and explanations use the model's predictions)"
+               if self.target_mode == "prediction" else " (dataset folders)"),
+            "  " + self.train.line(),
+            "  " + self.eval.line(),
+            f"  layers   {self.layers} conv layers ({self.first_layer} .. {self.last_layer}); "
+            f"{self.arv_layers} applicable for ARVs",
+            f"  rewire   {rewire}; {bound} per layer; gamma {self.gamma:g} "
+            f"(model preset: {self.preset})",
+            f"  estimate cubes {self.store_bytes / 1e9:.3g} GB uncompressed; extraction at most about "
+            f"{self.estimated_extraction_s:.0f} s on this device ({self.seconds_per_image * 1e3:.1f} ms/image "
+            f"timed on a batch of {defaults.PREFLIGHT_TIMING_IMAGES}; full batches are faster)",
+        ]
+        out += [f"  warning  {w}" for w in self.warnings]
+        return out
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _bytes_per_image(bundle: ModelBundle, layers: list[str], layout: CubeLayout) -> int:
+    """Per-image bytes of a cube of ``layout`` before compression. The class sums come on top,
+    once per chunk and class present, whatever the number of images."""
+    import numpy as np
+
+    infos = {i.name: i for i in conv_layers(bundle.model)}
+    itemsize = np.dtype(layout.dtype).itemsize
+    total = 64  # path, label, prediction, target, logit, flags
+    for name in layers:
+        info = infos[name]
+        total += itemsize * sum(a in layout.per_image for a in PER_LAYER_IMAGE_ARRAYS) * info.out_channels
+        if MOMENTS_ARRAY in layout.per_image:  # float32 whatever the relevance dtype
+            total += 4 * info.in_channels * info.kernel_size[0] * info.kernel_size[1]
+    return total
+
+
+def _time_relevance(bundle: ModelBundle, manifest: Manifest, layers: list[str], device: Any,
+                    target_mode: str) -> float:
+    """Seconds per image of one relevance pass (after a warm-up image)."""
+    import torch
+
+    from tasks.relevance import batch_relevance
+
+    n = min(defaults.PREFLIGHT_TIMING_IMAGES, len(manifest))
+    images, ok, _ = load_batch(manifest.root, list(manifest.paths[:n]), bundle.transform)
+    if images is None:
+        return float("nan")
+    labels = torch.as_tensor(np.maximum(manifest.labels[:n][ok], 0))
+    model = bundle.model.to(device).eval()
+    try:
+        batch_relevance(model, images, labels, layers, target_mode)  # warm-up: first-call costs
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            batch_relevance(model, images, labels, layers, target_mode)
+            best = min(best, time.perf_counter() - t0)
+        return best / len(images)
+    finally:
+        bundle.model.cpu()
+
+
+def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = True) -> Preflight:
+    """Check every input of a run (``params`` resolved) and describe it; raises ValueError or
+    FileNotFoundError with a readable message on the first thing that does not fit.
+
+    Order: model, layers, rewire patterns, both dataset folders; only then (``stores``) the two
+    cubes are created or reopened, and (``measure``) one timed relevance pass runs."""
+    from tasks.extract import pick_device
+
+    device = pick_device(params.device)
+    bundle = load_model(params.model, params.weights, seed=params.seed)
+    selected = select_layers(bundle.model, params.layers)
+    rewire = resolve_rewire_layers(selected, params.rewire_layers)
+    prediction = params.target_mode == "prediction"
+    manifests = {}
+    for role, root, cap in (("train", params.train_dir, params.max_per_class_train),
+                            ("eval", params.eval_dir, params.max_per_class_eval)):
+        try:
+            manifests[role] = scan_image_folder(root, bundle.class_names, bundle.wnids, cap,
+                                                allow_unmatched=prediction)
+        except ValueError as exc:
+            raise ValueError(f"{role}_dir {root}: {exc}") from None
+    infos = {i.name: i for i in conv_layers(bundle.model)}
+    arv_layers = sum(infos[n].in_channels // infos[n].groups >= 2 for n in selected)
+    checks = {role: DatasetCheck.of(role, m) for role, m in manifests.items()}
+    warnings: list[str] = []
+    minimum = defaults.PREFLIGHT_MIN_IMAGES_PER_CLASS
+    if not prediction:
+        counts = np.bincount(manifests["train"].labels, minlength=len(bundle.class_names))
+        present = counts[counts > 0]
+        if present.min() < minimum:
+            warnings.append(
+                f"train_dir has {int((present < minimum).sum())} classes with fewer than {minimum} images "
+                f"(min {int(present.min())}): p (a fraction of a class's images) and class-mean ARVs "
+                "are then hardly statistics")
+    elif len(manifests["train"]) < minimum * len(bundle.class_names):
+        warnings.append(
+            f"train_dir has {len(manifests['train'])} images for {len(bundle.class_names)} model classes: "
+            f"grouped by prediction, most classes will have fewer than {minimum} images")
+    if not arv_layers:
+        warnings.append("no selected layer is applicable for ARVs (every channel reads one input)")
+    notes = []
+    if not bundle.trained:
+        notes.append(f"The model has no trained weights: random initialisation with seed {bundle.seed}; "
+                     "the results describe an untrained network.")
+    if prediction:
+        notes.append("Labels are the model's predictions (target_mode 'prediction'): class statistics, "
+                     "evaluation and explanations group images by predicted class, and accuracy is "
+                     "agreement with the original model's predictions.")
+    if stores:
+        prepare_stores(params, bundle)
+    n_images = len(manifests["train"]) + len(manifests["eval"])
+    per_image = _time_relevance(bundle, manifests["train"], selected, device, params.target_mode) \
+        if measure else float("nan")
+    preset = preset_for(params.model)
+    return Preflight(
+        model=params.model, weights=bundle.weights_description(), trained=bundle.trained, seed=bundle.seed,
+        weights_sha256=bundle.weights_sha256, state_sha256=bundle.state_sha256,
+        model_identity=bundle.identity(), num_classes=len(bundle.class_names), device=str(device),
+        target_mode=params.target_mode, preset=preset.name, gamma=float(params.gamma),
+        train=checks["train"], eval=checks["eval"], layers=len(selected), first_layer=selected[0],
+        last_layer=selected[-1], arv_layers=int(arv_layers), rewire_layers=rewire,
+        max_rewired_per_layer=params.max_rewired_per_layer,
+        store_bytes=sum(_bytes_per_image(bundle, selected, _layout(params, role)) * len(manifests[role])
+                        for role in ("train", "eval")),
+        seconds_per_image=per_image,
+        estimated_extraction_s=per_image * n_images, warnings=warnings, notes=notes)
+
+
+def _layout(params: PipelineParams, role: str) -> CubeLayout:
+    kw = params.store_layouts()[role]
+    return CubeLayout.preset(kw["layout"], per_image_moments=kw["per_image_moments"],
+                             dtype=kw["storage_dtype"])
+
+
+OVERWRITE_HINT = ("add --overwrite to the `disentangle run` command to replace it (its chunks are "
+                  "recomputed), or pass another --out-dir to keep it")
+
+
+def prepare_stores(params: PipelineParams, bundle: ModelBundle | None = None) -> None:
+    """Create or reopen both cubes before any chunk is computed, so that a store made from other
+    inputs is reported now (or, with ``params.overwrite``, replaced now), not after the other
+    cube's extraction. A matching store is reopened as is: a rerun resumes it."""
+    from tasks.extract import plan_cube
+
+    bundle = bundle or load_model(params.model, params.weights, seed=params.seed)
+    for role, data_dir, store, cap in (
+            ("train", params.train_dir, params.train_store, params.max_per_class_train),
+            ("eval", params.eval_dir, params.eval_store, params.max_per_class_eval)):
+        args = (bundle, data_dir, store, params.layers, params.chunk_images, params.target_mode, cap)
+        layout = _layout(params, role)
+        try:
+            plan_cube(*args, overwrite=False, layout=layout)
+        except CubeMismatch as exc:
+            if not params.overwrite:
+                raise CubeMismatch(f"{role} store: {exc}; {OVERWRITE_HINT}") from None
+            plan_cube(*args, overwrite=True, layout=layout)
