@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
     from flows.params import PipelineParams
@@ -31,6 +32,13 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-mode", choices=["label", "prediction"], default="label")
     p.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other inputs")
+    _add_lock_arg(p)
+
+
+def _add_lock_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-for-lock", nargs="?", type=float, const=float("inf"), default=None,
+                   metavar="SECONDS", help="when another run holds the output folder or store, wait "
+                   "for it (at most SECONDS; default: as long as it takes) instead of failing at once")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument(flag, default=None, help=help_text + "; comma-separated")
         else:
             run.add_argument(flag, default=None, help=help_text)
+    _add_lock_arg(run)
     sub.add_parser("models", help="list the registered model names")
     show = sub.add_parser("show", help="print a finished run's detection and evaluation summary")
     show.add_argument("run_dir", help="the run's --out-dir")
@@ -122,11 +131,31 @@ def params_from_args(args: argparse.Namespace) -> "PipelineParams":
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from flows.locking import LockBusy, NotWritable
+    from tasks.safe_load import CheckpointError
+
     try:
         return _main(argv)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+    except (LockBusy, NotWritable) as exc:
+        print(f"disentangle: error: {exc}", file=sys.stderr)
+        return 3
+    except (ValueError, CheckpointError) as exc:  # pydantic's ValidationError is a ValueError too
         print(f"disentangle: error: {exc}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _exclusive(paths: list, args: argparse.Namespace) -> Iterator[None]:
+    """Take the run's locks before anything starts (the flow takes them again, re-entrantly),
+    then start the temporary Prefect API as a child that dies with this process."""
+    from flows.locking import WAIT_ENV, holding
+    from flows.prefect_server import ensure_supervised_api
+
+    if args.wait_for_lock is not None:
+        os.environ[WAIT_ENV] = str(args.wait_for_lock)
+    with holding(paths):
+        ensure_supervised_api()
+        yield
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -140,10 +169,12 @@ def _main(argv: Sequence[str] | None) -> int:
         show_run(args.run_dir, args.examples)
         return 0
     if args.command == "run":
+        from flows.locking import run_locks
         from flows.pipeline import disentangle_all_layers
 
-        params = params_from_args(args)
-        summary = disentangle_all_layers(params)
+        params = params_from_args(args).resolved()
+        with _exclusive(run_locks(params.out_dir, [params.train_store, params.eval_store]), args):
+            summary = disentangle_all_layers(params)
         print(json.dumps(summary, indent=2, default=str))
         print(f"report: {summary.get('report')}\n"
               f"open a relevance cube with: .venv/bin/python -c \"from storage import open_cube; "
@@ -152,13 +183,15 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "extract":
         from flows.extract import extract_relevance_cube, resolve_layers
+        from flows.locking import run_locks
 
-        url = extract_relevance_cube(
-            model=args.model, weights=args.weights, data_dir=args.data_dir, store_url=args.store,
-            layers=resolve_layers(args.layers), chunk_images=args.chunk_images,
-            shard_chunks=args.shard_chunks, batch_size=args.batch_size, device=args.device,
-            target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
-        )
+        with _exclusive(run_locks(None, [args.store]), args):
+            url = extract_relevance_cube(
+                model=args.model, weights=args.weights, data_dir=args.data_dir, store_url=args.store,
+                layers=resolve_layers(args.layers), chunk_images=args.chunk_images,
+                shard_chunks=args.shard_chunks, batch_size=args.batch_size, device=args.device,
+                target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
+            )
         print(json.dumps({"store": url}))
         print(f"open it with: python -c \"from storage import open_cube; print(open_cube('{url}'))\"")
         return 0

@@ -9,6 +9,7 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.faults import stop_point
 from storage.cube import completed_chunks, consolidate
 from tasks import defaults
 from tasks.data import plan_shards
@@ -94,6 +95,7 @@ def extract_relevance_cube(
     plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
                      overwrite)
     selected, manifest = plan.layers, plan.manifest
+    stop_point("store-created")
     done = completed_chunks(store_url)
     shards = plan_shards(len(done), shard_chunks, pending=~done)
     logger.info("%d images, %d layers, %d of %d chunks to do in %d shards on %s", len(manifest),

@@ -20,6 +20,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.extract import extract_relevance_cube, validate_extraction
+from flows.faults import stop_point
+from flows.locking import holding, run_locks
 from flows.params import PipelineParams
 from flows.stage_cache import StageCache
 from storage.cube import cube_info, open_store_group
@@ -216,6 +218,7 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
                             extra={"rewiring": {"equivalence": rewiring.get("equivalence"),
                                                 "skipped": rewiring.get("skipped", [])}})
     all_figures = {**figures, **fig3_pngs}
+    stop_point("evaluated")
     paths = write_report(out_dir, summary, all_figures)
     artifacts = markdown_artifacts(summary, all_figures, max_channels=3)
     for key, md in artifacts["markdown"].items():
@@ -229,8 +232,15 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
 @flow(name="disentangle-all-layers", log_prints=True)
 def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, Any]:
     """The whole method on every conv layer; returns where the outputs are."""
-    logger = get_run_logger()
     params = (params or PipelineParams()).resolved()
+    # One run per output folder, one writer per local store (see flows/locking.py).
+    with holding(run_locks(params.out_dir, [params.train_store, params.eval_store]),
+                 on_wait=get_run_logger().warning):
+        return _all_layers(params)
+
+
+def _all_layers(params: PipelineParams) -> dict[str, Any]:
+    logger = get_run_logger()
     validate_extraction(params.chunk_images, params.shard_chunks, params.batch_size)
     detection_params = params.detection()
     from tasks.wordnet import ensure_wordnet
@@ -244,14 +254,17 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
                   batch_size=params.batch_size, device=params.device, target_mode=params.target_mode)
     train_store = extract_relevance_cube(data_dir=params.train_dir, store_url=params.train_store,
                                          max_per_class=params.max_per_class_train, **common)
+    stop_point("train-extracted")
     eval_store = extract_relevance_cube(data_dir=params.eval_dir, store_url=params.eval_store,
                                         max_per_class=params.max_per_class_eval, **common)
+    stop_point("eval-extracted")
     train_fp = cube_info(train_store)["fingerprint"]
     eval_fp = cube_info(eval_store)["fingerprint"]
 
     reduce_key = {"cube": train_fp, "tau": params.tau, "correct_only": params.correct_only}
     if not cache.hit("reduce", reduce_key):
         reduce_task(train_store, params.tau, params.correct_only, params.dask_address)
+        stop_point("reduced")
         cache.store("reduce", reduce_key, {"store": train_store})
 
     detect_key = {**reduce_key, "detection": detection_params.to_dict()}
@@ -259,6 +272,7 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
     if detection is None:
         detection = detect_task(train_store, params.model, params.weights, detection_params.to_dict(),
                                 str(out))
+        stop_point("detected")
         cache.store("detect", detect_key, detection)
 
     rewire_key = {**detect_key, "eval": eval_fp, "rewire_layers": params.rewire_layers,
@@ -269,6 +283,7 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
         rewiring = rewire_task(train_store, eval_store, params.model, params.weights, detection,
                                params.rewire_layers, params.max_rewired_per_layer, list(params.rho_grid),
                                params.rho_max_images, str(out), params.check_images)
+        stop_point("rewired")
         cache.store("rewire", rewire_key, rewiring)
 
     report_key = {**rewire_key, "eval_params": {k: getattr(params, k) for k in
@@ -277,6 +292,7 @@ def disentangle_all_layers(params: PipelineParams | None = None) -> dict[str, An
     if report is None:
         report = evaluate_task(eval_store, train_store, params.model, params.weights, rewiring, detection,
                                params.model_dump(), str(out), params.device)
+        stop_point("reported")
         cache.store("report", report_key, report)
 
     summary = {
