@@ -300,8 +300,7 @@ def _assert_same_arrays(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], 
         if a.dtype.kind in "fc":
             np.testing.assert_array_equal(a, b, err_msg=f"{what}/{name}")  # NaN == NaN here
         else:
-            assert (a.astype(str) == b.astype(str)).all() if a.dtype.kind in "OUT" else (a == b).all(), \
-                f"{what}/{name}"
+            assert a.tolist() == b.tolist(), f"{what}/{name}"
 
 
 @pytest.mark.slow
@@ -352,9 +351,13 @@ def _pgid_members(pgid: int) -> list[int]:
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens on the port (SO_REUSEADDR, as servers bind: connections of the killed
+    server left in TIME_WAIT do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen()
         except OSError:
             return False
     return True
