@@ -494,7 +494,9 @@ def test_kill_anywhere_and_rerun_gives_the_same_result(tmp_path, assets_dir, pre
     refused: list[str] = []
 
     def second_run(pid: int) -> None:
-        """The same command while the first run is alive: refused at once, naming it."""
+        """The same command while the first run is alive: refused at once, naming it. The first
+        is paused meanwhile (it keeps its lock), else it could finish before the second starts."""
+        os.kill(pid, signal.SIGSTOP)
         res = subprocess.run([sys.executable, "-m", "flows.cli", *command(out)], env=shared,
                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
         assert res.returncode == 3, res.stderr[-3000:]
