@@ -441,7 +441,8 @@ def _run_cli(args: list[str], env: dict[str, str], kill_on: str | None = None,
 
 def _normalised(obj, out_dir: str):
     if isinstance(obj, dict):
-        return {k: _normalised(v, out_dir) for k, v in obj.items() if k != "created"}
+        # when it was made and how long it took are not results
+        return {k: _normalised(v, out_dir) for k, v in obj.items() if k not in ("created", "timings_s")}
     if isinstance(obj, list):
         return [_normalised(v, out_dir) for v in obj]
     if isinstance(obj, str):
