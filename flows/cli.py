@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import typing
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
     from flows.params import PipelineParams
@@ -21,7 +22,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from tasks import defaults
 
 # `disentangle run` finished, wrote its report, but found no channel to rewire.
-EXIT_NOTHING_TO_REWIRE = 3
+EXIT_NOTHING_TO_REWIRE = 4  # 2: bad input, 3: output folder or store busy or not writable
 
 
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +47,13 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dask-address", default=None, help="run the shards on this Dask scheduler (tcp://host:8786)")
     p.add_argument("--workers", "--dask-workers", dest="dask_workers", type=int, default=None,
                    help="run the shards on a local Dask cluster of N worker processes")
+    _add_lock_arg(p)
+
+
+def _add_lock_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-for-lock", nargs="?", type=float, const=float("inf"), default=None,
+                   metavar="SECONDS", help="when another run holds the output folder or store, wait "
+                   "for it (at most SECONDS; default: as long as it takes) instead of failing at once")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument(*flags, default=None, help=help_text + "; comma-separated")
         else:
             run.add_argument(*flags, dest=name, default=None, help=help_text)
+    _add_lock_arg(run)
     sub.add_parser("models", help="list the registered model names")
     show = sub.add_parser("show", help="print a finished run's detection and evaluation summary")
     show.add_argument("run_dir", help="the run's --out-dir")
@@ -194,13 +203,33 @@ def params_from_args(args: argparse.Namespace) -> "PipelineParams":
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from flows.locking import LockBusy, NotWritable
+    from tasks.safe_load import CheckpointError
+
     try:
         return _main(argv)
+    except (LockBusy, NotWritable) as exc:
+        print(f"disentangle: error: {exc}", file=sys.stderr)
+        return 3
     # pydantic's ValidationError and CubeMismatch are ValueErrors too. Printed once, without a
     # traceback: the preflight raises these before any work, so there is nothing to debug.
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"disentangle: error: {exc}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _exclusive(paths: list, args: argparse.Namespace) -> Iterator[None]:
+    """Take the run's locks before anything starts (the flow takes them again, re-entrantly),
+    then start the temporary Prefect API as a child that dies with this process."""
+    from flows.locking import WAIT_ENV, holding
+    from flows.prefect_server import ensure_supervised_api
+
+    if args.wait_for_lock is not None:
+        os.environ[WAIT_ENV] = str(args.wait_for_lock)
+    with holding(paths):
+        ensure_supervised_api()
+        yield
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -217,13 +246,15 @@ def _main(argv: Sequence[str] | None) -> int:
         compare(args.run_dirs, args.out)
         return 0
     if args.command == "run":
+        from flows.locking import run_locks
         from flows.pipeline import disentangle_all_layers, preflight_inputs
 
         params = params_from_args(args).resolved()
-        # Before the flow starts: a bad input stops here with one readable line.
-        checked = preflight_inputs(params)
-        print(checked.text(), flush=True)
-        summary = disentangle_all_layers(params, preflight=checked.to_dict())
+        with _exclusive(run_locks(params.out_dir, [params.train_store, params.eval_store]), args):
+            # Before the flow starts: a bad input stops here with one readable line.
+            checked = preflight_inputs(params)
+            print(checked.text(), flush=True)
+            summary = disentangle_all_layers(params, preflight=checked.to_dict())
         print(json.dumps(summary, indent=2, default=str))
         print(f"report: {summary.get('report')}\n"
               f"open a relevance cube with: .venv/bin/python -c \"from storage import open_cube; "
@@ -237,15 +268,18 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "extract":
         from flows.extract import extract_relevance_cube, resolve_layers
+        from flows.locking import run_locks
 
-        url = extract_relevance_cube(
-            model=args.model, weights=args.weights, data_dir=args.data_dir, store_url=args.store,
-            layers=resolve_layers(args.layers), chunk_images=args.chunk_images,
-            shard_chunks=args.shard_chunks, batch_size=args.batch_size, device=args.device,
-            target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
-            layout=args.layout, per_image_moments=args.per_image_moments, storage_dtype=args.storage_dtype,
-            dask_address=args.dask_address, dask_workers=args.dask_workers,
-        )
+        with _exclusive(run_locks(None, [args.store]), args):
+            url = extract_relevance_cube(
+                model=args.model, weights=args.weights, data_dir=args.data_dir, store_url=args.store,
+                layers=resolve_layers(args.layers), chunk_images=args.chunk_images,
+                shard_chunks=args.shard_chunks, batch_size=args.batch_size, device=args.device,
+                target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
+                layout=args.layout, per_image_moments=args.per_image_moments,
+                storage_dtype=args.storage_dtype, dask_address=args.dask_address,
+                dask_workers=args.dask_workers,
+            )
         print(json.dumps({"store": url}))
         print(f"open it with: python -c \"from storage import open_cube; print(open_cube('{url}'))\"")
         return 0

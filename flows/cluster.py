@@ -18,6 +18,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
+from flows.prefect_server import die_with_parent
+
 GPU_RESOURCE = "GPU"
 
 
@@ -121,9 +123,11 @@ def local_cluster(workers: int, timeout: float = 180.0) -> Iterator[str]:
                 env = dict(os.environ)
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+                # Killed by the kernel when this thread's process dies, SIGKILL included: a killed
+                # run leaves no worker behind (its own process group is stopped on a normal exit).
                 procs.append(subprocess.Popen(worker_command(address, f"local-{i}", bool(gpus)), env=env,
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                              start_new_session=True))
+                                              start_new_session=True, preexec_fn=die_with_parent))
             with Client(address) as client:
                 client.wait_for_workers(workers, timeout=timeout)
             yield address

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.cluster import ClusterInfo, cluster_address, inspect_cluster, worker_identity
+from flows.faults import stop_point
 from storage.cube import (CubeLayout, completed_chunks, consolidate, cube_info, open_store_group,
                           prepare_chunk_writers, record_chunk_writer)
 from tasks import defaults
@@ -195,6 +196,7 @@ def extract_relevance_cube(
                          overwrite, cube_layout)
         selected, manifest = plan.layers, plan.manifest
         prepare_chunk_writers(store_url)
+        stop_point("store-created")
         done = completed_chunks(store_url)
         shards = plan_shards(len(done), shard_chunks, pending=~done)
         logger.info("%d images, %d layers, %d of %d chunks to do in %d shards on %s", len(manifest),

@@ -22,6 +22,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.cluster import cluster_address
 from flows.extract import extract_relevance_cube, validate_extraction
+from flows.faults import stop_point
+from flows.locking import holding, run_locks
 from flows.outputs import RunOutputs
 from flows.params import PipelineParams
 from flows.preflight import Preflight, run_preflight
@@ -271,6 +273,7 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
     summary = build_summary(params=params, evaluation=evaluation, detections=detections,
                             figure3_stats=fig3_stats, links=links, extra=extra)
     all_figures = {**figures, **fig3_pngs}
+    stop_point("evaluated")
     paths = write_report(out_dir, summary, all_figures)
     artifacts = markdown_artifacts(summary, all_figures, max_channels=3)
     for key, md in artifacts["markdown"].items():
@@ -310,8 +313,15 @@ def disentangle_all_layers(params: PipelineParams | None = None,
 
     ``preflight``: the ``Preflight.to_dict()`` of these params when the caller (the CLI) has
     already run it; otherwise it runs here, before any model pass."""
-    logger = get_run_logger()
     params = (params or PipelineParams()).resolved()
+    # One run per output folder, one writer per local store (see flows/locking.py).
+    with holding(run_locks(params.out_dir, [params.train_store, params.eval_store]),
+                 on_wait=get_run_logger().warning):
+        return _all_layers(params, preflight)
+
+
+def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dict[str, Any]:
+    logger = get_run_logger()
     validate_extraction(params.chunk_images, params.shard_chunks, params.batch_size)
     detection_params = params.detection()
     from tasks.wordnet import ensure_wordnet
@@ -377,9 +387,11 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
     train_store = extract_relevance_cube(data_dir=params.train_dir, store_url=params.train_store,
                                          max_per_class=params.max_per_class_train,
                                          **params.store_layouts()["train"], **common)
+    stop_point("train-extracted")
     eval_store = extract_relevance_cube(data_dir=params.eval_dir, store_url=params.eval_store,
                                         max_per_class=params.max_per_class_eval,
                                         **params.store_layouts()["eval"], **common)
+    stop_point("eval-extracted")
     train_fp = cube_info(train_store)["fingerprint"]
     eval_fp = cube_info(eval_store)["fingerprint"]
     keys = stage_keys(params, checked.model_identity, train_fp, eval_fp)
@@ -387,6 +399,7 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
     reduce_key = keys["reduce"]
     if not cache.hit("reduce", reduce_key):
         reduce_task(train_store, params.tau, params.correct_only, address)
+        stop_point("reduced")
         cache.store("reduce", reduce_key, {"store": train_store})
 
     detect_key = keys["detect"]
@@ -394,6 +407,7 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
     if detection is None:
         detection = detect_task(train_store, params.model, params.weights, detection_params.to_dict(),
                                 str(out), params.seed)
+        stop_point("detected")
         cache.store("detect", detect_key, detection)
 
     rewire_key = keys["rewire"]
@@ -402,6 +416,7 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
         rewiring = rewire_task(train_store, eval_store, params.model, params.weights, detection,
                                params.rewire_layers, params.max_rewired_per_layer, list(params.rho_grid),
                                params.rho_max_images, str(out), params.check_images, params.seed)
+        stop_point("rewired")
         cache.store("rewire", rewire_key, rewiring)
 
     report_key = keys["report"]
@@ -409,6 +424,7 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
     if report is None:
         report = evaluate_task(eval_store, train_store, params.model, params.weights, rewiring, detection,
                                params.model_dump(), str(out), params.device, params.seed, preflight)
+        stop_point("reported")
         cache.store("report", report_key, report)
 
     return rewiring, detection, report, train_store, eval_store

