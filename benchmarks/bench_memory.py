@@ -25,16 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.process_memory import rss_mib  # noqa: E402
+
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 MODELS = {"lite0": ("efficientnet_lite0", None), "resnet50": ("resnet50", "random")}
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(key: str, batch: str, layer_share: float, threads: int) -> None:

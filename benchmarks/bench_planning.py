@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.process_memory import rss_mib  # noqa: E402
+
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 
@@ -40,14 +42,6 @@ def build_tree(root: Path, entries: int) -> None:
         d.mkdir(parents=True, exist_ok=True)
         for j in range(per + (1 if i < extra else 0)):
             os.close(os.open(d / f"{w}_{j}.JPEG", os.O_CREAT | os.O_WRONLY, 0o644))
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def plan_once(tree: Path, store: Path) -> dict[str, tuple[float, float]]:
