@@ -85,6 +85,8 @@ class PipelineParams(BaseModel):
             for name in _PRESET_FIELDS:
                 if data.get(name) is None:
                     data[name] = getattr(preset, name)
+                    if name == "rewire_layers":
+                        data[name] = preset.rewire_layers_for(data.get("layers", "all"))
         return data
 
     @model_validator(mode="after")

@@ -4,11 +4,13 @@ Small CIFAR networks have high ARV cosines (0.8 to 1.0), so the paper's gamma = 
 pair there; their preset selects with gamma = 0.9 (about the lowest-cosine third of the last
 layer's candidate pairs) and rewires the two convs of the network's own last block. Every other
 model gets the paper's gamma and rewires, in every analysed layer where the rule selected pairs,
-the ``max_rewired_per_layer`` lowest-cosine selected channels.
+the ``max_rewired_per_layer`` lowest-cosine selected channels. A CIFAR run whose analysed layers
+leave out the last block rewires that way too ("auto"), rather than naming layers it never analysed.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass
 
 from tasks import defaults
@@ -32,6 +34,18 @@ class Preset:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def rewire_layers_for(self, analysed: str | list[str]) -> str | list[str]:
+        """The preset's rewire layers when the analysed layers (``layers``: 'all', names or
+        globs) include them; otherwise AUTO_REWIRE, so that restricting the analysis to other
+        layers rewires where pairs are found there instead of failing on layers never analysed."""
+        if isinstance(self.rewire_layers, str):
+            return self.rewire_layers
+        patterns = [analysed] if isinstance(analysed, str) else list(analysed)
+        if "all" in patterns or all(any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)
+                                    for n in self.rewire_layers):
+            return list(self.rewire_layers)
+        return AUTO_REWIRE
 
 
 def _cifar_blocks(model: str) -> int | None:

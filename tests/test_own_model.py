@@ -121,6 +121,9 @@ def test_presets_fill_only_what_is_not_given() -> None:
     assert PipelineParams().rewire_layers == ["layer3.2.conv1", "layer3.2.conv2"]
     assert PipelineParams(model="cifar_resnet32").rewire_layers == ["layer3.4.conv1", "layer3.4.conv2"]
     assert PipelineParams(model="cifar_resnet56").rewire_layers == ["layer3.8.conv1", "layer3.8.conv2"]
+    # Analysed layers that leave out the preset's block: rewire where pairs are found instead.
+    assert PipelineParams(model="cifar_resnet56", layers=["layer3.2.conv1", "layer3.2.conv2"]).rewire_layers == "auto"
+    assert PipelineParams(layers=["layer3.2.*"]).rewire_layers == ["layer3.2.conv1", "layer3.2.conv2"]
     lite = PipelineParams(model="efficientnet_lite0")
     assert (lite.gamma, lite.rewire_layers, lite.max_rewired_per_layer) == (0.5, "auto", 8)
     given = PipelineParams(model="resnet50", gamma=0.3, rewire_layers=["layer4.*"], max_rewired_per_layer=2)
@@ -186,7 +189,9 @@ def prediction_run(cifar_dirs, tmp_path_factory, prefect_api) -> tuple[Path, str
     buf = io.StringIO()
     with redirect_stdout(buf):
         rc = main(["run", "--target-mode", "prediction", "--train-dir", str(cifar_dirs["unlabelled"]),
-                   "--eval-dir", str(cifar_dirs["unlabelled"]), "--out-dir", str(out), *TINY_CIFAR])
+                   "--eval-dir", str(cifar_dirs["unlabelled"]), "--out-dir", str(out),
+                   # per-image moments too: the oracle below groups them itself
+                   "--per-image-moments", *TINY_CIFAR])
     assert rc == 0, buf.getvalue()[-3000:]
     return out, buf.getvalue()
 

@@ -48,7 +48,8 @@ def test_present_quantile_follows_the_images() -> None:
 
 @pytest.fixture(scope="module")
 def cifar500(tmp_path_factory, assets_dir):
-    """A real cube of 500 CIFAR-10 test images (50 per class), the last conv only."""
+    """A real evaluation cube of 500 CIFAR-10 test images (50 per class), the last conv only."""
+    from storage.cube import CubeLayout
     from tasks.extract import extract_chunks, plan_cube
     from tasks.models import load_model
 
@@ -56,7 +57,8 @@ def cifar500(tmp_path_factory, assets_dir):
     data = cifar_subset(assets_dir, root / "data", "test", per_class=50, offset=100)
     url = str(root / "cube.zarr")
     bundle = load_model("cifar_resnet20")
-    plan = plan_cube(bundle, str(data), url, [LAYER], chunk_images=250, target_mode="label")
+    plan = plan_cube(bundle, str(data), url, [LAYER], chunk_images=250, target_mode="label",
+                     layout=CubeLayout.preset("evaluation"))
     extract_chunks(url, bundle.model.eval(), bundle.transform, str(data), range(plan.n_chunks),
                    plan.layers, batch_size=125)
     return url, bundle
