@@ -122,6 +122,7 @@ class RunLock:
         self.path = Path(path)
         self.what = what
         self._fd: int | None = None
+        self._made_dirs: list[Path] = []
 
     def holder(self) -> LockHolder | None:
         try:
@@ -165,8 +166,12 @@ class RunLock:
     def acquire(self, wait: float = 0.0, poll: float = 0.5,
                 on_wait: Callable[[str], None] | None = None) -> None:
         """Take the lock; ``wait`` seconds at most (0: fail at once, inf: no limit)."""
+        # Folders made here are removed again on release if the run left them empty, so that a
+        # run refused by its preflight leaves no output folder behind.
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs = missing
         except OSError as exc:
             raise NotWritable(f"{self.what} cannot be created: {self.path.parent} "
                               f"({os.strerror(exc.errno or 0) or exc})") from exc
@@ -198,6 +203,12 @@ class RunLock:
             if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                 os.unlink(self.path)
         os.close(fd)
+        for made in self._made_dirs:  # innermost first; rmdir keeps any content
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        self._made_dirs = []
 
 
 @contextlib.contextmanager

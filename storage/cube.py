@@ -54,6 +54,9 @@ LAYOUT_VERSION = 2
 LAYERS_GROUP = "layers"
 STATS_GROUP = "stats"
 EXTRACTION_GROUP = "extraction"
+# Groups whose content records how a store was made (which process wrote each chunk), not what
+# it holds: it differs between two runs that computed the same bytes, so comparisons skip it.
+PROVENANCE_GROUPS = (EXTRACTION_GROUP,)
 PER_LAYER_IMAGE_ARRAYS = ("relevance", "activation_max", "activation_mean")
 MOMENTS_ARRAY = "input_moments"
 MOMENT_SUMS_ARRAY = "moment_sums"
