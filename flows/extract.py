@@ -103,13 +103,10 @@ def validate_extraction(chunk_images: int, shard_chunks: int, batch_size: int | 
     """``batch_size`` None: chosen per shard from the free memory (``auto_batch_size``)."""
     if batch_size is None:
         batch_size = 1
+    # Any positive batch size works: ``compute_chunk`` cuts each chunk's own images into batches
+    # from the chunk's start (the last one shorter), so no batch ever spans two chunks.
     if chunk_images < 1 or shard_chunks < 1 or batch_size < 1:
         raise ValueError("chunk_images, shard_chunks and batch_size must be positive")
-    if chunk_images % batch_size and batch_size < chunk_images:
-        raise ValueError(
-            f"batch_size {batch_size} must divide chunk_images {chunk_images}: a batch may not "
-            "straddle two chunks (each chunk has one writer)"
-        )
 
 
 @flow(name="extract-shards")

@@ -35,7 +35,7 @@ from tasks.detect import DetectionParams, LayerDetection, PairRow, detect_layer,
 from tasks.disentangle import build_splits, plan_rewiring
 from tasks.report import build_summary, data_uri, figure3, markdown_artifacts, write_report
 from tasks.models import load_model
-from tasks.reduce import read_stats, reduce_cube, statistics_labels, write_stats
+from tasks.reduce import has_stats, read_stats, reduce_cube, statistics_labels, write_stats
 from tasks.rewire import check_equivalence, rewire_model
 from tasks.trend import checkpoint_info, write_checkpoint_record
 
@@ -52,6 +52,13 @@ def reduce_task(store_url: str, tau: float, correct_only: bool, scheduler_addres
     stats = reduce_cube(store_url, tau=tau, correct_only=correct_only, scheduler_address=scheduler_address)
     write_stats(store_url, STATS_SUBSET, stats, {"tau": tau, "correct_only": correct_only})
     return store_url
+
+
+def reduce_cached(cache: StageCache, key: Any, store_url: str) -> bool:
+    """Whether the reduce stage can be skipped. Its output lives in the train store, not the run
+    directory, so the record alone proves nothing: a store extracted again (same fingerprint,
+    same key) has no statistics until the stage runs again."""
+    return cache.hit("reduce", key) and has_stats(store_url, STATS_SUBSET, list(cube_info(store_url)["layers"]))
 
 
 @task(name="detect", cache_policy=NO_CACHE)
@@ -397,7 +404,7 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
     keys = stage_keys(params, checked.model_identity, train_fp, eval_fp)
 
     reduce_key = keys["reduce"]
-    if not cache.hit("reduce", reduce_key):
+    if not reduce_cached(cache, reduce_key, train_store):
         reduce_task(train_store, params.tau, params.correct_only, address)
         stop_point("reduced")
         cache.store("reduce", reduce_key, {"store": train_store})

@@ -165,13 +165,15 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
-def open_store_group(url: str | Path, mode: str = "r") -> zarr.Group:
-    """Open the cube's root group from a local path or any fsspec URL (memory://, s3://, ...)."""
+def open_store_group(url: str | Path, mode: str = "r", live: bool = False) -> zarr.Group:
+    """Open the cube's root group from a local path or any fsspec URL (memory://, s3://, ...).
+
+    ``live`` reads the hierarchy as it is now rather than its consolidated snapshot."""
     url = str(url)
     target = url if "://" in url and not url.startswith("file://") else url.removeprefix("file://")
     # Writers must see the live hierarchy: consolidated metadata is a snapshot and would hide
     # groups created since it was written.
-    consolidated = None if mode == "r" else False
+    consolidated = None if mode == "r" and not live else False
     return zarr.open_group(target, mode=mode, use_consolidated=consolidated)  # type: ignore[arg-type]
 
 
@@ -512,6 +514,27 @@ def write_class_stats(url: str | Path, subset: str, layer: str, arrays: Mapping[
         arr[...] = values
     if attrs:
         g.attrs.update(dict(attrs))
+
+
+def has_class_stats(url: str | Path, subset: str, layers: Sequence[str], arrays: Sequence[str] = ()) -> bool:
+    """Whether stats/<subset> holds every layer in ``layers``, each with every array in ``arrays``.
+
+    Read from the live hierarchy: a consolidated snapshot can still list statistics that were
+    deleted since."""
+    try:
+        root = open_store_group(url, mode="r", live=True)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+    if STATS_GROUP not in root or subset not in root[STATS_GROUP]:
+        return False
+    group = root[STATS_GROUP][subset]
+    present = set(group.group_keys())
+    for layer in layers:
+        if layer not in present:
+            return False
+        if not set(arrays) <= set(group[layer].array_keys()):
+            return False
+    return True
 
 
 def read_class_stats(url: str | Path, subset: str, layer: str) -> xr.Dataset:

@@ -6,8 +6,6 @@ benchmark. It never touches input moments.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn as nn
 
@@ -37,9 +35,3 @@ def autograd_class_arv(model: nn.Module, layer: str, images: torch.Tensor, chann
     assert total is not None
     return total / len(images)
 
-
-def autograd_arvs(model: nn.Module, layer: str, images_by_class: dict[int, torch.Tensor],
-                  channels: Sequence[int]) -> dict[tuple[int, int], torch.Tensor]:
-    """{(channel, class): ARV} for every channel and class, one pass each."""
-    return {(c, t): autograd_class_arv(model, layer, imgs, c)
-            for c in channels for t, imgs in images_by_class.items()}

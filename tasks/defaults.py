@@ -26,7 +26,7 @@ EXPLAIN_OPERATORS: tuple[str, ...] = ("OR", "AND", "AND NOT")
 # Extraction
 CHUNK_IMAGES: int = 512  # images per Zarr chunk (and per completion marker)
 SHARD_CHUNKS: int = 8  # chunks per Prefect shard task: thousands of images per task
-BATCH_SIZE: int = 128  # must divide CHUNK_IMAGES so batches never straddle chunks
+BATCH_SIZE: int = 128  # a divisor of CHUNK_IMAGES keeps every batch of a chunk full
 # batch_size=None: the largest divisor of CHUNK_IMAGES (<= BATCH_SIZE) whose estimated peak,
 # factor x the float32 outputs of every leaf module, fits this budget and half the free memory.
 AUTO_BATCH_BUDGET_BYTES: int = 3 * 2**30  # keeps extraction under 4 GB with the model and buffers

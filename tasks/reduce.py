@@ -24,8 +24,8 @@ import dask.array as da
 import numpy as np
 
 from storage.cube import (ACTIVATION_SUMS_ARRAY, CLASS_SUM_SUBSETS, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY,
-                           consolidate, cube_info, cube_layout, layer_names, open_store_group,
-                           write_class_stats)
+                           consolidate, cube_info, cube_layout, has_class_stats, layer_names,
+                           open_store_group, write_class_stats)
 from tasks.grouping import class_sums, statistics_class
 
 
@@ -216,6 +216,15 @@ def reduce_cube(
             mean_moments=sums["moments"] / denom.reshape(-1, 1, 1, 1) if sums["moments"] is not None else None,
         )
     return out
+
+
+# Written for every layer; mean_moments only where the layer has moments.
+STATS_ARRAYS = ("count", "mean_relevance", "important_fraction", "mean_activation")
+
+
+def has_stats(store_url: str, subset_name: str, layers: Sequence[str]) -> bool:
+    """Whether ``write_stats`` has stored every layer's statistics under stats/<subset>."""
+    return has_class_stats(store_url, subset_name, layers, STATS_ARRAYS)
 
 
 def write_stats(store_url: str, subset_name: str, stats: Mapping[str, LayerStats], attrs: Mapping[str, Any]) -> None:

@@ -87,13 +87,6 @@ def arv_from_moments(
     return torch.einsum("kuv,...kuv->...k", w, moments[..., sl, :, :])
 
 
-def arvs_for_channels(
-    weight: torch.Tensor, moments: torch.Tensor, channels: Sequence[int], groups: int = 1
-) -> torch.Tensor:
-    """Stacked ``arv_from_moments`` for several channels: (len(channels), ..., C_in / groups)."""
-    return torch.stack([arv_from_moments(weight, moments, c, groups) for c in channels])
-
-
 @dataclass
 class BatchRelevance:
     """Per-image results of one batch, on CPU in the model's dtype."""

@@ -115,3 +115,31 @@ def test_dataset_folders_must_map_to_model_classes(tmp_path) -> None:
     with pytest.raises(ValueError, match="match no class"):
         scan_image_folder(tmp_path, bundle.class_names, bundle.wnids)
     assert zarr.__version__.startswith("3.")
+
+
+def test_batches_restart_at_each_chunk_so_any_batch_size_is_valid(tmp_path, assets_dir) -> None:
+    from flows.extract import validate_extraction
+
+    for batch_size in (100, 128, 1000, None):  # 100 divides no 512-image chunk
+        validate_extraction(512, 4, batch_size)
+    for bad in [(0, 1, 1), (8, 0, 1), (8, 1, 0)]:
+        with pytest.raises(ValueError, match="positive"):
+            validate_extraction(*bad)
+    # Why: with 8-image chunks, batches of 3 (3+3+2 per chunk) give the values of whole-chunk batches.
+    data = cifar_subset(assets_dir, tmp_path / "data", "test", per_class=2)
+    bundle = load_model("cifar_resnet20")
+    cubes = {}
+    for batch_size in (3, 8):
+        url = str(tmp_path / f"cube{batch_size}.zarr")
+        plan = plan_cube(bundle, str(data), url, ["layer1.0.conv1", "layer3.2.conv2"], chunk_images=8,
+                         target_mode="label")
+        extract_chunks(url, bundle.model.eval(), bundle.transform, str(data), range(plan.n_chunks),
+                       plan.layers, batch_size=batch_size)
+        assert completed_chunks(url).all()
+        cubes[batch_size] = open_store_group(url)
+    assert cubes[3]["label"].shape == (20,)
+    np.testing.assert_array_equal(cubes[3]["prediction"][:], cubes[8]["prediction"][:])
+    for layer in ["layer1.0.conv1", "layer3.2.conv2"]:
+        a, b = cubes[3][f"layers/{layer}/relevance"][:], cubes[8][f"layers/{layer}/relevance"][:]
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -203,7 +203,12 @@ def test_evaluate_run_end_to_end(small_cube, splits, tmp_path) -> None:
     assert len(chans) == 3 and [c["rank"] for c in chans] == [1, 2, 3]
     scores = [c["score"] for c in chans if c["score"] is not None]
     assert scores == sorted(scores, reverse=True)
-    assert all(0.0 <= s <= 1.0 for s in scores)
+    for c in chans:  # the channel's score is its concepts' separations, averaged and clipped
+        assert len(c["score_per_concept"]) == c["k"]
+        if c["score"] is not None:
+            per = [p for p in c["score_per_concept"] if p is not None]
+            assert c["score"] == pytest.approx(float(np.clip(np.mean(per), 0.0, 1.0)), abs=1e-12)
+    assert scores and scores[0] > 0.0  # the best split separates its concepts
     for c in chans:
         assert c["invariant"]["max_ratio_deviation"] < 1e-4
         assert set(c["explanations"]) == {"orig", "d1", "d2", "r"}

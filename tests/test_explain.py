@@ -244,10 +244,9 @@ def test_dead_unit_has_zero_iou() -> None:
     assert str(alive.best) == "automobile" and alive.best.iou == pytest.approx(1.0)
 
 
-def test_layer_scale_runs_fast() -> None:
-    """Hundreds of units over an ImageNet-size concept set stay well under a second each."""
-    import time
-
+def test_layer_scale_search_reports_the_direct_ious() -> None:
+    """Hundreds of units over an ImageNet-size concept set: every unit's threshold, active count,
+    best single concept and best formula agree with a direct count over the images."""
     rng = np.random.default_rng(6)
     n_classes, n_images, n_units = 300, 6000, 64
     concepts = {f"c{i}": frozenset([i]) for i in range(n_classes)}
@@ -257,8 +256,25 @@ def test_layer_scale_runs_fast() -> None:
         concepts[f"h{j}"] = frozenset(range(start, stop))
     labels = rng.integers(0, n_classes, n_images)
     acts = rng.normal(size=(n_images, n_units)).astype(np.float32)
+    noise = acts.copy()
     acts += 3.0 * (rng.random((n_classes, n_units)) < 0.01)[labels]
-    t0 = time.perf_counter()
     results = explain_units(acts, labels, concepts, n_classes)
-    assert len(results) == n_units
-    assert time.perf_counter() - t0 < 10.0
+    assert [r.unit for r in results] == list(range(n_units))
+
+    def iou(classes: frozenset[int], active: np.ndarray) -> float:
+        member = np.isin(labels, list(classes))
+        return (member & active).sum() / max((member | active).sum(), 1)
+
+    members = np.stack([np.isin(labels, list(c)) for c in concepts.values()])  # every concept has >= 2 images
+    for r in results:
+        active = acts[:, r.unit] > r.threshold
+        assert r.n_active == active.sum() > 0
+        assert r.best.iou == pytest.approx(iou(r.best.classes, active), abs=1e-9)
+        assert r.best_single.iou == pytest.approx(iou(r.best_single.classes, active), abs=1e-9)
+        singles = (members & active).sum(1) / (members | active).sum(1)
+        assert r.best_single.iou == pytest.approx(singles.max(), abs=1e-9)
+        assert r.best.iou >= r.best_single.iou
+    # the planted classes are found: the median unit matches far better than on the noise alone
+    # (measured: 0.29 against 0.058)
+    planted = np.median([r.best.iou for r in results])
+    assert planted > 3 * max(r.best.iou for r in explain_units(noise, labels, concepts, n_classes))

@@ -16,6 +16,7 @@ from tasks.featvis import (
     random_transforms,
     visualise,
 )
+from tasks.models import load_model
 
 
 def tiny_net() -> nn.Module:
@@ -57,9 +58,8 @@ def test_optimised_image_drives_the_channel() -> None:
 
 @pytest.mark.parametrize("mode", ["fourier", "phase"])
 def test_resnet20_channel(assets_dir: Path, mode: str) -> None:
-    models = pytest.importorskip("tasks.models")
     weights = assets_dir / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
-    model = models.load_model("cifar_resnet20", weights).model
+    model = load_model("cifar_resnet20", weights).model
     objective = channel_objective(model, "layer3.0.conv1", 3)
     image = visualise(model, objective, steps=64, mode=mode)
     reached = activation(model, objective, image)

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from tasks.checkpoint import BaseModelMismatch, load_disentangled, save_disentangled, spec_path
-from tasks.defaults import RHO_GRID, RHO_SCORE_EPS
+from tasks.defaults import RHO_GRID
 from tasks.models import load_model
 from tasks.rewire import (
     ChannelSplit,
@@ -80,7 +80,10 @@ def test_rho_score_k2_is_the_papers_score() -> None:
         pos_t2[:, 1] / (pos_t2[:, 0] + 1e-5)
     ).mean()
     assert rho_score([pos_t1, pos_t2]) == pytest.approx(paper.item(), rel=1e-12)
-    assert RHO_SCORE_EPS == 1e-5
+    # a silent other channel divides by the paper's 1e-5, not by zero
+    silent = rho_score([torch.tensor([[2.0, 0.0]], dtype=torch.float64),
+                        torch.tensor([[0.0, 3.0]], dtype=torch.float64)])
+    assert silent == pytest.approx(2.0 / 1e-5 + 3.0 / 1e-5, rel=1e-12)
 
 
 def test_concept_arvs_of_class_sets() -> None:
