@@ -444,8 +444,10 @@ def _run_cli(args: list[str], env: dict[str, str], kill_on: str | None = None,
 
 def _normalised(obj, out_dir: str):
     if isinstance(obj, dict):
-        # when it was made and how long it took are not results
-        return {k: _normalised(v, out_dir) for k, v in obj.items() if k not in ("created", "timings_s")}
+        # when it was made and how long it took are not results, nor the preflight's record
+        # (its time estimate is measured on this machine at each start)
+        return {k: _normalised(v, out_dir) for k, v in obj.items()
+                if k not in ("created", "timings_s", "preflight")}
     if isinstance(obj, list):
         return [_normalised(v, out_dir) for v in obj]
     if isinstance(obj, str):
