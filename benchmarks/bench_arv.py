@@ -3,9 +3,9 @@ images: ResNet-20 on CIFAR-10 test images, ``layer3.2.conv2``, every channel x e
 
 - one-pass: ``batch_relevance`` on that layer over all images (the whole extraction pass for
   the layer: forward, backward to the input images, relevance, activations and input moments),
-  then class means of the moments (float32) and ``tasks.detect.class_arvs`` for every channel
+  then class means of the moments (float32) and ``polysemantic_disentangle.tasks.stage3_detect.detect.class_arvs`` for every channel
   and all classes.
-- autograd: ``tasks.arv_reference.autograd_class_arv`` for every (channel, class): one forward
+- autograd: ``polysemantic_disentangle.tasks.stage2_reduce.arv_reference.autograd_class_arv`` for every (channel, class): one forward
   and one backward over the class's images per pair, as in the published code. Its cost per
   pair does not depend on the channel, so by default a subset of channels is timed
   (``--channels``, spread over the layer) and the time is scaled linearly to all channels; the
@@ -35,12 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.arv_reference import autograd_class_arv  # noqa: E402
-from tasks.assets import cifar10_image_folder  # noqa: E402
-from tasks.data import load_batch, scan_image_folder  # noqa: E402
-from tasks.detect import class_arvs  # noqa: E402
-from tasks.models import load_model  # noqa: E402
-from tasks.relevance import batch_relevance  # noqa: E402
+from polysemantic_disentangle.tasks.stage2_reduce.arv_reference import autograd_class_arv  # noqa: E402
+from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.stage3_detect.detect import class_arvs  # noqa: E402
+from polysemantic_disentangle.tasks.models.registry import load_model  # noqa: E402
+from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance  # noqa: E402
 
 
 def main() -> None:

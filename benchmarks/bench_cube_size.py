@@ -42,12 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage.cube import (MOMENT_SUMS_ARRAY, PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY, ChunkData,  # noqa: E402
+from polysemantic_disentangle.storage.cube import (MOMENT_SUMS_ARRAY, PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY, ChunkData,  # noqa: E402
                           CubeLayout, LayerShape, create_cube, open_store_group, write_chunk)
-from tasks.assets import cifar10_image_folder  # noqa: E402
-from tasks.data import scan_image_folder  # noqa: E402
-from tasks.extract import ChunkSpec, chunk_class_sums, compute_chunk  # noqa: E402
-from tasks.models import conv_layers, load_model  # noqa: E402
+from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.data.images import scan_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkSpec, chunk_class_sums, compute_chunk  # noqa: E402
+from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 CHUNK = 512
@@ -171,9 +171,9 @@ def measure_model(key: str, work: Path) -> dict:
 
 
 def dtype_effect(n_images: int, work: Path) -> None:
-    from storage.cube import cube_info  # noqa: F401
-    from tasks.detect import DetectionParams, detect_layer
-    from tasks.reduce import reduce_cube
+    from polysemantic_disentangle.storage.cube import cube_info  # noqa: F401
+    from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams, detect_layer
+    from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
 
     bundle = load_model("cifar_resnet20")
     model = bundle.model.eval()

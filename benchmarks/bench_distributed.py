@@ -53,9 +53,9 @@ def main() -> None:
     from distributed import Client
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.cluster import local_cluster
-    from flows.extract import extract_relevance_cube
-    from tasks.assets import assets_dir
+    from polysemantic_disentangle.flows.runtime.cluster import local_cluster
+    from polysemantic_disentangle.flows.extract import extract_relevance_cube
+    from polysemantic_disentangle.tasks.data.assets import assets_dir
 
     torch.set_num_threads(1)  # the workers run one thread each too (OMP_NUM_THREADS=1)
     assets = assets_dir()

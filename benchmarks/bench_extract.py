@@ -5,7 +5,7 @@ the same model on the same batches) <= 1.3 on CPU, both measured in this one run
 
 - bare: ``loss = logits.gather(1, labels).sum(); loss.backward()`` with parameter gradients
   (the usual full backward), ``zero_grad`` between batches.
-- extraction: ``tasks.extract.extract_chunks`` itself (``compute_chunk`` -> ``batch_relevance``
+- extraction: ``polysemantic_disentangle.tasks.stage1_extract.chunks.extract_chunks`` itself (``compute_chunk`` -> ``batch_relevance``
   on all 19 convs -> numpy -> ``write_chunk`` into a Zarr store on local disk), with the image
   decoder swapped for a lookup of the same pre-decoded batches the bare side uses.
 - extraction + decode (for information): ``extract_chunks`` unmodified, decoding the JPEGs.
@@ -41,12 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tasks.extract as extract_mod  # noqa: E402
-from storage.cube import LayerShape, create_cube, open_store_group  # noqa: E402
-from tasks.assets import cifar10_image_folder  # noqa: E402
-from tasks.data import load_batch, scan_image_folder  # noqa: E402
-from tasks.models import conv_layers, load_model  # noqa: E402
-from tasks.relevance import batch_relevance  # noqa: E402
+import polysemantic_disentangle.tasks.stage1_extract.chunks as extract_mod  # noqa: E402
+from polysemantic_disentangle.storage.cube import LayerShape, create_cube, open_store_group  # noqa: E402
+from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model  # noqa: E402
+from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance  # noqa: E402
 
 ALL_VARIANTS = ("bare", "extract", "extract+decode", "bare-inputgrad", "relevance-only")
 DEFAULT_VARIANTS = "bare,extract,extract+decode,bare-inputgrad"
@@ -60,7 +60,7 @@ def evenly_spaced(n_total: int, n: int) -> np.ndarray:
 
 
 class PreDecoded:
-    """Stand-in for ``tasks.data.load_batch``: returns batches decoded once before timing."""
+    """Stand-in for ``polysemantic_disentangle.tasks.data.images.load_batch``: returns batches decoded once before timing."""
 
     def __init__(self, batches: dict[tuple[str, ...], torch.Tensor]) -> None:
         self.batches = batches

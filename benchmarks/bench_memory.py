@@ -1,7 +1,7 @@
 """Peak memory and images/s of extraction against batch size and layer count, 224 px on CPU.
 
 Target: under 4 GB peak RSS at the default batch (``batch_size=None``: chosen by
-``tasks.extract.auto_batch_size`` from the free memory) for EfficientNet-Lite0 (real weights)
+``polysemantic_disentangle.tasks.stage1_extract.chunks.auto_batch_size`` from the free memory) for EfficientNet-Lite0 (real weights)
 and ResNet-50 (random weights), all conv layers, default detection layout.
 
 Each setting runs in a fresh process: ``compute_chunk`` over 2 batches of ImageNet sample
@@ -35,10 +35,10 @@ def child(key: str, batch: str, layer_share: float, threads: int) -> None:
     import numpy as np
     import torch
 
-    from storage.cube import CubeLayout
-    from tasks.data import scan_image_folder
-    from tasks.extract import ChunkSpec, auto_batch_size, compute_chunk
-    from tasks.models import conv_layers, load_model
+    from polysemantic_disentangle.storage.cube import CubeLayout
+    from polysemantic_disentangle.tasks.data.images import scan_image_folder
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkSpec, auto_batch_size, compute_chunk
+    from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model
 
     torch.set_num_threads(threads)
     name, weights = MODELS[key]

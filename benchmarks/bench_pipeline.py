@@ -3,9 +3,9 @@
 ResNet-50 (random weights) on the ImageNet sample images, all 53 convs, default detection
 layout, chunk ``--chunk`` images. Measured in one run, interleaved, median of ``--repeats``:
 
-- decode-1 / decode-N: ``tasks.data.load_batch`` of one chunk's JPEGs, serial and with N decode
+- decode-1 / decode-N: ``polysemantic_disentangle.tasks.data.images.load_batch`` of one chunk's JPEGs, serial and with N decode
   threads (what each shard's prefetch does while the model runs);
-- write: ``storage.cube.write_chunk`` of one chunk (float16 relevance + float32 class sums of
+- write: ``polysemantic_disentangle.storage.cube.write_chunk`` of one chunk (float16 relevance + float32 class sums of
   1,000 classes, compressed), what the writer thread does while the next chunk is computed;
 - model: ``compute_chunk`` on pre-decoded images (forward, backward, hooks, class sums).
 
@@ -32,11 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage.cube import CubeLayout, LayerShape, create_cube, open_store_group, write_chunk  # noqa: E402
-from tasks.data import load_batch, scan_image_folder  # noqa: E402
-from tasks.extract import ChunkSpec, compute_chunk  # noqa: E402
-import tasks.extract as extract_mod  # noqa: E402
-from tasks.models import conv_layers, load_model  # noqa: E402
+from polysemantic_disentangle.storage.cube import CubeLayout, LayerShape, create_cube, open_store_group, write_chunk  # noqa: E402
+from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkSpec, compute_chunk  # noqa: E402
+import polysemantic_disentangle.tasks.stage1_extract.chunks as extract_mod  # noqa: E402
+from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 

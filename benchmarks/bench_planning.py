@@ -48,10 +48,10 @@ def plan_once(tree: Path, store: Path) -> dict[str, tuple[float, float]]:
     """One planning pass in this process: {step: (wall s, CPU s)}."""
     import numpy as np
 
-    from storage.cube import CubeLayout, LayerShape, completed_chunks, create_cube, open_store_group
-    from tasks import defaults
-    from tasks.data import plan_shards, scan_image_folder
-    from tasks.models import conv_layers, load_model
+    from polysemantic_disentangle.storage.cube import CubeLayout, LayerShape, completed_chunks, create_cube, open_store_group
+    from polysemantic_disentangle.tasks import defaults
+    from polysemantic_disentangle.tasks.data.images import plan_shards, scan_image_folder
+    from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model
 
     bundle = load_model("resnet50", "random")
     shapes = {i.name: LayerShape(i.out_channels, i.in_channels, i.kernel_size, i.groups)

@@ -7,7 +7,7 @@ both with the threaded scheduler, measured in this one run.
 
 The cube has the layer shapes of CIFAR-10 ResNet-20 (19 convs, float32, chunk 512 images).
 Its values are real: a seed of CIFAR-10 test images is extracted once with
-``tasks.extract.extract_chunks`` and its chunks are tiled up to ``--images`` (``--data random``
+``polysemantic_disentangle.tasks.stage1_extract.chunks.extract_chunks`` and its chunks are tiled up to ``--images`` (``--data random``
 fills it with Gaussian noise instead, which compresses worse). The cube is built once in the
 temp directory and reused by later runs (``--rebuild`` forces a new one).
 
@@ -44,10 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage.cube import (MOMENTS_ARRAY, ChunkData, CubeLayout, LayerShape, create_cube, layer_names,  # noqa: E402
+from polysemantic_disentangle.storage.cube import (MOMENTS_ARRAY, ChunkData, CubeLayout, LayerShape, create_cube, layer_names,  # noqa: E402
                            open_store_group, write_chunk)
-from tasks.models import conv_layers, load_model  # noqa: E402
-from tasks.reduce import reduce_cube  # noqa: E402
+from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model  # noqa: E402
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube  # noqa: E402
 
 READ_ARRAYS = ("relevance", "activation_mean", MOMENTS_ARRAY)  # what reduce_cube reads per layer
 PER_LAYER = ("relevance", "activation_max", "activation_mean", MOMENTS_ARRAY)
@@ -60,9 +60,9 @@ N_CLASSES = 10
 def seed_chunks_real(bundle, shapes, n_seed: int, chunk: int, work: Path) -> tuple[list[ChunkData], np.ndarray]:
     """Extract ``n_seed`` CIFAR-10 test images (evenly spread over the classes) into a small cube
     and return its chunks as ChunkData plus the labels."""
-    from tasks.assets import cifar10_image_folder
-    from tasks.data import scan_image_folder
-    from tasks.extract import extract_chunks
+    from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder
+    from polysemantic_disentangle.tasks.data.images import scan_image_folder
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks
 
     root_dir = cifar10_image_folder("test")
     manifest = scan_image_folder(root_dir, bundle.class_names, bundle.wnids)

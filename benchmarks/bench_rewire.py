@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from tasks.models import load_model
-from tasks.rewire import ChannelSplit, check_equivalence, collect_layer_inputs, rewire_model
+from polysemantic_disentangle.tasks.models.registry import load_model
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, check_equivalence, collect_layer_inputs, rewire_model
 
 LAYER = "layer3.2.conv2"
 COUNTS = (1, 8, 32)

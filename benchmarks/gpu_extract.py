@@ -6,7 +6,7 @@ extraction / bare <= 1.10 and extraction >= 2,000 images/s.
 
 - bare: ``model(x)``, ``logits.gather(1, labels).sum().backward()`` with parameter gradients.
 - bare-inputgrad: forward + ``torch.autograd.grad`` w.r.t. the input only (what extraction needs).
-- extract: ``tasks.extract.compute_chunk`` on pre-loaded batches (``batch_relevance`` on every
+- extract: ``polysemantic_disentangle.tasks.stage1_extract.chunks.compute_chunk`` on pre-loaded batches (``batch_relevance`` on every
   conv -> per-image relevance and the chunk's class sums of the input moments), what a shard task
   runs per chunk minus decoding and writing (see bench_pipeline.py for those).
 
@@ -55,9 +55,9 @@ def main() -> int:
 
     import numpy as np
 
-    from storage.cube import CubeLayout
-    from tasks.extract import ChunkSpec, compute_chunk
-    from tasks.models import conv_layers, load_model
+    from polysemantic_disentangle.storage.cube import CubeLayout
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkSpec, compute_chunk
+    from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model
 
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
@@ -94,7 +94,7 @@ def main() -> int:
         i = int(paths[0]) // args.batch
         return batches[i], np.ones(len(paths), dtype=bool), [""] * len(paths)
 
-    import tasks.extract as extract_mod
+    import polysemantic_disentangle.tasks.stage1_extract.chunks as extract_mod
 
     def extract() -> None:
         real = extract_mod.load_batch

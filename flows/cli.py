@@ -11,7 +11,7 @@ import typing
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
-    from flows.params import PipelineParams
+    from polysemantic_disentangle.flows.params import PipelineParams
 
 # Before Prefect is imported: no telemetry, and a patient start for the temporary local API
 # (its 20 s default is too short on a loaded 2-core machine).
@@ -19,7 +19,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from tasks import defaults
+from polysemantic_disentangle.tasks import defaults
 
 # `disentangle run` finished, wrote its report, but found no channel to rewire.
 EXIT_NOTHING_TO_REWIRE = 4  # 2: bad input, 3: output folder or store busy or not writable
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
 
     run = sub.add_parser("run", help="the whole pipeline (disentangle-all-layers); defaults: CIFAR-10 demo")
-    from flows.params import PipelineParams
+    from polysemantic_disentangle.flows.params import PipelineParams
 
     for name, field in PipelineParams.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -100,7 +100,7 @@ def compare(run_dirs: Sequence[str], out: str | None = None) -> dict[str, str]:
     import warnings
     from pathlib import Path
 
-    from tasks.trend import compare_runs, write_trend
+    from polysemantic_disentangle.tasks.stage7_trend.trend import compare_runs, write_trend
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -187,7 +187,7 @@ def show_run(run_dir: str, examples: int = 3) -> None:
 def params_from_args(args: argparse.Namespace) -> "PipelineParams":
     """Only the flags given on the command line override the defaults; pydantic converts and
     validates them (a bad value fails here, before any work)."""
-    from flows.params import PipelineParams
+    from polysemantic_disentangle.flows.params import PipelineParams
 
     given = {}
     for name in PipelineParams.model_fields:
@@ -203,8 +203,8 @@ def params_from_args(args: argparse.Namespace) -> "PipelineParams":
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from flows.locking import LockBusy, NotWritable
-    from tasks.safe_load import CheckpointError
+    from polysemantic_disentangle.flows.runtime.locking import LockBusy, NotWritable
+    from polysemantic_disentangle.tasks.models.safe_load import CheckpointError
 
     try:
         return _main(argv)
@@ -222,8 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _exclusive(paths: list, args: argparse.Namespace) -> Iterator[None]:
     """Take the run's locks before anything starts (the flow takes them again, re-entrantly),
     then start the temporary Prefect API as a child that dies with this process."""
-    from flows.locking import WAIT_ENV, holding
-    from flows.prefect_server import ensure_supervised_api
+    from polysemantic_disentangle.flows.runtime.locking import WAIT_ENV, holding
+    from polysemantic_disentangle.flows.runtime.prefect_server import ensure_supervised_api
 
     if args.wait_for_lock is not None:
         os.environ[WAIT_ENV] = str(args.wait_for_lock)
@@ -235,7 +235,7 @@ def _exclusive(paths: list, args: argparse.Namespace) -> Iterator[None]:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "models":
-        from tasks.models import available_models
+        from polysemantic_disentangle.tasks.models.registry import available_models
 
         print("\n".join(available_models()))
         return 0
@@ -246,8 +246,8 @@ def _main(argv: Sequence[str] | None) -> int:
         compare(args.run_dirs, args.out)
         return 0
     if args.command == "run":
-        from flows.locking import run_locks
-        from flows.pipeline import disentangle_all_layers, preflight_inputs
+        from polysemantic_disentangle.flows.runtime.locking import run_locks
+        from polysemantic_disentangle.flows.pipeline import disentangle_all_layers, preflight_inputs
 
         params = params_from_args(args).resolved()
         with _exclusive(run_locks(params.out_dir, [params.train_store, params.eval_store]), args):
@@ -267,8 +267,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return EXIT_NOTHING_TO_REWIRE
         return 0
     if args.command == "extract":
-        from flows.extract import extract_relevance_cube, resolve_layers
-        from flows.locking import run_locks
+        from polysemantic_disentangle.flows.extract import extract_relevance_cube, resolve_layers
+        from polysemantic_disentangle.flows.runtime.locking import run_locks
 
         with _exclusive(run_locks(None, [args.store]), args):
             url = extract_relevance_cube(

@@ -10,15 +10,15 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.cluster import ClusterInfo, cluster_address, inspect_cluster, worker_identity
-from flows.faults import stop_point
-from storage.cube import (CubeLayout, completed_chunks, consolidate, cube_info, open_store_group,
+from polysemantic_disentangle.flows.runtime.cluster import ClusterInfo, cluster_address, inspect_cluster, worker_identity
+from polysemantic_disentangle.flows.runtime.faults import stop_point
+from polysemantic_disentangle.storage.cube import (CubeLayout, completed_chunks, consolidate, cube_info, open_store_group,
                           prepare_chunk_writers, record_chunk_writer)
-from tasks import defaults
-from tasks.data import plan_shards
-from tasks.extract import ChunkStats, auto_batch_size, extract_chunks, pick_device, plan_cube
-from tasks.models import load_model
-from tasks.relevance import TargetMode
+from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.data.images import plan_shards
+from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkStats, auto_batch_size, extract_chunks, pick_device, plan_cube
+from polysemantic_disentangle.tasks.models.registry import load_model
+from polysemantic_disentangle.tasks.stage1_extract.relevance import TargetMode
 
 
 def device_slots(device: str) -> list[str]:
@@ -171,7 +171,7 @@ def extract_relevance_cube(
     seed: int = 0,
 ) -> str:
     """Write the cube of every selected conv layer: per-image relevance and what ``layout``
-    keeps (``storage.cube.CubeLayout.preset``: "detection" adds per-chunk class sums of the input
+    keeps (``polysemantic_disentangle.storage.cube.CubeLayout.preset``: "detection" adds per-chunk class sums of the input
     moments, "evaluation" per-image activation max, "full" everything per image).
 
     ``batch_size`` None: chosen per shard from the device's free memory. Shards run on threads in this process by default, on the Dask cluster at ``dask_address``,

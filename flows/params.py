@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks import defaults
-from tasks.detect import DetectionParams
-from tasks.presets import preset_for
+from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams
+from polysemantic_disentangle.tasks.presets import preset_for
 
 _PRESET_FIELDS = ("gamma", "rewire_layers", "max_rewired_per_layer")
 
@@ -98,13 +98,13 @@ class PipelineParams(BaseModel):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive")
-        from flows.cluster import validate_cluster_choice
+        from polysemantic_disentangle.flows.runtime.cluster import validate_cluster_choice
 
         validate_cluster_choice(self.dask_address, self.dask_workers)
         return self
 
     def store_layouts(self) -> dict[str, dict[str, Any]]:
-        """Layout arguments of the two cubes (``storage.cube.CubeLayout.preset``), used by the
+        """Layout arguments of the two cubes (``polysemantic_disentangle.storage.cube.CubeLayout.preset``), used by the
         extraction and by the preflight that creates the stores: the detection cube keeps what
         the statistics need, the evaluation cube what evaluation reads."""
         return {"train": {"layout": "detection", "per_image_moments": self.per_image_moments,
@@ -123,7 +123,7 @@ class PipelineParams(BaseModel):
         if self.train_dir is None or self.eval_dir is None:
             if not self.model.startswith("cifar_"):
                 raise ValueError(f"train_dir and eval_dir are required for model {self.model!r}")
-            from tasks.assets import cifar10_image_folder
+            from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder
 
             updates["train_dir"] = self.train_dir or str(cifar10_image_folder("train"))
             updates["eval_dir"] = self.eval_dir or str(cifar10_image_folder("test"))
@@ -131,7 +131,7 @@ class PipelineParams(BaseModel):
             value = updates.get(name, getattr(self, name))
             if not Path(value).is_dir():
                 raise ValueError(f"{name} {value} is not a directory")
-        from flows.outputs import join
+        from polysemantic_disentangle.flows.runtime.outputs import join
 
         updates["train_store"] = self.train_store or join(self.out_dir, "cube-train.zarr")
         updates["eval_store"] = self.eval_store or join(self.out_dir, "cube-eval.zarr")

@@ -2,7 +2,7 @@
 
 Every stage is a coarse task fed by store paths and small JSON-able values. A stage whose
 inputs (content hashes of checkpoint, data manifest and parameters) are unchanged is not
-recomputed: its result is read back from the run directory (see ``flows/stage_cache.py``).
+recomputed: its result is read back from the run directory (see ``flows/runtime/stage_cache.py``).
 """
 
 from __future__ import annotations
@@ -20,24 +20,24 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.cluster import cluster_address
-from flows.extract import extract_relevance_cube, validate_extraction
-from flows.faults import stop_point
-from flows.locking import holding, run_locks
-from flows.outputs import RunOutputs
-from flows.params import PipelineParams
-from flows.preflight import Preflight, run_preflight
-from flows.stage_cache import StageCache
-from storage.cube import cube_info, open_store_group
-from tasks.checkpoint import save_disentangled
-from tasks.data import load_batch
-from tasks.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table, read_relevance_sample
-from tasks.disentangle import build_splits, plan_rewiring
-from tasks.report import build_summary, data_uri, figure3, markdown_artifacts, write_report
-from tasks.models import load_model
-from tasks.reduce import has_stats, read_stats, reduce_cube, statistics_labels, write_stats
-from tasks.rewire import check_equivalence, rewire_model
-from tasks.trend import checkpoint_info, write_checkpoint_record
+from polysemantic_disentangle.flows.runtime.cluster import cluster_address
+from polysemantic_disentangle.flows.extract import extract_relevance_cube, validate_extraction
+from polysemantic_disentangle.flows.runtime.faults import stop_point
+from polysemantic_disentangle.flows.runtime.locking import holding, run_locks
+from polysemantic_disentangle.flows.runtime.outputs import RunOutputs
+from polysemantic_disentangle.flows.params import PipelineParams
+from polysemantic_disentangle.flows.preflight import Preflight, run_preflight
+from polysemantic_disentangle.flows.runtime.stage_cache import StageCache
+from polysemantic_disentangle.storage.cube import cube_info, open_store_group
+from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import save_disentangled
+from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table, read_relevance_sample
+from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
+from polysemantic_disentangle.tasks.stage6_report.report import build_summary, data_uri, figure3, markdown_artifacts, write_report
+from polysemantic_disentangle.tasks.models.registry import load_model
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import has_stats, read_stats, reduce_cube, statistics_labels, write_stats
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, rewire_model
+from polysemantic_disentangle.tasks.stage7_trend.trend import checkpoint_info, write_checkpoint_record
 
 STATS_SUBSET = "detection"
 
@@ -66,7 +66,7 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
                 out_dir: str, seed: int = 0) -> dict[str, Any]:
     """Candidates and gamma-polysemantic pairs of every layer, with WordNet similarities;
     writes detection.csv / detection.json and the Figure 3 plot of the last layer."""
-    from tasks.wordnet import pair_similarity
+    from polysemantic_disentangle.tasks.data.wordnet import pair_similarity
 
     detection_params = DetectionParams(**params)
     bundle = load_model(model_name, weights, seed=seed)
@@ -134,7 +134,7 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
 
 def _relevant_all(stats: Any, p: float) -> dict[str, list[int]]:
     """Relevant classes of every channel with at least one (candidates have two or more)."""
-    from tasks.detect import relevant_classes
+    from polysemantic_disentangle.tasks.stage3_detect.detect import relevant_classes
 
     rel = relevant_classes(stats, p)
     return {str(c): np.flatnonzero(rel[:, c]).tolist() for c in range(rel.shape[1]) if rel[:, c].any()}
@@ -193,7 +193,7 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
                 seed: int = 0) -> dict[str, Any]:
     """Split every selected channel, check the function is unchanged, save the checkpoint and
     a standalone export (``disentangled.pt2``, plain torch)."""
-    from tasks.export import export_model
+    from polysemantic_disentangle.tasks.stage4_rewire.export import export_model
 
     logger = get_run_logger()
     bundle = load_model(model_name, weights, seed=seed)
@@ -241,10 +241,10 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
                   out_dir: str, device: str, seed: int = 0,
                   preflight: dict[str, Any] | None = None) -> dict[str, Any]:
     """Table 1, scores, figures, explanations before/after, then report.html + summary.json."""
-    from tasks.checkpoint import load_disentangled
-    from tasks.evaluate import evaluate_run
-    from tasks.extract import pick_device
-    from tasks.rewire import ChannelSplit
+    from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled
+    from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import evaluate_run
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import pick_device
+    from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 
     logger = get_run_logger()
     bundle = load_model(model_name, weights, seed=seed)
@@ -321,7 +321,7 @@ def disentangle_all_layers(params: PipelineParams | None = None,
     ``preflight``: the ``Preflight.to_dict()`` of these params when the caller (the CLI) has
     already run it; otherwise it runs here, before any model pass."""
     params = (params or PipelineParams()).resolved()
-    # One run per output folder, one writer per local store (see flows/locking.py).
+    # One run per output folder, one writer per local store (see flows/runtime/locking.py).
     with holding(run_locks(params.out_dir, [params.train_store, params.eval_store]),
                  on_wait=get_run_logger().warning):
         return _all_layers(params, preflight)
@@ -331,7 +331,7 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
     logger = get_run_logger()
     validate_extraction(params.chunk_images, params.shard_chunks, params.batch_size)
     detection_params = params.detection()
-    from tasks.wordnet import ensure_wordnet
+    from polysemantic_disentangle.tasks.data.wordnet import ensure_wordnet
 
     ensure_wordnet()  # fail before any model pass if WordNet cannot be provisioned
     if preflight is None:

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from flows.params import PipelineParams
-from storage.cube import MOMENTS_ARRAY, PER_LAYER_IMAGE_ARRAYS, CubeLayout, CubeMismatch
-from tasks import defaults
-from tasks.data import Manifest, load_batch, scan_image_folder
-from tasks.disentangle import resolve_rewire_layers
-from tasks.models import ModelBundle, conv_layers, load_model, select_layers
-from tasks.presets import preset_for
+from polysemantic_disentangle.flows.params import PipelineParams
+from polysemantic_disentangle.storage.cube import MOMENTS_ARRAY, PER_LAYER_IMAGE_ARRAYS, CubeLayout, CubeMismatch
+from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, scan_image_folder
+from polysemantic_disentangle.tasks.stage4_rewire.plan import resolve_rewire_layers
+from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, load_model, select_layers
+from polysemantic_disentangle.tasks.presets import preset_for
 
 __all__ = ["DatasetCheck", "Preflight", "prepare_stores", "run_preflight"]
 
@@ -147,7 +147,7 @@ def _time_relevance(bundle: ModelBundle, manifest: Manifest, layers: list[str], 
     """Seconds per image of one relevance pass (after a warm-up image)."""
     import torch
 
-    from tasks.relevance import batch_relevance
+    from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
 
     n = min(defaults.PREFLIGHT_TIMING_IMAGES, len(manifest))
     images, ok, _ = load_batch(manifest.root, list(manifest.paths[:n]), bundle.transform)
@@ -173,7 +173,7 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
 
     Order: model, layers, rewire patterns, both dataset folders; only then (``stores``) the two
     cubes are created or reopened, and (``measure``) one timed relevance pass runs."""
-    from tasks.extract import pick_device
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import pick_device
 
     device = pick_device(params.device)
     bundle = load_model(params.model, params.weights, seed=params.seed)
@@ -249,7 +249,7 @@ def prepare_stores(params: PipelineParams, bundle: ModelBundle | None = None) ->
     """Create or reopen both cubes before any chunk is computed, so that a store made from other
     inputs is reported now (or, with ``params.overwrite``, replaced now), not after the other
     cube's extraction. A matching store is reopened as is: a rerun resumes it."""
-    from tasks.extract import plan_cube
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import plan_cube
 
     bundle = bundle or load_model(params.model, params.weights, seed=params.seed)
     for role, data_dir, store, cap in (

@@ -32,7 +32,7 @@ arrays are chunked per image chunk and per block of ``CLASS_BLOCK`` classes, wri
 image chunk's writer before its marker (only the blocks of the classes it holds; the others stay
 missing and read as zeros), so a resumed chunk overwrites (never adds to) its own partial sums. ``subset`` 0 sums
 every usable image, 1 only the correctly classified ones; ``class`` is the image's statistics
-class (``tasks.grouping.statistics_class``). Layers whose channels read one input channel each
+class (``polysemantic_disentangle.tasks.data.grouping.statistics_class``). Layers whose channels read one input channel each
 (depthwise) have no moments at all: ARVs are not applicable there. Missing per-image data is
 NaN (the fill value), never zero; class sums start at zero.
 """

@@ -1,0 +1,16 @@
+"""The method, stage by stage, as pure functions over tensors and arrays.
+
+The stages, in the order a run takes them:
+
+    stage1_extract   per-image channel relevance, activations and input moments
+    stage2_reduce    class means: counts, relevance statistics, ARVs
+    stage3_detect    polysemantic candidates, their class pairs and the gamma rule
+    stage4_rewire    split each selected channel in two and rewire the network exactly
+    stage5_evaluate  Table 1, scores, exemplars, feature visualisations, explanations
+    stage6_report    the self-contained HTML report and its figures
+    stage7_trend     the comparison of runs across checkpoints
+
+What they stand on: ``models`` (architectures, weights, safe loading), ``data`` (images,
+classes, assets, WordNet, the statistics class of an image), ``defaults`` (the method's
+defaults) and ``presets`` (per-model values beside them). The store is ``storage``.
+"""

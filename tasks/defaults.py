@@ -41,7 +41,7 @@ PER_IMAGE_MOMENTS: bool = False
 
 # Compositional explanations, image level. None: binarise each unit at the quantile that makes
 # it active on as many images as one class PRESENT in the explained images has on average, and
-# on at least EXPLAIN_MIN_ACTIVE_IMAGES (tasks.explain.present_quantile); the model's class
+# on at least EXPLAIN_MIN_ACTIVE_IMAGES (polysemantic_disentangle.tasks.stage5_evaluate.explain.present_quantile); the model's class
 # count would leave one active image per unit on an ImageNet subset. Mu & Andreas's
 # pixel-level setting is 0.995 (top 0.5 %).
 EXPLAIN_ACTIVE_QUANTILE: float | None = None
@@ -81,7 +81,7 @@ FEATVIS_BATCH: int = 4  # transformed copies per step; the objective is averaged
 # with orig near zero is dominated by rounding and would swamp every mean.
 EVAL_MIN_ABS_ORIG_FRACTION: float = 0.01
 EVAL_SCORE_EPS: float = 1e-6  # denominator guard of the disentanglement score
-EVAL_LOGIT_RTOL: float = 1e-4  # same semantics as tasks.rewire.check_equivalence
+EVAL_LOGIT_RTOL: float = 1e-4  # same semantics as polysemantic_disentangle.tasks.stage4_rewire.rewire.check_equivalence
 EVAL_EXEMPLARS: int = 8  # top images per channel in the exemplar grid
 # Exemplar thumbnails have this side: small images (CIFAR 32 x 32) are enlarged by an integer
 # factor (pixel replication, stays sharp), larger ones (ImageNet 224) reduced; a 224-pixel

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass
 
-from tasks import defaults
+from polysemantic_disentangle.tasks import defaults
 
 __all__ = ["AUTO_REWIRE", "CIFAR_GAMMA", "Preset", "preset_for"]
 

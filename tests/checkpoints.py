@@ -31,7 +31,7 @@ def finetune_checkpoints(assets_dir: Path, dest: Path, save_at: Sequence[int], *
     """Fine-tune ResNet-20 with SGD (momentum 0.9; a learning rate of the size ResNet-20 was trained with, so that the channel
     statistics really move) and save ``{"step", "epoch", "state_dict"}`` at each step of
     ``save_at``; returns the files in step order."""
-    from tasks.models import load_model
+    from polysemantic_disentangle.tasks.models.registry import load_model
 
     torch.manual_seed(seed)
     bundle = load_model("cifar_resnet20")

@@ -77,9 +77,9 @@ def add_bad_images(folder: Path, cls: str = "cat") -> dict[str, str]:
 def small_cube(tmp_path_factory, assets_dir):
     """A real cube: ResNet-20, 24 CIFAR-10 test images per class, all 19 conv layers; the "full"
     float32 layout, so that it holds per-image moments and the class sums side by side."""
-    from storage.cube import CubeLayout
-    from tasks.extract import extract_chunks, plan_cube
-    from tasks.models import load_model
+    from polysemantic_disentangle.storage.cube import CubeLayout
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, plan_cube
+    from polysemantic_disentangle.tasks.models.registry import load_model
 
     root = tmp_path_factory.mktemp("small_cube")
     data = cifar_subset(assets_dir, root / "data", "test", per_class=24)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.cli import build_parser, main, params_from_args
+from polysemantic_disentangle.flows.cli import build_parser, main, params_from_args
 
 
 def test_bad_parameters_fail_fast(capsys) -> None:
@@ -31,7 +31,7 @@ def test_models_lists_the_registry(capsys) -> None:
 
 
 def test_unknown_pipeline_parameter_is_an_error() -> None:
-    from flows.params import PipelineParams
+    from polysemantic_disentangle.flows.params import PipelineParams
 
     with pytest.raises(ValueError, match="extra"):
         PipelineParams(gama=0.5)

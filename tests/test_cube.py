@@ -7,11 +7,11 @@ import pytest
 import torch
 import zarr
 
-from storage.cube import CubeMismatch, completed_chunks, consolidate, open_cube, open_store_group
-from tasks.data import load_batch, plan_shards, scan_image_folder
-from tasks.extract import extract_chunks, plan_cube
-from tasks.models import load_model
-from tasks.relevance import batch_relevance
+from polysemantic_disentangle.storage.cube import CubeMismatch, completed_chunks, consolidate, open_cube, open_store_group
+from polysemantic_disentangle.tasks.data.images import load_batch, plan_shards, scan_image_folder
+from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, plan_cube
+from polysemantic_disentangle.tasks.models.registry import load_model
+from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
 from tests.conftest import add_bad_images, cifar_subset
 
 
@@ -118,7 +118,7 @@ def test_dataset_folders_must_map_to_model_classes(tmp_path) -> None:
 
 
 def test_batches_restart_at_each_chunk_so_any_batch_size_is_valid(tmp_path, assets_dir) -> None:
-    from flows.extract import validate_extraction
+    from polysemantic_disentangle.flows.extract import validate_extraction
 
     for batch_size in (100, 128, 1000, None):  # 100 divides no 512-image chunk
         validate_extraction(512, 4, batch_size)

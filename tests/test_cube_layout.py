@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from storage.cube import (MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, CubeLayout, LayoutVersionError, cube_info,
+from polysemantic_disentangle.storage.cube import (MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, CubeLayout, LayoutVersionError, cube_info,
                           open_store_group)
-from tasks.arv_reference import autograd_class_arv
-from tasks.data import load_batch
-from tasks.detect import DetectionParams, class_arvs, detect_layer, pairs_table
-from tasks.extract import extract_chunks, plan_cube
-from tasks.grouping import statistics_class
-from tasks.models import load_model
-from tasks.reduce import reduce_cube
+from polysemantic_disentangle.tasks.stage2_reduce.arv_reference import autograd_class_arv
+from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams, class_arvs, detect_layer, pairs_table
+from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, plan_cube
+from polysemantic_disentangle.tasks.data.grouping import statistics_class
+from polysemantic_disentangle.tasks.models.registry import load_model
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
 from tests.conftest import cifar_subset
 
 
@@ -150,7 +150,7 @@ def test_old_layout_store_is_refused_clearly(tmp_path, assets_dir) -> None:
 
 
 def test_auto_batch_size_fits_the_memory_and_divides_the_chunk() -> None:
-    from tasks.extract import activation_bytes_per_image, auto_batch_size
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import activation_bytes_per_image, auto_batch_size
 
     model = load_model("cifar_resnet20").model.eval()
     per_image = activation_bytes_per_image(model, (3, 32, 32))

@@ -43,7 +43,7 @@ def tiny_data(tmp_path_factory, assets_dir) -> dict[str, str]:
 
 
 def test_registry_claim_is_exclusive_across_connections(tmp_path) -> None:
-    from flows.watch import Registry
+    from polysemantic_disentangle.flows.watch.flow import Registry
 
     path = tmp_path / "registry.sqlite"
     winners: list[dict] = []
@@ -74,8 +74,8 @@ def test_registry_claim_is_exclusive_across_connections(tmp_path) -> None:
 
 
 def test_params_hash_covers_defaults_and_rejects_owned_fields() -> None:
-    from flows.params import PipelineParams
-    from flows.watch import params_hash
+    from polysemantic_disentangle.flows.params import PipelineParams
+    from polysemantic_disentangle.flows.watch.flow import params_hash
 
     default_gamma = PipelineParams().gamma
     assert params_hash({}) == params_hash(None) == params_hash({"gamma": default_gamma})
@@ -92,7 +92,7 @@ def test_params_hash_covers_defaults_and_rejects_owned_fields() -> None:
 
 @pytest.mark.slow
 def test_watcher_analyses_each_content_once(tmp_path, assets_dir, tiny_data, prefect_api) -> None:
-    from flows.watch import Registry, params_hash, watch_checkpoints
+    from polysemantic_disentangle.flows.watch.flow import Registry, params_hash, watch_checkpoints
 
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
@@ -152,8 +152,8 @@ def test_watcher_analyses_each_content_once(tmp_path, assets_dir, tiny_data, pre
 def test_watcher_reads_fsspec_urls(tmp_path, assets_dir, tiny_data, prefect_api) -> None:
     import fsspec
 
-    from flows.watch import Registry, watch_checkpoints
-    from tasks.assets import sha256_file
+    from polysemantic_disentangle.flows.watch.flow import Registry, watch_checkpoints
+    from polysemantic_disentangle.tasks.data.assets import sha256_file
 
     fs = fsspec.filesystem("memory")
     folder = f"/watch-{uuid.uuid4().hex[:8]}"
@@ -179,8 +179,8 @@ def test_watcher_through_a_deployment(tmp_path, assets_dir, prefect_api) -> None
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Failed
 
-    from flows.pipeline import disentangle_all_layers
-    from flows.watch import Registry, watch_checkpoints
+    from polysemantic_disentangle.flows.pipeline import disentangle_all_layers
+    from polysemantic_disentangle.flows.watch.flow import Registry, watch_checkpoints
 
     name = f"watch-test-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
@@ -358,7 +358,7 @@ def test_deployment_run_through_a_process_worker(tmp_path, assets_dir) -> None:
         assert {k: summary["params"][k] for k in ("gamma", "chunk_images", "max_per_class_train")} == \
             {k: params[k] for k in ("gamma", "chunk_images", "max_per_class_train")}
         assert summary["detection"]
-        from tasks.defaults import REPORT_MAX_BYTES
+        from polysemantic_disentangle.tasks.defaults import REPORT_MAX_BYTES
 
         page = (outputs / "report.html").read_text(encoding="utf-8")
         # the demo's report opens with its findings and stays small enough for a browser

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from storage.cube import open_store_group
-from tasks.arv_reference import autograd_class_arv
-from tasks.data import load_batch
-from tasks.detect import DetectionParams, channels_to_rewire, class_arvs, cosine, detect_layer, select_pairs
-from tasks.reduce import important_mask, read_stats, reduce_cube, write_stats
+from polysemantic_disentangle.storage.cube import open_store_group
+from polysemantic_disentangle.tasks.stage2_reduce.arv_reference import autograd_class_arv
+from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams, channels_to_rewire, class_arvs, cosine, detect_layer, select_pairs
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, read_stats, reduce_cube, write_stats
 
 
 def test_reduction_matches_numpy_and_respects_selection(small_cube) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.cluster import stop_process_group
-from storage.cube import chunk_writers, completed_chunks, open_store_group
+from polysemantic_disentangle.flows.runtime.cluster import stop_process_group
+from polysemantic_disentangle.storage.cube import chunk_writers, completed_chunks, open_store_group
 from tests.conftest import PROJECT_ROOT, cifar_subset
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,7 @@ def images(tmp_path_factory, assets_dir) -> Path:
 @pytest.fixture(scope="module")
 def reference_store(tmp_path_factory, images, prefect_api) -> str:
     """The same extraction in this process (threads) into a local directory."""
-    from flows.extract import extract_relevance_cube
+    from polysemantic_disentangle.flows.extract import extract_relevance_cube
 
     url = str(tmp_path_factory.mktemp("dist-ref") / "cube.zarr")
     extract_relevance_cube(data_dir=str(images), store_url=url, **EXTRACT)
@@ -164,7 +164,7 @@ def _writer_pids(url: str) -> list[int]:
 
 
 def test_shards_run_on_both_workers_into_s3(cluster, s3, images, reference_store) -> None:
-    from flows.extract import extract_relevance_cube
+    from polysemantic_disentangle.flows.extract import extract_relevance_cube
 
     address, client = cluster
     url = f"s3://{BUCKET}/extract/cube.zarr"
@@ -179,7 +179,7 @@ def test_shards_run_on_both_workers_into_s3(cluster, s3, images, reference_store
 
 
 def test_worker_killed_mid_shard_is_retried_elsewhere(cluster, images, reference_store) -> None:
-    from flows.extract import extract_relevance_cube
+    from polysemantic_disentangle.flows.extract import extract_relevance_cube
 
     address, client = cluster
     url = f"s3://{BUCKET}/killed/cube.zarr"
@@ -224,7 +224,7 @@ TINY = dict(max_per_class_train=8, max_per_class_eval=4, check_images=20, rho_ma
 def _logits(checkpoint: Path, images) -> np.ndarray:
     import torch
 
-    from tasks.checkpoint import load_disentangled
+    from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled
 
     model, _ = load_disentangled(checkpoint)
     with torch.no_grad():
@@ -236,10 +236,10 @@ def test_pipeline_with_s3_cubes_and_outputs_on_the_cluster_equals_local(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter
 
-    from flows.params import PipelineParams
-    from flows.pipeline import disentangle_all_layers
-    from tasks.data import load_batch
-    from tasks.models import load_model
+    from polysemantic_disentangle.flows.params import PipelineParams
+    from polysemantic_disentangle.flows.pipeline import disentangle_all_layers
+    from polysemantic_disentangle.tasks.data.images import load_batch
+    from polysemantic_disentangle.tasks.models.registry import load_model
 
     address, client = cluster
     data = {"train_dir": str(cifar_subset(assets_dir, tmp_path / "train", "train", 8)),
@@ -288,7 +288,7 @@ def test_pipeline_with_s3_cubes_and_outputs_on_the_cluster_equals_local(
 
 
 def test_cluster_flags_parse_and_conflicts_fail_fast(capsys) -> None:
-    from flows.cli import build_parser, main, params_from_args
+    from polysemantic_disentangle.flows.cli import build_parser, main, params_from_args
 
     params = params_from_args(build_parser().parse_args(["run", "--workers", "3"]))
     assert params.dask_workers == 3 and params.dask_address is None

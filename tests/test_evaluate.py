@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from storage.cube import as_str, open_store_group
-from tasks.data import load_batch
-from tasks.detect import PairRow
-from tasks.disentangle import build_splits
-from tasks.evaluate import (
+from polysemantic_disentangle.storage.cube import as_str, open_store_group
+from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.stage3_detect.detect import PairRow
+from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     ChannelRun,
     accuracy_check,
     channel_table1,
@@ -26,8 +26,8 @@ from tasks.evaluate import (
     jsonable,
     run_channels,
 )
-from tasks.reduce import reduce_cube
-from tasks.rewire import ChannelSplit, rewire_model
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, rewire_model
 
 LAYER = "layer3.2.conv2"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -223,7 +223,7 @@ def test_evaluate_run_end_to_end(small_cube, splits, tmp_path) -> None:
     c7 = next(c for c in chans if c["layer"] == LAYER and c["channel"] == 7)
     assert c7["summary"]["own_median"] > 0.7 > 0.3 > c7["summary"]["other_median"]
 
-    from tasks.report import build_summary, write_report
+    from polysemantic_disentangle.tasks.stage6_report.report import build_summary, write_report
 
     out = write_report(tmp_path, build_summary(params={"model": bundle.name}, evaluation=summary,
                                                links={"evaluation cube": url}), figures)

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tasks.explain import (
+from polysemantic_disentangle.tasks.stage5_evaluate.explain import (
     OPERATORS,
     Formula,
     binarise,

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from storage.cube import completed_chunks, open_store_group
+from polysemantic_disentangle.storage.cube import completed_chunks, open_store_group
 from tests.conftest import PROJECT_ROOT, add_bad_images, cifar_subset
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def _arrays(url: str) -> dict[str, np.ndarray]:
 def test_killed_run_resumes_to_identical_store(tmp_path, assets_dir, prefect_api) -> None:
     from prefect.settings import PREFECT_API_URL
 
-    from flows.extract import extract_relevance_cube
+    from polysemantic_disentangle.flows.extract import extract_relevance_cube
 
     data = cifar_subset(assets_dir, tmp_path / "data", "test", per_class=64)
     add_bad_images(data, "dog")
@@ -42,7 +42,7 @@ def test_killed_run_resumes_to_identical_store(tmp_path, assets_dir, prefect_api
 
     killed = str(tmp_path / "killed.zarr")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(PROJECT_ROOT)}
-    cmd = [sys.executable, "-m", "flows.cli", "extract", "--data-dir", str(data), "--store", killed,
+    cmd = [sys.executable, "-m", "polysemantic_disentangle.flows.cli", "extract", "--data-dir", str(data), "--store", killed,
            "--chunk-images", "32", "--shard-chunks", "4", "--batch-size", "16"]
     proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -80,7 +80,7 @@ def test_killed_run_resumes_to_identical_store(tmp_path, assets_dir, prefect_api
     # The class-sum partials are part of the identical store: a resumed chunk overwrote its
     # own slab instead of adding to it, so every usable image is counted exactly once.
     assert any(name.endswith("/moment_sums") for name in ref)
-    from tasks.reduce import reduce_cube
+    from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
 
     a, b = reduce_cube(reference, tau=0.03), reduce_cube(killed, tau=0.03)
     usable = int((~ref["skipped"]).sum())

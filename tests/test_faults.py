@@ -59,8 +59,8 @@ def _assert_product_words(message: str, path: Path, expected: str, found: str) -
 
 @pytest.mark.parametrize("kind", ["empty", "text", "truncated", "truncated-zip", "pickle", "zip-pickle", "legacy-pickle"])
 def test_bad_state_dict_files_get_clear_errors(tmp_path, assets_dir, kind) -> None:
-    from tasks.models import load_model
-    from tasks.safe_load import CheckpointError
+    from polysemantic_disentangle.tasks.models.registry import load_model
+    from polysemantic_disentangle.tasks.models.safe_load import CheckpointError
 
     path = tmp_path / f"{kind}.th"
     marker = tmp_path / "MARKER"
@@ -102,16 +102,16 @@ def test_bad_state_dict_files_get_clear_errors(tmp_path, assets_dir, kind) -> No
 
 
 def test_wrong_architecture_is_named(tmp_path, assets_dir) -> None:
-    from tasks.models import load_model
+    from polysemantic_disentangle.tasks.models.registry import load_model
 
     with pytest.raises(ValueError, match=r"resnet56-4bfd9763.th does not match CifarResNet: \d+ unexpected keys"):
         load_model("cifar_resnet20", assets_dir.joinpath(*RESNET56))
 
 
 def test_rewired_checkpoint_errors_name_the_model_and_spec(tmp_path, assets_dir) -> None:
-    from tasks.checkpoint import BaseModelMismatch, load_disentangled, save_disentangled
-    from tasks.models import load_model
-    from tasks.safe_load import CheckpointError
+    from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import BaseModelMismatch, load_disentangled, save_disentangled
+    from polysemantic_disentangle.tasks.models.registry import load_model
+    from polysemantic_disentangle.tasks.models.safe_load import CheckpointError
 
     r20 = load_model("cifar_resnet20", assets_dir.joinpath(*RESNET20))
     r56 = load_model("cifar_resnet56", assets_dir.joinpath(*RESNET56))
@@ -152,7 +152,7 @@ def test_rewired_checkpoint_errors_name_the_model_and_spec(tmp_path, assets_dir)
 
 
 def test_cli_reports_a_bad_weights_file_in_one_line(tmp_path, capsys, prefect_api) -> None:
-    from flows.cli import main
+    from polysemantic_disentangle.flows.cli import main
 
     bad = tmp_path / "notes.th"
     bad.write_text("not weights")
@@ -174,7 +174,7 @@ def test_cli_reports_a_bad_weights_file_in_one_line(tmp_path, capsys, prefect_ap
 _HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from flows.locking import holding, run_locks
+from polysemantic_disentangle.flows.runtime.locking import holding, run_locks
 with holding(run_locks({out!r}, [])):
     print("held", flush=True)
     time.sleep(600)
@@ -189,8 +189,8 @@ def _start_holder(out: Path) -> subprocess.Popen:
 
 
 def test_second_run_on_a_folder_fails_at_once_or_waits(tmp_path, assets_dir, capsys) -> None:
-    from flows.cli import main
-    from flows.locking import LockBusy, holding, run_dir_lock_path, run_locks
+    from polysemantic_disentangle.flows.cli import main
+    from polysemantic_disentangle.flows.runtime.locking import LockBusy, holding, run_dir_lock_path, run_locks
 
     data = cifar_subset(assets_dir, tmp_path / "data", "test", per_class=1)
     out = tmp_path / "run"
@@ -213,7 +213,7 @@ def test_second_run_on_a_folder_fails_at_once_or_waits(tmp_path, assets_dir, cap
             with holding(run_locks(None, [str(tmp_path / "x.zarr")]), wait=0):
                 with subprocess.Popen([sys.executable, "-c", (
                         f"import sys; sys.path.insert(0, {str(PROJECT_ROOT)!r})\n"
-                        "from flows.locking import holding, run_locks\n"
+                        "from polysemantic_disentangle.flows.runtime.locking import holding, run_locks\n"
                         f"with holding(run_locks(None, [{str(tmp_path / 'x.zarr')!r}]), wait=0): pass\n")],
                         stderr=subprocess.PIPE, text=True) as other:
                     _, other_err = other.communicate(timeout=60)
@@ -232,7 +232,7 @@ def test_second_run_on_a_folder_fails_at_once_or_waits(tmp_path, assets_dir, cap
 
 
 def test_waiting_run_proceeds_when_the_holder_ends(tmp_path) -> None:
-    from flows.locking import holding, run_locks
+    from polysemantic_disentangle.flows.runtime.locking import holding, run_locks
 
     out = tmp_path / "run"
     holder = _start_holder(out)
@@ -260,7 +260,7 @@ def _umount(where: Path) -> None:
 
 
 def test_read_only_output_folder_fails_before_any_model_pass(tmp_path, assets_dir, capsys) -> None:
-    from flows.cli import main
+    from polysemantic_disentangle.flows.cli import main
 
     data = cifar_subset(assets_dir, tmp_path / "data", "test", per_class=1)
     ro = tmp_path / "ro"
@@ -279,7 +279,7 @@ def test_read_only_output_folder_fails_before_any_model_pass(tmp_path, assets_di
 
 def _store_arrays(url: str) -> dict[str, np.ndarray]:
     """Every array of the store except its provenance (which process wrote each chunk)."""
-    from storage.cube import PROVENANCE_GROUPS, open_store_group
+    from polysemantic_disentangle.storage.cube import PROVENANCE_GROUPS, open_store_group
 
     out: dict[str, np.ndarray] = {}
 
@@ -307,8 +307,8 @@ def _assert_same_arrays(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], 
 
 @pytest.mark.slow
 def test_full_disk_fails_clearly_and_resumes_identically(tmp_path, assets_dir, prefect_api) -> None:
-    from flows.extract import extract_relevance_cube
-    from storage.cube import completed_chunks
+    from polysemantic_disentangle.flows.extract import extract_relevance_cube
+    from polysemantic_disentangle.storage.cube import completed_chunks
 
     data = cifar_subset(assets_dir, tmp_path / "data", "test", per_class=16)
     common = dict(data_dir=str(data), layers="all", chunk_images=16, shard_chunks=2, batch_size=16)
@@ -380,7 +380,7 @@ def _run_cli(args: list[str], env: dict[str, str], kill_on: str | None = None,
     """Run ``disentangle`` as a user does; SIGKILL its pid (only it) when a log line matches
     ``kill_on`` (after ``before_kill(pid)``). Afterwards, every process it ever started must be
     gone and their ports free."""
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=PROJECT_ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "polysemantic_disentangle.flows.cli", *args], env=env, cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     result = RunResult(rc=0, log="")
@@ -479,7 +479,7 @@ def test_kill_anywhere_and_rerun_gives_the_same_result(tmp_path, assets_dir, pre
     reference and no process of any killed run (the temporary Prefect server included) survives."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows.faults import POINTS, STOP_ENV
+    from polysemantic_disentangle.flows.runtime.faults import POINTS, STOP_ENV
 
     data = tmp_path / "data"
     train = cifar_subset(assets_dir.resolve(), data / "train", "train", 20)
@@ -503,7 +503,7 @@ def test_kill_anywhere_and_rerun_gives_the_same_result(tmp_path, assets_dir, pre
         """The same command while the first run is alive: refused at once, naming it. The first
         is paused meanwhile (it keeps its lock), else it could finish before the second starts."""
         os.kill(pid, signal.SIGSTOP)
-        res = subprocess.run([sys.executable, "-m", "flows.cli", *command(out)], env=shared,
+        res = subprocess.run([sys.executable, "-m", "polysemantic_disentangle.flows.cli", *command(out)], env=shared,
                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
         assert res.returncode == 3, res.stderr[-3000:]
         assert f"output folder {out} is in use by pid {pid} on {socket.gethostname()}" in res.stderr

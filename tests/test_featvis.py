@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.featvis import (
+from polysemantic_disentangle.tasks.stage5_evaluate.featvis import (
     COLOR_CORRELATION,
     channel_objective,
     from_uint8,
     random_transforms,
     visualise,
 )
-from tasks.models import load_model
+from polysemantic_disentangle.tasks.models.registry import load_model
 
 
 def tiny_net() -> nn.Module:

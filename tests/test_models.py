@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tasks import assets, models
-from tasks.cifar_resnet import OptionAShortcut, cifar_resnet
-from tasks.classes import CIFAR10_CLASSES, CIFAR10_WNIDS, imagenet_class_names, imagenet_wnids
-from tasks.models import (
+from polysemantic_disentangle.tasks.data import assets
+
+from polysemantic_disentangle.tasks.models import registry as models
+from polysemantic_disentangle.tasks.models.cifar_resnet import OptionAShortcut, cifar_resnet
+from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES, CIFAR10_WNIDS, imagenet_class_names, imagenet_wnids
+from polysemantic_disentangle.tasks.models.registry import (
     available_models,
     conv_input_padding,
     conv_layers,

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.cli import main
-from flows.params import PipelineParams
-from flows.stage_cache import key_hash
-from tasks.disentangle import resolve_rewire_layers
-from tasks.models import load_model
+from polysemantic_disentangle.flows.cli import main
+from polysemantic_disentangle.flows.params import PipelineParams
+from polysemantic_disentangle.flows.runtime.stage_cache import key_hash
+from polysemantic_disentangle.tasks.stage4_rewire.plan import resolve_rewire_layers
+from polysemantic_disentangle.tasks.models.registry import load_model
 from tests.conftest import cifar_subset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_random_weights_are_seeded_and_part_of_every_key(assets_dir: Path, tmp_p
     assert len({json.dumps(i, sort_keys=True) for i in identities}) == 4
     assert finetuned.state_sha256 != trained.state_sha256 and trained.trained
 
-    from flows.pipeline import stage_keys
+    from polysemantic_disentangle.flows.pipeline import stage_keys
 
     params = PipelineParams()
     keys = [stage_keys(params, i, "same-cube", "same-eval") for i in identities]
@@ -88,7 +88,7 @@ def test_imagenet_models_without_assets(assets_dir: Path, tmp_path: Path) -> Non
     script = textwrap.dedent("""
         import json, sys, warnings, torch
         from PIL import Image
-        from tasks.models import load_model
+        from polysemantic_disentangle.tasks.models.registry import load_model
         warnings.simplefilter("ignore", UserWarning)
         out = {}
         for name in ("efficientnet_lite0", "resnet18"):

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tasks.data import load_batch, scan_image_folder
-from tasks.models import conv_input_padding, load_model
-from tasks.relevance import arv_from_moments, batch_relevance, input_moments
+from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder
+from polysemantic_disentangle.tasks.models.registry import conv_input_padding, load_model
+from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments, batch_relevance, input_moments
 
 
 def autograd_arv(conv: nn.Module, x: torch.Tensor, channel: int) -> torch.Tensor:

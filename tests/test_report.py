@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.detect import LayerDetection, PairRow
-from tasks.evaluate import (
+from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, PairRow
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     ChannelRun,
     accuracy_check,
     aggregate_table1,
@@ -26,9 +26,9 @@ from tasks.evaluate import (
     invariant_deviation,
     jsonable,
 )
-from tasks.figures import activation_densities, image_grid
-from tasks.report import build_summary, figure3, markdown_artifacts, write_report, write_summary_json
-from tasks.rewire import ChannelSplit
+from polysemantic_disentangle.tasks.stage6_report.figures import activation_densities, image_grid
+from polysemantic_disentangle.tasks.stage6_report.report import build_summary, figure3, markdown_artifacts, write_report, write_summary_json
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

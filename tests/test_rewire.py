@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from tasks.checkpoint import BaseModelMismatch, load_disentangled, save_disentangled, spec_path
-from tasks.defaults import RHO_GRID
-from tasks.models import load_model
-from tasks.rewire import (
+from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import BaseModelMismatch, load_disentangled, save_disentangled, spec_path
+from polysemantic_disentangle.tasks.defaults import RHO_GRID
+from polysemantic_disentangle.tasks.models.registry import load_model
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import (
     ChannelSplit,
     DisentangledConv2d,
     FunctionChanged,

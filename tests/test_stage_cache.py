@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from flows.pipeline import STATS_SUBSET, reduce_cached, reduce_task
-from flows.stage_cache import StageCache
-from storage.cube import STATS_GROUP, cube_info, open_store_group
-from tasks.reduce import read_stats
+from polysemantic_disentangle.flows.pipeline import STATS_SUBSET, reduce_cached, reduce_task
+from polysemantic_disentangle.flows.runtime.stage_cache import StageCache
+from polysemantic_disentangle.storage.cube import STATS_GROUP, cube_info, open_store_group
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import read_stats
 
 
 def test_reduce_record_needs_the_statistics_in_the_store(small_cube, tmp_path) -> None:

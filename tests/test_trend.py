@@ -32,7 +32,7 @@ PATTERNS = ["**/*.pt"]
 
 
 def _analysed(registry: Path) -> dict[str, dict]:
-    from flows.watch import Registry
+    from polysemantic_disentangle.flows.watch.flow import Registry
 
     return {Path(r["checkpoint"]).name: r for r in Registry(registry).analyses()}
 
@@ -42,8 +42,8 @@ def watched(tmp_path_factory, assets_dir, prefect_api):
     """Three checkpoints of one fine-tuning run (steps 10, 20, 30) in one watched folder: two
     found by a scan, the third written in two halves while the folder is followed; then a
     scan with nothing new."""
-    from flows.watch import watch_checkpoints
-    from flows.watch_follow import follow
+    from polysemantic_disentangle.flows.watch.flow import watch_checkpoints
+    from polysemantic_disentangle.flows.watch.follow import follow
 
     root = tmp_path_factory.mktemp("trend")
     data = {"train_dir": str(cifar_subset(assets_dir, root / "data" / "train", "train", 10)),
@@ -118,7 +118,7 @@ def watched(tmp_path_factory, assets_dir, prefect_api):
 
 @pytest.fixture(scope="module")
 def trend(watched):
-    from tasks.trend import Trend
+    from polysemantic_disentangle.tasks.stage7_trend.trend import Trend
 
     return Trend.from_json((watched["trend_dir"] / "trend.json").read_text())
 
@@ -152,7 +152,7 @@ def test_watcher_builds_the_trend_in_step_order(watched, trend) -> None:
 
 @pytest.mark.slow
 def test_trend_numbers_are_the_runs_own(trend) -> None:
-    from storage.cube import open_store_group
+    from polysemantic_disentangle.storage.cube import open_store_group
 
     assert [x.layer for x in trend.layers] == TINY["layers"]
     for i, ck in enumerate(trend.checkpoints):
@@ -221,7 +221,7 @@ def test_half_written_checkpoint_is_never_analysed(watched) -> None:
     half = watched["half_written"]
     assert half["analysed"] == ["a-late.pt", "c-early.pt"]
     assert half["scans"] == []  # a file that does not load is not handed to a scan
-    from flows.watch_trend import still_written
+    from polysemantic_disentangle.flows.watch.trend import still_written
 
     # and a scan that meets a half-written file leaves it alone
     part = watched["root"] / "partial" / "x.pt"
@@ -260,10 +260,10 @@ def test_trend_artifacts_on_the_watcher_run(watched) -> None:
 
 @pytest.mark.slow
 def test_compare_by_hand_and_refusal_of_another_architecture(watched, trend, tmp_path, assets_dir, capsys) -> None:
-    from flows.cli import main
-    from flows.params import PipelineParams
-    from flows.pipeline import disentangle_all_layers
-    from tasks.trend import ArchitectureMismatch, Trend, compare_runs
+    from polysemantic_disentangle.flows.cli import main
+    from polysemantic_disentangle.flows.params import PipelineParams
+    from polysemantic_disentangle.flows.pipeline import disentangle_all_layers
+    from polysemantic_disentangle.tasks.stage7_trend.trend import ArchitectureMismatch, Trend, compare_runs
 
     runs = [c.run_dir for c in trend.checkpoints]
     # given in another order: the comparison orders by step
@@ -295,7 +295,7 @@ def test_compare_by_hand_and_refusal_of_another_architecture(watched, trend, tmp
 
 
 def test_order_falls_back_from_step_to_mtime_to_as_given(tmp_path) -> None:
-    from tasks.trend import CheckpointInfo, RunFiles, order_runs
+    from polysemantic_disentangle.tasks.stage7_trend.trend import CheckpointInfo, RunFiles, order_runs
 
     def run(name: str, **info) -> RunFiles:
         return RunFiles(tmp_path / name, {}, {}, CheckpointInfo(**info))
@@ -313,7 +313,7 @@ def test_order_falls_back_from_step_to_mtime_to_as_given(tmp_path) -> None:
 
 
 def test_pending_files_wait_until_complete(tmp_path) -> None:
-    from flows.watch_follow import Pending, matches
+    from polysemantic_disentangle.flows.watch.follow import Pending, matches
 
     loadable: set[Path] = set()
     pending = Pending(settle_seconds=1.0, give_up_seconds=100.0, is_complete=lambda p: p in loadable)
@@ -339,8 +339,8 @@ def test_pending_files_wait_until_complete(tmp_path) -> None:
 def test_waiting_for_a_deployment_without_a_worker_ends(tmp_path, assets_dir, prefect_api) -> None:
     from prefect.client.orchestration import get_client
 
-    from flows.pipeline import disentangle_all_layers
-    from flows.watch import Registry, watch_checkpoints
+    from polysemantic_disentangle.flows.pipeline import disentangle_all_layers
+    from polysemantic_disentangle.flows.watch.flow import Registry, watch_checkpoints
 
     name = f"no-worker-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
@@ -400,7 +400,7 @@ def test_trend_page_renders_in_headless_chromium(watched, trend, tmp_path) -> No
     assert dom.count("<section class=\"layer\"") == len(trend.layers) == 2
     for lt in trend.layers:
         assert f">{lt.layer}</h2>" in dom
-    from tasks.trend_report import polysemantic_layers
+    from polysemantic_disentangle.tasks.stage7_trend.page import polysemantic_layers
 
     hot = polysemantic_layers(trend)
     assert hot and dom.count("channel by checkpoint\"") == len(hot)

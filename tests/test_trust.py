@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import defaults
-from tasks.evaluate import (
+from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     ChannelRun,
     aggregate_table1,
     channel_summary,
@@ -22,8 +22,8 @@ from tasks.evaluate import (
     invariant_deviation,
     jsonable,
 )
-from tasks.explain import explain_units, present_quantile
-from tasks.rewire import ChannelSplit
+from polysemantic_disentangle.tasks.stage5_evaluate.explain import explain_units, present_quantile
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 from tests.conftest import cifar_subset
 
 LAYER = "layer3.2.conv2"
@@ -49,9 +49,9 @@ def test_present_quantile_follows_the_images() -> None:
 @pytest.fixture(scope="module")
 def cifar500(tmp_path_factory, assets_dir):
     """A real evaluation cube of 500 CIFAR-10 test images (50 per class), the last conv only."""
-    from storage.cube import CubeLayout
-    from tasks.extract import extract_chunks, plan_cube
-    from tasks.models import load_model
+    from polysemantic_disentangle.storage.cube import CubeLayout
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, plan_cube
+    from polysemantic_disentangle.tasks.models.registry import load_model
 
     root = tmp_path_factory.mktemp("cifar500")
     data = cifar_subset(assets_dir, root / "data", "test", per_class=50, offset=100)
@@ -84,8 +84,8 @@ def test_imagenet_sample_explanations_name_hypernyms(assets_dir) -> None:
     model's class count the quantile would be 0.999 and every unit active on no image or one;
     with the present classes each unit is active on a few images, and what they share (a
     hypernym: single-image classes cannot explain anything) is named."""
-    from tasks.data import load_batch
-    from tasks.models import load_model
+    from polysemantic_disentangle.tasks.data.images import load_batch
+    from polysemantic_disentangle.tasks.models.registry import load_model
 
     bundle = load_model("efficientnet_lite0")
     model = bundle.model.eval()
@@ -180,7 +180,7 @@ def test_sign_crossing_gets_the_robust_statistic_and_a_warning() -> None:
     # ... and it tells the story of the clean split: own mass dominates the other
     assert row["positive_mass"]["own"] > 3 * row["positive_mass"]["other"]
     # the report shows the shares and the warning for the crossing channel only
-    from tasks.report import _channel_block
+    from polysemantic_disentangle.tasks.stage6_report.report import _channel_block
 
     def block(c: dict) -> str:
         run_c = {**c, "k": 2, "concept_names": ["c0", "c1"], "explanations": {}, "figures": {}}
@@ -218,8 +218,8 @@ def _evaluation_64(assets_dir: Path) -> tuple[dict, dict[str, bytes]]:
     ImageNet photos in the exemplar grids (the largest figures)."""
     from PIL import Image
 
-    from tasks.evaluate import accuracy_check
-    from tasks.figures import activation_densities, image_grid
+    from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import accuracy_check
+    from polysemantic_disentangle.tasks.stage6_report.figures import activation_densities, image_grid
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(100), 5)
@@ -264,7 +264,7 @@ def _evaluation_64(assets_dir: Path) -> tuple[dict, dict[str, bytes]]:
 
 @pytest.fixture(scope="module")
 def report64(tmp_path_factory, assets_dir):
-    from tasks.report import build_summary, write_report
+    from polysemantic_disentangle.tasks.stage6_report.report import build_summary, write_report
 
     evaluation, figures = _evaluation_64(assets_dir)
     out = tmp_path_factory.mktemp("run64")
@@ -297,7 +297,7 @@ def test_report_of_64_channels_stays_under_its_limits(report64) -> None:
 
 
 def test_artifacts_of_64_channels_stay_under_prefects_event_limit(report64) -> None:
-    from tasks.report import artifact_size, markdown_artifacts
+    from polysemantic_disentangle.tasks.stage6_report.report import artifact_size, markdown_artifacts
 
     _, summary, figures = report64
     art = markdown_artifacts(summary, figures, max_channels=3)
@@ -325,8 +325,8 @@ def test_prefect_limit_is_the_one_in_the_installed_prefect() -> None:
 def test_detection_diagnostics_from_the_cube(small_cube) -> None:
     """Candidates at tau from the cube's relevance equal what the reduce stage (Dask) gives;
     the medians are the definition's, image by image."""
-    from storage.cube import open_store_group
-    from tasks.detect import (
+    from polysemantic_disentangle.storage.cube import open_store_group
+    from polysemantic_disentangle.tasks.stage3_detect.detect import (
         DetectionParams,
         candidate_channels,
         candidates_at,
@@ -334,7 +334,7 @@ def test_detection_diagnostics_from_the_cube(small_cube) -> None:
         read_relevance_sample,
         relevant_classes,
     )
-    from tasks.reduce import important_mask, reduce_cube
+    from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, reduce_cube
 
     url, _, _ = small_cube
     stats = reduce_cube(url, tau=0.03, layers=[LAYER])[LAYER]
@@ -366,8 +366,8 @@ def test_detection_diagnostics_from_the_cube(small_cube) -> None:
 def test_show_prints_diagnostics_and_warnings(tmp_path, capsys) -> None:
     import json
 
-    from flows.cli import show_run
-    from flows.pipeline import nothing_to_rewire_reason
+    from polysemantic_disentangle.flows.cli import show_run
+    from polysemantic_disentangle.flows.pipeline import nothing_to_rewire_reason
 
     det = {"layer": "_conv_head", "channels": 1280, "applicable": True, "reason": "", "candidates": 0,
            "pairs": 0, "paper_polysemantic_pairs": 0, "selected_pairs": 0, "selected_channels": 0,

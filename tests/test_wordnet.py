@@ -15,7 +15,7 @@ from pathlib import Path
 import nltk
 import pytest
 
-from tasks import wordnet as wn
+from polysemantic_disentangle.tasks.data import wordnet as wn
 
 DIGITAL_CLOCK, CAULIFLOWER = "n03196217", "n07715103"
 CIFAR_WNIDS = [

@@ -1,0 +1,1 @@
+"""What the flows run on: Dask clusters, output URLs, locks, the temporary Prefect API, stop points."""

@@ -1,0 +1,1 @@
+"""The checkpoint watcher: finds new checkpoints, analyses each once, keeps their trend."""

@@ -1,0 +1,7 @@
+"""``python -m polysemantic_disentangle.flows.watch``: the watcher's command line."""
+
+import sys
+
+from polysemantic_disentangle.flows.watch.flow import main
+
+sys.exit(main())

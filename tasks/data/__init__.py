@@ -1,0 +1,1 @@
+"""Data: images per class, class names, local or downloaded assets, WordNet, statistics classes."""

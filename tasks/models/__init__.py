@@ -1,0 +1,1 @@
+"""Models: the registry of architectures, their weights and identity, safe checkpoint loading."""

@@ -1,0 +1,340 @@
+"""Extraction: run the model over chunks of the manifest and write the relevance cube."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import zarr
+
+from polysemantic_disentangle.storage.cube import (ACTIVATION_SUMS_ARRAY, DEFAULT_LAYOUT, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, ChunkData,
+                           CubeLayout, LayerShape, check_layout_version, chunk_bounds, create_cube,
+                           open_store_group, write_chunk)
+from polysemantic_disentangle.tasks.data.grouping import statistics_class, subset_class_sums
+from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, scan_image_folder
+from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, select_layers
+from polysemantic_disentangle.tasks.stage1_extract.relevance import TargetMode, batch_relevance
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """CUDA when present (and asked for by 'auto'), else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return dev
+
+
+@dataclass
+class CubePlan:
+    store_url: str
+    layers: list[str]
+    manifest: Manifest
+    n_chunks: int
+
+
+def plan_cube(
+    bundle: ModelBundle,
+    data_dir: str,
+    store_url: str,
+    layers: str | Sequence[str],
+    chunk_images: int,
+    target_mode: TargetMode,
+    max_per_class: int | None = None,
+    overwrite: bool = False,
+    layout: CubeLayout = DEFAULT_LAYOUT,
+) -> CubePlan:
+    """Validate the inputs, list the dataset and create (or reopen) the store.
+
+    Everything that can be wrong with the inputs fails here, before any model pass.
+    """
+    if target_mode not in ("label", "prediction"):
+        raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
+    selected = select_layers(bundle.model, layers)
+    manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids, max_per_class,
+                                 allow_unmatched=target_mode == "prediction")
+    infos = {info.name: info for info in conv_layers(bundle.model)}
+    shapes = {name: LayerShape(infos[name].out_channels, infos[name].in_channels, infos[name].kernel_size,
+                               infos[name].groups)
+              for name in selected}
+    create_cube(
+        store_url,
+        image_paths=manifest.paths,
+        labels=manifest.labels,
+        class_names=bundle.class_names,
+        class_wnids=bundle.wnids,
+        layers=shapes,
+        chunk_images=chunk_images,
+        attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": target_mode},
+        layout=layout,
+        overwrite=overwrite,
+    )
+    return CubePlan(store_url, selected, manifest, -(-len(manifest) // chunk_images))
+
+
+@dataclass
+class ChunkStats:
+    chunk: int
+    images: int
+    skipped: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What ``compute_chunk`` must produce, derived from the cube's layout and layer shapes."""
+
+    layout: CubeLayout
+    moment_layers: tuple[str, ...]  # layers whose input moments are computed (ARV-applicable)
+    n_classes: int
+
+    @property
+    def activations(self) -> frozenset[str]:
+        """Which spatial reductions of the outputs to compute: means feed the class sums."""
+        out = {"max"} if "activation_max" in self.layout.per_image else set()
+        if self.layout.class_sums or "activation_mean" in self.layout.per_image:
+            out.add("mean")
+        return frozenset(out)
+
+    @property
+    def moments(self) -> bool:
+        return self.layout.class_sums or self.layout.per_image_moments
+
+    @classmethod
+    def for_store(cls, root: zarr.Group, layers: Sequence[str]) -> "ChunkSpec":
+        attrs = dict(root.attrs)
+        layout = CubeLayout.from_dict(attrs["layout"])
+        shapes = {name: LayerShape.from_dict(d) for name, d in attrs["layers"].items()}
+        moment_layers = tuple(name for name in layers if shapes[name].arv_applicable)
+        return cls(layout, moment_layers if layout.class_sums or layout.per_image_moments else (),
+                   int(root["class_name"].shape[0]))
+
+
+def compute_chunk(
+    model: nn.Module,
+    transform: Callable,
+    dataset_root: str,
+    paths: Sequence[str],
+    labels: np.ndarray,
+    layers: Sequence[str],
+    batch_size: int,
+    target_mode: TargetMode = "label",
+    prefetch: ThreadPoolExecutor | None = None,
+    spec: ChunkSpec | None = None,
+    decoders: ThreadPoolExecutor | None = None,
+) -> ChunkData:
+    """Relevance, moments and activations for the images of one chunk, and the chunk's class
+    sums of the moments and activation means (``spec``; None: every per-image array, no sums).
+
+    Batches start at the chunk start, so a chunk's values do not depend on which other chunks
+    ran before it (a resumed run writes the same bytes as an uninterrupted one).
+    """
+    n = len(paths)
+    starts = list(range(0, n, batch_size))
+    want_moments = spec.moment_layers if spec is not None else None
+    want_activations = spec.activations if spec is not None else True
+
+    def load(s: int):
+        if decoders is None:  # keeps the two-argument call that benchmarks substitute
+            return load_batch(dataset_root, paths[s:s + batch_size], transform)
+        return load_batch(dataset_root, paths[s:s + batch_size], transform, decoders)
+
+    pending = prefetch.submit(load, starts[0]) if prefetch else None
+    out_layers: dict[str, dict[str, np.ndarray]] = {}
+    prediction = np.full(n, -1, dtype=np.int32)
+    target = np.full(n, -1, dtype=np.int32)
+    target_logit = np.full(n, np.nan, dtype=np.float32)
+    skipped = np.zeros(n, dtype=bool)
+    reasons = np.full(n, "", dtype=object)
+    for bi, s in enumerate(starts):
+        images, ok, why = pending.result() if pending else load(s)
+        if prefetch and bi + 1 < len(starts):
+            pending = prefetch.submit(load, starts[bi + 1])
+        rows = np.arange(s, s + len(ok))
+        skipped[rows[~ok]] = True
+        reasons[rows] = why
+        if images is None:
+            continue
+        good = rows[ok]
+        res = batch_relevance(model, images, torch.as_tensor(labels[good]), layers, target_mode,
+                              moment_layers=want_moments, activations=want_activations)
+        prediction[good] = res.prediction.numpy()
+        target[good] = res.target.numpy()
+        target_logit[good] = res.target_logit.numpy()
+        for layer in layers:
+            arrays = out_layers.setdefault(layer, {})
+            for name, source in (("relevance", res.relevance), ("activation_max", res.activation_max),
+                                 ("activation_mean", res.activation_mean), (MOMENTS_ARRAY, res.input_moments)):
+                if layer not in source:
+                    continue
+                values = source[layer].numpy()
+                if name not in arrays:
+                    arrays[name] = np.full((n, *values.shape[1:]), np.nan, dtype=np.float32)
+                arrays[name][good] = values
+    data = ChunkData(prediction, target, target_logit, skipped, reasons.astype(str), out_layers)
+    if spec is not None and spec.layout.class_sums:
+        data.class_sums = chunk_class_sums(data, labels, layers, spec, target_mode)
+        classes = statistics_class(labels, data.prediction, data.skipped, target_mode)
+        data.sum_classes = np.unique(classes[classes >= 0])
+        keep = set(spec.layout.per_image)
+        # What only fed the sums is dropped here: it is neither written nor kept in memory.
+        for arrays in out_layers.values():
+            for name in [a for a in arrays if a not in keep]:
+                del arrays[name]
+    return data
+
+
+def chunk_class_sums(data: ChunkData, labels: np.ndarray, layers: Sequence[str], spec: ChunkSpec,
+                     target_mode: TargetMode) -> dict[str, dict[str, np.ndarray]]:
+    """(subset, class, ...) float32 sums of one chunk's moments and activation means, grouped by
+    the statistics class; the same function and row order as the reduce stage's per-image route."""
+    groups = [statistics_class(labels, data.prediction, data.skipped, target_mode, correct_only=c)
+              for c in (False, True)]
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for layer in layers:
+        arrays = data.layers.get(layer, {})
+        sums = out.setdefault(layer, {})
+        for name, sum_name in (("activation_mean", ACTIVATION_SUMS_ARRAY), (MOMENTS_ARRAY, MOMENT_SUMS_ARRAY)):
+            if name in arrays:
+                sums[sum_name] = subset_class_sums(arrays[name], *groups, spec.n_classes)
+    return out
+
+
+def extract_chunks(
+    store_url: str,
+    model: nn.Module,
+    transform: Callable,
+    dataset_root: str,
+    chunks: Sequence[int],
+    layers: Sequence[str],
+    batch_size: int,
+    target_mode: TargetMode = "label",
+    skip_done: bool = True,
+    on_chunk: Callable[[ChunkStats], None] | None = None,
+    decode_workers: int = defaults.DECODE_WORKERS,
+) -> list[ChunkStats]:
+    """Compute and write each chunk in ``chunks``; chunks whose marker is set are skipped.
+    ``on_chunk`` is called after each written chunk (progress reporting).
+
+    The next batch decodes in ``decode_workers`` threads while the model runs, and a chunk is
+    compressed and written by a writer thread while the next one is computed (at most one
+    write in flight, so memory holds two chunks at most). The writer sets the marker last, so a
+    kill during a write leaves the chunk to be redone."""
+    root = open_store_group(store_url, mode="r+")
+    check_layout_version(root.attrs, store_url)
+    stored_mode = root.attrs.get("target_mode", target_mode)
+    if stored_mode != target_mode:
+        raise ValueError(f"{store_url} was planned with target_mode={stored_mode!r}, not {target_mode!r}")
+    spec = ChunkSpec.for_store(root, layers)
+    paths_arr = root["image_path"]
+    labels_arr = root["label"]
+    done = root["chunk_done"]
+    stats: list[ChunkStats] = []
+    decoders = ThreadPoolExecutor(max_workers=decode_workers) if decode_workers > 1 else None
+    pending: tuple[Future, ChunkStats] | None = None
+
+    def finish(item: tuple[Future, ChunkStats]) -> None:
+        future, st = item
+        future.result()  # a failed write raises here, before any later chunk is reported
+        st.seconds = time.perf_counter() - st.seconds
+        stats.append(st)
+        if on_chunk is not None:
+            on_chunk(st)
+
+    try:
+        with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=1) as writer:
+            for chunk in chunks:
+                if skip_done and done[chunk]:
+                    continue
+                t0 = time.perf_counter()
+                start, stop = chunk_bounds(root, chunk)
+                paths = [str(p) for p in paths_arr[start:stop]]
+                labels = labels_arr[start:stop]
+                data = compute_chunk(model, transform, dataset_root, paths, labels, layers, batch_size,
+                                     target_mode, prefetch, spec, decoders)
+                # A chunk where every image failed still gets its arrays (all NaN) so that the
+                # layer groups are complete; the marker then records it as done.
+                for layer in layers:
+                    data.layers.setdefault(layer, {})
+                if pending is not None:
+                    finish(pending)
+                # ChunkStats.seconds holds the start time until the write is done.
+                pending = (writer.submit(write_chunk, root, chunk, data),
+                           ChunkStats(chunk, stop - start, int(data.skipped.sum()), t0))
+            if pending is not None:
+                finish(pending)
+                pending = None
+    finally:
+        if decoders is not None:
+            decoders.shutdown()
+    return stats
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for one extraction on ``device``: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def activation_bytes_per_image(model: nn.Module, image_shape: Sequence[int]) -> int:
+    """float32 bytes of every leaf module's output for one image: what autograd keeps for the
+    backward, within a small factor (one probe forward without gradients)."""
+    total = [0]
+
+    def count(_m: nn.Module, _i: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            total[0] += out[0].numel() * 4
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def auto_batch_size(
+    model: nn.Module,
+    image_shape: Sequence[int],
+    chunk_images: int,
+    *,
+    free_bytes: int | None = None,
+    budget_bytes: int = defaults.AUTO_BATCH_BUDGET_BYTES,
+    factor: float = defaults.AUTO_BATCH_MEMORY_FACTOR,
+    largest: int = defaults.BATCH_SIZE,
+) -> int:
+    """The largest batch (a divisor of ``chunk_images``, at most ``largest``) whose estimated
+    extraction memory, ``factor`` x the leaf outputs of the batch, fits in ``budget_bytes`` and
+    in half the free memory of the model's device."""
+    device = next(model.parameters()).device
+    free = available_memory(device) if free_bytes is None else free_bytes
+    per_image = activation_bytes_per_image(model, image_shape) * factor
+    allowed = min(budget_bytes, free // 2)
+    batch = 1
+    for b in range(1, min(largest, chunk_images) + 1):
+        if chunk_images % b == 0 and b * per_image <= allowed:
+            batch = b
+    return batch

@@ -1,0 +1,242 @@
+"""Channel relevance and input moments for every selected conv layer in one backward pass.
+
+Relevance (Hesse et al.): R[i, c] = sum over space of activation x gradient at the conv OUTPUT
+(before BatchNorm), the gradient being that of the target logit of image i.
+
+Input moments: for a conv with weight W[c, k, u, v] the spatially summed output of channel c is
+linear in the input, so its Gradient x Input attribution on input channel k equals
+sum_{u,v} W[c, k, u, v] * M[k, u, v], where M[k, u, v] sums input channel k over the positions
+that kernel offset (u, v) touches. Storing M per image makes every ARV of every channel, for any
+image subset, a closed-form contraction with the weights: no further model pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Sequence
+
+import torch
+import torch.nn as nn
+
+from polysemantic_disentangle.tasks.models.registry import conv_input_padding
+
+TargetMode = Literal["label", "prediction"]
+
+
+def offset_indicator(
+    in_size: int, out_size: int, kernel: int, stride: int, dilation: int, pad_before: int
+) -> torch.Tensor:
+    """(kernel, in_size) 0/1 matrix: which input rows kernel offset u reads over all outputs.
+
+    Row h is read by offset u at output o when h = stride*o + dilation*u - pad_before; for a
+    fixed u that map is injective in o, so entries are 0 or 1. Rows outside [0, in_size) are the
+    zero padding and contribute nothing.
+    """
+    ind = torch.zeros(kernel, in_size)
+    o = torch.arange(out_size)
+    for u in range(kernel):
+        h = stride * o + dilation * u - pad_before
+        h = h[(h >= 0) & (h < in_size)]
+        ind[u, h] = 1.0
+    return ind
+
+
+def input_moments(
+    x: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> torch.Tensor:
+    """M[n, k, u, v]: input channel k of image n summed over the positions offset (u, v) reads.
+
+    ``padding`` is the (top, left) zero padding the conv applies; bottom/right padding follows
+    from ``out_hw``. Cost is O(N K H W (kh + kw)), far below the conv itself.
+    """
+    _, _, h, w = x.shape
+    rows = offset_indicator(h, out_hw[0], kernel_size[0], stride[0], dilation[0], padding[0])
+    cols = offset_indicator(w, out_hw[1], kernel_size[1], stride[1], dilation[1], padding[1])
+    rows = rows.to(dtype=x.dtype, device=x.device)
+    cols = cols.to(dtype=x.dtype, device=x.device)
+    per_col = torch.matmul(x, cols.T)  # (N, K, H, kw)
+    return torch.matmul(rows, per_col)  # (N, K, kh, kw)
+
+
+def channel_group_slice(conv_out_channels: int, in_channels: int, groups: int, channel: int) -> slice:
+    """Input channels that output ``channel`` of a grouped conv reads."""
+    per_group_out = conv_out_channels // groups
+    per_group_in = in_channels // groups
+    g = channel // per_group_out
+    return slice(g * per_group_in, (g + 1) * per_group_in)
+
+
+def arv_from_moments(
+    weight: torch.Tensor, moments: torch.Tensor, channel: int, groups: int = 1
+) -> torch.Tensor:
+    """Gradient x Input of output channel ``channel``'s spatial sum on each input channel it reads.
+
+    ``weight``: (C_out, C_in / groups, kh, kw); ``moments``: (..., C_in, kh, kw), for one image
+    or a class mean (the map is linear, so means of moments give mean attributions). Returns
+    (..., C_in / groups) over the channel's own group; other groups' attribution is exactly 0.
+    """
+    in_channels = moments.shape[-3]
+    sl = channel_group_slice(weight.shape[0], in_channels, groups, channel)
+    w = weight[channel].to(moments.dtype)
+    return torch.einsum("kuv,...kuv->...k", w, moments[..., sl, :, :])
+
+
+@dataclass
+class BatchRelevance:
+    """Per-image results of one batch, on CPU in the model's dtype."""
+
+    logits: torch.Tensor
+    prediction: torch.Tensor  # int64
+    target: torch.Tensor  # int64, class whose logit was attributed
+    target_logit: torch.Tensor
+    relevance: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, C_out)
+    input_moments: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, C_in, kh, kw)
+    activation_max: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, C_out)
+    activation_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, C_out)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors (autocast), unchanged otherwise (float64 oracles)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class _LayerTap:
+    """Forward hook on one conv: reduces input and output on the spot, and registers a tensor
+    hook so that the gradient is reduced to act x grad the moment autograd produces it."""
+
+    def __init__(self, name: str, module: nn.Conv2d, result: BatchRelevance, shield: bool,
+                 moments: bool = True, activations: bool | frozenset[str] = True) -> None:
+        self.name = name
+        self.shield = shield
+        self.moments = moments
+        if isinstance(activations, bool):
+            activations = frozenset({"max", "mean"} if activations else ())
+        self.activations = activations
+        self.module = module
+        self.result = result
+        self.output: torch.Tensor | None = None
+        self.calls = 0
+
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(
+                f"conv {self.name!r} ran more than once in one forward pass; shared convs have "
+                "no single relevance per channel"
+            )
+        with torch.no_grad():
+            if self.moments:
+                # float32 whatever the autocast dtype: sums of inputs overflow float16.
+                x = _wide(inputs[0].detach())
+                out_hw = (output.shape[2], output.shape[3])
+                pad = conv_input_padding(module, (x.shape[2], x.shape[3]), out_hw)
+                self.result.input_moments[self.name] = input_moments(
+                    x, module.kernel_size, module.stride, module.dilation, pad, out_hw
+                )
+            if "max" in self.activations:
+                self.result.activation_max[self.name] = _wide(output.detach().amax(dim=(2, 3)))
+            if "mean" in self.activations:
+                self.result.activation_mean[self.name] = _wide(output.detach()).mean(dim=(2, 3))
+        if output.requires_grad:
+            detached = output.detach()
+
+            def reduce_grad(grad: torch.Tensor) -> None:
+                self.result.relevance[self.name] = (_wide(detached) * _wide(grad)).sum(dim=(2, 3))
+
+            output.register_hook(reduce_grad)
+        self.output = output
+        # An in-place op after the conv (VGG's ReLU(inplace=True)) would overwrite the output
+        # we multiply with the gradient: hand the rest of the network a copy instead.
+        return output.clone() if self.shield else None
+
+
+@contextmanager
+def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
+          moment_layers: Sequence[str] | None = None,
+          activations: bool | frozenset[str] = True) -> Iterator[list[_LayerTap]]:
+    modules = dict(model.named_modules())
+    shield = any(getattr(m, "inplace", False) for m in modules.values())
+    taps, handles = [], []
+    try:
+        for name in layers:
+            module = modules.get(name)
+            if not isinstance(module, nn.Conv2d):
+                raise ValueError(f"{name!r} is not a conv layer of this model")
+            tap = _LayerTap(name, module, result, shield,
+                            moments=moment_layers is None or name in moment_layers, activations=activations)
+            taps.append(tap)
+            handles.append(module.register_forward_hook(tap))
+        yield taps
+    finally:
+        for h in handles:
+            h.remove()
+        # output -> its grad hook -> tap -> output is a reference cycle that would keep every
+        # batch's autograd graph alive until the cyclic GC happens to run: break it here.
+        for tap in taps:
+            tap.output = None
+
+
+def batch_relevance(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    layers: Sequence[str],
+    target_mode: TargetMode = "label",
+    *,
+    moment_layers: Sequence[str] | None = None,
+    activations: bool | frozenset[str] = True,
+) -> BatchRelevance:
+    """One forward and one backward pass: relevance, moments and activations of all ``layers``.
+
+    ``moment_layers``: the layers whose input moments are computed (None: all); ``activations``:
+    whether the spatial max and mean of the outputs are (or a set of "max", "mean"). What a cube
+    does not store is not computed.
+
+    The backward asks autograd only for the gradient of the input images (an ancestor of every
+    conv, whatever the branching), so no parameter gradients are computed, and each layer's
+    gradient is reduced inside its hook.
+    The model must be in eval mode (BatchNorm batch statistics would couple images).
+    """
+    if model.training:
+        raise ValueError("batch_relevance needs model.eval(): batch statistics couple images")
+    device = next(model.parameters()).device
+    images = images.to(device)
+    result = BatchRelevance(
+        logits=torch.empty(0), prediction=torch.empty(0), target=torch.empty(0), target_logit=torch.empty(0)
+    )
+    with torch.enable_grad(), _taps(model, layers, result, moment_layers, activations) as taps:
+        # Gradients must flow even when the caller froze the parameters.
+        images = images.detach().requires_grad_(True)
+        logits = model(images)
+        prediction = logits.argmax(dim=1)
+        if target_mode == "label":
+            target = labels.to(device)
+        elif target_mode == "prediction":
+            target = prediction
+        else:
+            raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
+        target_logit = logits.gather(1, target[:, None].long()).squeeze(1)
+        missing = [t.name for t in taps if t.output is None]
+        if missing:
+            raise RuntimeError(f"conv layers never ran in the forward pass: {missing}")
+        # Summing is exact: in eval mode the images do not interact.
+        torch.autograd.grad(target_logit.sum(), inputs=[images])
+    if set(result.relevance) != set(layers):
+        lost = sorted(set(layers) - set(result.relevance))
+        raise RuntimeError(f"no gradient reached conv layers {lost}: is their output used?")
+    # Reduced values stay on the device until the backward is done: one transfer per batch
+    # instead of a synchronising copy inside every hook.
+    for values in (result.relevance, result.input_moments, result.activation_max, result.activation_mean):
+        for name in values:
+            values[name] = values[name].cpu()
+    result.logits = logits.detach().cpu()
+    result.prediction = prediction.cpu()
+    result.target = target.detach().cpu()
+    result.target_logit = target_logit.detach().cpu()
+    return result

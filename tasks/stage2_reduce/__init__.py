@@ -1,0 +1,1 @@
+"""Stage 2, reduce: the cube streamed once into per-class statistics and ARVs."""

@@ -1,0 +1,254 @@
+"""Dask reduction of the relevance cube to class-level statistics, in one streaming pass.
+
+Per layer and class: image count, mean relevance, fraction of images for which each channel is
+important (R >= tau * P, P = sum_c max(R, 0); an image with P = 0 marks nothing), mean
+activation, and mean input moments (which give every ARV in closed form). Each chunk is turned
+into per-class partial sums (sorted segment sums) and the partials are summed by dask's tree
+reduction, so memory stays flat in the number of images. Everything accumulates in float32
+whatever the storage dtype.
+
+Moments and activation means come from the per-chunk class sums that extraction wrote (the
+default layout), or from per-image arrays when the cube keeps them (needed for arbitrary image
+subsets). Both routes build the same per-chunk partials with the same function and sum them with
+the same dask tree, so their results are bitwise identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+
+from polysemantic_disentangle.storage.cube import (ACTIVATION_SUMS_ARRAY, CLASS_SUM_SUBSETS, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY,
+                           consolidate, cube_info, cube_layout, has_class_stats, layer_names,
+                           open_store_group, write_class_stats)
+from polysemantic_disentangle.tasks.data.grouping import class_sums, statistics_class
+
+
+@dataclass
+class LayerStats:
+    """Class-level statistics of one layer (numpy, float32)."""
+
+    layer: str
+    count: np.ndarray  # (class,)
+    mean_relevance: np.ndarray  # (class, channel)
+    important_fraction: np.ndarray  # (class, channel)
+    mean_activation: np.ndarray  # (class, channel), spatial mean of the conv output
+    # (class, in_channel, kh, kw); None where ARVs are not applicable (depthwise layers)
+    mean_moments: np.ndarray | None
+
+
+def important_mask(relevance: np.ndarray, tau: float) -> np.ndarray:
+    """Channel c important for image i if R[i, c] >= tau * sum_c max(R[i, c], 0).
+
+    Images whose positive relevance is zero mark nothing important (else every channel with
+    R = 0 would pass the test 0 >= 0).
+    """
+    positive = np.maximum(relevance, 0.0).sum(axis=1, keepdims=True)
+    return (relevance >= tau * positive) & (positive > 0)
+
+
+def _block_labels(labels: np.ndarray, block_info: dict | None) -> np.ndarray:
+    start, stop = block_info[0]["array-location"][0]
+    return labels[start:stop]
+
+
+def _relevance_block(r: np.ndarray, labels: np.ndarray, n_classes: int, tau: float,
+                     block_info: dict | None = None) -> np.ndarray:
+    lab = _block_labels(labels, block_info)
+    # NaN rows (skipped images) carry label -1 and are never summed.
+    important = important_mask(np.nan_to_num(r.astype(np.float32)), tau).astype(np.float32)
+    return np.stack([class_sums(lab, r, n_classes), class_sums(lab, important, n_classes)])[None]
+
+
+def _sum_block(x: np.ndarray, labels: np.ndarray, n_classes: int, block_info: dict | None = None) -> np.ndarray:
+    lab = _block_labels(labels, block_info)
+    return class_sums(lab, x, n_classes)[None]
+
+
+def statistics_labels(root: Any) -> np.ndarray:
+    """The one "statistics class" of every image of an opened store (int64, -1: left out).
+
+    ``polysemantic_disentangle.tasks.data.grouping.statistics_class`` with the store's own arrays and ``target_mode``: the
+    dataset label, or the model's prediction in prediction mode. Every class statistic
+    (reduction, rho choice, evaluation, explanations) groups by this.
+    """
+    return statistics_class(root["label"][:], root["prediction"][:], root["skipped"][:],
+                            root.attrs.get("target_mode", "label"))
+
+
+def image_selection(
+    store_url: str,
+    *,
+    correct_only: bool = False,
+    subset: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Statistics class per image (``polysemantic_disentangle.tasks.data.grouping.statistics_class``) with excluded images set
+    to -1: skipped images always, optionally those the model got wrong, optionally everything
+    outside ``subset`` (indices or a boolean mask)."""
+    root = open_store_group(store_url)
+    target_mode = cube_info(store_url).get("target_mode", "label")
+    labels = statistics_class(root["label"][:], root["prediction"][:], root["skipped"][:], target_mode,
+                              correct_only=correct_only)
+    keep = labels >= 0
+    if subset is not None:
+        subset = np.asarray(subset)
+        mask = subset if subset.dtype == bool else np.isin(np.arange(len(labels)), subset)
+        if len(mask) != len(labels):
+            raise ValueError(f"subset mask has {len(mask)} entries for {len(labels)} images")
+        keep &= mask
+    return np.where(keep, labels, -1)
+
+
+def _per_image_partials(arr: Any, labels: np.ndarray, n_classes: int) -> da.Array:
+    """(chunk, class, ...) dask array of per-chunk class sums of a per-image array."""
+    x = da.from_zarr(arr)
+    one_per_block = (1,) * x.numblocks[0]
+    return da.map_blocks(_sum_block, x, labels, n_classes, dtype=np.float32, new_axis=[1],
+                         chunks=(one_per_block, (n_classes,), *[(s,) for s in x.shape[1:]]))
+
+
+def _stored_partials(arr: Any, subset: int) -> da.Array:
+    """(chunk, class, ...) dask array of the class sums extraction wrote, one block per chunk
+    (every class block of a chunk in one dask block; missing blocks read as zeros)."""
+    return da.from_zarr(arr, chunks=(1, *arr.shape[1:]))[:, subset]
+
+
+def layer_stats_graph(store_url: str, layer: str, labels: np.ndarray, n_classes: int, tau: float,
+                      sums_subset: int | None = None) -> dict[str, Any]:
+    """Lazy dask graph of one layer's class sums.
+
+    ``sums_subset``: read moments and activation means from the stored class sums of that subset
+    (0 all usable images, 1 correct ones); None: from the per-image arrays.
+    """
+    group = open_store_group(store_url)["layers"][layer]
+    rel = da.from_zarr(group["relevance"])
+    n_ch = rel.shape[1]
+    one_per_block = (1,) * rel.numblocks[0]
+    # Labels travel as a numpy closure; each block slices its own rows via block_info.
+    rel_sums = da.map_blocks(_relevance_block, rel, labels, n_classes, tau, dtype=np.float32,
+                             drop_axis=1, new_axis=[1, 2, 3],
+                             chunks=(one_per_block, (2,), (n_classes,), (n_ch,))).sum(axis=0)
+    # Same partials, same tree: a sum over chunks of (class, ...) blocks, one block per chunk.
+    if sums_subset is None:
+        act = _per_image_partials(group["activation_mean"], labels, n_classes)
+        mom = _per_image_partials(group[MOMENTS_ARRAY], labels, n_classes) if MOMENTS_ARRAY in group else None
+    else:
+        act = _stored_partials(group[ACTIVATION_SUMS_ARRAY], sums_subset)
+        mom = _stored_partials(group[MOMENT_SUMS_ARRAY], sums_subset) if MOMENT_SUMS_ARRAY in group else None
+    return {"relevance": rel_sums, "activation": act.sum(axis=0),
+            "moments": mom.sum(axis=0) if mom is not None else None}
+
+
+def moments_source(store_url: str, *, correct_only: bool, subset: Any, prefer: str = "auto") -> int | None:
+    """Which route gives moments and activation means: a class-sum subset index, or None for
+    the per-image arrays. Arbitrary subsets need per-image arrays."""
+    if prefer not in ("auto", "class_sums", "per_image"):
+        raise ValueError(f"moments_from must be 'auto', 'class_sums' or 'per_image', got {prefer!r}")
+    layout = cube_layout(store_url)
+    has_per_image = layout.per_image_moments and "activation_mean" in layout.per_image
+    if prefer == "per_image" or (subset is not None) or (prefer == "auto" and not layout.class_sums):
+        if not has_per_image:
+            why = "an image subset needs" if subset is not None else "moments_from='per_image' needs"
+            raise ValueError(
+                f"{store_url} keeps moments and activation means only as per-chunk class sums; {why} "
+                "per-image moments: extract with per_image_moments=True (layout 'full')")
+        return None
+    if not layout.class_sums:
+        raise ValueError(f"{store_url} has no class sums (layout {layout.per_image}); extract with the "
+                         "detection layout")
+    return CLASS_SUM_SUBSETS.index("correct" if correct_only else "all")
+
+
+@contextlib.contextmanager
+def dask_scheduler(address: str | None = None) -> Iterator[None]:
+    """Threads by default (they beat a 2-worker LocalCluster on small machines); an existing
+    distributed cluster when given its address (tcp://host:8786)."""
+    if not address:
+        with dask.config.set(scheduler="threads"):
+            yield
+        return
+    from distributed import Client
+
+    with Client(address) as client, dask.config.set(scheduler=client.get):
+        yield
+
+
+def reduce_cube(
+    store_url: str,
+    *,
+    tau: float,
+    layers: Sequence[str] | None = None,
+    correct_only: bool = False,
+    subset: Sequence[int] | np.ndarray | None = None,
+    scheduler_address: str | None = None,
+    moments_from: str = "auto",
+) -> dict[str, LayerStats]:
+    """Class statistics of every layer, computed in one dask pass over the store.
+
+    ``moments_from``: "class_sums" (extraction-time partials), "per_image", or "auto" (class
+    sums when the cube has them and no ``subset`` is asked for)."""
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    root = open_store_group(store_url)
+    n_classes = int(root["class_name"].shape[0])
+    source = moments_source(store_url, correct_only=correct_only, subset=subset, prefer=moments_from)
+    labels = image_selection(store_url, correct_only=correct_only, subset=subset)
+    layers = list(layers) if layers is not None else layer_names(store_url)
+    graphs = {layer: layer_stats_graph(store_url, layer, labels, n_classes, tau, source) for layer in layers}
+    with dask_scheduler(scheduler_address):
+        (computed,) = dask.compute(graphs)
+    count = np.bincount(labels[labels >= 0], minlength=n_classes).astype(np.float32)
+    denom = np.maximum(count, 1.0)
+    out = {}
+    for layer, sums in computed.items():
+        rel, imp = sums["relevance"]
+        out[layer] = LayerStats(
+            layer=layer,
+            count=count,
+            mean_relevance=rel / denom[:, None],
+            important_fraction=imp / denom[:, None],
+            mean_activation=sums["activation"] / denom[:, None],
+            mean_moments=sums["moments"] / denom.reshape(-1, 1, 1, 1) if sums["moments"] is not None else None,
+        )
+    return out
+
+
+# Written for every layer; mean_moments only where the layer has moments.
+STATS_ARRAYS = ("count", "mean_relevance", "important_fraction", "mean_activation")
+
+
+def has_stats(store_url: str, subset_name: str, layers: Sequence[str]) -> bool:
+    """Whether ``write_stats`` has stored every layer's statistics under stats/<subset>."""
+    return has_class_stats(store_url, subset_name, layers, STATS_ARRAYS)
+
+
+def write_stats(store_url: str, subset_name: str, stats: Mapping[str, LayerStats], attrs: Mapping[str, Any]) -> None:
+    """Store each layer's statistics as labelled (class x channel) arrays under stats/<subset>."""
+    for layer, s in stats.items():
+        arrays = {
+            "count": (["class"], s.count),
+            "mean_relevance": (["class", "channel"], s.mean_relevance),
+            "important_fraction": (["class", "channel"], s.important_fraction),
+            "mean_activation": (["class", "channel"], s.mean_activation),
+        }
+        if s.mean_moments is not None:
+            arrays["mean_moments"] = (["class", "in_channel", "kernel_y", "kernel_x"], s.mean_moments)
+        write_class_stats(store_url, subset_name, layer, arrays, attrs)
+    consolidate(store_url)
+
+
+def read_stats(store_url: str, subset_name: str, layers: Sequence[str]) -> dict[str, LayerStats]:
+    from polysemantic_disentangle.storage.cube import read_class_stats
+
+    out = {}
+    for layer in layers:
+        ds = read_class_stats(store_url, subset_name, layer)
+        out[layer] = LayerStats(layer, ds["count"].values, ds["mean_relevance"].values,
+                                ds["important_fraction"].values, ds["mean_activation"].values,
+                                ds["mean_moments"].values if "mean_moments" in ds else None)
+    return out

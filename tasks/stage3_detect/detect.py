@@ -1,0 +1,363 @@
+"""Detection of gamma-polysemantic channels from class statistics (Hesse et al., section 3).
+
+Relevant classes of a channel: classes for which it is important on at least a fraction p of
+the images. Candidates: channels relevant for two or more classes. For every pair of relevant
+classes the ARVs (mean Gradient x Input attribution of the layer's input channels) come in
+closed form from the class-mean input moments; a pair is gamma-polysemantic when
+lower <= cos(ARV_1, ARV_2) < gamma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, class_sums, important_mask
+from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments
+
+SelectionRule = Literal["gamma", "lowest-k", "quantile"]
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    """What decides which pairs count; validated before any work."""
+
+    tau: float = defaults.TAU
+    p: float = defaults.P_FRACTION
+    gamma: float = defaults.GAMMA
+    cosine_lower_bound: float = defaults.COSINE_LOWER_BOUND
+    rule: SelectionRule = "gamma"
+    # "lowest-k": the k lowest-cosine pairs of each layer; "quantile": pairs at or below this
+    # quantile of the layer's candidate-pair cosines. Both still respect the lower bound.
+    k: int = 3
+    quantile: float = 0.1
+    # Pairs kept as table rows per layer (all selected ones first, then a deterministic sample
+    # for Figure 3). Counts are always exact; early layers of ImageNet models can have millions
+    # of candidate pairs, each needing a WordNet lookup.
+    max_pairs_per_layer: int = 2000
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 < self.tau <= 1:
+            problems.append(f"tau must be in (0, 1], got {self.tau}")
+        if not 0 < self.p <= 1:
+            problems.append(f"p must be in (0, 1], got {self.p}")
+        if not -1 <= self.gamma <= 1:
+            problems.append(f"gamma must be in [-1, 1], got {self.gamma}")
+        if not -1 <= self.cosine_lower_bound <= 1:
+            problems.append(f"cosine_lower_bound must be in [-1, 1], got {self.cosine_lower_bound}")
+        if self.rule not in ("gamma", "lowest-k", "quantile"):
+            problems.append(f"rule must be 'gamma', 'lowest-k' or 'quantile', got {self.rule!r}")
+        if self.k < 1:
+            problems.append(f"k must be positive, got {self.k}")
+        if not 0 < self.quantile <= 1:
+            problems.append(f"quantile must be in (0, 1], got {self.quantile}")
+        if self.max_pairs_per_layer < 1:
+            problems.append(f"max_pairs_per_layer must be positive, got {self.max_pairs_per_layer}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PairRow:
+    """One pair of relevant classes of one candidate channel."""
+
+    layer: str
+    channel: int
+    class1: int
+    class2: int
+    name1: str
+    name2: str
+    wnid1: str
+    wnid2: str
+    cosine: float
+    fraction1: float
+    fraction2: float
+    paper_polysemantic: bool  # what gamma = 0.5, lower bound 0 finds
+    selected: bool  # what the chosen rule finds
+    wup: float | None = None
+    path: float | None = None
+    lowest_common_hypernym: str | None = None
+
+
+@dataclass
+class LayerDetection:
+    layer: str
+    channels: int
+    applicable: bool
+    reason: str = ""
+    candidates: list[int] = field(default_factory=list)
+    relevant: dict[int, list[int]] = field(default_factory=dict)  # channel -> relevant classes
+    pairs: list[PairRow] = field(default_factory=list)  # rows kept (see max_pairs_per_layer)
+    counts: dict[str, int] = field(default_factory=dict)  # exact, over all pairs
+    # Why detection found what it found (``layer_diagnostics``): important channels per image,
+    # relevant classes per channel, images per class, cosine quantiles, warnings.
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def selected(self) -> list[PairRow]:
+        return [r for r in self.pairs if r.selected]
+
+    def summary(self) -> dict[str, Any]:
+        n_pairs = self.counts.get("pairs", len(self.pairs))
+        return {"layer": self.layer, "channels": self.channels, "applicable": self.applicable,
+                "reason": self.reason, "candidates": len(self.candidates), "pairs": n_pairs,
+                "paper_polysemantic_pairs": self.counts.get(
+                    "paper_polysemantic_pairs", sum(r.paper_polysemantic for r in self.pairs)),
+                "selected_pairs": self.counts.get("selected_pairs", len(self.selected)),
+                "selected_channels": self.counts.get("selected_channels", len({r.channel for r in self.selected})),
+                "rows_kept": len(self.pairs), **self.diagnostics}
+
+
+def relevant_classes(stats: LayerStats, p: float) -> np.ndarray:
+    """(class, channel) bool; classes without images are never relevant."""
+    return (stats.important_fraction >= p) & (stats.count[:, None] > 0)
+
+
+def candidate_channels(relevant: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(relevant.sum(axis=0) >= 2)
+
+
+def class_arvs(weight: torch.Tensor, mean_moments: np.ndarray, channel: int, classes: Sequence[int],
+               groups: int = 1) -> np.ndarray:
+    """(len(classes), in_channels_per_group) ARVs of ``channel`` in closed form."""
+    moments = torch.as_tensor(mean_moments[list(classes)], dtype=torch.float64)
+    return arv_from_moments(weight.detach().double().cpu(), moments, channel, groups).numpy()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / denom if denom > 0 else float("nan")
+
+
+def candidate_pair_cosines(weight: torch.Tensor, groups: int, mean_moments: np.ndarray,
+                           relevant: np.ndarray, candidates: np.ndarray) -> dict[str, np.ndarray]:
+    """Every pair of relevant classes of every candidate: (channel, class1, class2, cosine) as
+    flat arrays, vectorised per channel."""
+    chans, c1s, c2s, coss = [], [], [], []
+    w = weight.detach().double().cpu()
+    for c in candidates:
+        classes = np.flatnonzero(relevant[:, c])
+        arvs = arv_from_moments(w, torch.as_tensor(mean_moments[classes], dtype=torch.float64), int(c),
+                                groups).numpy()
+        norms = np.linalg.norm(arvs, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            unit = arvs / norms[:, None]
+        i, j = np.triu_indices(len(classes), k=1)
+        cos = np.einsum("pk,pk->p", unit[i], unit[j])
+        chans.append(np.full(len(i), c, dtype=np.int64))
+        c1s.append(classes[i])
+        c2s.append(classes[j])
+        coss.append(cos)
+    if not chans:
+        return {"channel": np.zeros(0, np.int64), "class1": np.zeros(0, np.int64),
+                "class2": np.zeros(0, np.int64), "cosine": np.zeros(0)}
+    return {"channel": np.concatenate(chans), "class1": np.concatenate(c1s),
+            "class2": np.concatenate(c2s), "cosine": np.concatenate(coss)}
+
+
+def selection_mask(cosine: np.ndarray, params: DetectionParams) -> np.ndarray:
+    """Which pairs the chosen rule selects; NaN cosines (a zero ARV) never count."""
+    valid = np.isfinite(cosine) & (cosine >= params.cosine_lower_bound)
+    if params.rule == "gamma":
+        return valid & (cosine < params.gamma)
+    if not valid.any():
+        return valid
+    if params.rule == "lowest-k":
+        idx = np.flatnonzero(valid)
+        keep = idx[np.argsort(cosine[idx], kind="stable")[: params.k]]
+        out = np.zeros_like(valid)
+        out[keep] = True
+        return out
+    cut = float(np.quantile(cosine[valid], params.quantile))
+    return valid & (cosine <= cut)
+
+
+def importance_per_image(relevance: np.ndarray, taus: Sequence[float]) -> dict[float, np.ndarray]:
+    """(n_images,) number of important channels of each image at each tau; rows with missing
+    (NaN) relevance are left out."""
+    r = np.asarray(relevance, dtype=np.float32)
+    r = r[np.isfinite(r).all(1)]
+    return {float(t): important_mask(r, float(t)).sum(1) for t in taus}
+
+
+def candidates_at(relevance: np.ndarray, labels: np.ndarray, n_classes: int, tau: float, p: float) -> int:
+    """Candidates (channels relevant for >= 2 classes at fraction p) from per-image relevance,
+    as the reduce stage would count them at ``tau``."""
+    r = np.asarray(relevance, dtype=np.float32)
+    ok = np.isfinite(r).all(1) & (np.asarray(labels) >= 0)
+    r, lab = r[ok], np.asarray(labels)[ok]
+    if lab.size == 0:
+        return 0
+    count = np.bincount(lab, minlength=n_classes).astype(np.float64)
+    frac = class_sums(lab, important_mask(r, tau).astype(np.float32), n_classes) / np.maximum(count[:, None], 1)
+    relevant = (frac >= p) & (count[:, None] > 0)
+    return int((relevant.sum(0) >= 2).sum())
+
+
+def layer_diagnostics(
+    stats: LayerStats, relevant: np.ndarray | None, cosines: np.ndarray | None, params: DetectionParams,
+    sample: tuple[np.ndarray, np.ndarray] | None = None, *,
+    smaller_taus: Sequence[float] = defaults.DETECT_DIAGNOSTIC_TAUS,
+) -> dict[str, Any]:
+    """Why a layer has the candidates it has, as plain data.
+
+    - images per class (median, min over classes with images): p is a fraction of these;
+    - relevant classes per channel (median, max), and per candidate;
+    - with ``sample`` = (relevance rows, labels) read from the cube: the median and max number
+      of important channels per image at tau and, for ``smaller_taus`` below tau, the median and
+      the candidate count they would give (no model pass; exact when the sample is the cube);
+    - quantiles of the candidate-pair ARV cosines (for the per-layer picture) and the share
+      below gamma;
+    - ``warnings``: few images per class, (almost) no important channels at tau.
+    """
+    out: dict[str, Any] = {}
+    warns: list[str] = []
+    counts = np.asarray(stats.count)
+    present = counts[counts > 0]
+    out["classes_with_images"] = int(present.size)
+    out["images_per_class_median"] = float(np.median(present)) if present.size else 0.0
+    out["images_per_class_min"] = int(present.min()) if present.size else 0
+    if present.size and np.median(present) < defaults.DETECT_FEW_IMAGES_PER_CLASS:
+        msg = (f"median {np.median(present):g} image(s) per class (min {int(present.min())}): p is a fraction of "
+               "that few images")
+        if np.median(present) <= 1:
+            msg = ("one image per class: p is 0 or 1 (a single occurrence makes a channel relevant) and ARVs "
+                   "are single-image values")
+        warns.append(msg)
+    if relevant is not None:
+        per_channel = relevant.sum(0)
+        out["relevant_classes_median"] = float(np.median(per_channel)) if per_channel.size else 0.0
+        out["relevant_classes_max"] = int(per_channel.max()) if per_channel.size else 0
+        cand = per_channel[per_channel >= 2]
+        out["relevant_classes_per_candidate_median"] = float(np.median(cand)) if cand.size else None
+    if sample is not None:
+        rel, lab = sample
+        taus = [params.tau] + [t for t in smaller_taus if t < params.tau]
+        per_image = importance_per_image(rel, taus)
+        n = int(per_image[float(params.tau)].size)
+        out["diagnostic_images"] = n
+        here = per_image[float(params.tau)]
+        out["important_per_image_median"] = float(np.median(here)) if n else None
+        out["important_per_image_max"] = int(here.max()) if n else None
+        out["smaller_tau"] = [
+            {"tau": t, "important_per_image_median": float(np.median(per_image[float(t)])) if n else None,
+             "candidates": candidates_at(rel, lab, stats.count.shape[0], t, params.p)}
+            for t in taus[1:]]
+        if n and np.median(here) < defaults.DETECT_FEW_IMPORTANT:
+            alt = "; ".join(f"tau {a['tau']:g}: median {a['important_per_image_median']:g}, "
+                            f"{a['candidates']} candidates" for a in out["smaller_tau"])
+            warns.append(f"median {np.median(here):g} important channels per image at tau {params.tau:g} "
+                         f"(max {int(here.max())}, {n} images): (almost) none" + (f"; {alt}" if alt else ""))
+    if cosines is not None:
+        c = np.asarray(cosines, float)
+        c = c[np.isfinite(c)]
+        if c.size:
+            qs = np.quantile(c, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+            out["cosine_quantiles"] = dict(zip(("min", "q10", "q25", "median", "q75", "q90", "max"),
+                                               map(float, qs), strict=True))
+            out["cosine_below_gamma"] = float((c < params.gamma).mean())
+    out["warnings"] = warns
+    return out
+
+
+def read_relevance_sample(store_url: str, layer: str,
+                          max_images: int = defaults.DETECT_DIAGNOSTIC_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+    """(relevance rows, labels) of up to ``max_images`` images: whole chunks spread evenly over
+    the cube (images are stored in class order, so the first rows would be the first classes
+    only); skipped images are left out."""
+    from polysemantic_disentangle.storage.cube import open_store_group
+
+    root = open_store_group(store_url)
+    arr = root["layers"][layer]["relevance"]
+    n, step = arr.shape[0], arr.chunks[0]
+    n_chunks = -(-n // step)
+    take = max(1, min(n_chunks, max_images // max(1, step)))
+    picks = np.unique(np.linspace(0, n_chunks - 1, take).round().astype(int))
+    labels = root["label"][:].astype(np.int64)
+    skipped = root["skipped"][:].astype(bool)
+    rows, labs = [], []
+    for k in picks:
+        lo, hi = int(k * step), int(min(n, (k + 1) * step))
+        keep = ~skipped[lo:hi]
+        rows.append(np.asarray(arr[lo:hi], np.float32)[keep])
+        labs.append(labels[lo:hi][keep])
+    return np.concatenate(rows), np.concatenate(labs)
+
+
+def detect_layer(
+    layer: str,
+    weight: torch.Tensor,
+    groups: int,
+    stats: LayerStats,
+    params: DetectionParams,
+    class_names: Sequence[str],
+    wnids: Sequence[str | None],
+    sample: tuple[np.ndarray, np.ndarray] | None = None,
+) -> LayerDetection:
+    """Candidates and every pair of relevant classes of each candidate, with ARV cosines.
+
+    Counts cover every pair; rows are kept for all selected pairs (lowest cosine first) and, up
+    to ``params.max_pairs_per_layer``, a deterministic sample of the others. ``sample``
+    (relevance rows, labels from the cube) adds the per-image diagnostics of
+    ``layer_diagnostics``."""
+    channels = weight.shape[0]
+    per_group_in = weight.shape[1]
+    if per_group_in < 2:
+        return LayerDetection(layer, channels, applicable=False,
+                              reason=f"each channel reads {per_group_in} input channel (groups={groups}); "
+                                     "an ARV of length 1 cannot separate concepts")
+    relevant = relevant_classes(stats, params.p)
+    cands = candidate_channels(relevant)
+    det = LayerDetection(layer, channels, applicable=True, candidates=cands.tolist())
+    det.relevant = {int(c): np.flatnonzero(relevant[:, c]).tolist() for c in cands}
+    pairs = candidate_pair_cosines(weight, groups, stats.mean_moments, relevant, cands)
+    cos = pairs["cosine"]
+    selected = selection_mask(cos, params)
+    paper = np.isfinite(cos) & (cos >= defaults.COSINE_LOWER_BOUND) & (cos < defaults.GAMMA)
+    det.counts = {"pairs": int(len(cos)), "paper_polysemantic_pairs": int(paper.sum()),
+                  "selected_pairs": int(selected.sum()),
+                  "selected_channels": int(len(np.unique(pairs["channel"][selected])))}
+    det.diagnostics = layer_diagnostics(stats, relevant, cos, params, sample)
+    chosen = np.flatnonzero(selected)
+    chosen = chosen[np.argsort(cos[chosen], kind="stable")][: params.max_pairs_per_layer]
+    rest = np.flatnonzero(~selected)
+    room = params.max_pairs_per_layer - len(chosen)
+    if len(rest) > room:
+        rest = np.sort(np.random.default_rng(0).choice(rest, size=max(room, 0), replace=False))
+    for i in np.concatenate([chosen, rest]).astype(np.int64):
+        c, t1, t2 = int(pairs["channel"][i]), int(pairs["class1"][i]), int(pairs["class2"][i])
+        det.pairs.append(PairRow(
+            layer=layer, channel=c, class1=t1, class2=t2, name1=class_names[t1], name2=class_names[t2],
+            wnid1=wnids[t1] or "", wnid2=wnids[t2] or "", cosine=float(cos[i]),
+            fraction1=float(stats.important_fraction[t1, c]), fraction2=float(stats.important_fraction[t2, c]),
+            paper_polysemantic=bool(paper[i]), selected=bool(selected[i]),
+        ))
+    return det
+
+
+def select_pairs(rows: list[PairRow], params: DetectionParams) -> None:
+    """Mark the pairs the chosen rule selects among ``rows`` (in place)."""
+    mask = selection_mask(np.asarray([r.cosine for r in rows], dtype=float), params)
+    for r, m in zip(rows, mask):
+        r.selected = bool(m)
+
+
+def channels_to_rewire(det: LayerDetection) -> list[PairRow]:
+    """One entry per selected channel: its lowest-cosine selected pair."""
+    best: dict[int, PairRow] = {}
+    for r in det.selected:
+        if r.channel not in best or r.cosine < best[r.channel].cosine:
+            best[r.channel] = r
+    return [best[c] for c in sorted(best)]
+
+
+def pairs_table(detections: Sequence[LayerDetection]) -> list[dict[str, Any]]:
+    return [asdict(r) for det in detections for r in det.pairs]

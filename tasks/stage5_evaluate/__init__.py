@@ -1,0 +1,1 @@
+"""Stage 5, evaluate and explain: Table 1, scores, exemplars, feature visualisations, formulas."""

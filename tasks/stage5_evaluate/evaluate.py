@@ -1,0 +1,959 @@
+"""Evaluation of rewired channels (Hesse et al. 2025, sec. 4) and their explanations.
+
+For every rewired channel c split into concept channels d_1..d_k and a residual r
+(c = sum_j d_j - (k - 1) r, exactly):
+
+- Table 1: on evaluation images of concept j's classes whose ORIGINAL channel is important
+  (R[i, c] >= tau * sum_c max(R[i, c], 0), relevance from the evaluation cube), the fractions
+  d_m / orig and r / orig of the spatially summed pre-BN activation (mean, std, median). Per
+  image sum_j d_j / orig - (k - 1) r / orig = 1, which is checked.
+- A disentanglement score in [0, 1] (``disentanglement_score``).
+- Accuracy of the original and the rewired model, which must be identical.
+- Figure 2 (activation densities), top exemplars, feature visualisations.
+- Compositional explanations (Mu & Andreas 2020) of the channel before and of each part after.
+
+The science is in pure functions over arrays; ``run_channels`` is the one model pass and
+``evaluate_run`` the driver the pipeline calls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from polysemantic_disentangle.storage.cube import as_str, open_store_group
+from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.stage5_evaluate.explain import (
+    Explanation,
+    activation_thresholds,
+    binarise,
+    class_counts,
+    explain_units,
+    iou_from_counts,
+    present_quantile,
+)
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, statistics_labels
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, DisentangledConv2d, capture_parts
+
+__all__ = [
+    "ChannelRun",
+    "ChannelRuns",
+    "accuracy_check",
+    "aggregate_table1",
+    "channel_score",
+    "channel_summary",
+    "channel_table1",
+    "class_concepts",
+    "concept_separation",
+    "disentanglement_score",
+    "evaluate_run",
+    "explain_before_after",
+    "explain_layer",
+    "fraction_stats",
+    "important_for_channel",
+    "invariant_deviation",
+    "jsonable",
+    "part_labels",
+    "positive_mass_shares",
+    "ratio_instability",
+    "run_channels",
+    "tiny_orig",
+    "top_k",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# One pass over the images
+
+
+@dataclass
+class ChannelRun:
+    """Per-image reductions of one rewired channel. Part columns are d_1..d_k, then r."""
+
+    split: ChannelSplit
+    orig_sum: np.ndarray  # (N,) spatial sum of the original channel's pre-BN output
+    orig_max: np.ndarray  # (N,) spatial max
+    orig_pos: np.ndarray  # (N,) spatial sum of max(x, 0)
+    part_sum: np.ndarray  # (N, k + 1)
+    part_max: np.ndarray  # (N, k + 1)
+    part_pos: np.ndarray  # (N, k + 1)
+
+    @property
+    def k(self) -> int:
+        return self.split.k
+
+
+@dataclass
+class ChannelRuns:
+    channels: list[ChannelRun]
+    logits_original: np.ndarray  # (N, classes)
+    logits_rewired: np.ndarray  # (N, classes)
+
+
+def part_labels(k: int) -> list[str]:
+    """Column labels of the parts in the paper's notation: d1..dk, r."""
+    return [f"d{j}" for j in range(1, k + 1)] + ["r"]
+
+
+def _part_names(split: ChannelSplit) -> list[str]:
+    base = f"{split.layer}/{split.channel}"
+    return [f"{base}/concept-{j}" for j in range(1, split.k + 1)] + [f"{base}/residual"]
+
+
+def _reduce(maps: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, ..., H, W) -> spatial sum, max and positive mass, in float64: the Table 1 invariant
+    is checked per image, so the sums must not add rounding of their own."""
+    x = maps.detach().double()
+    return (x.sum((-2, -1)).cpu().numpy(), x.amax((-2, -1)).cpu().numpy(),
+            x.clamp(min=0).sum((-2, -1)).cpu().numpy())
+
+
+def _batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    if isinstance(images, Tensor):
+        for s in range(0, images.shape[0], batch_size):
+            yield images[s:s + batch_size]
+    else:
+        yield from images
+
+
+def run_channels(
+    original: nn.Module,
+    rewired: nn.Module,
+    splits: Sequence[ChannelSplit],
+    images: Tensor | Iterable[Tensor],
+    batch_size: int = defaults.BATCH_SIZE,
+    device: str | torch.device | None = None,
+) -> ChannelRuns:
+    """Run both models once over ``images`` (a tensor, or an iterable of batches, so a large
+    evaluation set can stream from disk) and reduce, per split, the original channel (forward
+    hook on the original conv) and every part (the rewired layer's ``parts`` tap) over space.
+
+    Full maps are reduced batch by batch: keeping them would cost N x H x W per part.
+    """
+    dev = torch.device(device) if device is not None else next(original.parameters()).device
+    by_layer: dict[str, list[int]] = {}
+    for s in splits:
+        by_layer.setdefault(s.layer, []).append(s.channel)
+    for layer in by_layer:
+        if not isinstance(rewired.get_submodule(layer), DisentangledConv2d):
+            raise ValueError(f"{layer} is not rewired in the rewired model")
+    orig_out: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {layer: [] for layer in by_layer}
+
+    def make_hook(layer: str) -> Callable:
+        channels = torch.tensor(by_layer[layer])
+
+        def hook(_m: nn.Module, _a: tuple, out: Tensor) -> None:
+            orig_out[layer].append(_reduce(out.index_select(1, channels.to(out.device))))
+
+        return hook
+
+    names = [n for s in splits for n in _part_names(s)]
+    part_out: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {n: [] for n in names}
+    logits_o, logits_r = [], []
+    handles = [original.get_submodule(layer).register_forward_hook(make_hook(layer)) for layer in by_layer]
+    try:
+        with torch.no_grad():
+            for batch in _batches(images, batch_size):
+                batch = batch.to(dev, torch.float32)
+                logits_o.append(original(batch).float().cpu().numpy())
+                with capture_parts(rewired, names) as parts:
+                    logits_r.append(rewired(batch).float().cpu().numpy())
+                for n in names:
+                    part_out[n].append(_reduce(parts[n]))
+    finally:
+        for h in handles:
+            h.remove()
+
+    def cat(chunks: list[tuple[np.ndarray, ...]], i: int) -> np.ndarray:
+        return np.concatenate([c[i] for c in chunks]) if chunks else np.zeros((0,))
+
+    runs = []
+    for s in splits:
+        col = by_layer[s.layer].index(s.channel)
+        o = orig_out[s.layer]
+        ps = [part_out[n] for n in _part_names(s)]
+        runs.append(ChannelRun(
+            s,
+            orig_sum=cat(o, 0)[:, col] if o else np.zeros(0),
+            orig_max=cat(o, 1)[:, col] if o else np.zeros(0),
+            orig_pos=cat(o, 2)[:, col] if o else np.zeros(0),
+            part_sum=np.stack([cat(p, 0) for p in ps], 1),
+            part_max=np.stack([cat(p, 1) for p in ps], 1),
+            part_pos=np.stack([cat(p, 2) for p in ps], 1),
+        ))
+    n_classes = logits_o[0].shape[1] if logits_o else 0
+    return ChannelRuns(
+        runs,
+        np.concatenate(logits_o) if logits_o else np.zeros((0, n_classes), np.float32),
+        np.concatenate(logits_r) if logits_r else np.zeros((0, n_classes), np.float32),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Table 1
+
+
+def important_for_channel(relevance: np.ndarray, channel: int, tau: float = defaults.TAU) -> np.ndarray:
+    """(N,) bool: the channel carries a relative positive relevance >= tau on each image
+    (R[i, c] >= tau * sum_c max(R[i, c], 0); images with no positive relevance mark nothing).
+    Rows with missing (NaN) relevance are never important."""
+    r = np.asarray(relevance, dtype=np.float64)
+    ok = np.isfinite(r).all(1)
+    out = np.zeros(r.shape[0], dtype=bool)
+    out[ok] = important_mask(r[ok], tau)[:, channel]
+    return out
+
+
+def fraction_stats(values: np.ndarray) -> dict[str, float | int | None]:
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"n": 0, "mean": None, "std": None, "median": None}
+    return {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v))}
+
+
+def tiny_orig(orig_sum: np.ndarray, fraction: float = defaults.EVAL_MIN_ABS_ORIG_FRACTION) -> np.ndarray:
+    """(N,) bool: |orig| below ``fraction`` of the channel's median |orig| over all images,
+    where ratios x / orig only measure rounding."""
+    a = np.abs(np.asarray(orig_sum, float))
+    scale = float(np.median(a)) if a.size else 0.0
+    return a <= fraction * scale
+
+
+def invariant_deviation(
+    orig_sum: np.ndarray, part_sum: np.ndarray, valid: np.ndarray | None = None
+) -> dict[str, float | None]:
+    """How far the merge identity is from exact.
+
+    ``max_ratio_deviation``: max over ``valid`` images of |sum_j d_j/orig - (k-1) r/orig - 1|
+    (Table 1's invariant); ``max_abs_error``: max over all images of |sum_j d_j - (k-1) r - orig|
+    divided by max(1, max |orig|), which does not blow up where orig is near zero.
+    """
+    k = part_sum.shape[1] - 1
+    merged = part_sum[:, :k].sum(1) - (k - 1) * part_sum[:, k]
+    orig = np.asarray(orig_sum, float)
+    scale = max(1.0, float(np.abs(orig).max())) if orig.size else 1.0
+    err = float(np.abs(merged - orig).max() / scale) if orig.size else 0.0
+    v = np.ones(orig.shape, bool) if valid is None else valid & (orig != 0)
+    ratio = float(np.abs(merged[v] / orig[v] - 1.0).max()) if v.any() else None
+    return {"max_ratio_deviation": ratio, "max_abs_error": err, "n_checked": int(v.sum())}
+
+
+def positive_mass_shares(orig_pos: np.ndarray, part_pos: np.ndarray, j: int) -> dict[str, Any]:
+    """Ratios of summed positive masses over a concept's images: sum_i pos(x)_i / sum_i pos(orig)_i
+    for every part x (d_1..d_k, r), the own channel d_j and the mean of the other concept
+    channels. No per-image division, so images where orig crosses zero cannot explode it; it is
+    the quantity the disentanglement score and the rho choice are built on. None without
+    positive mass."""
+    orig_pos = np.asarray(orig_pos, float)
+    part_pos = np.asarray(part_pos, float)
+    k = part_pos.shape[1] - 1
+    total = float(orig_pos.sum())
+    names = part_labels(k)
+    if orig_pos.size == 0 or total <= 0:
+        return {"n": int(orig_pos.size), "fractions": {n: None for n in names}, "own": None, "other": None}
+    shares = part_pos.sum(0) / total
+    other = [i for i in range(k) if i != j]
+    return {"n": int(orig_pos.size), "fractions": {n: float(v) for n, v in zip(names, shares, strict=True)},
+            "own": float(shares[j]), "other": float(np.mean(shares[other])) if other else None}
+
+
+def ratio_instability(
+    orig_sum: np.ndarray, own_ratio: np.ndarray,
+    crossing_fraction: float = defaults.EVAL_SIGN_CROSSING_FRACTION,
+    spread_limit: float = defaults.EVAL_RATIO_SPREAD_LIMIT,
+) -> dict[str, Any]:
+    """Whether per-image ratios x/orig can be trusted on a concept's images.
+
+    They cannot where the original pre-BN activation crosses zero there (a share of at least
+    ``crossing_fraction`` of the images has orig <= 0: ratios change sign and explode near
+    zero), or where the own ratio's std exceeds ``spread_limit`` x max(1, |median|).
+    """
+    o = np.asarray(orig_sum, float)
+    r = np.asarray(own_ratio, float)
+    r = r[np.isfinite(r)]
+    share = float((o <= 0).mean()) if o.size else 0.0
+    spread = float(r.std() / max(1.0, abs(float(np.median(r))))) if r.size else 0.0
+    reasons = []
+    if o.size and share >= crossing_fraction:
+        reasons.append(f"the original activation is <= 0 on {share:.0%} of the images (crosses zero)")
+    if spread > spread_limit:
+        reasons.append(f"the own ratio's std is {spread:.3g} x max(1, |median|)")
+    return {"unstable": bool(reasons), "nonpositive_share": share, "relative_spread": spread,
+            "reasons": reasons}
+
+
+def channel_table1(
+    run: ChannelRun,
+    labels: np.ndarray,
+    important: np.ndarray,
+    min_abs_orig_fraction: float = defaults.EVAL_MIN_ABS_ORIG_FRACTION,
+) -> list[dict[str, Any]]:
+    """Table 1 rows of one channel, one per concept.
+
+    Images: label in the concept's classes, original channel important (``important``), and
+    |orig| not tiny (``tiny_orig``). Each row: the statistics of d_m / orig for every concept
+    channel m and of r / orig, of the own channel d_j / orig and of the other concepts' channels
+    (mean over i != j of d_i / orig), and the per-image invariant's largest deviation. Also
+    ``positive_mass`` (``positive_mass_shares`` on the same images), ``ratio_check``
+    (``ratio_instability``) and ``warnings``: where the ratios are unstable, the positive-mass
+    shares are the statistic to read; a concept with few or no images says so.
+    """
+    labels = np.asarray(labels)
+    tiny = tiny_orig(run.orig_sum, min_abs_orig_fraction)
+    k = run.k
+    names = part_labels(k)
+    rows = []
+    for j, classes in enumerate(run.split.concepts):
+        of_concept = np.isin(labels, classes)
+        chosen = of_concept & important
+        use = chosen & ~tiny
+        frac = run.part_sum[use] / run.orig_sum[use, None]
+        other = [i for i in range(k) if i != j]
+        inv = frac[:, :k].sum(1) - (k - 1) * frac[:, k] if use.any() else np.zeros(0)
+        check = ratio_instability(run.orig_sum[chosen], frac[:, j])
+        n = int(use.sum())
+        warns = []
+        if n == 0:
+            warns.append(f"no evaluation image of {run.split.concept_names[j]} on which the original channel "
+                         "is important: no statistic")
+        elif n < defaults.EVAL_FEW_IMAGES:
+            warns.append(f"{run.split.concept_names[j]}: only {n} image{'s' * (n != 1)}")
+        if check["unstable"]:
+            warns.append(f"{run.split.concept_names[j]}: d/orig ratios are unstable ("
+                         + "; ".join(check["reasons"]) + "); read the positive-mass shares")
+        rows.append({
+            "concept": j + 1,
+            "concept_name": run.split.concept_names[j],
+            "classes": list(map(int, classes)),
+            "n_images": int(of_concept.sum()),
+            "n_important": int(chosen.sum()),
+            "n_tiny_orig": int((chosen & tiny).sum()),
+            "n": n,
+            "fractions": {names[m]: fraction_stats(frac[:, m]) for m in range(k + 1)},
+            "own": fraction_stats(frac[:, j]),
+            "other": fraction_stats(frac[:, other].mean(1) if use.any() else np.zeros(0)),
+            "invariant_max_deviation": float(np.abs(inv - 1.0).max()) if inv.size else None,
+            "positive_mass": positive_mass_shares(run.orig_pos[chosen], run.part_pos[chosen], j),
+            "ratio_check": check,
+            "warnings": warns,
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Disentanglement score
+
+
+def concept_separation(pos: np.ndarray, j: int, eps: float = defaults.EVAL_SCORE_EPS) -> float | None:
+    """s_j = mean over concept j's images of (a - b) / (a + b + eps), a = pos(d_j), b = the
+    largest pos(d_i), i != j. ``pos`` (n, k): positive masses of the concept channels.
+
+    Per image the value lies in [-1, 1]: 0 when the other channel fires as strongly as the own
+    one (nothing separated), 1 when every other channel is silent, negative when another
+    concept's channel takes over the image. For k = 2 it equals the own channel's share of the
+    positive mass rescaled so that an even split is 0: (a / (a + b) - 1/2) / (1/2).
+    """
+    pos = np.asarray(pos, float)
+    if pos.shape[0] == 0:
+        return None
+    a = pos[:, j]
+    b = np.delete(pos, j, axis=1).max(1)
+    return float(np.mean((a - b) / (a + b + eps)))
+
+
+def disentanglement_score(
+    pos_by_concept: Sequence[np.ndarray], eps: float = defaults.EVAL_SCORE_EPS
+) -> tuple[float | None, list[float | None]]:
+    """(score, per-concept s_j): score = mean_j s_j clipped to [0, 1]; None without images.
+
+    ``pos_by_concept[j]`` (n_j, k): positive masses pos(x) = sum over space of max(x, 0) of the
+    k concept channels' pre-BN outputs on the images of concept j. The score is 0 when the split
+    changes nothing (every part equals the original channel) and 1 when each concept's images
+    drive only their own channel. Positive masses (not signed sums) are used because a channel
+    that "fires" for an image is one with positive pre-activation that survives BN + ReLU, and
+    the paper's rho score uses the same quantity.
+    """
+    per = [concept_separation(p, j, eps) for j, p in enumerate(pos_by_concept)]
+    got = [s for s in per if s is not None]
+    if not got:
+        return None, per
+    return float(np.clip(np.mean(got), 0.0, 1.0)), per
+
+
+def channel_score(run: ChannelRun, labels: np.ndarray, important: np.ndarray,
+                  eps: float = defaults.EVAL_SCORE_EPS) -> tuple[float | None, list[float | None]]:
+    """The score on the same images as Table 1 (concept's classes, original channel important)."""
+    k = run.k
+    pos = [run.part_pos[np.isin(labels, c) & important, :k] for c in run.split.concepts]
+    return disentanglement_score(pos, eps)
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregates and the function check
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def channel_summary(table1: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-channel means over concepts of the own / other / residual fraction statistics and of
+    the positive-mass shares; ``has_data``: every concept has Table 1 images; ``n_images``: the
+    smallest per-concept image count; ``ratio_unstable``: some concept's ratios are unstable."""
+    out: dict[str, Any] = {}
+    for key in ("own", "other"):
+        for stat in ("mean", "median"):
+            out[f"{key}_{stat}"] = _mean(r[key][stat] for r in table1)
+    for stat in ("mean", "median"):
+        out[f"residual_{stat}"] = _mean(r["fractions"]["r"][stat] for r in table1)
+    out["own_mass"] = _mean((r.get("positive_mass") or {}).get("own") for r in table1)
+    out["other_mass"] = _mean((r.get("positive_mass") or {}).get("other") for r in table1)
+    out["has_data"] = bool(table1) and all(r["n"] > 0 for r in table1)
+    out["n_images"] = min((r["n"] for r in table1), default=0)
+    out["ratio_unstable"] = any((r.get("ratio_check") or {}).get("unstable") for r in table1)
+    return out
+
+
+def aggregate_table1(channels: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-layer and whole-model Table 1: the mean over channels of each channel's summary
+    (own / other / residual fraction means and medians, positive-mass shares, score), plus the
+    worst invariant.
+
+    Only channels with evaluation images of all their concepts (``has_data``) count; each
+    aggregate says how many (``channels``), over how many images (``n_images``: summed Table 1
+    images; ``min_images``: the fewest any concept of a counted channel has), and lists the
+    channels without data and those whose ratios are unstable.
+
+    ``channels``: entries with "layer", "channel", "summary" (``channel_summary``), "score",
+    "table1" and "invariant" ({"max_ratio_deviation", "max_abs_error"}).
+    """
+    stat_keys = ("own_mean", "own_median", "other_mean", "other_median", "residual_mean",
+                 "residual_median", "own_mass", "other_mass")
+
+    def agg(group: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        counted = [c for c in group if c["summary"].get("has_data", True)]
+        out: dict[str, Any] = {"channels": len(counted), "channels_total": len(group)}
+        out["n_images"] = int(sum(r["n"] for c in counted for r in c.get("table1", [])))
+        out["min_images"] = min((c["summary"].get("n_images", 0) for c in counted), default=0)
+        out.update({k: _mean(c["summary"].get(k) for c in counted) for k in stat_keys})
+        scores = [c["score"] for c in counted if c["score"] is not None]
+        out["score_n"] = len(scores)
+        out["score_mean"] = _mean(scores)
+        out["score_median"] = float(np.median(scores)) if scores else None
+        devs = [c["invariant"]["max_ratio_deviation"] for c in counted
+                if c["invariant"]["max_ratio_deviation"] is not None]
+        out["invariant_max_ratio_deviation"] = max(devs) if devs else None
+        out["invariant_max_abs_error"] = max((c["invariant"]["max_abs_error"] for c in group), default=None)
+        out["without_data"] = [f"{c['layer']}/{c['channel']}" for c in group
+                               if not c["summary"].get("has_data", True)]
+        out["ratio_unstable"] = [f"{c['layer']}/{c['channel']}" for c in counted
+                                 if c["summary"].get("ratio_unstable")]
+        out["few_images"] = out["channels"] > 0 and out["min_images"] < defaults.EVAL_FEW_IMAGES
+        return out
+
+    layers: dict[str, list[Mapping[str, Any]]] = {}
+    for c in channels:
+        layers.setdefault(c["layer"], []).append(c)
+    return {"layers": [{"layer": layer, **agg(g)} for layer, g in layers.items()], "model": agg(list(channels))}
+
+
+def accuracy_check(
+    logits_original: np.ndarray, logits_rewired: np.ndarray, labels: np.ndarray,
+    rtol: float = defaults.EVAL_LOGIT_RTOL,
+) -> dict[str, Any]:
+    """Top-1 accuracy of both models and the logit check of ``polysemantic_disentangle.tasks.stage4_rewire.rewire.check_equivalence``
+    (tolerance rtol * max(1, max |logit|); a top-1 flip counts only beyond a rounding-level
+    tie), computed from the logits of the one evaluation pass instead of two more passes."""
+    a = np.asarray(logits_original, np.float64)
+    b = np.asarray(logits_rewired, np.float64)
+    labels = np.asarray(labels)
+    n = a.shape[0]
+    diff = float(np.abs(a - b).max()) if a.size else 0.0
+    tol = rtol * max(1.0, float(np.abs(a).max()) if a.size else 0.0)
+    top_a, top_b = a.argmax(1), b.argmax(1)
+    flipped = top_a != top_b
+    margin = a[np.arange(n), top_a] - a[np.arange(n), top_b]
+    beyond = int((flipped & (margin > tol)).sum())
+    acc_a = float((top_a == labels).mean()) if n else None
+    acc_b = float((top_b == labels).mean()) if n else None
+    return {
+        "n": int(n),
+        "accuracy_original": acc_a,
+        "accuracy_rewired": acc_b,
+        "accuracy_identical": acc_a == acc_b,
+        "max_abs_logit_diff": diff,
+        "tolerance": tol,
+        "rtol": rtol,
+        "top1_agreement": float((~flipped).mean()) if n else 1.0,
+        "top1_changed": int(flipped.sum()),
+        "top1_changed_beyond_ties": beyond,
+        "equivalent": bool(math.isfinite(diff) and diff <= tol and beyond == 0),
+    }
+
+
+def top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest finite values, largest first (ties: lower index first)."""
+    v = np.asarray(values, float)
+    idx = np.flatnonzero(np.isfinite(v))
+    order = np.argsort(-v[idx], kind="stable")
+    return idx[order[:k]]
+
+
+# ---------------------------------------------------------------------------------------
+# Compositional explanations
+
+
+def class_concepts(class_names: Sequence[str], wnids: Sequence[str | None] | None = None) -> dict[str, frozenset[int]]:
+    """Concepts for explanations: each class under its own name ("cat"), then every WordNet
+    hypernym under its synset name ("mammal.n.01").
+
+    Classes come first because the search breaks ties in mapping order and drops later concepts
+    with the same class set, so a class reads as its name rather than as its synset or a
+    hypernym that happens to hold only it. Without WordNet ids only class names are used.
+    """
+    out: dict[str, frozenset[int]] = {}
+    for i, name in enumerate(class_names):
+        key = str(name)
+        if key in out:  # ImageNet repeats a few names ("crane"): keep both, distinguishable
+            key = f"{name} ({wnids[i] if wnids and wnids[i] else i})"
+        out[key] = frozenset({i})
+    if wnids and any(wnids):
+        from polysemantic_disentangle.tasks.data.wordnet import concept_sets
+
+        try:
+            hypernyms = concept_sets(list(wnids))
+        except Exception as exc:  # WordNet could not be provisioned (offline, no cache)
+            warnings.warn(f"WordNet unavailable ({exc}); explaining with class names only", stacklevel=2)
+            hypernyms = {}
+        for name, classes in hypernyms.items():
+            out.setdefault(name, classes)
+    return out
+
+
+def _explanation_dict(e: Explanation, concept_ious: Mapping[str, float],
+                      concepts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Plain data of one explanation. A unit that is never active (e.g. a residual without
+    shared inputs, constant 0) gets no formula: the search's IoU-0 pick would be arbitrary.
+    ``hypernyms``: the formula's concepts that stand for more than one class."""
+    active = e.n_active > 0
+    return {
+        "formula": str(e.best) if active else None,
+        "concepts": list(e.best.concepts) if active else [],
+        "hypernyms": [c for c in e.best.concepts if concepts is not None and len(concepts[c]) > 1] if active else [],
+        "iou": e.best.iou,
+        "length": e.best.length if active else 0,
+        "best_single": str(e.best_single) if active else None,
+        "best_single_iou": e.best_single.iou,
+        "best_by_length": [{"formula": str(f), "iou": f.iou} for f in e.best_by_length] if active else [],
+        "threshold": e.threshold,
+        "n_active": e.n_active,
+        # One active image gives IoU 1/(its class size) for its class whatever the unit does.
+        "few_active": e.n_active < defaults.EXPLAIN_FEW_ACTIVE_IMAGES,
+        "concept_iou": dict(concept_ious),
+    }
+
+
+def explain_before_after(
+    run: ChannelRun,
+    labels: np.ndarray,
+    concepts: Mapping[str, frozenset[int] | set[int] | Sequence[int]],
+    n_classes: int,
+    quantile: float | None = defaults.EXPLAIN_ACTIVE_QUANTILE,
+    **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Explanations of the original channel ("orig") and of every part ("d1".."dk", "r") from
+    their per-image spatial max. Each also gets the IoU of every split concept's class set
+    (``concept_iou``): after a good split, d_j matches concept j better than the original did.
+    ``quantile`` None: `present_quantile` of ``labels``.
+    """
+    acts = np.concatenate([run.orig_max[:, None], run.part_max], 1)
+    keys = ["orig", *part_labels(run.k)]
+    q = present_quantile(labels) if quantile is None else quantile
+    exps = explain_units(acts, labels, concepts, n_classes, quantile=q, **kwargs)
+    hits, sizes = class_counts(binarise(acts, activation_thresholds(acts, q)), labels, n_classes)
+    masks = np.zeros((run.k, n_classes), bool)
+    for j, c in enumerate(run.split.concepts):
+        masks[j, list(c)] = True
+    out = {}
+    for u, (key, e) in enumerate(zip(keys, exps, strict=True)):
+        ious = iou_from_counts(masks, hits[u][None, :], sizes)
+        out[key] = _explanation_dict(e, {n: float(i) for n, i in zip(run.split.concept_names, ious, strict=True)},
+                                     concepts)
+    return out
+
+
+def explain_layer(
+    eval_cube_url: str,
+    layer: str,
+    concepts: Mapping[str, frozenset[int] | set[int] | Sequence[int]],
+    *,
+    quantile: float | None = defaults.EXPLAIN_ACTIVE_QUANTILE,
+    rows: np.ndarray | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Explanations of ALL channels of ``layer`` from the cube's per-image spatial max.
+
+    Skipped images and rows with missing values are left out; ``rows`` (indices or bool mask)
+    restricts the images further. Returns one plain dict per channel.
+    """
+    root = open_store_group(eval_cube_url)
+    n_classes = int(root["class_name"].shape[0])
+    labels = statistics_labels(root)
+    acts = np.asarray(root["layers"][layer]["activation_max"][:], dtype=np.float32)
+    keep = ~root["skipped"][:].astype(bool) & np.isfinite(acts).all(1) & (labels >= 0)
+    if rows is not None:
+        r = np.asarray(rows)
+        keep &= r if r.dtype == bool else np.isin(np.arange(len(labels)), r)
+    q = present_quantile(labels[keep]) if quantile is None else quantile
+    exps = explain_units(acts[keep], labels[keep], concepts, n_classes, quantile=q, **kwargs)
+    return [{"channel": e.unit, **_explanation_dict(e, {}, concepts)} for e in exps]
+
+
+# ---------------------------------------------------------------------------------------
+# JSON
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON data: numpy scalars and arrays to Python, NaN and infinities to None (JSON
+    has no NaN; Python's json would write an invalid token), tuples and sets to lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj) if isinstance(obj, (set, frozenset)) else obj
+        return [jsonable(v) for v in items]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# Images for figures
+
+
+def _normalisation(transform: Any) -> tuple[Sequence[float], Sequence[float]]:
+    """The mean/std of the model's input transform (its Normalize step), to show images as the
+    model saw them and to normalise feature visualisations the same way."""
+    for t in getattr(transform, "transforms", [transform]):
+        if type(t).__name__ == "Normalize":
+            return tuple(map(float, t.mean)), tuple(map(float, t.std))
+    return defaults.FEATVIS_MEAN, defaults.FEATVIS_STD
+
+
+def _to_pixels(batch: Tensor, mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:
+    m = torch.as_tensor(mean).view(1, -1, 1, 1)
+    s = torch.as_tensor(std).view(1, -1, 1, 1)
+    x = (batch.float().cpu() * s + m).clamp(0, 1)
+    return list((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def _feature_visualisations(
+    original: nn.Module, rewired: nn.Module, split: ChannelSplit, *, steps: int, size: int,
+    mean: Sequence[float], std: Sequence[float], device: torch.device, seed: int = 0,
+) -> list[np.ndarray]:
+    """Images maximising the original channel and each concept channel d_j (mean over space of
+    the pre-BN output; the parts through the rewired layer's ``parts`` tap)."""
+    from polysemantic_disentangle.tasks.stage5_evaluate.featvis import channel_objective, visualise
+
+    module = rewired.get_submodule(split.layer)
+    assert isinstance(module, DisentangledConv2d)
+    objectives = [(original, channel_objective(original, split.layer, split.channel))]
+    for name in _part_names(split)[:-1]:
+        objectives.append((rewired, channel_objective(rewired, f"{split.layer}.parts",
+                                                       module.part_names.index(name))))
+    return [visualise(m, obj, size=size, steps=steps, mean=mean, std=std, device=device, seed=seed)
+            for m, obj in objectives]
+
+
+# ---------------------------------------------------------------------------------------
+# Driver
+
+
+def _streamed_images(
+    dataset_root: str, paths: Sequence[str], transform: Callable, batch_size: int, loaded: list[np.ndarray],
+    shape: list[tuple[int, ...]],
+) -> Iterator[Tensor]:
+    """Batches of decoded images, the next one decoded in a thread while the models run; the
+    positions (in ``paths``) of the images that decoded go to ``loaded``, the input shape of
+    one image to ``shape``."""
+    starts = list(range(0, len(paths), batch_size))
+
+    def load(s: int) -> tuple[Tensor | None, np.ndarray, list[str]]:
+        return load_batch(dataset_root, paths[s:s + batch_size], transform)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, starts[0]) if starts else None
+        for i, s in enumerate(starts):
+            images, ok, _ = pending.result()
+            if i + 1 < len(starts):
+                pending = pool.submit(load, starts[i + 1])
+            loaded.append(s + np.flatnonzero(ok))
+            if images is not None:
+                if not shape:
+                    shape.append(tuple(images.shape[1:]))
+                yield images
+
+
+def _first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
+    keep = np.zeros(len(labels), bool)
+    for t in np.unique(labels[labels >= 0]):
+        keep[np.flatnonzero(labels == t)[:n]] = True
+    return keep
+
+
+def evaluate_run(
+    original: nn.Module,
+    rewired: nn.Module,
+    splits: Sequence[ChannelSplit],
+    eval_cube_url: str,
+    transform: Callable,
+    *,
+    class_names: Sequence[str] | None = None,
+    wnids: Sequence[str | None] | None = None,
+    concepts: Mapping[str, frozenset[int]] | None = None,
+    dataset_root: str | None = None,
+    tau: float = defaults.TAU,
+    batch_size: int = defaults.BATCH_SIZE,
+    max_per_class: int | None = None,
+    min_abs_orig_fraction: float = defaults.EVAL_MIN_ABS_ORIG_FRACTION,
+    exemplars: int = defaults.EVAL_EXEMPLARS,
+    featvis_steps: int = defaults.EVAL_FEATVIS_STEPS,
+    featvis_max_channels: int | None = defaults.EVAL_FEATVIS_MAX_CHANNELS,
+    featvis_size: int | None = None,
+    explain_layers: Sequence[str] | str | None = None,
+    explain_quantile: float | None = defaults.EXPLAIN_ACTIVE_QUANTILE,
+    rtol: float = defaults.EVAL_LOGIT_RTOL,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Evaluate rewired channels on the images of an evaluation cube.
+
+    The cube supplies the images (paths under its dataset root, or ``dataset_root``), labels and
+    per-image relevance (for Table 1's image selection) and, for ``explain_layers``, the
+    activations explained for every channel of those layers (None: the rewired layers; "all":
+    every layer of the cube; [] for none). Both models run once over the images (moved to
+    ``device``); ``transform`` is the model's input transform.
+
+    Returns (summary, figures): ``summary`` is JSON-able (every number), figures maps a key
+    ("fig2/<layer>/<channel>", "exemplars/...", "featvis/...") to PNG bytes; each channel entry
+    names its figure keys. Channels are listed best score first. Feature visualisations are made
+    for the ``featvis_max_channels`` best-scoring channels only (0 for none): they dominate the
+    run time.
+    """
+    from polysemantic_disentangle.tasks.stage6_report.figures import activation_densities, image_grid
+
+    say = log or (lambda _msg: None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    original = original.to(dev).eval()
+    rewired = rewired.to(dev).eval()
+
+    root = open_store_group(eval_cube_url)
+    cube_labels = statistics_labels(root)
+    cube_names = list(as_str(root["class_name"][:]))
+    cube_wnids = [w or None for w in as_str(root["class_wnid"][:])]
+    names = list(class_names) if class_names is not None else cube_names
+    wn = list(wnids) if wnids is not None else cube_wnids
+    n_classes = len(names)
+    data_root = dataset_root or root.attrs["dataset"]["root"]
+    all_paths = as_str(root["image_path"][:])
+    usable = ~root["skipped"][:].astype(bool) & (cube_labels >= 0)
+    if max_per_class is not None:
+        usable &= _first_per_class(np.where(usable, cube_labels, -1), max_per_class)
+    candidates = np.flatnonzero(usable)
+    if candidates.size == 0:
+        raise ValueError(f"{eval_cube_url} has no usable evaluation images")
+
+    # One pass over the images for each model.
+    loaded: list[np.ndarray] = []
+    input_shape: list[tuple[int, ...]] = []
+    stream = _streamed_images(data_root, [str(p) for p in all_paths[candidates]], transform, batch_size,
+                              loaded, input_shape)
+    runs = run_channels(original, rewired, splits, stream, batch_size, dev)
+    rows = candidates[np.concatenate(loaded)] if loaded else np.zeros(0, np.int64)  # cube index per image
+    labels = cube_labels[rows]
+    timings["model_pass"] = time.perf_counter() - t0
+    say(f"evaluation pass: {len(rows)} images, {len(splits)} channels, {timings['model_pass']:.1f} s")
+
+    t = time.perf_counter()
+    cube_layers = list(root.attrs.get("layers") or root["layers"].group_keys())
+    # Table 1 selects images by the original channel's relevance; a layer the evaluation cube
+    # does not hold falls back to all images of the concept (recorded per channel).
+    relevance = {layer: np.asarray(root["layers"][layer]["relevance"][:], np.float32)[rows]
+                 for layer in {s.layer for s in splits} if layer in cube_layers}
+    accuracy = accuracy_check(runs.logits_original, runs.logits_rewired, labels, rtol)
+    if concepts is None:
+        concepts = class_concepts(names, wn)
+    channels: list[dict[str, Any]] = []
+    by_key: dict[tuple[str, int], ChannelRun] = {}
+    for run in runs.channels:
+        s = run.split
+        if s.layer in relevance:
+            important = important_for_channel(relevance[s.layer], s.channel, tau)
+            selection = f"concept images whose original channel has relative relevance >= {tau:g}"
+        else:
+            important = np.ones(len(rows), bool)
+            selection = "all concept images (the evaluation cube has no relevance for this layer)"
+        table = channel_table1(run, labels, important, min_abs_orig_fraction)
+        score, per_concept = channel_score(run, labels, important)
+        valid = important & ~tiny_orig(run.orig_sum, min_abs_orig_fraction)
+        by_key[(s.layer, s.channel)] = run
+        summary_c = channel_summary(table)
+        if not summary_c["has_data"]:
+            # A score over some concepts only would rank a channel on half its story.
+            score = None
+        explanations = explain_before_after(run, labels, concepts, n_classes, explain_quantile)
+        warns = [w for r in table for w in r["warnings"]]
+        few = [key for key, e in explanations.items() if key != "r" and e.get("few_active")]
+        if few:
+            warns.append(f"explanations of {', '.join(few)} rest on fewer than "
+                         f"{defaults.EXPLAIN_FEW_ACTIVE_IMAGES} active images")
+        channels.append({
+            "layer": s.layer, "channel": s.channel, "k": s.k,
+            "concepts": s.concepts, "concept_names": s.concept_names, "rho": s.rho,
+            "n_sources": [len(x) for x in s.sources], "n_shared": len(s.shared),
+            "score": score, "score_per_concept": per_concept, "selection": selection,
+            "table1": table, "summary": summary_c,
+            "invariant": invariant_deviation(run.orig_sum, run.part_sum, valid),
+            "explanations": explanations,
+            "warnings": warns,
+            "figures": {},
+        })
+    channels.sort(key=lambda c: (not c["summary"]["has_data"], c["score"] is None, -(c["score"] or 0.0),
+                                 c["layer"], c["channel"]))
+    for rank, c in enumerate(channels, 1):
+        c["rank"] = rank
+    timings["tables_and_explanations"] = time.perf_counter() - t
+
+    # Figure 2: densities of the spatially summed activations per concept.
+    t = time.perf_counter()
+    figures: dict[str, bytes] = {}
+    rng = np.random.default_rng(0)
+    for c in channels:
+        run = by_key[(c["layer"], c["channel"])]
+        groups = [np.isin(labels, cl) for cl in run.split.concepts]
+        rest = np.flatnonzero(~np.any(groups, axis=0))
+        rest = rng.choice(rest, min(rest.size, 2000), replace=False) if rest.size else rest
+        series = [(run.orig_sum, f"original channel {run.split.channel}")]
+        series += [(run.part_sum[:, j], f"d{j + 1} ({run.split.concept_names[j]})") for j in range(run.k)]
+        series += [(run.part_sum[:, run.k], "r (shared inputs)")]
+        panels = []
+        for values, title in series:
+            g = {n: values[m] for n, m in zip(run.split.concept_names, groups, strict=True)}
+            g["other classes"] = values[rest]
+            panels.append((title, g))
+        key = f"fig2/{c['layer']}/{c['channel']}"
+        figures[key] = activation_densities(panels, f"{c['layer']} channel {c['channel']}: "
+                                                    f"{' / '.join(run.split.concept_names)}",
+                                            defaults.EVAL_DENSITY_POINTS, background="other classes")
+        c["figures"]["fig2"] = key
+    timings["figure2"] = time.perf_counter() - t
+
+    # Exemplars: top images by spatial max, original channel and each concept channel.
+    t = time.perf_counter()
+    mean, std = _normalisation(transform)
+    if exemplars > 0 and len(rows):
+        tops = {}
+        for c in channels:
+            run = by_key[(c["layer"], c["channel"])]
+            cols = [("orig", run.orig_max)] + [(f"d{j + 1}", run.part_max[:, j]) for j in range(run.k)]
+            tops[(c["layer"], c["channel"])] = [(n, top_k(v, exemplars), v) for n, v in cols]
+        needed = sorted({int(i) for ts in tops.values() for _, idx, _ in ts for i in idx})
+        batch, ok, _ = load_batch(data_root, [str(all_paths[rows[i]]) for i in needed], transform)
+        decoded = [i for i, good in zip(needed, ok, strict=True) if good]
+        pixels = dict(zip(decoded, _to_pixels(batch, mean, std), strict=True)) if batch is not None else {}
+        for c in channels:
+            grid_rows, captions, labels_row, listing = [], [], [], {}
+            for n, idx, v in tops[(c["layer"], c["channel"])]:
+                idx = [int(i) for i in idx if int(i) in pixels]
+                grid_rows.append([pixels[i] for i in idx])
+                captions.append([f"{names[labels[i]]} {v[i]:.3g}" for i in idx])
+                labels_row.append("original" if n == "orig" else f"{n}: {c['concept_names'][int(n[1:]) - 1]}")
+                listing[n] = [{"image": int(rows[i]), "image_path": str(all_paths[rows[i]]),
+                               "class": names[labels[i]], "activation_max": float(v[i])} for i in idx]
+            key = f"exemplars/{c['layer']}/{c['channel']}"
+            figures[key] = image_grid(grid_rows, labels_row, captions,
+                                      f"{c['layer']} channel {c['channel']}: top {exemplars} images by spatial max",
+                                      defaults.EVAL_EXEMPLAR_SIDE)
+            c["figures"]["exemplars"] = key
+            c["exemplars"] = listing
+    timings["exemplars"] = time.perf_counter() - t
+
+    # Feature visualisations of the best-scoring channels.
+    t = time.perf_counter()
+    n_vis = len(channels) if featvis_max_channels is None else min(featvis_max_channels, len(channels))
+    if featvis_steps > 0 and n_vis > 0:
+        size = featvis_size if featvis_size is not None else int(input_shape[0][-1])
+        for c in channels[:n_vis]:
+            s = by_key[(c["layer"], c["channel"])].split
+            images = _feature_visualisations(original, rewired, s, steps=featvis_steps, size=size,
+                                             mean=mean, std=std, device=dev)
+            key = f"featvis/{c['layer']}/{c['channel']}"
+            figures[key] = image_grid([images], [f"{c['layer']} / {c['channel']}"],
+                                      [["original"] + [f"d{j + 1}: {n}" for j, n in enumerate(s.concept_names)]],
+                                      "", defaults.EVAL_FEATVIS_SIDE)
+            c["figures"]["featvis"] = key
+    timings["feature_visualisation"] = time.perf_counter() - t
+
+    # Per-layer tables: every channel of the chosen layers, from the cube.
+    t = time.perf_counter()
+    if explain_layers is None:
+        layers_to_explain = sorted({s.layer for s in splits})
+    elif explain_layers == "all":
+        layers_to_explain = cube_layers
+    else:
+        layers_to_explain = list(explain_layers)
+    layers_to_explain = [layer for layer in layers_to_explain if layer in cube_layers]
+    in_run = np.zeros(len(cube_labels), bool)
+    in_run[rows] = True
+    layer_explanations = {layer: explain_layer(eval_cube_url, layer, concepts, quantile=explain_quantile,
+                                               rows=in_run)
+                          for layer in layers_to_explain}
+    timings["layer_explanations"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    summary = {
+        "eval_cube": str(eval_cube_url),
+        "dataset_root": str(data_root),
+        "n_images": int(len(rows)),
+        "n_not_decoded": int(candidates.size - len(rows)),
+        "n_classes": n_classes,
+        "params": {"tau": tau, "min_abs_orig_fraction": min_abs_orig_fraction, "batch_size": batch_size,
+                   "max_per_class": max_per_class, "exemplars": exemplars, "featvis_steps": featvis_steps,
+                   "featvis_max_channels": featvis_max_channels, "explain_quantile":
+                   present_quantile(labels) if explain_quantile is None else explain_quantile,
+                   "explain_quantile_rule": (
+                       f"about one present class's worth of images active ({len(rows)} images, "
+                       f"{int(np.unique(labels).size)} classes present), at least "
+                       f"{defaults.EXPLAIN_MIN_ACTIVE_IMAGES}" if explain_quantile is None else "set by the run"),
+                   "score_eps": defaults.EVAL_SCORE_EPS, "rtol": rtol},
+        "accuracy": accuracy,
+        "channels": channels,
+        "table1_aggregate": aggregate_table1(channels),
+        "layer_explanations": layer_explanations,
+        "timings_s": timings,
+    }
+    say(f"evaluation done in {timings['total']:.1f} s")
+    return jsonable(summary), figures

@@ -1,0 +1,1 @@
+"""Stage 7, trend: what changed in the polysemantic channels across checkpoints."""
