@@ -3,7 +3,9 @@
 Layout (``LAYOUT_VERSION`` 2)::
 
     <root>/                       attrs: layout_version, fingerprint, model, dataset, target_mode,
-                                         relevance_definition, chunk_images, layers, layout
+                                         relevance_definition, chunk_images, layers, layout,
+                                         coordinates (CF: the root arrays xarray shows as coordinates)
+      image        (image)        int64, the image index (dimension coordinate)
       image_path   (image)        str, relative to the dataset root
       label        (image)        int32, dataset class index (= model class index)
       prediction   (image)        int32, -1 until computed
@@ -12,7 +14,8 @@ Layout (``LAYOUT_VERSION`` 2)::
       skipped      (image)        bool, unreadable image, left out of every statistic
       skip_reason  (image)        str
       chunk_done   (chunk)        uint8, completion marker, written after the chunk's data
-      class_name   (class)        str
+      class        (class)        str, class name (dimension coordinate: ``.sel({"class": "cat"})``)
+      class_name   (class)        str, the same names (kept for stores and readers that use it)
       class_wnid   (class)        str, WordNet id or ""
       layers/<conv name>/          per-image arrays: only those the layout names (see CubeLayout)
         relevance       (image, channel)                       act x grad summed over space
@@ -22,7 +25,9 @@ Layout (``LAYOUT_VERSION`` 2)::
                                    class sums, one slab per chunk (layout.class_sums):
         moment_sums     (chunk, subset, class, in_channel, kernel_y, kernel_x) float32
         activation_sums (chunk, subset, class, channel)                          float32
-      stats/<subset>/<conv name>/ class-level reductions, written by ``write_class_stats``
+      stats/<subset>/<conv name>/ class-level reductions (``STATS_ARRAY_DIMS``), written by
+                                  ``write_layer_stats``, with their own class / class_wnid
+                                  coordinates
       extraction/
         chunk_writer (chunk)      str, host/pid[/dask worker] that wrote the chunk (provenance)
 
@@ -35,6 +40,13 @@ every usable image, 1 only the correctly classified ones; ``class`` is the image
 class (``polysemantic_disentangle.tasks.data.grouping.statistics_class``). Layers whose channels read one input channel each
 (depthwise) have no moments at all: ARVs are not applicable there. Missing per-image data is
 NaN (the fill value), never zero; class sums start at zero.
+
+Every array carries ``long_name`` and ``description`` attributes (``VARIABLE_ATTRS``; those built
+from relevance also its definition), so a plain ``xr.open_datatree(url, engine="zarr")`` is
+self-describing. Other modules read and write through ``CubeReader`` / ``CubeWriter`` and the
+functions below; only this module names an array or group (``STORE_ARRAYS``, ``STORE_GROUPS``).
+The ``image`` and ``class`` coordinate arrays are additions within layout version 2: stores
+made before them lack them and stay readable by every reader here.
 """
 
 from __future__ import annotations
