@@ -189,7 +189,7 @@ def dtype_effect(n_images: int, work: Path) -> None:
         create_cube(urls[dtype], image_paths=manifest.paths, labels=manifest.labels, class_names=bundle.class_names,
                     class_wnids=bundle.wnids, layers=shapes, chunk_images=CHUNK, layout=CubeLayout(dtype=dtype),
                     attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": "label"})
-    spec = ChunkSpec.for_store(open_store_group(urls["float32"]), layers)
+    spec = ChunkSpec.for_store(str(urls["float32"]), layers)
     for c in range(-(-len(manifest) // CHUNK)):
         sl = slice(c * CHUNK, min(len(manifest), (c + 1) * CHUNK))
         data = compute_chunk(model, bundle.transform, str(root_dir), list(manifest.paths[sl]), manifest.labels[sl],

@@ -65,7 +65,7 @@ def main() -> None:
                 class_wnids=bundle.wnids, layers=shapes, chunk_images=args.chunk, layout=CubeLayout(),
                 attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": "label"})
     root = open_store_group(url, mode="r+")
-    spec = ChunkSpec.for_store(root, layers)
+    spec = ChunkSpec.for_store(str(url), layers)
     pool = ThreadPoolExecutor(max_workers=args.workers)
     times: dict[str, list[float]] = {"decode-1": [], f"decode-{args.workers}": [], "write": [], "model": []}
     cpu: dict[str, list[float]] = {k: [] for k in times}

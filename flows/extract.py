@@ -12,8 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from polysemantic_disentangle.flows.runtime.cluster import ClusterInfo, cluster_address, inspect_cluster, worker_identity
 from polysemantic_disentangle.flows.runtime.faults import stop_point
-from polysemantic_disentangle.storage.cube import (CubeLayout, completed_chunks, consolidate, cube_info, open_store_group,
-                          prepare_chunk_writers, record_chunk_writer)
+from polysemantic_disentangle.storage.cube import (CubeLayout, CubeWriter, completed_chunks, consolidate, cube_info,
+                          prepare_chunk_writers)
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import plan_shards
 from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkStats, auto_batch_size, extract_chunks, pick_device, plan_cube
@@ -62,12 +62,12 @@ def extract_shard(
     if batch_size is None:
         batch_size = auto_batch_size(model, (3, *bundle.input_size), int(cube_info(store_url)["chunk_images"]))
         logger.info("batch size %d, chosen from the free memory of %s", batch_size, dev)
-    root = open_store_group(store_url, mode="r+")
+    cube = CubeWriter(store_url)
 
     shard_progress = ShardProgress(shard_index, len(chunks), logger.info)
 
     def progress(s: ChunkStats) -> None:
-        record_chunk_writer(root, s.chunk, writer)
+        cube.record_writer(s.chunk, writer)
         shard_progress(s)
 
     stats = extract_chunks(store_url, model, bundle.transform, dataset_root, chunks, layers,

@@ -28,7 +28,7 @@ from polysemantic_disentangle.flows.runtime.outputs import RunOutputs
 from polysemantic_disentangle.flows.params import PipelineParams
 from polysemantic_disentangle.flows.preflight import Preflight, run_preflight
 from polysemantic_disentangle.flows.runtime.stage_cache import StageCache
-from polysemantic_disentangle.storage.cube import cube_info, open_store_group
+from polysemantic_disentangle.storage.cube import CubeReader, cube_info
 from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import save_disentangled
 from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table, read_relevance_sample
@@ -170,10 +170,10 @@ def nothing_to_rewire_reason(detection: dict[str, Any], planned: list[Any], skip
 
 def _class_image_loader(store_url: str, transform: Any, max_images: int):
     """Detection images of one class (first ``max_images`` readable ones, in store order)."""
-    root = open_store_group(store_url)
-    labels = statistics_labels(root)  # the class the statistics (and the ARVs) grouped by
-    keep = ~root["skipped"][:].astype(bool)
-    paths = np.asarray([str(p) for p in root["image_path"][:]])
+    cube = CubeReader(store_url)
+    labels = statistics_labels(cube)  # the class the statistics (and the ARVs) grouped by
+    keep = ~cube.skipped()
+    paths = cube.image_paths()
     data_root = cube_info(store_url)["dataset"]["root"]
 
     def load(t: int) -> torch.Tensor:
@@ -212,8 +212,7 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
         logger.warning("nothing to rewire: %s", result["nothing_to_rewire"])
         return result
     rewired = rewire_model(model, splits)
-    root = open_store_group(eval_store)
-    paths = [str(p) for p in root["image_path"][:]]
+    paths = [str(p) for p in CubeReader(eval_store).image_paths()]
     step = max(1, len(paths) // check_images)
     images, _, _ = load_batch(cube_info(eval_store)["dataset"]["root"], paths[::step][:check_images],
                               bundle.transform)

@@ -3,7 +3,9 @@
 Layout (``LAYOUT_VERSION`` 2)::
 
     <root>/                       attrs: layout_version, fingerprint, model, dataset, target_mode,
-                                         relevance_definition, chunk_images, layers, layout
+                                         relevance_definition, chunk_images, layers, layout,
+                                         coordinates (CF: the root arrays xarray shows as coordinates)
+      image        (image)        int64, the image index (dimension coordinate)
       image_path   (image)        str, relative to the dataset root
       label        (image)        int32, dataset class index (= model class index)
       prediction   (image)        int32, -1 until computed
@@ -12,7 +14,8 @@ Layout (``LAYOUT_VERSION`` 2)::
       skipped      (image)        bool, unreadable image, left out of every statistic
       skip_reason  (image)        str
       chunk_done   (chunk)        uint8, completion marker, written after the chunk's data
-      class_name   (class)        str
+      class        (class)        str, class name (dimension coordinate: ``.sel({"class": "cat"})``)
+      class_name   (class)        str, the same names (kept for stores and readers that use it)
       class_wnid   (class)        str, WordNet id or ""
       layers/<conv name>/          per-image arrays: only those the layout names (see CubeLayout)
         relevance       (image, channel)                       act x grad summed over space
@@ -22,7 +25,9 @@ Layout (``LAYOUT_VERSION`` 2)::
                                    class sums, one slab per chunk (layout.class_sums):
         moment_sums     (chunk, subset, class, in_channel, kernel_y, kernel_x) float32
         activation_sums (chunk, subset, class, channel)                          float32
-      stats/<subset>/<conv name>/ class-level reductions, written by ``write_class_stats``
+      stats/<subset>/<conv name>/ class-level reductions (``STATS_ARRAY_DIMS``), written by
+                                  ``write_layer_stats``, with their own class / class_wnid
+                                  coordinates
       extraction/
         chunk_writer (chunk)      str, host/pid[/dask worker] that wrote the chunk (provenance)
 
@@ -35,6 +40,13 @@ every usable image, 1 only the correctly classified ones; ``class`` is the image
 class (``polysemantic_disentangle.tasks.data.grouping.statistics_class``). Layers whose channels read one input channel each
 (depthwise) have no moments at all: ARVs are not applicable there. Missing per-image data is
 NaN (the fill value), never zero; class sums start at zero.
+
+Every array carries ``long_name`` and ``description`` attributes (``VARIABLE_ATTRS``; those built
+from relevance also its definition), so a plain ``xr.open_datatree(url, engine="zarr")`` is
+self-describing. Other modules read and write through ``CubeReader`` / ``CubeWriter`` and the
+functions below; only this module names an array or group (``STORE_ARRAYS``, ``STORE_GROUPS``).
+The ``image`` and ``class`` coordinate arrays are additions within layout version 2: stores
+made before them lack them and stay readable by every reader here.
 """
 
 from __future__ import annotations
@@ -57,7 +69,10 @@ EXTRACTION_GROUP = "extraction"
 # Groups whose content records how a store was made (which process wrote each chunk), not what
 # it holds: it differs between two runs that computed the same bytes, so comparisons skip it.
 PROVENANCE_GROUPS = (EXTRACTION_GROUP,)
-PER_LAYER_IMAGE_ARRAYS = ("relevance", "activation_max", "activation_mean")
+RELEVANCE_ARRAY = "relevance"
+ACTIVATION_MAX_ARRAY = "activation_max"
+ACTIVATION_MEAN_ARRAY = "activation_mean"
+PER_LAYER_IMAGE_ARRAYS = (RELEVANCE_ARRAY, ACTIVATION_MAX_ARRAY, ACTIVATION_MEAN_ARRAY)
 MOMENTS_ARRAY = "input_moments"
 MOMENT_SUMS_ARRAY = "moment_sums"
 ACTIVATION_SUMS_ARRAY = "activation_sums"
@@ -68,12 +83,90 @@ STORAGE_DTYPES = ("float16", "float32")
 # or two classes, so only their blocks are compressed and written (a dense 1,000-class slab of
 # ResNet-50 is 635 MB raw per image chunk); the rest stay missing and read as zeros.
 CLASS_BLOCK = 16
+# Root arrays, one entry per image (or per chunk / class); "image" and "class" are the
+# dimension coordinates a plain ``xr.open_datatree(url, engine="zarr")`` indexes by.
+IMAGE_ARRAYS = ("image", "image_path", "label", "prediction", "target", "target_logit", "skipped", "skip_reason")
+CLASS_ARRAYS = ("class", "class_name", "class_wnid")
+CHUNK_DONE_ARRAY = "chunk_done"
+CHUNK_WRITER_ARRAY = "chunk_writer"
+# Class statistics of one layer under stats/<subset>/<layer>: name -> dimensions.
+STATS_ARRAY_DIMS: dict[str, tuple[str, ...]] = {
+    "count": ("class",),
+    "mean_relevance": ("class", "channel"),
+    "important_fraction": ("class", "channel"),
+    "mean_activation": ("class", "channel"),
+    "mean_moments": ("class", "in_channel", "kernel_y", "kernel_x"),
+}
 RELEVANCE_DEFINITION = (
     "R[image, channel] = sum over space of (conv output before any normalisation) x "
     "(gradient of the target logit w.r.t. that output); sign kept. input_moments[image, k, u, v] "
     "= sum of input channel k over the positions kernel offset (u, v) reads (zero padding "
     "excluded), so the Gradient x Input ARV of channel c is sum_uv W[c, k, u, v] M[k, u, v]."
 )
+
+# CF-style attributes of every variable the cube holds (long_name, description); the ones built
+# from relevance also carry its definition.
+VARIABLE_ATTRS: dict[str, tuple[str, str]] = {
+    "image": ("image index", "position of the image in the dataset manifest (class order)"),
+    "image_path": ("image path", "path of the image file, relative to the dataset root"),
+    "label": ("dataset label", "dataset class index of the image (= model class index)"),
+    "prediction": ("model prediction", "class with the largest logit; -1 until computed"),
+    "target": ("attributed class", "class whose logit was attributed; -1 until computed"),
+    "target_logit": ("attributed logit", "value of the target logit; NaN until computed"),
+    "skipped": ("skipped image", "unreadable image, left out of every statistic"),
+    "skip_reason": ("skip reason", "why the image was skipped (empty when it was not)"),
+    "chunk_done": ("chunk completion marker", "1 once every array of the image chunk is written"),
+    "class": ("class name", "name of the class (dimension coordinate: select with .sel)"),
+    "class_name": ("class name", "name of the class"),
+    "class_wnid": ("WordNet id", "WordNet synset id of the class, empty where unknown"),
+    "wnid": ("WordNet id", "WordNet synset id of the image's class, empty where unknown"),
+    "channel": ("output channel", "output channel of the convolution"),
+    "in_channel": ("input channel", "input channel of the convolution"),
+    "subset": ("image subset", "all: every usable image; correct: the correctly classified ones"),
+    RELEVANCE_ARRAY: ("channel relevance", "act x grad of the conv output summed over space, per image"),
+    ACTIVATION_MAX_ARRAY: ("activation maximum", "spatial maximum of the conv output, per image"),
+    ACTIVATION_MEAN_ARRAY: ("activation mean", "spatial mean of the conv output, per image"),
+    MOMENTS_ARRAY: ("input moments", "per image: sum of input channel k over the positions kernel "
+                                     "offset (u, v) reads, zero padding excluded"),
+    MOMENT_SUMS_ARRAY: ("class sums of input moments", "per image chunk, subset and statistics "
+                                                        "class: sum of the images' input moments"),
+    ACTIVATION_SUMS_ARRAY: ("class sums of activation means", "per image chunk, subset and "
+                                                               "statistics class: sum of activation means"),
+    CHUNK_WRITER_ARRAY: ("chunk writer", "host/pid[/dask worker] that wrote the chunk (provenance)"),
+    "count": ("image count", "usable images of the statistics class"),
+    "mean_relevance": ("mean relevance", "class mean of the channel relevance"),
+    "important_fraction": ("important fraction", "fraction of the class's images for which the "
+                                                  "channel is important: R >= tau * sum_c max(R, 0)"),
+    "mean_activation": ("mean activation", "class mean of the spatial mean of the conv output"),
+    "mean_moments": ("mean input moments", "class mean of the input moments; the Gradient x Input "
+                                           "ARV of channel c is sum_uv W[c, k, u, v] M[k, u, v]"),
+}
+RELEVANCE_VARIABLES = frozenset({RELEVANCE_ARRAY, MOMENTS_ARRAY, MOMENT_SUMS_ARRAY, "mean_relevance",
+                                 "important_fraction", "mean_moments"})
+# Every array and group name of the layout: only this package may name them.
+STORE_ARRAYS = frozenset({*IMAGE_ARRAYS, *CLASS_ARRAYS, CHUNK_DONE_ARRAY, *PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY,
+                          MOMENT_SUMS_ARRAY, ACTIVATION_SUMS_ARRAY, CHUNK_WRITER_ARRAY, *STATS_ARRAY_DIMS})
+STORE_GROUPS = frozenset({LAYERS_GROUP, STATS_GROUP, EXTRACTION_GROUP})
+# Per-image values a plain xarray open shows as coordinates of the root node (CF "coordinates").
+ROOT_COORDINATES = ("label", "prediction", "skipped", "image_path", "class_name", "class_wnid")
+
+
+def variable_attrs(name: str) -> dict[str, str]:
+    """long_name and description of a cube variable (and the relevance definition where it applies)."""
+    if name not in VARIABLE_ATTRS:
+        return {}
+    long_name, description = VARIABLE_ATTRS[name]
+    out = {"long_name": long_name, "description": description}
+    if name in RELEVANCE_VARIABLES:
+        out["relevance_definition"] = RELEVANCE_DEFINITION
+    return out
+
+
+def _describe(arr: zarr.Array, name: str) -> zarr.Array:
+    attrs = variable_attrs(name)
+    if attrs:
+        arr.attrs.update(attrs)
+    return arr
 
 
 class CubeMismatch(ValueError):
@@ -236,14 +329,16 @@ def create_cube(
     root = open_store_group(url, mode="w")
     n_chunks = -(-n // chunk_images)
     image_dims = ["image"]
+    nclass = len(class_names)
 
     def per_image(group: zarr.Group, name: str, dtype: Any, fill: Any, extra_shape: tuple[int, ...] = (),
                   extra_dims: Sequence[str] = ()) -> zarr.Array:
-        return group.create_array(
+        return _describe(group.create_array(
             name, shape=(n, *extra_shape), chunks=(chunk_images, *extra_shape), dtype=dtype,
             fill_value=fill, compressors=_compressor(), dimension_names=[*image_dims, *extra_dims],
-        )
+        ), name)
 
+    per_image(root, "image", "int64", -1)[:] = np.arange(n, dtype=np.int64)
     per_image(root, "image_path", str, "")[:] = np.asarray(image_paths, dtype=str)
     per_image(root, "label", "int32", -1)[:] = np.asarray(labels, dtype=np.int32)
     per_image(root, "prediction", "int32", -1)
@@ -251,13 +346,9 @@ def create_cube(
     per_image(root, "target_logit", "float32", np.nan)
     per_image(root, "skipped", "bool", False)
     per_image(root, "skip_reason", str, "")
-    root.create_array("chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-                      dimension_names=["chunk"])
-    nclass = len(class_names)
-    root.create_array("class_name", shape=(nclass,), chunks=(nclass,), dtype=str, fill_value="",
-                      dimension_names=["class"])[:] = np.asarray(class_names, dtype=str)
-    root.create_array("class_wnid", shape=(nclass,), chunks=(nclass,), dtype=str, fill_value="",
-                      dimension_names=["class"])[:] = np.asarray([w or "" for w in class_wnids], dtype=str)
+    _describe(root.create_array(CHUNK_DONE_ARRAY, shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                                dimension_names=["chunk"]), CHUNK_DONE_ARRAY)
+    _write_class_coords(root, class_names, class_wnids, with_name=True)
 
     layers_group = root.create_group(LAYERS_GROUP)
     moment_dims = ["in_channel", "kernel_y", "kernel_x"]
@@ -276,10 +367,10 @@ def create_cube(
                 sums.append((MOMENT_SUMS_ARRAY, moment_shape, moment_dims))
             for arr, extra, dims in sums:
                 # One slab per image chunk: the chunk's writer owns it.
-                g.create_array(arr, shape=(n_chunks, n_sub, nclass, *extra),
-                               chunks=(1, n_sub, min(nclass, CLASS_BLOCK), *extra),
-                               dtype="float32", fill_value=0.0, compressors=_compressor(),
-                               dimension_names=["chunk", "subset", "class", *dims])
+                _describe(g.create_array(arr, shape=(n_chunks, n_sub, nclass, *extra),
+                                         chunks=(1, n_sub, min(nclass, CLASS_BLOCK), *extra),
+                                         dtype="float32", fill_value=0.0, compressors=_compressor(),
+                                         dimension_names=["chunk", "subset", "class", *dims]), arr)
     root.attrs.update({
         **attrs,
         "layout_version": LAYOUT_VERSION,
@@ -290,9 +381,24 @@ def create_cube(
         "class_sum_subsets": list(CLASS_SUM_SUBSETS),
         "relevance_definition": RELEVANCE_DEFINITION,
         "layers": layer_dicts,
+        # CF convention, read by xarray: these root arrays are coordinates, not data.
+        "coordinates": " ".join(ROOT_COORDINATES),
     })
     consolidate(url)
     return root
+
+
+def _write_class_coords(group: zarr.Group, names: Sequence[str], wnids: Sequence[str | None],
+                        with_name: bool = False) -> None:
+    """The ``class`` dimension coordinate (class names: ``ds.sel({"class": "airplane"})``) and
+    the WordNet ids beside it."""
+    nclass = len(names)
+    arrays = {"class": np.asarray(names, dtype=str), "class_wnid": np.asarray([w or "" for w in wnids], dtype=str)}
+    if with_name:  # the root's original name array, kept for stores and readers that use it
+        arrays["class_name"] = arrays["class"]
+    for name, values in arrays.items():
+        _describe(group.create_array(name, shape=(nclass,), chunks=(nclass,), dtype=str, fill_value="",
+                                     dimension_names=["class"]), name)[:] = values
 
 
 def check_layout_version(attrs: Mapping[str, Any], url: str | Path) -> None:
@@ -390,8 +496,8 @@ def prepare_chunk_writers(url: str | Path) -> None:
     root = open_store_group(url, mode="r+")
     group = root.require_group(EXTRACTION_GROUP)
     if "chunk_writer" not in group:
-        group.create_array("chunk_writer", shape=root["chunk_done"].shape, chunks=(1,), dtype=str,
-                           fill_value="", dimension_names=["chunk"])
+        _describe(group.create_array(CHUNK_WRITER_ARRAY, shape=root[CHUNK_DONE_ARRAY].shape, chunks=(1,), dtype=str,
+                                     fill_value="", dimension_names=["chunk"]), CHUNK_WRITER_ARRAY)
 
 
 def record_chunk_writer(root: zarr.Group, chunk: int, writer: str) -> None:
@@ -464,10 +570,12 @@ def open_cube(url: str | Path) -> xr.DataTree:
     info = cube_info(url)
     coords = image_coords(url)
     root_ds = _open_dataset(url)
-    root_ds = root_ds.drop_vars([v for v in ("chunk_done", "class_name", "class_wnid", "image_path",
-                                             "label", "prediction", "skipped") if v in root_ds])
+    root_ds = root_ds.drop_vars([v for v in ("chunk_done", "class_name", "image_path",
+                                             "label", "prediction", "skipped") if v in root_ds.variables])
     root_ds = root_ds.assign_coords(coords)
-    root_ds.attrs = {k: v for k, v in info.items() if k != "layers"}
+    if "class_wnid" in root_ds.variables:
+        root_ds = root_ds.set_coords("class_wnid")
+    root_ds.attrs = {k: v for k, v in info.items() if k not in ("layers", "coordinates")}
     nodes: dict[str, xr.Dataset] = {"/": root_ds}
     for name, shape in info["layers"].items():
         ds = _open_dataset(url, f"{LAYERS_GROUP}/{name}")
@@ -480,6 +588,10 @@ def open_cube(url: str | Path) -> xr.DataTree:
         nodes[f"/{LAYERS_GROUP}/{name}"] = ds
     for path, ds in _stats_datasets(url).items():
         nodes[path] = ds
+    for ds in nodes.values():
+        for name, var in ds.variables.items():
+            for key, value in variable_attrs(str(name)).items():
+                var.attrs.setdefault(key, value)
     return xr.DataTree.from_dict(nodes)
 
 
@@ -509,14 +621,37 @@ def write_class_stats(url: str | Path, subset: str, layer: str, arrays: Mapping[
     for name, (dims, values) in arrays.items():
         values = np.asarray(values)
         dtype = str if values.dtype.kind in "UO" else values.dtype
-        arr = g.create_array(name, shape=values.shape, chunks=values.shape or None, dtype=dtype,
-                             dimension_names=list(dims))
+        arr = _describe(g.create_array(name, shape=values.shape, chunks=values.shape or None, dtype=dtype,
+                                       dimension_names=list(dims)), name)
         arr[...] = values
+    if "class" in {d for dims, _ in arrays.values() for d in dims} and "class" not in arrays:
+        # Class coordinates beside the statistics: selectable by class name on their own.
+        _write_class_coords(g, as_str(root["class_name"][:]), list(as_str(root["class_wnid"][:])))
+        g.attrs["coordinates"] = "class_wnid"
     if attrs:
         g.attrs.update(dict(attrs))
 
 
-def has_class_stats(url: str | Path, subset: str, layers: Sequence[str], arrays: Sequence[str] = ()) -> bool:
+def write_layer_stats(url: str | Path, subset: str, layer: str, values: Mapping[str, np.ndarray | None],
+                      attrs: Mapping[str, Any] | None = None) -> None:
+    """Store one layer's class statistics (names and dimensions: ``STATS_ARRAY_DIMS``; None
+    values are left out) under stats/<subset>/<layer>."""
+    unknown = set(values) - set(STATS_ARRAY_DIMS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; the layout has {sorted(STATS_ARRAY_DIMS)}")
+    write_class_stats(url, subset, layer, {name: (STATS_ARRAY_DIMS[name], v) for name, v in values.items()
+                                           if v is not None}, attrs)
+
+
+def read_layer_stats(url: str | Path, subset: str, layer: str) -> dict[str, np.ndarray | None]:
+    """One layer's class statistics as numpy arrays, every ``STATS_ARRAY_DIMS`` name a key
+    (None where the layer has none, e.g. moments of a depthwise conv)."""
+    ds = read_class_stats(url, subset, layer)
+    return {name: (ds[name].values if name in ds else None) for name in STATS_ARRAY_DIMS}
+
+
+def has_class_stats(url: str | Path, subset: str, layers: Sequence[str],
+                    arrays: Sequence[str] = tuple(a for a in STATS_ARRAY_DIMS if a != "mean_moments")) -> bool:
     """Whether stats/<subset> holds every layer in ``layers``, each with every array in ``arrays``.
 
     Read from the live hierarchy: a consolidated snapshot can still list statistics that were
@@ -539,3 +674,170 @@ def has_class_stats(url: str | Path, subset: str, layers: Sequence[str], arrays:
 
 def read_class_stats(url: str | Path, subset: str, layer: str) -> xr.Dataset:
     return _open_dataset(url, f"{STATS_GROUP}/{subset}/{layer}").load()
+
+
+class CubeReader:
+    """Typed read access to one cube: the per-image, per-class and per-layer arrays by meaning,
+    never by array name (the names are this module's business).
+
+    Opened once; the root attributes are read at open. ``live`` reads the hierarchy as it is
+    now (groups created after the last consolidation), at the cost of one listing per group.
+    """
+
+    _mode = "r"
+
+    def __init__(self, url: str | Path, *, live: bool = False) -> None:
+        self.url = str(url)
+        self._root = open_store_group(url, mode=self._mode, live=live)
+        self.attrs: dict[str, Any] = dict(self._root.attrs)
+
+    # -- root attributes ------------------------------------------------------------------
+    def check_layout_version(self) -> None:
+        check_layout_version(self.attrs, self.url)
+
+    @property
+    def n_images(self) -> int:
+        return int(self._root["label"].shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self._root["class_name"].shape[0])
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self._root[CHUNK_DONE_ARRAY].shape[0])
+
+    @property
+    def chunk_images(self) -> int:
+        return int(self.attrs["chunk_images"])
+
+    @property
+    def target_mode(self) -> str:
+        return str(self.attrs.get("target_mode", "label"))
+
+    @property
+    def dataset_root(self) -> str:
+        return str(self.attrs["dataset"]["root"])
+
+    @property
+    def layout(self) -> CubeLayout:
+        return CubeLayout.from_dict(self.attrs["layout"])
+
+    @property
+    def layer_shapes(self) -> dict[str, LayerShape]:
+        return {name: LayerShape.from_dict(d) for name, d in self.attrs["layers"].items()}
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in extraction order (from the attributes, else the store's groups)."""
+        return list(self.attrs.get("layers") or self._root[LAYERS_GROUP].group_keys())
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        size, n = self.chunk_images, int(self.attrs["n_images"])
+        return chunk * size, min(n, (chunk + 1) * size)
+
+    # -- per image ------------------------------------------------------------------------
+    def labels(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Dataset class index per image (int32)."""
+        return self._root["label"][start:stop]
+
+    def predictions(self) -> np.ndarray:
+        """Model prediction per image (int32, -1 until computed)."""
+        return self._root["prediction"][:]
+
+    def skipped(self) -> np.ndarray:
+        """Whether each image was unreadable (bool)."""
+        return self._root["skipped"][:].astype(bool)
+
+    def image_paths(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Image paths relative to the dataset root (plain unicode)."""
+        return as_str(self._root["image_path"][start:stop])
+
+    def chunk_done(self, chunk: int | None = None) -> Any:
+        """Completion markers (bool per chunk), or whether one chunk is done (read now)."""
+        if chunk is None:
+            return self._root[CHUNK_DONE_ARRAY][:].astype(bool)
+        return bool(self._root[CHUNK_DONE_ARRAY][chunk])
+
+    # -- per class ------------------------------------------------------------------------
+    def class_names(self) -> list[str]:
+        return list(as_str(self._root["class_name"][:]))
+
+    def class_wnids(self) -> list[str | None]:
+        """WordNet id per class, None where unknown."""
+        return [w or None for w in as_str(self._root["class_wnid"][:])]
+
+    # -- per layer ------------------------------------------------------------------------
+    def has_layer(self, layer: str) -> bool:
+        return LAYERS_GROUP in self._root and layer in self._root[LAYERS_GROUP]
+
+    def _layer_array(self, layer: str, name: str) -> zarr.Array:
+        return self._root[LAYERS_GROUP][layer][name]
+
+    def _has(self, layer: str, name: str) -> bool:
+        return self.has_layer(layer) and name in self._root[LAYERS_GROUP][layer]
+
+    def has_relevance(self, layer: str) -> bool:
+        return self._has(layer, RELEVANCE_ARRAY)
+
+    def has_activation_max(self, layer: str) -> bool:
+        return self._has(layer, ACTIVATION_MAX_ARRAY)
+
+    def has_per_image_moments(self, layer: str) -> bool:
+        return self._has(layer, MOMENTS_ARRAY)
+
+    def has_moment_sums(self, layer: str) -> bool:
+        return self._has(layer, MOMENT_SUMS_ARRAY)
+
+    def relevance(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """(image, channel) relevance of ``layer`` as float32, rows ``start:stop``."""
+        return np.asarray(self._layer_array(layer, RELEVANCE_ARRAY)[start:stop], np.float32)
+
+    def activation_max(self, layer: str) -> np.ndarray:
+        """(image, channel) spatial max of the conv output as float32."""
+        return np.asarray(self._layer_array(layer, ACTIVATION_MAX_ARRAY)[:], np.float32)
+
+    def relevance_dask(self, layer: str) -> Any:
+        """(image, channel) relevance as a lazy dask array, one block per image chunk."""
+        import dask.array as da
+
+        return da.from_zarr(self._layer_array(layer, RELEVANCE_ARRAY))
+
+    def activation_mean_dask(self, layer: str) -> Any:
+        """(image, channel) per-image activation means, lazy, one block per image chunk."""
+        import dask.array as da
+
+        return da.from_zarr(self._layer_array(layer, ACTIVATION_MEAN_ARRAY))
+
+    def moments_dask(self, layer: str) -> Any:
+        """(image, in_channel, kernel_y, kernel_x) per-image input moments, lazy."""
+        import dask.array as da
+
+        return da.from_zarr(self._layer_array(layer, MOMENTS_ARRAY))
+
+    def _class_sums_dask(self, layer: str, name: str, subset: int) -> Any:
+        import dask.array as da
+
+        arr = self._layer_array(layer, name)
+        # Every class block of a chunk in one dask block; missing blocks read as zeros.
+        return da.from_zarr(arr, chunks=(1, *arr.shape[1:]))[:, subset]
+
+    def activation_sums_dask(self, layer: str, subset: int) -> Any:
+        """(chunk, class, channel) class sums of activation means extraction wrote, lazy."""
+        return self._class_sums_dask(layer, ACTIVATION_SUMS_ARRAY, subset)
+
+    def moment_sums_dask(self, layer: str, subset: int) -> Any:
+        """(chunk, class, in_channel, kernel_y, kernel_x) class sums of input moments, lazy."""
+        return self._class_sums_dask(layer, MOMENT_SUMS_ARRAY, subset)
+
+
+class CubeWriter(CubeReader):
+    """Write access for extraction: one chunk's arrays with its marker, the writer's record."""
+
+    _mode = "r+"
+
+    def write_chunk(self, chunk: int, data: ChunkData) -> None:
+        write_chunk(self._root, chunk, data)
+
+    def record_writer(self, chunk: int, writer: str) -> None:
+        record_chunk_writer(self._root, chunk, writer)

@@ -11,11 +11,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import zarr
-
-from polysemantic_disentangle.storage.cube import (ACTIVATION_SUMS_ARRAY, DEFAULT_LAYOUT, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, ChunkData,
-                           CubeLayout, LayerShape, check_layout_version, chunk_bounds, create_cube,
-                           open_store_group, write_chunk)
+from polysemantic_disentangle.storage.cube import (ACTIVATION_MAX_ARRAY, ACTIVATION_MEAN_ARRAY, ACTIVATION_SUMS_ARRAY,
+                           DEFAULT_LAYOUT, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, RELEVANCE_ARRAY, ChunkData,
+                           CubeLayout, CubeReader, CubeWriter, LayerShape, create_cube)
 from polysemantic_disentangle.tasks.data.grouping import statistics_class, subset_class_sums
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, scan_image_folder
@@ -99,8 +97,8 @@ class ChunkSpec:
     @property
     def activations(self) -> frozenset[str]:
         """Which spatial reductions of the outputs to compute: means feed the class sums."""
-        out = {"max"} if "activation_max" in self.layout.per_image else set()
-        if self.layout.class_sums or "activation_mean" in self.layout.per_image:
+        out = {"max"} if ACTIVATION_MAX_ARRAY in self.layout.per_image else set()
+        if self.layout.class_sums or ACTIVATION_MEAN_ARRAY in self.layout.per_image:
             out.add("mean")
         return frozenset(out)
 
@@ -109,13 +107,13 @@ class ChunkSpec:
         return self.layout.class_sums or self.layout.per_image_moments
 
     @classmethod
-    def for_store(cls, root: zarr.Group, layers: Sequence[str]) -> "ChunkSpec":
-        attrs = dict(root.attrs)
-        layout = CubeLayout.from_dict(attrs["layout"])
-        shapes = {name: LayerShape.from_dict(d) for name, d in attrs["layers"].items()}
+    def for_store(cls, cube: CubeReader | str, layers: Sequence[str]) -> "ChunkSpec":
+        cube = CubeReader(cube) if isinstance(cube, str) else cube
+        layout = cube.layout
+        shapes = cube.layer_shapes
         moment_layers = tuple(name for name in layers if shapes[name].arv_applicable)
         return cls(layout, moment_layers if layout.class_sums or layout.per_image_moments else (),
-                   int(root["class_name"].shape[0]))
+                   cube.n_classes)
 
 
 def compute_chunk(
@@ -171,8 +169,8 @@ def compute_chunk(
         target_logit[good] = res.target_logit.numpy()
         for layer in layers:
             arrays = out_layers.setdefault(layer, {})
-            for name, source in (("relevance", res.relevance), ("activation_max", res.activation_max),
-                                 ("activation_mean", res.activation_mean), (MOMENTS_ARRAY, res.input_moments)):
+            for name, source in ((RELEVANCE_ARRAY, res.relevance), (ACTIVATION_MAX_ARRAY, res.activation_max),
+                                 (ACTIVATION_MEAN_ARRAY, res.activation_mean), (MOMENTS_ARRAY, res.input_moments)):
                 if layer not in source:
                     continue
                 values = source[layer].numpy()
@@ -202,7 +200,7 @@ def chunk_class_sums(data: ChunkData, labels: np.ndarray, layers: Sequence[str],
     for layer in layers:
         arrays = data.layers.get(layer, {})
         sums = out.setdefault(layer, {})
-        for name, sum_name in (("activation_mean", ACTIVATION_SUMS_ARRAY), (MOMENTS_ARRAY, MOMENT_SUMS_ARRAY)):
+        for name, sum_name in ((ACTIVATION_MEAN_ARRAY, ACTIVATION_SUMS_ARRAY), (MOMENTS_ARRAY, MOMENT_SUMS_ARRAY)):
             if name in arrays:
                 sums[sum_name] = subset_class_sums(arrays[name], *groups, spec.n_classes)
     return out
@@ -228,15 +226,12 @@ def extract_chunks(
     compressed and written by a writer thread while the next one is computed (at most one
     write in flight, so memory holds two chunks at most). The writer sets the marker last, so a
     kill during a write leaves the chunk to be redone."""
-    root = open_store_group(store_url, mode="r+")
-    check_layout_version(root.attrs, store_url)
-    stored_mode = root.attrs.get("target_mode", target_mode)
+    cube = CubeWriter(store_url)
+    cube.check_layout_version()
+    stored_mode = cube.attrs.get("target_mode", target_mode)
     if stored_mode != target_mode:
         raise ValueError(f"{store_url} was planned with target_mode={stored_mode!r}, not {target_mode!r}")
-    spec = ChunkSpec.for_store(root, layers)
-    paths_arr = root["image_path"]
-    labels_arr = root["label"]
-    done = root["chunk_done"]
+    spec = ChunkSpec.for_store(cube, layers)
     stats: list[ChunkStats] = []
     decoders = ThreadPoolExecutor(max_workers=decode_workers) if decode_workers > 1 else None
     pending: tuple[Future, ChunkStats] | None = None
@@ -252,12 +247,12 @@ def extract_chunks(
     try:
         with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=1) as writer:
             for chunk in chunks:
-                if skip_done and done[chunk]:
+                if skip_done and cube.chunk_done(chunk):
                     continue
                 t0 = time.perf_counter()
-                start, stop = chunk_bounds(root, chunk)
-                paths = [str(p) for p in paths_arr[start:stop]]
-                labels = labels_arr[start:stop]
+                start, stop = cube.chunk_bounds(chunk)
+                paths = [str(p) for p in cube.image_paths(start, stop)]
+                labels = cube.labels(start, stop)
                 data = compute_chunk(model, transform, dataset_root, paths, labels, layers, batch_size,
                                      target_mode, prefetch, spec, decoders)
                 # A chunk where every image failed still gets its arrays (all NaN) so that the
@@ -267,7 +262,7 @@ def extract_chunks(
                 if pending is not None:
                     finish(pending)
                 # ChunkStats.seconds holds the start time until the write is done.
-                pending = (writer.submit(write_chunk, root, chunk, data),
+                pending = (writer.submit(cube.write_chunk, chunk, data),
                            ChunkStats(chunk, stop - start, int(data.skipped.sum()), t0))
             if pending is not None:
                 finish(pending)

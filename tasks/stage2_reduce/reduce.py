@@ -16,16 +16,15 @@ the same dask tree, so their results are bitwise identical.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterator, Mapping, Sequence
 
 import dask
 import dask.array as da
 import numpy as np
 
-from polysemantic_disentangle.storage.cube import (ACTIVATION_SUMS_ARRAY, CLASS_SUM_SUBSETS, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY,
-                           consolidate, cube_info, cube_layout, has_class_stats, layer_names,
-                           open_store_group, write_class_stats)
+from polysemantic_disentangle.storage.cube import (ACTIVATION_MEAN_ARRAY, CLASS_SUM_SUBSETS, CubeReader, consolidate, cube_layout, has_class_stats,
+                           layer_names, read_layer_stats, write_layer_stats)
 from polysemantic_disentangle.tasks.data.grouping import class_sums, statistics_class
 
 
@@ -70,15 +69,15 @@ def _sum_block(x: np.ndarray, labels: np.ndarray, n_classes: int, block_info: di
     return class_sums(lab, x, n_classes)[None]
 
 
-def statistics_labels(root: Any) -> np.ndarray:
-    """The one "statistics class" of every image of an opened store (int64, -1: left out).
+def statistics_labels(cube: CubeReader | str) -> np.ndarray:
+    """The one "statistics class" of every image of a cube (int64, -1: left out).
 
     ``polysemantic_disentangle.tasks.data.grouping.statistics_class`` with the store's own arrays and ``target_mode``: the
     dataset label, or the model's prediction in prediction mode. Every class statistic
     (reduction, rho choice, evaluation, explanations) groups by this.
     """
-    return statistics_class(root["label"][:], root["prediction"][:], root["skipped"][:],
-                            root.attrs.get("target_mode", "label"))
+    cube = CubeReader(cube) if isinstance(cube, str) else cube
+    return statistics_class(cube.labels(), cube.predictions(), cube.skipped(), cube.target_mode)
 
 
 def image_selection(
@@ -90,9 +89,9 @@ def image_selection(
     """Statistics class per image (``polysemantic_disentangle.tasks.data.grouping.statistics_class``) with excluded images set
     to -1: skipped images always, optionally those the model got wrong, optionally everything
     outside ``subset`` (indices or a boolean mask)."""
-    root = open_store_group(store_url)
-    target_mode = cube_info(store_url).get("target_mode", "label")
-    labels = statistics_class(root["label"][:], root["prediction"][:], root["skipped"][:], target_mode,
+    cube = CubeReader(store_url)
+    cube.check_layout_version()
+    labels = statistics_class(cube.labels(), cube.predictions(), cube.skipped(), cube.target_mode,
                               correct_only=correct_only)
     keep = labels >= 0
     if subset is not None:
@@ -104,18 +103,12 @@ def image_selection(
     return np.where(keep, labels, -1)
 
 
-def _per_image_partials(arr: Any, labels: np.ndarray, n_classes: int) -> da.Array:
-    """(chunk, class, ...) dask array of per-chunk class sums of a per-image array."""
-    x = da.from_zarr(arr)
+def _per_image_partials(x: da.Array, labels: np.ndarray, n_classes: int) -> da.Array:
+    """(chunk, class, ...) dask array of per-chunk class sums of a per-image array (one dask
+    block per image chunk)."""
     one_per_block = (1,) * x.numblocks[0]
     return da.map_blocks(_sum_block, x, labels, n_classes, dtype=np.float32, new_axis=[1],
                          chunks=(one_per_block, (n_classes,), *[(s,) for s in x.shape[1:]]))
-
-
-def _stored_partials(arr: Any, subset: int) -> da.Array:
-    """(chunk, class, ...) dask array of the class sums extraction wrote, one block per chunk
-    (every class block of a chunk in one dask block; missing blocks read as zeros)."""
-    return da.from_zarr(arr, chunks=(1, *arr.shape[1:]))[:, subset]
 
 
 def layer_stats_graph(store_url: str, layer: str, labels: np.ndarray, n_classes: int, tau: float,
@@ -125,8 +118,8 @@ def layer_stats_graph(store_url: str, layer: str, labels: np.ndarray, n_classes:
     ``sums_subset``: read moments and activation means from the stored class sums of that subset
     (0 all usable images, 1 correct ones); None: from the per-image arrays.
     """
-    group = open_store_group(store_url)["layers"][layer]
-    rel = da.from_zarr(group["relevance"])
+    cube = CubeReader(store_url)
+    rel = cube.relevance_dask(layer)
     n_ch = rel.shape[1]
     one_per_block = (1,) * rel.numblocks[0]
     # Labels travel as a numpy closure; each block slices its own rows via block_info.
@@ -135,12 +128,14 @@ def layer_stats_graph(store_url: str, layer: str, labels: np.ndarray, n_classes:
                              chunks=(one_per_block, (2,), (n_classes,), (n_ch,))).sum(axis=0)
     # Same partials, same tree: a sum over chunks of (class, ...) blocks, one block per chunk.
     if sums_subset is None:
-        act = _per_image_partials(group["activation_mean"], labels, n_classes)
-        mom = _per_image_partials(group[MOMENTS_ARRAY], labels, n_classes) if MOMENTS_ARRAY in group else None
+        act = _per_image_partials(cube.activation_mean_dask(layer), labels, n_classes)
+        mom = (_per_image_partials(cube.moments_dask(layer), labels, n_classes)
+               if cube.has_per_image_moments(layer) else None)
     else:
-        act = _stored_partials(group[ACTIVATION_SUMS_ARRAY], sums_subset)
-        mom = _stored_partials(group[MOMENT_SUMS_ARRAY], sums_subset) if MOMENT_SUMS_ARRAY in group else None
-    return {"relevance": rel_sums, "activation": act.sum(axis=0),
+        # Stored partials: one dask block per chunk, summed by the same tree.
+        act = cube.activation_sums_dask(layer, sums_subset)
+        mom = cube.moment_sums_dask(layer, sums_subset) if cube.has_moment_sums(layer) else None
+    return {"relevance_sums": rel_sums, "activation": act.sum(axis=0),
             "moments": mom.sum(axis=0) if mom is not None else None}
 
 
@@ -150,7 +145,7 @@ def moments_source(store_url: str, *, correct_only: bool, subset: Any, prefer: s
     if prefer not in ("auto", "class_sums", "per_image"):
         raise ValueError(f"moments_from must be 'auto', 'class_sums' or 'per_image', got {prefer!r}")
     layout = cube_layout(store_url)
-    has_per_image = layout.per_image_moments and "activation_mean" in layout.per_image
+    has_per_image = layout.per_image_moments and ACTIVATION_MEAN_ARRAY in layout.per_image
     if prefer == "per_image" or (subset is not None) or (prefer == "auto" and not layout.class_sums):
         if not has_per_image:
             why = "an image subset needs" if subset is not None else "moments_from='per_image' needs"
@@ -194,8 +189,7 @@ def reduce_cube(
     sums when the cube has them and no ``subset`` is asked for)."""
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
-    root = open_store_group(store_url)
-    n_classes = int(root["class_name"].shape[0])
+    n_classes = CubeReader(store_url).n_classes
     source = moments_source(store_url, correct_only=correct_only, subset=subset, prefer=moments_from)
     labels = image_selection(store_url, correct_only=correct_only, subset=subset)
     layers = list(layers) if layers is not None else layer_names(store_url)
@@ -206,7 +200,7 @@ def reduce_cube(
     denom = np.maximum(count, 1.0)
     out = {}
     for layer, sums in computed.items():
-        rel, imp = sums["relevance"]
+        rel, imp = sums["relevance_sums"]
         out[layer] = LayerStats(
             layer=layer,
             count=count,
@@ -218,37 +212,24 @@ def reduce_cube(
     return out
 
 
-# Written for every layer; mean_moments only where the layer has moments.
-STATS_ARRAYS = ("count", "mean_relevance", "important_fraction", "mean_activation")
-
-
 def has_stats(store_url: str, subset_name: str, layers: Sequence[str]) -> bool:
-    """Whether ``write_stats`` has stored every layer's statistics under stats/<subset>."""
-    return has_class_stats(store_url, subset_name, layers, STATS_ARRAYS)
+    """Whether ``write_stats`` has stored every layer's statistics in the store."""
+    return has_class_stats(store_url, subset_name, layers)
+
+
+def _stat_fields(s: LayerStats) -> dict[str, np.ndarray | None]:
+    # The dataclass fields are the store's statistics (storage declares their dimensions).
+    return {f.name: getattr(s, f.name) for f in fields(s) if f.name != "layer"}
 
 
 def write_stats(store_url: str, subset_name: str, stats: Mapping[str, LayerStats], attrs: Mapping[str, Any]) -> None:
-    """Store each layer's statistics as labelled (class x channel) arrays under stats/<subset>."""
+    """Store each layer's statistics as labelled (class x channel) arrays; mean_moments only
+    where the layer has moments."""
     for layer, s in stats.items():
-        arrays = {
-            "count": (["class"], s.count),
-            "mean_relevance": (["class", "channel"], s.mean_relevance),
-            "important_fraction": (["class", "channel"], s.important_fraction),
-            "mean_activation": (["class", "channel"], s.mean_activation),
-        }
-        if s.mean_moments is not None:
-            arrays["mean_moments"] = (["class", "in_channel", "kernel_y", "kernel_x"], s.mean_moments)
-        write_class_stats(store_url, subset_name, layer, arrays, attrs)
+        write_layer_stats(store_url, subset_name, layer, _stat_fields(s), attrs)
     consolidate(store_url)
 
 
 def read_stats(store_url: str, subset_name: str, layers: Sequence[str]) -> dict[str, LayerStats]:
-    from polysemantic_disentangle.storage.cube import read_class_stats
-
-    out = {}
-    for layer in layers:
-        ds = read_class_stats(store_url, subset_name, layer)
-        out[layer] = LayerStats(layer, ds["count"].values, ds["mean_relevance"].values,
-                                ds["important_fraction"].values, ds["mean_activation"].values,
-                                ds["mean_moments"].values if "mean_moments" in ds else None)
-    return out
+    return {layer: LayerStats(layer=layer, **read_layer_stats(store_url, subset_name, layer))  # type: ignore[arg-type]
+            for layer in layers}

@@ -273,21 +273,20 @@ def read_relevance_sample(store_url: str, layer: str,
     """(relevance rows, labels) of up to ``max_images`` images: whole chunks spread evenly over
     the cube (images are stored in class order, so the first rows would be the first classes
     only); skipped images are left out."""
-    from polysemantic_disentangle.storage.cube import open_store_group
+    from polysemantic_disentangle.storage.cube import CubeReader
 
-    root = open_store_group(store_url)
-    arr = root["layers"][layer]["relevance"]
-    n, step = arr.shape[0], arr.chunks[0]
+    cube = CubeReader(store_url)
+    n, step = cube.n_images, cube.chunk_images
     n_chunks = -(-n // step)
     take = max(1, min(n_chunks, max_images // max(1, step)))
     picks = np.unique(np.linspace(0, n_chunks - 1, take).round().astype(int))
-    labels = root["label"][:].astype(np.int64)
-    skipped = root["skipped"][:].astype(bool)
+    labels = cube.labels().astype(np.int64)
+    skipped = cube.skipped()
     rows, labs = [], []
     for k in picks:
         lo, hi = int(k * step), int(min(n, (k + 1) * step))
         keep = ~skipped[lo:hi]
-        rows.append(np.asarray(arr[lo:hi], np.float32)[keep])
+        rows.append(cube.relevance(layer, lo, hi)[keep])
         labs.append(labels[lo:hi][keep])
     return np.concatenate(rows), np.concatenate(labs)
 

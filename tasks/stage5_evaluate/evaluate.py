@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from polysemantic_disentangle.storage.cube import as_str, open_store_group
+from polysemantic_disentangle.storage.cube import CubeReader
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.stage5_evaluate.explain import (
@@ -609,11 +609,11 @@ def explain_layer(
     Skipped images and rows with missing values are left out; ``rows`` (indices or bool mask)
     restricts the images further. Returns one plain dict per channel.
     """
-    root = open_store_group(eval_cube_url)
-    n_classes = int(root["class_name"].shape[0])
-    labels = statistics_labels(root)
-    acts = np.asarray(root["layers"][layer]["activation_max"][:], dtype=np.float32)
-    keep = ~root["skipped"][:].astype(bool) & np.isfinite(acts).all(1) & (labels >= 0)
+    cube = CubeReader(eval_cube_url)
+    n_classes = cube.n_classes
+    labels = statistics_labels(cube)
+    acts = cube.activation_max(layer)
+    keep = ~cube.skipped() & np.isfinite(acts).all(1) & (labels >= 0)
     if rows is not None:
         r = np.asarray(rows)
         keep &= r if r.dtype == bool else np.isin(np.arange(len(labels)), r)
@@ -770,16 +770,16 @@ def evaluate_run(
     original = original.to(dev).eval()
     rewired = rewired.to(dev).eval()
 
-    root = open_store_group(eval_cube_url)
-    cube_labels = statistics_labels(root)
-    cube_names = list(as_str(root["class_name"][:]))
-    cube_wnids = [w or None for w in as_str(root["class_wnid"][:])]
+    cube = CubeReader(eval_cube_url)
+    cube_labels = statistics_labels(cube)
+    cube_names = cube.class_names()
+    cube_wnids = cube.class_wnids()
     names = list(class_names) if class_names is not None else cube_names
     wn = list(wnids) if wnids is not None else cube_wnids
     n_classes = len(names)
-    data_root = dataset_root or root.attrs["dataset"]["root"]
-    all_paths = as_str(root["image_path"][:])
-    usable = ~root["skipped"][:].astype(bool) & (cube_labels >= 0)
+    data_root = dataset_root or cube.dataset_root
+    all_paths = cube.image_paths()
+    usable = ~cube.skipped() & (cube_labels >= 0)
     if max_per_class is not None:
         usable &= _first_per_class(np.where(usable, cube_labels, -1), max_per_class)
     candidates = np.flatnonzero(usable)
@@ -798,10 +798,10 @@ def evaluate_run(
     say(f"evaluation pass: {len(rows)} images, {len(splits)} channels, {timings['model_pass']:.1f} s")
 
     t = time.perf_counter()
-    cube_layers = list(root.attrs.get("layers") or root["layers"].group_keys())
+    cube_layers = cube.layers
     # Table 1 selects images by the original channel's relevance; a layer the evaluation cube
     # does not hold falls back to all images of the concept (recorded per channel).
-    relevance = {layer: np.asarray(root["layers"][layer]["relevance"][:], np.float32)[rows]
+    relevance = {layer: cube.relevance(layer)[rows]
                  for layer in {s.layer for s in splits} if layer in cube_layers}
     accuracy = accuracy_check(runs.logits_original, runs.logits_rewired, labels, rtol)
     if concepts is None:

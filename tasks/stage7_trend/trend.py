@@ -402,12 +402,12 @@ def run_accuracy(run: RunFiles) -> tuple[float | None, int | None, str | None]:
     store = (run.summary.get("params") or {}).get("eval_store")
     if not store:
         return None, None, None
-    from polysemantic_disentangle.storage.cube import open_store_group, store_exists
+    from polysemantic_disentangle.storage.cube import CubeReader, store_exists
 
     if not store_exists(store):
         return None, None, None
-    root = open_store_group(store)
-    labels, pred, skipped = root["label"][:], root["prediction"][:], root["skipped"][:]
+    cube = CubeReader(store)
+    labels, pred, skipped = cube.labels(), cube.predictions(), cube.skipped()
     ok = ~skipped & (pred >= 0)
     if not ok.any():
         return None, 0, "evaluation cube"
