@@ -20,7 +20,8 @@ from polysemantic_disentangle.flows.cli import build_parser, params_from_args
 HEAVY = ("torch", "torchvision", "dask", "distributed", "zarr", "prefect")
 
 # Runs main() on each argv of argv[1] (JSON) in this fresh interpreter and prints, as the last
-# line, every exit status, stderr and the heavy modules imported by then.
+# line, every exit status, stdout and stderr, and the modules under the prefixes of argv[2]
+# (JSON) imported by then.
 _CHILD = r"""
 import contextlib, io, json, sys
 from polysemantic_disentangle.flows.cli import main
@@ -33,14 +34,16 @@ for argv in json.loads(sys.argv[1]):
         except SystemExit as exc:
             rc = exc.code
     results.append({"argv": argv, "rc": rc, "out": out.getvalue(), "err": err.getvalue()})
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in %r)
+prefixes = tuple(json.loads(sys.argv[2]))
+heavy = sorted(m for m in sys.modules if any(m == p or m.startswith(p + ".") for p in prefixes))
 print(json.dumps({"results": results, "heavy": heavy}))
-""" % (HEAVY,)
+"""
 
 
-def _in_child(argvs: list[list[str]]) -> dict:
-    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(argvs)], capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+def _in_child(argvs: list[list[str]], modules: tuple[str, ...] = HEAVY, env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(argvs), json.dumps(modules)],
+                          capture_output=True, text=True, timeout=600, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -208,3 +211,22 @@ def test_demo_run_parameters_are_unchanged() -> None:
     assert all(PipelineParams.model_fields[f].default is None for f in ("gamma", "rewire_layers", "max_rewired_per_layer"))
     other = PipelineParams(model="resnet18", train_dir=".", eval_dir=".")
     assert other.gamma == 0.5 and other.rewire_layers == "auto" and other.max_rewired_per_layer == 8
+
+
+def test_a_run_its_preflight_refuses_starts_no_prefect_api(tmp_path: Path) -> None:
+    """The preflight (model, weights, both dataset folders) runs before the temporary Prefect API:
+    a folder that matches no class of the model stops the run with one line, and the API's server
+    module was never imported (the API starts through it)."""
+    import os
+
+    data = tmp_path / "images"
+    (data / "not_a_cifar_class").mkdir(parents=True)
+    argv = ["run", "--train-dir", str(data), "--eval-dir", str(data), "--out-dir", str(tmp_path / "run"),
+            "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # else no API would start anyway
+    report = _in_child([argv], modules=("prefect.server.api",), env=env)
+    result = report["results"][0]
+    assert result["rc"] == 2, result
+    last = result["err"].strip().splitlines()[-1]
+    assert last.startswith("disentangle: error: train_dir") and "not_a_cifar_class" in last, result["err"]
+    assert report["heavy"] == [], "the Prefect API was started before the preflight refused the run"
