@@ -1,4 +1,9 @@
-"""`disentangle`: run the pipeline, or one of its stages, from the command line."""
+"""`disentangle`: run the pipeline, or one of its stages, from the command line.
+
+Help, `models` and `show` import neither torch, Dask, Zarr nor Prefect (they answer at once);
+`run` and `extract` check their parameters before they import the pipeline or start the
+temporary Prefect API.
+"""
 
 from __future__ import annotations
 
@@ -20,30 +25,43 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.presets import DEMO_MODEL, preset_for
 
 # `disentangle run` finished, wrote its report, but found no channel to rewire.
 EXIT_NOTHING_TO_REWIRE = 4  # 2: bad input, 3: output folder or store busy or not writable
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag costs one line, not the subcommand's whole usage (`run` has some 40 flags)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="cifar_resnet20", help="registry name (see `disentangle models`)")
-    p.add_argument("--weights", default=None, help="checkpoint path (state dict, loaded weights_only)")
-    p.add_argument("--layers", default="all", help="'all', a name, or comma-separated names/globs")
-    p.add_argument("--chunk-images", type=int, default=defaults.CHUNK_IMAGES)
-    p.add_argument("--shard-chunks", type=int, default=defaults.SHARD_CHUNKS)
+    p.add_argument("--model", default=DEMO_MODEL, help="registry name (see `disentangle models`; default: %(default)s)")
+    p.add_argument("--weights", default=None, help="checkpoint path (state dict, loaded weights_only; default: the model's public weights)")
+    p.add_argument("--layers", default="all", help="'all', a name, or comma-separated names/globs (default: %(default)s)")
+    p.add_argument("--chunk-images", type=int, default=defaults.CHUNK_IMAGES,
+                   help="images per Zarr chunk and per completion marker (default: %(default)s)")
+    p.add_argument("--shard-chunks", type=int, default=defaults.SHARD_CHUNKS,
+                   help="chunks per extraction task (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default: chosen from the free memory, at most "
                         f"{defaults.BATCH_SIZE})")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--target-mode", choices=["label", "prediction"], default="label")
-    p.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class")
-    p.add_argument("--overwrite", action="store_true", help="replace a store made with other inputs")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--target-mode", choices=["label", "prediction"], default="label",
+                   help="label: attribute and group by the folder label; prediction: by the model's "
+                        "prediction (default: %(default)s)")
+    p.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class (default: all)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace a store made with other inputs (default: refuse)")
     p.add_argument("--layout", choices=["detection", "evaluation", "full"], default="detection",
-                   help="what the cube keeps per image (see README, 'Which cube holds what')")
-    p.add_argument("--per-image-moments", action="store_true",
-                   help="also keep input moments per image (ARVs of arbitrary image subsets)")
+                   help="what the cube keeps per image (see README, 'Which cube holds what'; default: %(default)s)")
+    p.add_argument("--per-image-moments", action=argparse.BooleanOptionalAction, default=defaults.PER_IMAGE_MOMENTS,
+                   help="also keep input moments per image (ARVs of arbitrary image subsets; default: %(default)s)")
     p.add_argument("--storage-dtype", choices=["float16", "float32"], default=defaults.STORAGE_DTYPE,
-                   help="dtype of the per-image relevance/activation arrays on disk")
+                   help="dtype of the per-image relevance/activation arrays on disk (default: %(default)s)")
     p.add_argument("--dask-address", default=None, help="run the shards on this Dask scheduler (tcp://host:8786)")
     p.add_argument("--workers", "--dask-workers", dest="dask_workers", type=int, default=None,
                    help="run the shards on a local Dask cluster of N worker processes")
@@ -57,7 +75,7 @@ def _add_lock_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="disentangle", description=__doc__)
+    parser = _Parser(prog="disentangle", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     ext = sub.add_parser("extract", help="write the relevance cube of one dataset")
@@ -66,18 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
 
     run = sub.add_parser("run", help="the whole pipeline (disentangle-all-layers); defaults: CIFAR-10 demo")
-    from polysemantic_disentangle.flows.params import PipelineParams
+    from polysemantic_disentangle.flows.params import _PRESET_FIELDS, PipelineParams
 
+    demo = preset_for(DEMO_MODEL)
     for name, field in PipelineParams.model_fields.items():
         flag = "--" + name.replace("_", "-")
         flags = [flag, "--workers"] if name == "dask_workers" else [flag]
         default = field.get_default(call_default_factory=True)
         kind = field.annotation
-        shown = "the model's preset" if default is None and "preset" in (field.description or "") else default
-        help_text = (field.description or "") + f" (default: {shown})"
+        help_text = field.description or ""
+        if name in _PRESET_FIELDS:
+            value = getattr(demo, name)
+            value = ",".join(value) if isinstance(value, list) else ("none" if value is None else value)
+            help_text += f" ({DEMO_MODEL}: {value})"
+        elif "default" not in help_text:
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
         if kind is bool:
-            run.add_argument(*flags, action="store_true", default=None, help=help_text)
+            run.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif choices:
             run.add_argument(*flags, default=None, choices=choices, help=help_text)
         elif name in ("layers", "rewire_layers", "rho_grid"):
@@ -202,40 +227,73 @@ def params_from_args(args: argparse.Namespace) -> "PipelineParams":
     return PipelineParams(**given)
 
 
+def _one_line(exc: BaseException) -> str:
+    """pydantic's multi-line ValidationError as one line: "field: message; field: message"."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        parts = []
+        for e in errors():
+            where = ".".join(str(x) for x in e.get("loc", ()))
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where else msg)
+        return "; ".join(parts)
+    return " ".join(str(exc).split("\n"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from polysemantic_disentangle.flows.runtime.locking import LockBusy, NotWritable
-    from polysemantic_disentangle.tasks.models.safe_load import CheckpointError
 
     try:
         return _main(argv)
     except (LockBusy, NotWritable) as exc:
         print(f"disentangle: error: {exc}", file=sys.stderr)
         return 3
-    # pydantic's ValidationError and CubeMismatch are ValueErrors too. Printed once, without a
-    # traceback: the preflight raises these before any work, so there is nothing to debug.
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        print(f"disentangle: error: {exc}", file=sys.stderr)
+    # pydantic's ValidationError, CubeMismatch and the checkpoint loader's CheckpointError are
+    # ValueErrors too. Printed once, without a traceback: these are raised before any work
+    # (parameters, preflight), so there is nothing to debug.
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"disentangle: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 
 @contextlib.contextmanager
 def _exclusive(paths: list, args: argparse.Namespace) -> Iterator[None]:
-    """Take the run's locks before anything starts (the flow takes them again, re-entrantly),
-    then start the temporary Prefect API as a child that dies with this process."""
+    """Take the run's locks before anything starts (the flow takes them again, re-entrantly)."""
     from polysemantic_disentangle.flows.runtime.locking import WAIT_ENV, holding
-    from polysemantic_disentangle.flows.runtime.prefect_server import ensure_supervised_api
 
     if args.wait_for_lock is not None:
         os.environ[WAIT_ENV] = str(args.wait_for_lock)
     with holding(paths):
-        ensure_supervised_api()
         yield
+
+
+def _start_api() -> None:
+    """The temporary Prefect API, as a child that dies with this process: started only once
+    every input has been checked."""
+    from polysemantic_disentangle.flows.runtime.prefect_server import ensure_supervised_api
+
+    ensure_supervised_api()
+
+
+def _check_extract_args(args: argparse.Namespace) -> None:
+    """What `extract` can check without the model or the images, before any import of them."""
+    from pathlib import Path
+
+    from polysemantic_disentangle.tasks.models.names import check_model_name
+
+    check_model_name(args.model)
+    if not Path(args.data_dir).is_dir():
+        raise ValueError(f"--data-dir {args.data_dir} is not a directory")
+    for flag in ("chunk_images", "shard_chunks", "batch_size", "max_per_class", "dask_workers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "models":
-        from polysemantic_disentangle.tasks.models.registry import available_models
+        from polysemantic_disentangle.tasks.models.names import available_models
 
         print("\n".join(available_models()))
         return 0
@@ -246,14 +304,17 @@ def _main(argv: Sequence[str] | None) -> int:
         compare(args.run_dirs, args.out)
         return 0
     if args.command == "run":
+        # Parameters first: a bad value stops here, before the pipeline (torch, Dask, Prefect)
+        # is even imported.
+        params = params_from_args(args).resolved()
         from polysemantic_disentangle.flows.runtime.locking import run_locks
         from polysemantic_disentangle.flows.pipeline import disentangle_all_layers, preflight_inputs
 
-        params = params_from_args(args).resolved()
         with _exclusive(run_locks(params.out_dir, [params.train_store, params.eval_store]), args):
-            # Before the flow starts: a bad input stops here with one readable line.
+            # Before the API and the flow start: a bad input stops here with one readable line.
             checked = preflight_inputs(params)
             print(checked.text(), flush=True)
+            _start_api()
             summary = disentangle_all_layers(params, preflight=checked.to_dict())
         print(json.dumps(summary, indent=2, default=str))
         print(f"report: {summary.get('report')}\n"
@@ -267,10 +328,12 @@ def _main(argv: Sequence[str] | None) -> int:
             return EXIT_NOTHING_TO_REWIRE
         return 0
     if args.command == "extract":
+        _check_extract_args(args)
         from polysemantic_disentangle.flows.extract import extract_relevance_cube, resolve_layers
         from polysemantic_disentangle.flows.runtime.locking import run_locks
 
         with _exclusive(run_locks(None, [args.store]), args):
+            _start_api()
             url = extract_relevance_cube(
                 model=args.model, weights=args.weights, data_dir=args.data_dir, store_url=args.store,
                 layers=resolve_layers(args.layers), chunk_images=args.chunk_images,

@@ -1,11 +1,13 @@
 """Parameters of `disentangle-all-layers`, validated before any work.
 
-The embedded default is the CIFAR-10 demo: ResNet-20, the training JPEGs for detection, the
-test JPEGs for evaluation, every conv layer. ``gamma``, ``rewire_layers`` and
-``max_rewired_per_layer`` left unset come from the model's preset (``tasks/presets.py``): the
-CIFAR preset selects with gamma = 0.9 and rewires the last block's two convs, every other model
-gets the paper's gamma = 0.5 and rewires the layers where the rule found pairs. What the paper's
-default finds is always reported too (the ``paper_polysemantic`` column of the detection table).
+The embedded default is the CIFAR-10 demo (``tasks/presets.DEMO_MODEL``): the training JPEGs
+for detection, the test JPEGs for evaluation, every conv layer. Method defaults come from
+``tasks/defaults.py``; ``gamma``, ``rewire_layers`` and ``max_rewired_per_layer`` left unset
+come from the model's preset (``tasks/presets.py``). What the paper's default finds is always
+reported too (the ``paper_polysemantic`` column of the detection table).
+
+This module imports neither torch nor Prefect (the command line's help and the parameter
+check stay instant); the detection parameters' check lives in ``tasks/stage3_detect/params.py``.
 """
 
 from __future__ import annotations
@@ -16,57 +18,65 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams
-from polysemantic_disentangle.tasks.presets import preset_for
+from polysemantic_disentangle.tasks.models.names import check_model_name
+from polysemantic_disentangle.tasks.presets import DEMO_MODEL, preset_for
+from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams, SelectionRule
+
 
 _PRESET_FIELDS = ("gamma", "rewire_layers", "max_rewired_per_layer")
+_PRESET = "default: the model's preset (tasks/presets.py)"
 
 
 class PipelineParams(BaseModel):
     # A misspelt parameter (say, in `prefect deployment run -p`) must fail, not be ignored.
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("cifar_resnet20", description="registry name: cifar_resnet20/32/44/56, efficientnet_lite0, any torchvision classifier")
+    model: str = Field(DEMO_MODEL, description="registry name (`disentangle models` lists them): cifar_resnet20/32/44/56, efficientnet_lite0, a torchvision classifier")
     weights: str | None = Field(None, description="checkpoint path (state dict, loaded with weights_only=True); default: the model's public weights")
     train_dir: str | None = Field(None, description="ImageFolder used for detection (default for CIFAR models: CIFAR-10 train)")
     eval_dir: str | None = Field(None, description="ImageFolder used for evaluation (default for CIFAR models: CIFAR-10 test)")
     layers: str | list[str] = Field("all", description="conv layers to analyse: 'all', names or glob patterns")
-    tau: float = defaults.TAU
-    p: float = defaults.P_FRACTION
-    gamma: float | None = Field(None, description="ARV cosine threshold; default: the model's preset (CIFAR ResNets 0.9, others the paper's 0.5)")
-    cosine_lower_bound: float = defaults.COSINE_LOWER_BOUND
-    rule: Literal["gamma", "lowest-k", "quantile"] = "gamma"
-    k: int = 3
-    quantile: float = 0.1
-    max_pairs_per_layer: int = Field(2000, description="detection-table rows kept per layer (counts stay exact)")
+    tau: float = Field(defaults.TAU, description="a channel is important for an image if its relevance is at least tau times the sum of the layer's positive relevance")
+    p: float = Field(defaults.P_FRACTION, description="a channel is relevant for a class if important for at least this fraction of the class's images")
+    gamma: float | None = Field(None, description=f"ARV cosine threshold of the gamma rule (the paper: {defaults.GAMMA}); {_PRESET}")
+    cosine_lower_bound: float = Field(defaults.COSINE_LOWER_BOUND, description="pairs below this ARV cosine are not counted (the published code's bound)")
+    rule: SelectionRule = Field(defaults.DETECT_RULE, description="pair selection: gamma: cosine below gamma; lowest-k: the k lowest-cosine pairs per layer; quantile: pairs at or below that quantile of the layer's cosines")
+    k: int = Field(defaults.DETECT_K, description="pairs per layer of rule lowest-k")
+    quantile: float = Field(defaults.DETECT_QUANTILE, description="cosine quantile of rule quantile")
+    max_pairs_per_layer: int = Field(defaults.DETECT_MAX_PAIRS_PER_LAYER, description="detection-table rows kept per layer (counts stay exact)")
     correct_only: bool = Field(False, description="statistics over correctly classified images only")
-    rewire_layers: str | list[str] | None = Field(None, description="layers whose selected channels are rewired: 'all', 'auto' (every layer where the rule found pairs) or names/globs; default: the model's preset (CIFAR ResNets: the last block's two convs, others: auto)")
-    max_rewired_per_layer: int | None = Field(None, description="lowest-cosine channels rewired per layer; default: the model's preset (CIFAR: no bound, others: 8)")
+    rewire_layers: str | list[str] | None = Field(None, description=f"layers whose selected channels are rewired: 'all', 'auto' (every layer where the rule found pairs) or names/globs; {_PRESET}")
+    max_rewired_per_layer: int | None = Field(None, description=f"lowest-cosine channels rewired per layer (none: no bound); {_PRESET}")
     seed: int = Field(0, description="seed of randomly initialised weights (recorded in every store)")
     overwrite: bool = Field(False, description="replace stores made from other inputs")
-    rho_grid: list[float] = Field(default_factory=lambda: list(defaults.RHO_GRID))
-    rho_max_images: int = defaults.RHO_MAX_IMAGES_PER_CONCEPT
-    check_images: int = 1024
-    out_dir: str = "runs/default"
+    rho_grid: list[float] = Field(default_factory=lambda: list(defaults.RHO_GRID), description="candidate rho values of the rewiring, in (0, 1]")
+    rho_max_images: int = Field(defaults.RHO_MAX_IMAGES_PER_CONCEPT, description="images per concept used to choose rho")
+    check_images: int = Field(defaults.EQUIVALENCE_CHECK_IMAGES, description="evaluation images of the check that the rewired network keeps the original logits")
+    out_dir: str = Field("runs/default", description="output folder (local path or fsspec URL): report, tables, stores")
     train_store: str | None = Field(None, description="Zarr store URL (local path or fsspec URL); default <out_dir>/cube-train.zarr")
-    eval_store: str | None = Field(None, description="default <out_dir>/cube-eval.zarr")
-    device: str = "auto"
-    chunk_images: int = defaults.CHUNK_IMAGES
-    shard_chunks: int = defaults.SHARD_CHUNKS
-    batch_size: int = defaults.BATCH_SIZE
+    eval_store: str | None = Field(None, description="Zarr store URL of the evaluation cube; default <out_dir>/cube-eval.zarr")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    chunk_images: int = Field(defaults.CHUNK_IMAGES, description="images per Zarr chunk (and per completion marker)")
+    shard_chunks: int = Field(defaults.SHARD_CHUNKS, description="chunks per extraction task")
+    batch_size: int = Field(defaults.BATCH_SIZE, description="images per forward pass")
     per_image_moments: bool = Field(defaults.PER_IMAGE_MOMENTS, description="detection cube also keeps per-image input moments (ARVs of any image subset)")
     storage_dtype: Literal["float16", "float32"] = Field(defaults.STORAGE_DTYPE, description="dtype of per-image relevance/activations on disk")
     dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://10.0.0.5:8786: runs the extraction shards and the reductions")
     dask_workers: int | None = Field(None, description="start a local Dask cluster of N worker processes for this run (instead of dask_address)")
     target_mode: Literal["label", "prediction"] = Field("label", description="label: attribute and group by the folder label; prediction: by the model's prediction (any folder names)")
-    max_per_class_train: int | None = None
-    max_per_class_eval: int | None = None
-    featvis_channels: int = Field(6, description="rewired channels that get feature visualisations")
-    featvis_steps: int = defaults.FEATVIS_STEPS
+    max_per_class_train: int | None = Field(None, description="use at most N images per class of train_dir (default: all)")
+    max_per_class_eval: int | None = Field(None, description="use at most N images per class of eval_dir (default: all)")
+    featvis_channels: int = Field(defaults.RUN_FEATVIS_CHANNELS, description="rewired channels that get feature visualisations")
+    featvis_steps: int = Field(defaults.FEATVIS_STEPS, description="optimisation steps of each feature visualisation")
     explain_quantile: float | None = Field(
         defaults.EXPLAIN_ACTIVE_QUANTILE, gt=0, lt=1,
         description="activation quantile at which explanations binarise a unit; default: about one present "
                     f"class's worth of the evaluation images active, at least {defaults.EXPLAIN_MIN_ACTIVE_IMAGES}")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_name(v)
 
     @field_validator("rho_grid")
     @classmethod
@@ -81,7 +91,7 @@ class PipelineParams(BaseModel):
         """Unset model-dependent parameters come from the model's preset."""
         if isinstance(data, dict):
             data = dict(data)
-            preset = preset_for(str(data.get("model") or cls.model_fields["model"].default))
+            preset = preset_for(str(data.get("model") or DEMO_MODEL))
             for name in _PRESET_FIELDS:
                 if data.get(name) is None:
                     data[name] = getattr(preset, name)

@@ -128,3 +128,17 @@ REPORT_MAX_BYTES: int = 8_000_000
 # class's images) and the class-mean ARVs too coarse to be statistics; the run warns.
 PREFLIGHT_MIN_IMAGES_PER_CLASS: int = 5
 PREFLIGHT_TIMING_IMAGES: int = 4  # images of the timed relevance pass behind the time estimate
+
+# Detection's selection rule and table size (Hesse et al.'s rule is "gamma"; the others are
+# this project's: "lowest-k" keeps each layer's DETECT_K lowest-cosine pairs, "quantile" the
+# pairs at or below DETECT_QUANTILE of the layer's candidate-pair cosines).
+DETECT_RULE: str = "gamma"
+DETECT_K: int = 3
+DETECT_QUANTILE: float = 0.1
+# Pairs kept as table rows per layer (the selected ones first); counts stay exact.
+DETECT_MAX_PAIRS_PER_LAYER: int = 2000
+
+# `disentangle run`: evaluation images of the rewired network's logit-equivalence check, and
+# rewired channels that get feature visualisations.
+EQUIVALENCE_CHECK_IMAGES: int = 1024
+RUN_FEATVIS_CHANNELS: int = 6

@@ -14,8 +14,12 @@ import fnmatch
 from dataclasses import asdict, dataclass
 
 from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.models.names import CIFAR_RESNET_DEPTHS
 
-__all__ = ["AUTO_REWIRE", "CIFAR_GAMMA", "Preset", "preset_for"]
+__all__ = ["AUTO_REWIRE", "CIFAR_GAMMA", "DEMO_MODEL", "Preset", "preset_for"]
+
+# The model of `disentangle run` without --model (`make run`): the CIFAR-10 demo.
+DEMO_MODEL = "cifar_resnet20"
 
 # rewire_layers value: every analysed layer where the selection rule found pairs.
 AUTO_REWIRE = "auto"
@@ -50,7 +54,7 @@ class Preset:
 
 def _cifar_blocks(model: str) -> int | None:
     rest = model[len("cifar_resnet"):] if model.startswith("cifar_resnet") else ""
-    if not rest.isdigit() or (int(rest) - 2) % 6:
+    if not rest.isdigit() or int(rest) not in CIFAR_RESNET_DEPTHS:
         return None
     return (int(rest) - 2) // 6
 

@@ -1,0 +1,49 @@
+"""The registry's model names, without importing torch or torchvision.
+
+``disentangle models`` and the parameter check of ``disentangle run`` need the names only; the
+registry (``tasks/models/registry.py``) builds the models. ``TORCHVISION_CLASSIFIERS`` is
+torchvision 0.28.0's ``list_models(module=torchvision.models)``; a test compares it with the
+installed torchvision, so an upgrade that adds or drops a classifier fails there, not here.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "TORCHVISION_CLASSIFIERS", "available_models",
+           "check_model_name"]
+
+CIFAR_RESNET_DEPTHS: tuple[int, ...] = (20, 32, 44, 56)
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+TORCHVISION_CLASSIFIERS: tuple[str, ...] = (
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121",
+    "densenet161", "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1",
+    "efficientnet_b2", "efficientnet_b3", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6",
+    "efficientnet_b7", "efficientnet_v2_l", "efficientnet_v2_m", "efficientnet_v2_s", "googlenet",
+    "inception_v3", "maxvit_t", "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3",
+    "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_16gf", "regnet_x_1_6gf",
+    "regnet_x_32gf", "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf",
+    "regnet_y_128gf", "regnet_y_16gf", "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf",
+    "regnet_y_400mf", "regnet_y_800mf", "regnet_y_8gf", "resnet101", "resnet152", "resnet18",
+    "resnet34", "resnet50", "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d",
+    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0",
+    "squeezenet1_0", "squeezenet1_1", "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s",
+    "swin_v2_t", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2",
+    "wide_resnet50_2",
+)
+
+
+def available_models() -> list[str]:
+    """Every name ``registry.load_model`` accepts, in the order ``disentangle models`` prints."""
+    return [f"cifar_resnet{d}" for d in CIFAR_RESNET_DEPTHS] + [EFFICIENTNET_LITE0, *TORCHVISION_CLASSIFIERS]
+
+
+def check_model_name(name: str) -> str:
+    """``name`` when the registry has it, else a ValueError that lists the close names."""
+    names = available_models()
+    if name in names:
+        return name
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint} (`disentangle models` lists them all)")

@@ -1,0 +1,232 @@
+"""Cheap commands stay cheap, bad parameters stop before any server, every flag is documented.
+
+The import checks run the command line in a child interpreter and read its ``sys.modules``
+after the command: what a cheap command imports is behaviour (torch, Dask, Zarr and Prefect
+cost seconds of CPU each), not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from polysemantic_disentangle.flows.cli import build_parser, params_from_args
+
+HEAVY = ("torch", "torchvision", "dask", "distributed", "zarr", "prefect")
+
+# Runs main() on each argv of argv[1] (JSON) in this fresh interpreter and prints, as the last
+# line, every exit status, stdout and stderr, and the modules under the prefixes of argv[2]
+# (JSON) imported by then.
+_CHILD = r"""
+import contextlib, io, json, sys
+from polysemantic_disentangle.flows.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:
+            rc = exc.code
+    results.append({"argv": argv, "rc": rc, "out": out.getvalue(), "err": err.getvalue()})
+prefixes = tuple(json.loads(sys.argv[2]))
+heavy = sorted(m for m in sys.modules if any(m == p or m.startswith(p + ".") for p in prefixes))
+print(json.dumps({"results": results, "heavy": heavy}))
+"""
+
+
+def _in_child(argvs: list[list[str]], modules: tuple[str, ...] = HEAVY, env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(argvs), json.dumps(modules)],
+                          capture_output=True, text=True, timeout=600, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _tiny_run(run: Path) -> Path:
+    """A finished run's two JSON files, as `disentangle run` writes them (the fields `show` reads)."""
+    run.mkdir()
+    pair = {"channel": 7, "name1": "cat", "name2": "ship", "cosine": 0.41, "wup": 0.25}
+    (run / "detection.json").write_text(json.dumps({
+        "detections": [{"layer": "layer3.2.conv2", "applicable": True, "pairs": [pair],
+                        "diagnostics": {"important_per_image_median": 4.0, "warnings": []}}],
+        "layers": [{"channels": 64, "candidates": 9, "pairs": 12, "paper_polysemantic_pairs": 1,
+                    "selected_pairs": 3}]}))
+    (run / "summary.json").write_text(json.dumps({"evaluation": {"accuracy": {
+        "accuracy_original": 0.9125, "accuracy_rewired": 0.9125, "n": 80, "max_abs_logit_diff": 3e-6}}}))
+    return run
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["extract", "--help"], ["show", "--help"],
+                                  ["compare", "--help"], ["models"], ["show", "RUN"]])
+def test_cheap_commands_import_no_heavy_module(argv: list[str], tmp_path: Path) -> None:
+    argv = [str(_tiny_run(tmp_path / "run")) if a == "RUN" else a for a in argv]
+    child = _in_child([argv])
+    result = child["results"][0]
+    assert result["rc"] in (0, None), result["err"]
+    assert child["heavy"] == [], f"`disentangle {' '.join(argv)}` imported {child['heavy']}"
+    if argv == ["models"]:
+        assert {"cifar_resnet20", "efficientnet_lite0", "resnet50", "vit_b_16"} <= set(result["out"].split())
+    elif argv[0] == "show":
+        if argv[1] != "--help":
+            assert "layer3.2.conv2" in result["out"] and "7: cat/ship 0.410 0.25" in result["out"]
+            assert "accuracy original 0.9125, rewired 0.9125 on 80 images" in result["out"]
+    else:
+        assert result["out"].startswith("usage: disentangle")
+
+
+def test_bad_parameters_stop_before_any_server(tmp_path: Path) -> None:
+    """Each bad value: exit status 2, one line on stderr naming it, no traceback, and neither the
+    pipeline nor Prefect imported (so no API was started)."""
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    store = str(tmp_path / "cube.zarr")
+    cases = {
+        ("run", "--train-dir", str(tmp_path / "missing")): "train_dir",
+        ("run", "--model", "resnet18"): "train_dir and eval_dir are required",
+        ("run", "--model", "resnet_nope"): "unknown model 'resnet_nope'",
+        ("run", "--gamma", "3"): "gamma must be in [-1, 1]",
+        ("run", "--gamma", "abc"): "gamma",
+        ("run", "--rule", "lowest"): "argument --rule: invalid choice",
+        ("run", "--target-mode", "labels"): "argument --target-mode: invalid choice",
+        ("run", "--storage-dtype", "int8"): "argument --storage-dtype: invalid choice",
+        ("run", "--max-per-class-train", "0"): "max_per_class_train must be positive",
+        ("run", "--dask-address", "tcp://127.0.0.1:1", "--workers", "2"): "dask",
+        ("extract", "--data-dir", str(tmp_path / "missing"), "--store", store): "--data-dir",
+        ("extract", "--model", "resnet_nope", "--data-dir", str(images), "--store", store): "unknown model",
+        ("extract", "--layout", "all", "--data-dir", str(images), "--store", store): "argument --layout",
+        ("extract", "--data-dir", str(images), "--store", store, "--chunk-images", "0"): "--chunk-images",
+    }
+    child = _in_child([list(argv) for argv in cases])
+    for result, needle in zip(child["results"], cases.values()):
+        lines = result["err"].strip().splitlines()
+        assert result["rc"] == 2, result
+        assert len(lines) == 1 and lines[0].startswith("disentangle"), result
+        assert needle in lines[0] and "Traceback" not in result["err"], result
+    assert not Path(store).exists()
+    assert child["heavy"] == [], f"bad parameters imported {child['heavy']}"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_flag_is_documented_and_lists_its_choices() -> None:
+    parser = build_parser()
+    commands = _subparsers(parser)
+    assert set(commands) == {"extract", "run", "models", "show", "compare"}
+    for name, sub in [("disentangle", parser), *commands.items()]:
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            where = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS and len(action.help) > 10, where
+            # Booleans take --no-FLAG too, so a deployment's or a shell alias's True can be undone.
+            assert not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)), where
+            if action.option_strings and action.nargs == 0:
+                assert isinstance(action, argparse.BooleanOptionalAction), where
+            for choice in action.choices or ():
+                assert str(choice) in text, f"{where}: choice {choice} not shown"
+    run_flags = {s for a in commands["run"]._actions for s in a.option_strings}
+    for flag in ("--correct-only", "--no-correct-only", "--overwrite", "--no-overwrite",
+                 "--per-image-moments", "--no-per-image-moments", "--rule", "--target-mode", "--storage-dtype"):
+        assert flag in run_flags
+    extract_flags = {s for a in commands["extract"]._actions for s in a.option_strings}
+    assert {"--no-overwrite", "--no-per-image-moments", "--layout"} <= extract_flags
+
+
+def test_choices_are_the_values_the_code_accepts() -> None:
+    """The flags' choice lists are written out so that the parser needs no heavy import; they must
+    stay the values the store and detection accept."""
+    from polysemantic_disentangle.storage.cube import CubeLayout
+    from polysemantic_disentangle.tasks.stage3_detect.params import SELECTION_RULES, DetectionParams
+
+    commands = _subparsers(build_parser())
+    choices = {(cmd, a.dest): tuple(a.choices) for cmd, p in commands.items() for a in p._actions if a.choices}
+    assert choices[("run", "rule")] == SELECTION_RULES
+    for rule in SELECTION_RULES:
+        DetectionParams(rule=rule)
+    with pytest.raises(ValueError, match="rule must be"):
+        DetectionParams(rule="lowest")  # type: ignore[arg-type]
+    for layout in choices[("extract", "layout")]:
+        CubeLayout.preset(layout)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        CubeLayout.preset("all")
+    assert choices[("extract", "target_mode")] == choices[("run", "target_mode")] == ("label", "prediction")
+    assert choices[("extract", "storage_dtype")] == choices[("run", "storage_dtype")] == ("float16", "float32")
+
+
+def test_static_model_names_are_the_registry() -> None:
+    """`disentangle models` lists names without torchvision; they are exactly what the registry
+    builds with the installed torchvision."""
+    import torchvision
+
+    from polysemantic_disentangle.tasks.models import names, registry
+
+    assert names.available_models() == registry.available_models()
+    assert list(names.TORCHVISION_CLASSIFIERS) == sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def test_no_flags_override_booleans() -> None:
+    parse = build_parser().parse_args
+    assert params_from_args(parse(["run", "--correct-only"])).correct_only is True
+    assert params_from_args(parse(["run", "--no-correct-only"])).correct_only is False
+    assert params_from_args(parse(["run", "--no-per-image-moments"])).per_image_moments is False
+    args = parse(["extract", "--data-dir", "d", "--store", "s", "--overwrite", "--no-per-image-moments"])
+    assert args.overwrite is True and args.per_image_moments is False
+
+
+# What `make run` (`disentangle run` without flags) resolved to before the defaults moved to
+# tasks/defaults.py and the CIFAR values to tasks/presets.py; the data folders are the assets'.
+DEMO_RUN = {
+    "model": "cifar_resnet20", "weights": None, "layers": "all", "tau": 0.03, "p": 0.75, "gamma": 0.9,
+    "cosine_lower_bound": 0.0, "rule": "gamma", "k": 3, "quantile": 0.1, "max_pairs_per_layer": 2000,
+    "correct_only": False, "rewire_layers": ["layer3.2.conv1", "layer3.2.conv2"], "max_rewired_per_layer": None,
+    "seed": 0, "overwrite": False, "rho_grid": [round(0.05 * i, 2) for i in range(1, 21)], "rho_max_images": 256,
+    "check_images": 1024, "out_dir": "runs/default", "train_store": "runs/default/cube-train.zarr",
+    "eval_store": "runs/default/cube-eval.zarr", "device": "auto", "chunk_images": 512, "shard_chunks": 8,
+    "batch_size": 128, "per_image_moments": False, "storage_dtype": "float16", "dask_address": None,
+    "dask_workers": None, "target_mode": "label", "max_per_class_train": None, "max_per_class_eval": None,
+    "featvis_channels": 6, "featvis_steps": 128, "explain_quantile": None,
+}
+
+
+def test_demo_run_parameters_are_unchanged() -> None:
+    from polysemantic_disentangle.flows.params import PipelineParams
+    from polysemantic_disentangle.tasks.presets import DEMO_MODEL, preset_for
+
+    resolved = params_from_args(build_parser().parse_args(["run"])).resolved().model_dump()
+    assert Path(resolved.pop("train_dir")).parts[-2:] == ("cifar10", "train")
+    assert Path(resolved.pop("eval_dir")).parts[-2:] == ("cifar10", "test")
+    assert resolved == DEMO_RUN
+    # The CIFAR values come from the preset; the generic parameters carry none of them.
+    assert DEMO_MODEL == DEMO_RUN["model"] and preset_for(DEMO_MODEL).gamma == DEMO_RUN["gamma"]
+    assert all(PipelineParams.model_fields[f].default is None for f in ("gamma", "rewire_layers", "max_rewired_per_layer"))
+    other = PipelineParams(model="resnet18", train_dir=".", eval_dir=".")
+    assert other.gamma == 0.5 and other.rewire_layers == "auto" and other.max_rewired_per_layer == 8
+
+
+def test_a_run_its_preflight_refuses_starts_no_prefect_api(tmp_path: Path) -> None:
+    """The preflight (model, weights, both dataset folders) runs before the temporary Prefect API:
+    a folder that matches no class of the model stops the run with one line, and the API's server
+    module was never imported (the API starts through it)."""
+    import os
+
+    data = tmp_path / "images"
+    (data / "not_a_cifar_class").mkdir(parents=True)
+    argv = ["run", "--train-dir", str(data), "--eval-dir", str(data), "--out-dir", str(tmp_path / "run"),
+            "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # else no API would start anyway
+    report = _in_child([argv], modules=("prefect.server.api",), env=env)
+    result = report["results"][0]
+    assert result["rc"] == 2, result
+    last = result["err"].strip().splitlines()[-1]
+    assert last.startswith("disentangle: error: train_dir") and "not_a_cifar_class" in last, result["err"]
+    assert report["heavy"] == [], "the Prefect API was started before the preflight refused the run"
