@@ -318,7 +318,7 @@ def _main(argv: Sequence[str] | None) -> int:
             summary = disentangle_all_layers(params, preflight=checked.to_dict())
         print(json.dumps(summary, indent=2, default=str))
         print(f"report: {summary.get('report')}\n"
-              f"open a relevance cube with: .venv/bin/python -c \"from storage import open_cube; "
+              f"open a relevance cube with: .venv/bin/python -c \"from polysemantic_disentangle.storage import open_cube; "
               f"print(open_cube('{summary['eval_store']}'))\"\n"
               f"digest: .venv/bin/disentangle show {summary['out_dir']}")
         if summary.get("export"):
@@ -344,7 +344,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 dask_workers=args.dask_workers,
             )
         print(json.dumps({"store": url}))
-        print(f"open it with: python -c \"from storage import open_cube; print(open_cube('{url}'))\"")
+        print(f"open it with: python -c \"from polysemantic_disentangle.storage import open_cube; print(open_cube('{url}'))\"")
         return 0
     return 2
 
