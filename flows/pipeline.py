@@ -2,7 +2,9 @@
 
 Every stage is a coarse task fed by store paths and small JSON-able values. A stage whose
 inputs (content hashes of checkpoint, data manifest and parameters) are unchanged is not
-recomputed: its result is read back from the run directory (see ``flows/runtime/stage_cache.py``).
+recomputed: ``run_stage`` reads its result back from the run directory (see
+``flows/runtime/stage_cache.py``) once every output it names is verified, and the stage shows
+in the UI as a Cached task run.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
+import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from polysemantic_disentangle.flows.runtime.cluster import cluster_address
 from polysemantic_disentangle.flows.extract import extract_relevance_cube, validate_extraction
@@ -33,13 +38,15 @@ from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import save_disenta
 from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table, read_relevance_sample
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
-from polysemantic_disentangle.tasks.stage6_report.report import build_summary, data_uri, figure3, markdown_artifacts, write_report
+from polysemantic_disentangle.tasks.stage6_report.report import build_summary, data_uri, detection_rows, figure3, markdown_artifacts, write_report
 from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import has_stats, read_stats, reduce_cube, statistics_labels, write_stats
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, rewire_model
 from polysemantic_disentangle.tasks.stage7_trend.trend import checkpoint_info, write_checkpoint_record
 
 STATS_SUBSET = "detection"
+# Published once, by the detect stage; the report stage leaves this table out of its artifacts.
+DETECTION_TABLE_ARTIFACT = "detection-per-layer"
 
 
 def _png_markdown(title: str, png: bytes) -> str:
@@ -54,11 +61,12 @@ def reduce_task(store_url: str, tau: float, correct_only: bool, scheduler_addres
     return store_url
 
 
-def reduce_cached(cache: StageCache, key: Any, store_url: str) -> bool:
-    """Whether the reduce stage can be skipped. Its output lives in the train store, not the run
+def stats_in_store(result: dict[str, Any]) -> bool:
+    """Whether the reduce stage's output is still there. It lives in the train store, not the run
     directory, so the record alone proves nothing: a store extracted again (same fingerprint,
     same key) has no statistics until the stage runs again."""
-    return cache.hit("reduce", key) and has_stats(store_url, STATS_SUBSET, list(cube_info(store_url)["layers"]))
+    store_url = result["store"]
+    return has_stats(store_url, STATS_SUBSET, list(cube_info(store_url)["layers"]))
 
 
 @task(name="detect", cache_policy=NO_CACHE)
@@ -121,8 +129,7 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
         "class_names": list(bundle.class_names),
     }
     (out / "detection.json").write_text(json.dumps(result, indent=1))
-    create_table_artifact(key="detection-summary",
-                          table=[{k: v for k, v in d.items() if not isinstance(v, (list, dict))} for d in summaries],
+    create_table_artifact(key=DETECTION_TABLE_ARTIFACT, table=detection_rows(summaries),
                           description="Per-layer detection: candidates, paper-default pairs, selected pairs")
     if last is not None:
         st = fig3_stats[last]
@@ -234,32 +241,64 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
     return result
 
 
-@task(name="evaluate-and-report", cache_policy=NO_CACHE)
-def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: str | None,
-                  rewiring: dict[str, Any], detection: dict[str, Any], params: dict[str, Any],
-                  out_dir: str, device: str, seed: int = 0,
-                  preflight: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Table 1, scores, figures, explanations before/after, then report.html + summary.json."""
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewiring: dict[str, Any],
+                  params: dict[str, Any], out_dir: str, device: str, seed: int = 0) -> dict[str, Any]:
+    """Table 1, scores, figures and explanations before/after of the saved checkpoint; writes
+    ``evaluation.json`` and the figures' PNGs and returns where they are."""
     from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled
     from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import evaluate_run
     from polysemantic_disentangle.tasks.stage1_extract.chunks import pick_device
     from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 
+    if not rewiring.get("checkpoint"):
+        return {"evaluation": None, "figures": {}}
     logger = get_run_logger()
     bundle = load_model(model_name, weights, seed=seed)
+    # Evaluate what was saved: the checkpoint round trip is part of what is checked.
+    rewired, spec = load_disentangled(rewiring["checkpoint"], base_weights=weights)
+    splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
+    evaluation, figures = evaluate_run(
+        bundle.model.eval(), rewired, splits, eval_store, bundle.transform,
+        class_names=bundle.class_names, wnids=bundle.wnids, tau=params["tau"],
+        batch_size=params["batch_size"], featvis_steps=params["featvis_steps"],
+        featvis_max_channels=params["featvis_channels"], explain_layers="all",
+        explain_quantile=params.get("explain_quantile"),
+        device=pick_device(device), log=logger.info)
+    return save_evaluation(Path(out_dir), evaluation, figures)
+
+
+def save_evaluation(out: Path, evaluation: dict[str, Any], figures: dict[str, bytes]) -> dict[str, Any]:
+    """The evaluation's result as files, so that the report stage (or a rerun of it) reads them
+    back instead of evaluating again: ``evaluation.json`` and one PNG per figure."""
+    fig_dir = out / "figures" / "evaluation"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for i, (name, png) in enumerate(figures.items()):
+        path = fig_dir / f"{i:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png"
+        path.write_bytes(png)
+        paths[name] = str(path)
+    target = out / "evaluation.json"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(evaluation))
+    os.replace(tmp, target)  # a kill never leaves a half-written result behind
+    return {"evaluation": str(target), "figures": paths}
+
+
+def evaluation_saved(result: dict[str, Any]) -> bool:
+    """Every file the evaluate stage's result names still exists."""
+    files = [result.get("evaluation"), *(result.get("figures") or {}).values()]
+    return all(Path(f).is_file() for f in files if f)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(eval_store: str, train_store: str, evaluated: dict[str, Any], rewiring: dict[str, Any],
+                detection: dict[str, Any], params: dict[str, Any], out_dir: str,
+                preflight: dict[str, Any] | None = None) -> dict[str, Any]:
+    """report.html + summary.json (and its CSV tables) from the stages' saved results."""
     detections = detections_from_json(detection)
-    evaluation, figures = None, {}
-    if rewiring.get("checkpoint"):
-        # Evaluate what was saved: the checkpoint round trip is part of what is checked.
-        rewired, spec = load_disentangled(rewiring["checkpoint"], base_weights=weights)
-        splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
-        evaluation, figures = evaluate_run(
-            bundle.model.eval(), rewired, splits, eval_store, bundle.transform,
-            class_names=bundle.class_names, wnids=bundle.wnids, tau=params["tau"],
-            batch_size=params["batch_size"], featvis_steps=params["featvis_steps"],
-            featvis_max_channels=params["featvis_channels"], explain_layers="all",
-            explain_quantile=params.get("explain_quantile"),
-            device=pick_device(device), log=logger.info)
+    evaluation = json.loads(Path(evaluated["evaluation"]).read_text()) if evaluated.get("evaluation") else None
+    figures = {name: Path(path).read_bytes() for name, path in (evaluated.get("figures") or {}).items()}
     # Figure 3 was drawn by the detect stage; reuse its files rather than redraw every layer.
     fig3_stats = {layer: {k: v for k, v in st.items() if k != "png"} for layer, st in detection["figure3"].items()}
     fig3_pngs = {st["figure"]: Path(detection["figure3"][layer]["png"]).read_bytes()
@@ -279,15 +318,36 @@ def evaluate_task(eval_store: str, train_store: str, model_name: str, weights: s
     summary = build_summary(params=params, evaluation=evaluation, detections=detections,
                             figure3_stats=fig3_stats, links=links, extra=extra)
     all_figures = {**figures, **fig3_pngs}
-    stop_point("evaluated")
     paths = write_report(out_dir, summary, all_figures)
     artifacts = markdown_artifacts(summary, all_figures, max_channels=3)
     for key, md in artifacts["markdown"].items():
         create_markdown_artifact(key=key, markdown=md)
     for key, rows in artifacts["tables"].items():
-        if rows:
+        if rows and key != DETECTION_TABLE_ARTIFACT:
             create_table_artifact(key=key, table=rows)
     return {k: str(v) for k, v in paths.items()}
+
+
+@task(name="cached", cache_policy=NO_CACHE)
+def _cached(stage: str, result: Any) -> State:
+    """A stage whose inputs are unchanged, in the UI as a Cached task run with its stored result."""
+    return Completed(name="Cached", data=result,
+                     message=f"{stage}: inputs unchanged; result read from the run directory")
+
+
+def run_stage(cache: StageCache, stage: str, key: Any, run: Callable[[], Any], *, stop: str,
+              must_exist: Sequence[str] = (), verify: Callable[[Any], bool] | None = None) -> Any:
+    """The one caching rule of every stage: reuse the stored result when the key matches, the
+    files it names exist and ``verify`` (outputs kept elsewhere, e.g. in a store) holds; else
+    run the stage, pass its stop point and store its result."""
+    result = cache.get(stage, key, must_exist=must_exist)
+    if result is not None and (verify is None or verify(result)):
+        state = _cached.with_options(name=stage, task_run_name=f"{stage} (cached)")(stage, result)
+        return state.result() if isinstance(state, State) else state
+    result = run()
+    stop_point(stop)
+    cache.store(stage, key, result)
+    return result
 
 
 def stage_keys(params: PipelineParams, model_identity: dict[str, Any], train_fp: str,
@@ -300,10 +360,12 @@ def stage_keys(params: PipelineParams, model_identity: dict[str, Any], train_fp:
     rewire_key = {**detect_key, "eval": eval_fp, "rewire_layers": params.rewire_layers,
                   "max_per_layer": params.max_rewired_per_layer, "rho_grid": list(params.rho_grid),
                   "rho_max_images": params.rho_max_images}
-    report_key = {**rewire_key, "eval_params": {k: getattr(params, k) for k in
-                                                ("featvis_steps", "featvis_channels", "batch_size",
-                                                 "explain_quantile")}}
-    return {"reduce": reduce_key, "detect": detect_key, "rewire": rewire_key, "report": report_key}
+    evaluate_key = {**rewire_key, "eval_params": {k: getattr(params, k) for k in
+                                                  ("featvis_steps", "featvis_channels", "batch_size",
+                                                   "explain_quantile")}}
+    report_key = {**evaluate_key, "report": 1}
+    return {"reduce": reduce_key, "detect": detect_key, "rewire": rewire_key, "evaluate": evaluate_key,
+            "report": report_key}
 
 
 def preflight_inputs(params: PipelineParams) -> Preflight:
@@ -367,9 +429,21 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
         "preflight": outputs.url_of(str(out / "preflight.json")),
         "equivalence": rewiring["equivalence"],
     }
+    publish_links(summary)
     logger.info("report: %s; checkpoint: %s; stores: %s, %s", summary["report"], summary["checkpoint"],
                 train_store, eval_store)
     return summary
+
+
+def publish_links(summary: dict[str, Any]) -> None:
+    """Link artifacts to the report and both stores, where the run left them (a local path
+    becomes a file:// URL; an object-store URL stays as it is)."""
+    for key, text, where in (("report-link", "report.html", summary.get("report")),
+                             ("detection-cube-link", "detection cube", summary.get("train_store")),
+                             ("evaluation-cube-link", "evaluation cube", summary.get("eval_store"))):
+        if where:
+            link = where if "://" in where else Path(where).resolve().as_uri()
+            create_link_artifact(key=key, link=link, link_text=text)
 
 
 @contextlib.contextmanager
@@ -402,35 +476,23 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
     eval_fp = cube_info(eval_store)["fingerprint"]
     keys = stage_keys(params, checked.model_identity, train_fp, eval_fp)
 
-    reduce_key = keys["reduce"]
-    if not reduce_cached(cache, reduce_key, train_store):
-        reduce_task(train_store, params.tau, params.correct_only, address)
-        stop_point("reduced")
-        cache.store("reduce", reduce_key, {"store": train_store})
-
-    detect_key = keys["detect"]
-    detection = cache.get("detect", detect_key)
-    if detection is None:
-        detection = detect_task(train_store, params.model, params.weights, detection_params.to_dict(),
-                                str(out), params.seed)
-        stop_point("detected")
-        cache.store("detect", detect_key, detection)
-
-    rewire_key = keys["rewire"]
-    rewiring = cache.get("rewire", rewire_key, must_exist=["checkpoint"])
-    if rewiring is None:
-        rewiring = rewire_task(train_store, eval_store, params.model, params.weights, detection,
-                               params.rewire_layers, params.max_rewired_per_layer, list(params.rho_grid),
-                               params.rho_max_images, str(out), params.check_images, params.seed)
-        stop_point("rewired")
-        cache.store("rewire", rewire_key, rewiring)
-
-    report_key = keys["report"]
-    report = cache.get("report", report_key, must_exist=["report", "summary"])
-    if report is None:
-        report = evaluate_task(eval_store, train_store, params.model, params.weights, rewiring, detection,
-                               params.model_dump(), str(out), params.device, params.seed, preflight)
-        stop_point("reported")
-        cache.store("report", report_key, report)
+    run_stage(cache, "reduce", keys["reduce"], stop="reduced", verify=stats_in_store,
+              run=lambda: {"store": reduce_task(train_store, params.tau, params.correct_only, address)})
+    detection = run_stage(cache, "detect", keys["detect"], stop="detected",
+                          run=lambda: detect_task(train_store, params.model, params.weights,
+                                                  detection_params.to_dict(), str(out), params.seed))
+    rewiring = run_stage(cache, "rewire", keys["rewire"], stop="rewired", must_exist=["checkpoint"],
+                         run=lambda: rewire_task(train_store, eval_store, params.model, params.weights,
+                                                 detection, params.rewire_layers,
+                                                 params.max_rewired_per_layer, list(params.rho_grid),
+                                                 params.rho_max_images, str(out), params.check_images,
+                                                 params.seed))
+    evaluated = run_stage(cache, "evaluate", keys["evaluate"], stop="evaluated", verify=evaluation_saved,
+                          run=lambda: evaluate_task(eval_store, params.model, params.weights, rewiring,
+                                                    params.model_dump(), str(out), params.device,
+                                                    params.seed))
+    report = run_stage(cache, "report", keys["report"], stop="reported", must_exist=["report", "summary"],
+                       run=lambda: report_task(eval_store, train_store, evaluated, rewiring, detection,
+                                               params.model_dump(), str(out), preflight))
 
     return rewiring, detection, report, train_store, eval_store

@@ -1,4 +1,5 @@
-"""Stage records are skipped only when what the stage produced is still there."""
+"""Stage records are skipped only when what the stage produced is still there; a skipped stage
+shows as a Cached task run."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import shutil
 
 import pytest
 
-from polysemantic_disentangle.flows.pipeline import STATS_SUBSET, reduce_cached, reduce_task
+from polysemantic_disentangle.flows.pipeline import STATS_SUBSET, reduce_task, run_stage, stats_in_store
 from polysemantic_disentangle.flows.runtime.stage_cache import StageCache
 from polysemantic_disentangle.storage.cube import STATS_GROUP, cube_info, open_store_group
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import read_stats
+
+
+def _reduced(cache: StageCache, key: dict, url: str) -> bool:
+    """Whether the reduce stage's record would be reused, by the pipeline's own rule."""
+    result = cache.get("reduce", key)
+    return result is not None and stats_in_store(result)
 
 
 def test_reduce_record_needs_the_statistics_in_the_store(small_cube, tmp_path) -> None:
@@ -21,24 +28,60 @@ def test_reduce_record_needs_the_statistics_in_the_store(small_cube, tmp_path) -
     cache = StageCache(tmp_path / "run")
     key = {"train": info["fingerprint"], "tau": 0.03, "correct_only": False}
 
-    assert not reduce_cached(cache, key, url)
+    assert not _reduced(cache, key, url)
     reduce_task.fn(url, 0.03, False, None)
     cache.store("reduce", key, {"store": url})
-    assert reduce_cached(cache, key, url)
+    assert _reduced(cache, key, url)
     assert set(read_stats(url, STATS_SUBSET, layers)) == set(layers)
 
     # One layer's statistics gone (the consolidated metadata still lists them).
     del open_store_group(url, mode="r+")[f"{STATS_GROUP}/{STATS_SUBSET}/{layers[-1]}"]
     assert cache.hit("reduce", key)
-    assert not reduce_cached(cache, key, url)
+    assert not _reduced(cache, key, url)
 
     # Extracted again from the same inputs: same fingerprint, same key, no statistics.
     reduce_task.fn(url, 0.03, False, None)
-    assert reduce_cached(cache, key, url)
+    assert _reduced(cache, key, url)
     shutil.rmtree(url)
     shutil.copytree(original, url)
     assert cube_info(url)["fingerprint"] == info["fingerprint"]
     assert cache.hit("reduce", key)
-    assert not reduce_cached(cache, key, url)
+    assert not _reduced(cache, key, url)
     with pytest.raises(Exception):  # what the detect stage would have met
         read_stats(url, STATS_SUBSET, layers)
+
+
+def test_a_stage_runs_once_and_then_shows_as_cached(prefect_api, tmp_path) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    cache = StageCache(tmp_path / "run")
+    out = tmp_path / "run" / "result.txt"
+    calls: list[int] = []
+
+    def stage() -> dict:
+        calls.append(1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("x")
+        return {"file": str(out), "value": 7}
+
+    @flow
+    def twice() -> list:
+        first = run_stage(cache, "detect", {"k": 1}, stage, stop="detected", must_exist=["file"])
+        second = run_stage(cache, "detect", {"k": 1}, stage, stop="detected", must_exist=["file"])
+        out.unlink()  # an output gone: the stage runs again, however unchanged its inputs
+        third = run_stage(cache, "detect", {"k": 1}, stage, stop="detected", must_exist=["file"])
+        changed = run_stage(cache, "detect", {"k": 2}, stage, stop="detected", must_exist=["file"])
+        return [first, second, third, changed]
+
+    state = twice(return_state=True)
+    results = state.result()
+    assert [r["value"] for r in results] == [7, 7, 7, 7]
+    assert len(calls) == 3  # the second call reused the first's result
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    cached = [r for r in runs if r.state and r.state.name == "Cached"]
+    assert len(cached) == 1 and cached[0].name.startswith("detect")
+    assert cached[0].state.is_completed()

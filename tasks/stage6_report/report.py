@@ -767,6 +767,11 @@ def _fit_rows(rows: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]
     return rows[:lo]
 
 
+def detection_rows(layer_summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The per-layer detection table's rows: each layer summary's scalar fields."""
+    return [{k: v for k, v in d.items() if not isinstance(v, (list, dict))} for d in layer_summaries]
+
+
 def markdown_artifacts(summary: Mapping[str, Any], figures: Mapping[str, bytes], max_channels: int = 5,
                        with_images: bool = True, max_bytes: int = defaults.ARTIFACT_MAX_BYTES) -> dict[str, Any]:
     """Markdown documents and table rows for the orchestrator's artifact store.
@@ -833,8 +838,7 @@ def markdown_artifacts(summary: Mapping[str, Any], figures: Mapping[str, bytes],
             slug = f"channel-{c['layer']}-{c['channel']}".lower().replace(".", "-").replace("_", "-")
             docs[slug] = "\n".join(body)
     tables: dict[str, list[dict[str, Any]]] = {
-        "detection-per-layer": [{k: v for k, v in d.items() if not isinstance(v, (list, dict))}
-                                for d in summary.get("detection") or []],
+        "detection-per-layer": detection_rows(summary.get("detection") or []),
         "table1-per-layer": [{k: v for k, v in a.items() if not isinstance(v, (list, dict))}
                              for a in (ev.get("table1_aggregate") or {}).get("layers", [])],
         "table1-per-channel": table1_rows(channels),
