@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from polysemantic_disentangle.flows.runtime.outputs import RunOutputs
 from polysemantic_disentangle.flows.params import PipelineParams
 from polysemantic_disentangle.flows.preflight import Preflight, run_preflight
 from polysemantic_disentangle.flows.runtime.stage_cache import StageCache
+from polysemantic_disentangle.flows.stage_results import (DetectionResult, EvaluationResult, ReduceResult, ReportResult,
+                                                           RewiringResult)
 from polysemantic_disentangle.storage.cube import CubeReader, cube_info
 from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import save_disentangled
 from polysemantic_disentangle.tasks.data.images import load_batch
@@ -45,6 +47,7 @@ from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalenc
 from polysemantic_disentangle.tasks.stage7_trend.trend import checkpoint_info, write_checkpoint_record
 
 STATS_SUBSET = "detection"
+R = TypeVar("R", ReduceResult, DetectionResult, RewiringResult, EvaluationResult, ReportResult)
 # Published once, by the detect stage; the report stage leaves this table out of its artifacts.
 DETECTION_TABLE_ARTIFACT = "detection-per-layer"
 
@@ -61,17 +64,17 @@ def reduce_task(store_url: str, tau: float, correct_only: bool, scheduler_addres
     return store_url
 
 
-def stats_in_store(result: dict[str, Any]) -> bool:
+def stats_in_store(result: ReduceResult) -> bool:
     """Whether the reduce stage's output is still there. It lives in the train store, not the run
     directory, so the record alone proves nothing: a store extracted again (same fingerprint,
     same key) has no statistics until the stage runs again."""
-    store_url = result["store"]
+    store_url = result.store
     return has_stats(store_url, STATS_SUBSET, list(cube_info(store_url)["layers"]))
 
 
 @task(name="detect", cache_policy=NO_CACHE)
 def detect_task(store_url: str, model_name: str, weights: str | None, params: dict[str, Any],
-                out_dir: str, seed: int = 0) -> dict[str, Any]:
+                out_dir: str, seed: int = 0) -> DetectionResult:
     """Candidates and gamma-polysemantic pairs of every layer, with WordNet similarities;
     writes detection.csv / detection.json and the Figure 3 plot of the last layer."""
     from polysemantic_disentangle.tasks.data.wordnet import pair_similarity
@@ -115,20 +118,20 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
         path.write_bytes(fig3_pngs[st["figure"]])
         st["png"] = str(path)
     last = next((d.layer for d in reversed(detections) if d.layer in fig3_stats), None)
-    result = {
-        "params": detection_params.to_dict(),
-        "layers": summaries,
-        "detections": [{"layer": d.layer, "channels": d.channels, "applicable": d.applicable,
-                        "reason": d.reason, "candidates": d.candidates,
-                        "relevant": {str(k): v for k, v in d.relevant.items()},
-                        "relevant_all": _relevant_all(stats[d.layer], detection_params.p),
-                        "counts": d.counts, "diagnostics": d.diagnostics,
-                        "pairs": [asdict(r) for r in d.pairs]} for d in detections],
-        "figure3": fig3_stats,
-        "figure3_last_layer": last,
-        "class_names": list(bundle.class_names),
-    }
-    (out / "detection.json").write_text(json.dumps(result, indent=1))
+    result = DetectionResult(
+        params=detection_params.to_dict(),
+        layers=summaries,
+        detections=[{"layer": d.layer, "channels": d.channels, "applicable": d.applicable,
+                     "reason": d.reason, "candidates": d.candidates,
+                     "relevant": {str(k): v for k, v in d.relevant.items()},
+                     "relevant_all": _relevant_all(stats[d.layer], detection_params.p),
+                     "counts": d.counts, "diagnostics": d.diagnostics,
+                     "pairs": [asdict(r) for r in d.pairs]} for d in detections],
+        figure3=fig3_stats,
+        figure3_last_layer=last,
+        class_names=list(bundle.class_names),
+    )
+    (out / "detection.json").write_text(json.dumps(result.to_dict(), indent=1))
     create_table_artifact(key=DETECTION_TABLE_ARTIFACT, table=detection_rows(summaries),
                           description="Per-layer detection: candidates, paper-default pairs, selected pairs")
     if last is not None:
@@ -147,19 +150,8 @@ def _relevant_all(stats: Any, p: float) -> dict[str, list[int]]:
     return {str(c): np.flatnonzero(rel[:, c]).tolist() for c in range(rel.shape[1]) if rel[:, c].any()}
 
 
-def detections_from_json(result: dict[str, Any]) -> list[LayerDetection]:
-    out = []
-    for d in result["detections"]:
-        det = LayerDetection(d["layer"], d["channels"], d["applicable"], d["reason"], d["candidates"],
-                             {int(k): v for k, v in d["relevant"].items()},
-                             [PairRow(**r) for r in d["pairs"]], d.get("counts", {}), d.get("diagnostics", {}))
-        out.append(det)
-    return out
-
-
-def nothing_to_rewire_reason(detection: dict[str, Any], planned: list[Any], skipped: list[Any]) -> str:
-    """One sentence on why no channel was rewired, from the detection summaries."""
-    layers = detection.get("layers", [])
+def nothing_to_rewire_reason(layers: Sequence[dict[str, Any]], planned: list[Any], skipped: list[Any]) -> str:
+    """One sentence on why no channel was rewired, from the per-layer detection summaries."""
     cands = sum(d.get("candidates") or 0 for d in layers)
     pairs = sum(d.get("pairs") or 0 for d in layers)
     sel = sum(d.get("selected_pairs") or 0 for d in layers)
@@ -195,9 +187,9 @@ def _class_image_loader(store_url: str, transform: Any, max_images: int):
 
 @task(name="rewire", cache_policy=NO_CACHE)
 def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str | None,
-                detection: dict[str, Any], rewire_layers: str | list[str], max_per_layer: int | None,
+                detection: DetectionResult, rewire_layers: str | list[str], max_per_layer: int | None,
                 rho_grid: list[float], rho_max_images: int, out_dir: str, check_images: int,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0) -> RewiringResult:
     """Split every selected channel, check the function is unchanged, save the checkpoint and
     a standalone export (``disentangled.pt2``, plain torch)."""
     from polysemantic_disentangle.tasks.stage4_rewire.export import export_model
@@ -205,18 +197,17 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
     logger = get_run_logger()
     bundle = load_model(model_name, weights, seed=seed)
     model = bundle.model.eval()
-    plan = plan_rewiring(detections_from_json(detection), rewire_layers, max_per_layer)
+    plan = plan_rewiring(detection.layer_detections(), rewire_layers, max_per_layer)
     stats = read_stats(train_store, STATS_SUBSET, sorted({r.layer for r in plan.rows}))
     splits, skipped = build_splits(model, plan.rows, stats,
                                    _class_image_loader(train_store, bundle.transform, rho_max_images),
                                    rho_grid, rho_max_images)
     skipped = plan.skipped + skipped
     out = Path(out_dir)
-    result: dict[str, Any] = {"splits": [s.to_dict() for s in splits], "skipped": skipped,
-                              "checkpoint": None, "equivalence": None}
+    result = RewiringResult(splits=[s.to_dict() for s in splits], skipped=skipped)
     if not splits:
-        result["nothing_to_rewire"] = nothing_to_rewire_reason(detection, plan.rows, skipped)
-        logger.warning("nothing to rewire: %s", result["nothing_to_rewire"])
+        result.nothing_to_rewire = nothing_to_rewire_reason(detection.layers, plan.rows, skipped)
+        logger.warning("nothing to rewire: %s", result.nothing_to_rewire)
         return result
     rewired = rewire_model(model, splits)
     paths = [str(p) for p in CubeReader(eval_store).image_paths()]
@@ -227,9 +218,9 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
     equivalence = check_equivalence(model, rewired, images)
     ckpt = out / "disentangled.pt"
     save_disentangled(ckpt, bundle, rewired, splits, extra={"equivalence": equivalence})
-    result.update(checkpoint=str(ckpt), equivalence=equivalence, export=None)
+    result.checkpoint, result.equivalence = str(ckpt), equivalence
     try:
-        result["export"] = str(export_model(rewired, images[:2], out / "disentangled.pt2"))
+        result.export = str(export_model(rewired, images[:2], out / "disentangled.pt2"))
     except Exception as exc:  # torch.export cannot trace every model; the checkpoint stands
         logger.warning("standalone export failed (%s: %s); the checkpoint is saved", type(exc).__name__, exc)
     rows = [{"layer": s.layer, "channel": s.channel, "concepts": " | ".join(s.concept_names),
@@ -242,8 +233,8 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewiring: dict[str, Any],
-                  params: dict[str, Any], out_dir: str, device: str, seed: int = 0) -> dict[str, Any]:
+def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewiring: RewiringResult,
+                  params: dict[str, Any], out_dir: str, device: str, seed: int = 0) -> EvaluationResult:
     """Table 1, scores, figures and explanations before/after of the saved checkpoint; writes
     ``evaluation.json`` and the figures' PNGs and returns where they are."""
     from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled
@@ -251,12 +242,12 @@ def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewirin
     from polysemantic_disentangle.tasks.stage1_extract.chunks import pick_device
     from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 
-    if not rewiring.get("checkpoint"):
-        return {"evaluation": None, "figures": {}}
+    if not rewiring.checkpoint:
+        return EvaluationResult()
     logger = get_run_logger()
     bundle = load_model(model_name, weights, seed=seed)
     # Evaluate what was saved: the checkpoint round trip is part of what is checked.
-    rewired, spec = load_disentangled(rewiring["checkpoint"], base_weights=weights)
+    rewired, spec = load_disentangled(rewiring.checkpoint, base_weights=weights)
     splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
     evaluation, figures = evaluate_run(
         bundle.model.eval(), rewired, splits, eval_store, bundle.transform,
@@ -268,7 +259,7 @@ def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewirin
     return save_evaluation(Path(out_dir), evaluation, figures)
 
 
-def save_evaluation(out: Path, evaluation: dict[str, Any], figures: dict[str, bytes]) -> dict[str, Any]:
+def save_evaluation(out: Path, evaluation: dict[str, Any], figures: dict[str, bytes]) -> EvaluationResult:
     """The evaluation's result as files, so that the report stage (or a rerun of it) reads them
     back instead of evaluating again: ``evaluation.json`` and one PNG per figure."""
     fig_dir = out / "figures" / "evaluation"
@@ -282,36 +273,35 @@ def save_evaluation(out: Path, evaluation: dict[str, Any], figures: dict[str, by
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(evaluation))
     os.replace(tmp, target)  # a kill never leaves a half-written result behind
-    return {"evaluation": str(target), "figures": paths}
+    return EvaluationResult(evaluation=str(target), figures=paths)
 
 
-def evaluation_saved(result: dict[str, Any]) -> bool:
+def evaluation_saved(result: EvaluationResult) -> bool:
     """Every file the evaluate stage's result names still exists."""
-    files = [result.get("evaluation"), *(result.get("figures") or {}).values()]
+    files = [result.evaluation, *result.figures.values()]
     return all(Path(f).is_file() for f in files if f)
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(eval_store: str, train_store: str, evaluated: dict[str, Any], rewiring: dict[str, Any],
-                detection: dict[str, Any], params: dict[str, Any], out_dir: str,
-                preflight: dict[str, Any] | None = None) -> dict[str, Any]:
+def report_task(eval_store: str, train_store: str, evaluated: EvaluationResult, rewiring: RewiringResult,
+                detection: DetectionResult, params: dict[str, Any], out_dir: str,
+                preflight: dict[str, Any] | None = None) -> ReportResult:
     """report.html + summary.json (and its CSV tables) from the stages' saved results."""
-    detections = detections_from_json(detection)
-    evaluation = json.loads(Path(evaluated["evaluation"]).read_text()) if evaluated.get("evaluation") else None
-    figures = {name: Path(path).read_bytes() for name, path in (evaluated.get("figures") or {}).items()}
+    detections = detection.layer_detections()
+    evaluation = json.loads(Path(evaluated.evaluation).read_text()) if evaluated.evaluation else None
+    figures = {name: Path(path).read_bytes() for name, path in evaluated.figures.items()}
     # Figure 3 was drawn by the detect stage; reuse its files rather than redraw every layer.
-    fig3_stats = {layer: {k: v for k, v in st.items() if k != "png"} for layer, st in detection["figure3"].items()}
-    fig3_pngs = {st["figure"]: Path(detection["figure3"][layer]["png"]).read_bytes()
+    fig3_stats = {layer: {k: v for k, v in st.items() if k != "png"} for layer, st in detection.figure3.items()}
+    fig3_pngs = {st["figure"]: Path(detection.figure3[layer]["png"]).read_bytes()
                  for layer, st in fig3_stats.items()}
     links = {"detection cube": train_store, "evaluation cube": eval_store,
              "detection table": str(Path(out_dir) / "detection.csv")}
-    if rewiring.get("checkpoint"):
-        links["rewired checkpoint"] = rewiring["checkpoint"]
-    if rewiring.get("export"):
-        links["rewired model, standalone (torch.export.load)"] = rewiring["export"]
-    extra: dict[str, Any] = {"rewiring": {"equivalence": rewiring.get("equivalence"),
-                                          "skipped": rewiring.get("skipped", []),
-                                          "nothing_to_rewire": rewiring.get("nothing_to_rewire")}}
+    if rewiring.checkpoint:
+        links["rewired checkpoint"] = rewiring.checkpoint
+    if rewiring.export:
+        links["rewired model, standalone (torch.export.load)"] = rewiring.export
+    extra: dict[str, Any] = {"rewiring": {"equivalence": rewiring.equivalence, "skipped": rewiring.skipped,
+                                          "nothing_to_rewire": rewiring.nothing_to_rewire}}
     if preflight:
         extra = {"notes": preflight.get("notes", []), "preflight": Preflight.from_dict(preflight).lines()[1:],
                  **extra}
@@ -325,7 +315,8 @@ def report_task(eval_store: str, train_store: str, evaluated: dict[str, Any], re
     for key, rows in artifacts["tables"].items():
         if rows and key != DETECTION_TABLE_ARTIFACT:
             create_table_artifact(key=key, table=rows)
-    return {k: str(v) for k, v in paths.items()}
+    files = {k: str(v) for k, v in paths.items()}
+    return ReportResult(report=files["report"], summary=files["summary"], files=files)
 
 
 @task(name="cached", cache_policy=NO_CACHE)
@@ -335,18 +326,20 @@ def _cached(stage: str, result: Any) -> State:
                      message=f"{stage}: inputs unchanged; result read from the run directory")
 
 
-def run_stage(cache: StageCache, stage: str, key: Any, run: Callable[[], Any], *, stop: str,
-              must_exist: Sequence[str] = (), verify: Callable[[Any], bool] | None = None) -> Any:
+def run_stage(cache: StageCache, stage: str, key: Any, run: Callable[[], R], *, result_type: type[R],
+              stop: str, must_exist: Sequence[str] = (), verify: Callable[[R], bool] | None = None) -> R:
     """The one caching rule of every stage: reuse the stored result when the key matches, the
     files it names exist and ``verify`` (outputs kept elsewhere, e.g. in a store) holds; else
     run the stage, pass its stop point and store its result."""
-    result = cache.get(stage, key, must_exist=must_exist)
-    if result is not None and (verify is None or verify(result)):
-        state = _cached.with_options(name=stage, task_run_name=f"{stage} (cached)")(stage, result)
-        return state.result() if isinstance(state, State) else state
+    stored = cache.get(stage, key, must_exist=must_exist)
+    if stored is not None:
+        result = result_type.from_dict(stored)
+        if verify is None or verify(result):
+            state = _cached.with_options(name=stage, task_run_name=f"{stage} (cached)")(stage, stored)
+            return result_type.from_dict(state.result() if isinstance(state, State) else state)
     result = run()
     stop_point(stop)
-    cache.store(stage, key, result)
+    cache.store(stage, key, result.to_dict())
     return result
 
 
@@ -414,20 +407,20 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
                                                                        preflight)
     summary = {
         "out_dir": outputs.location,
-        "report": outputs.url_of(report.get("report")),
-        "summary_json": outputs.url_of(report.get("summary")),
+        "report": outputs.url_of(report.report),
+        "summary_json": outputs.url_of(report.summary),
         "train_store": train_store,
         "eval_store": eval_store,
-        "figure3": detection["figure3"].get(detection.get("figure3_last_layer") or "", {}),
-        "rewired_channels": len(rewiring["splits"]),
+        "figure3": detection.figure3.get(detection.figure3_last_layer or "", {}),
+        "rewired_channels": len(rewiring.splits),
         # Visible in the run's result (and the CLI's exit status), not only as a warning line.
-        "outcome": (f"rewired {len(rewiring['splits'])} channels" if rewiring["splits"]
-                    else "nothing to rewire: " + (rewiring.get("nothing_to_rewire")
-                                                  or nothing_to_rewire_reason(detection, [], []))),
-        "checkpoint": outputs.url_of(rewiring["checkpoint"]),
-        "export": outputs.url_of(rewiring.get("export")),
+        "outcome": (f"rewired {len(rewiring.splits)} channels" if rewiring.splits
+                    else "nothing to rewire: " + (rewiring.nothing_to_rewire
+                                                  or nothing_to_rewire_reason(detection.layers, [], []))),
+        "checkpoint": outputs.url_of(rewiring.checkpoint),
+        "export": outputs.url_of(rewiring.export),
         "preflight": outputs.url_of(str(out / "preflight.json")),
-        "equivalence": rewiring["equivalence"],
+        "equivalence": rewiring.equivalence,
     }
     publish_links(summary)
     logger.info("report: %s; checkpoint: %s; stores: %s, %s", summary["report"], summary["checkpoint"],
@@ -456,8 +449,8 @@ def _pushed(outputs: RunOutputs) -> Iterator[None]:
 
 def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path, cache: StageCache,
             address: str | None, checked: Preflight, preflight: dict[str, Any],
-            ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str, str]:
-    """extract -> reduce -> detect -> rewire -> evaluate/report, each skipped when cached."""
+            ) -> tuple[RewiringResult, DetectionResult, ReportResult, str, str]:
+    """extract -> reduce -> detect -> rewire -> evaluate -> report, each skipped when cached."""
     common = dict(model=params.model, weights=params.weights, layers=params.layers,
                   chunk_images=params.chunk_images, shard_chunks=params.shard_chunks,
                   batch_size=params.batch_size, device=params.device, target_mode=params.target_mode,
@@ -476,22 +469,22 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
     eval_fp = cube_info(eval_store)["fingerprint"]
     keys = stage_keys(params, checked.model_identity, train_fp, eval_fp)
 
-    run_stage(cache, "reduce", keys["reduce"], stop="reduced", verify=stats_in_store,
-              run=lambda: {"store": reduce_task(train_store, params.tau, params.correct_only, address)})
-    detection = run_stage(cache, "detect", keys["detect"], stop="detected",
+    run_stage(cache, "reduce", keys["reduce"], result_type=ReduceResult, stop="reduced", verify=stats_in_store,
+              run=lambda: ReduceResult(reduce_task(train_store, params.tau, params.correct_only, address)))
+    detection = run_stage(cache, "detect", keys["detect"], result_type=DetectionResult, stop="detected",
                           run=lambda: detect_task(train_store, params.model, params.weights,
                                                   detection_params.to_dict(), str(out), params.seed))
-    rewiring = run_stage(cache, "rewire", keys["rewire"], stop="rewired", must_exist=["checkpoint"],
+    rewiring = run_stage(cache, "rewire", keys["rewire"], result_type=RewiringResult, stop="rewired", must_exist=["checkpoint"],
                          run=lambda: rewire_task(train_store, eval_store, params.model, params.weights,
                                                  detection, params.rewire_layers,
                                                  params.max_rewired_per_layer, list(params.rho_grid),
                                                  params.rho_max_images, str(out), params.check_images,
                                                  params.seed))
-    evaluated = run_stage(cache, "evaluate", keys["evaluate"], stop="evaluated", verify=evaluation_saved,
+    evaluated = run_stage(cache, "evaluate", keys["evaluate"], result_type=EvaluationResult, stop="evaluated", verify=evaluation_saved,
                           run=lambda: evaluate_task(eval_store, params.model, params.weights, rewiring,
                                                     params.model_dump(), str(out), params.device,
                                                     params.seed))
-    report = run_stage(cache, "report", keys["report"], stop="reported", must_exist=["report", "summary"],
+    report = run_stage(cache, "report", keys["report"], result_type=ReportResult, stop="reported", must_exist=["report", "summary"],
                        run=lambda: report_task(eval_store, train_store, evaluated, rewiring, detection,
                                                params.model_dump(), str(out), preflight))
 

@@ -380,5 +380,5 @@ def test_show_prints_diagnostics_and_warnings(tmp_path, capsys) -> None:
     show_run(str(tmp_path))
     out = capsys.readouterr().out
     assert "imp/img" in out and "! _conv_head: median 0 important channels" in out
-    reason = nothing_to_rewire_reason(detection, [], [])
+    reason = nothing_to_rewire_reason(detection["layers"], [], [])
     assert reason.startswith("0 candidate channels") and "_conv_head" in reason
