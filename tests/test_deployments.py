@@ -43,7 +43,7 @@ def tiny_data(tmp_path_factory, assets_dir) -> dict[str, str]:
 
 
 def test_registry_claim_is_exclusive_across_connections(tmp_path) -> None:
-    from polysemantic_disentangle.flows.watch.flow import Registry
+    from polysemantic_disentangle.flows.watch.registry import Registry
 
     path = tmp_path / "registry.sqlite"
     winners: list[dict] = []
@@ -75,7 +75,7 @@ def test_registry_claim_is_exclusive_across_connections(tmp_path) -> None:
 
 def test_params_hash_covers_defaults_and_rejects_owned_fields() -> None:
     from polysemantic_disentangle.flows.params import PipelineParams
-    from polysemantic_disentangle.flows.watch.flow import params_hash
+    from polysemantic_disentangle.flows.watch.registry import params_hash
 
     default_gamma = PipelineParams().gamma
     assert params_hash({}) == params_hash(None) == params_hash({"gamma": default_gamma})
@@ -92,7 +92,8 @@ def test_params_hash_covers_defaults_and_rejects_owned_fields() -> None:
 
 @pytest.mark.slow
 def test_watcher_analyses_each_content_once(tmp_path, assets_dir, tiny_data, prefect_api) -> None:
-    from polysemantic_disentangle.flows.watch.flow import Registry, params_hash, watch_checkpoints
+    from polysemantic_disentangle.flows.watch.registry import Registry, params_hash
+    from polysemantic_disentangle.flows.watch.flow import watch_checkpoints
 
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
@@ -152,7 +153,9 @@ def test_watcher_analyses_each_content_once(tmp_path, assets_dir, tiny_data, pre
 def test_watcher_reads_fsspec_urls(tmp_path, assets_dir, tiny_data, prefect_api) -> None:
     import fsspec
 
-    from polysemantic_disentangle.flows.watch.flow import Registry, watch_checkpoints
+    from polysemantic_disentangle.flows.watch.registry import Registry
+
+    from polysemantic_disentangle.flows.watch.flow import watch_checkpoints
     from polysemantic_disentangle.tasks.data.assets import sha256_file
 
     fs = fsspec.filesystem("memory")
@@ -180,7 +183,8 @@ def test_watcher_through_a_deployment(tmp_path, assets_dir, prefect_api) -> None
     from prefect.states import Completed, Failed
 
     from polysemantic_disentangle.flows.pipeline import disentangle_all_layers
-    from polysemantic_disentangle.flows.watch.flow import Registry, watch_checkpoints
+    from polysemantic_disentangle.flows.watch.registry import Registry
+    from polysemantic_disentangle.flows.watch.flow import watch_checkpoints
 
     name = f"watch-test-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:

@@ -32,7 +32,7 @@ PATTERNS = ["**/*.pt"]
 
 
 def _analysed(registry: Path) -> dict[str, dict]:
-    from polysemantic_disentangle.flows.watch.flow import Registry
+    from polysemantic_disentangle.flows.watch.registry import Registry
 
     return {Path(r["checkpoint"]).name: r for r in Registry(registry).analyses()}
 
@@ -340,7 +340,8 @@ def test_waiting_for_a_deployment_without_a_worker_ends(tmp_path, assets_dir, pr
     from prefect.client.orchestration import get_client
 
     from polysemantic_disentangle.flows.pipeline import disentangle_all_layers
-    from polysemantic_disentangle.flows.watch.flow import Registry, watch_checkpoints
+    from polysemantic_disentangle.flows.watch.registry import Registry
+    from polysemantic_disentangle.flows.watch.flow import watch_checkpoints
 
     name = f"no-worker-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:

@@ -2,6 +2,6 @@
 
 import sys
 
-from polysemantic_disentangle.flows.watch.flow import main
+from polysemantic_disentangle.flows.watch.cli import main
 
 sys.exit(main())
