@@ -21,7 +21,6 @@ RHO_MAX_IMAGES_PER_CONCEPT: int = 256
 # Compositional explanations (Mu & Andreas 2020)
 EXPLAIN_BEAM_WIDTH: int = 5
 EXPLAIN_MAX_FORMULA_LENGTH: int = 3
-EXPLAIN_OPERATORS: tuple[str, ...] = ("OR", "AND", "AND NOT")
 
 # Extraction
 CHUNK_IMAGES: int = 512  # images per Zarr chunk (and per completion marker)
@@ -67,8 +66,6 @@ FEATVIS_IMAGENET_SIZE: int = 224
 FEATVIS_IMAGENET_STEPS: int = 512
 FEATVIS_MODE: str = "fourier"  # "fourier": optimise the whole spectrum; "phase": MACO
 FEATVIS_DECAY_POWER: float = 1.0  # spectrum scaled by 1 / frequency ** decay_power
-FEATVIS_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics,
-FEATVIS_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)  # also used by CIFAR ResNets
 # Random transforms applied at every feature-visualisation step (robustness, Lucid style).
 FEATVIS_JITTER: float = 1.0 / 16.0  # largest shift, as a fraction of the image side
 FEATVIS_SCALE: float = 0.1  # scale drawn from [1 - s, 1 + s]
@@ -88,8 +85,8 @@ EVAL_EXEMPLARS: int = 8  # top images per channel in the exemplar grid
 # grid of 24 photos is about 2 MB of PNG, a 64-pixel one about 0.2 MB.
 EVAL_EXEMPLAR_SIDE: int = 64
 EVAL_FEATVIS_SIDE: int = 128  # feature visualisations in the report grid
-EVAL_FEATVIS_STEPS: int = 64  # enough for a recognisable 32 x 32 visualisation on a CPU
-EVAL_FEATVIS_MAX_CHANNELS: int = 8  # the best-scoring channels get feature visualisations
+# the best-scoring rewired channels get feature visualisations (FEATVIS_STEPS steps each)
+FEATVIS_CHANNELS: int = 6
 EVAL_DENSITY_POINTS: int = 256  # KDE grid of Figure 2
 # Statistics resting on fewer images than this say so (n beside them, a warning).
 EVAL_FEW_IMAGES: int = 5
@@ -138,7 +135,5 @@ DETECT_QUANTILE: float = 0.1
 # Pairs kept as table rows per layer (the selected ones first); counts stay exact.
 DETECT_MAX_PAIRS_PER_LAYER: int = 2000
 
-# `disentangle run`: evaluation images of the rewired network's logit-equivalence check, and
-# rewired channels that get feature visualisations.
+# `disentangle run`: evaluation images of the rewired network's logit-equivalence check.
 EQUIVALENCE_CHECK_IMAGES: int = 1024
-RUN_FEATVIS_CHANNELS: int = 6

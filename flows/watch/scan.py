@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +11,7 @@ import fsspec
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from polysemantic_disentangle.tasks.data.assets import sha256_stream
 from polysemantic_disentangle.flows.watch.trend import SETTLE_SECONDS, still_written
 from polysemantic_disentangle.flows.watch.registry import Registry
 
@@ -20,12 +20,7 @@ _CHUNK = 1 << 20
 
 
 def _stream_sha256(src: Any, sink: Any | None = None) -> str:
-    digest = hashlib.sha256()
-    while chunk := src.read(_CHUNK):
-        digest.update(chunk)
-        if sink is not None:
-            sink.write(chunk)
-    return digest.hexdigest()
+    return sha256_stream(src, sink, chunk_size=_CHUNK)
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -15,7 +15,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "CIFAR_RESNET_CHECKPOINTS",
@@ -68,13 +68,21 @@ def cache_dir() -> Path:
     return path
 
 
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large checkpoints never sit in memory twice."""
+def sha256_stream(src: Any, sink: Any | None = None, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a binary stream, read in chunks so large checkpoints never sit in memory
+    (local or fsspec files alike); every chunk is also written to ``sink`` when given."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
+    while chunk := src.read(chunk_size):
+        digest.update(chunk)
+        if sink is not None:
+            sink.write(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a local file (`sha256_stream`)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f, chunk_size=chunk_size)
 
 
 def _matches(path: Path, expected: str) -> bool:

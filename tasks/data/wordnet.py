@@ -16,7 +16,6 @@ Everything else takes a wnid (``n02084071``) or a synset name (``dog.n.01``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -58,8 +57,9 @@ _state: tuple[tuple[Any, ...], Path, WordNetCorpusReader] | None = None
 
 def cache_root() -> Path:
     """The project's cache directory (env ``DISENTANGLE_CACHE``)."""
-    env = os.environ.get("DISENTANGLE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "polysemantic-disentangle"
+    from polysemantic_disentangle.tasks.data.assets import cache_dir
+
+    return cache_dir()
 
 
 # --------------------------------------------------------------------------- provisioning
@@ -186,11 +186,9 @@ def _fill_from_nltk_download(tmp: Path, work: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from polysemantic_disentangle.tasks.data.assets import sha256_file
+
+    return sha256_file(path)
 
 
 def _pip_commands() -> list[list[str]]:

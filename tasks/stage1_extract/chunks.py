@@ -19,6 +19,7 @@ from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, scan_image_folder
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, select_layers
 from polysemantic_disentangle.tasks.stage1_extract.relevance import TargetMode, batch_relevance
+from polysemantic_disentangle.tasks.models.hooks import hooked
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -300,14 +301,9 @@ def activation_bytes_per_image(model: nn.Module, image_shape: Sequence[int]) -> 
             total[0] += out[0].numel() * 4
 
     leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros(1, *image_shape, device=device))
-    finally:
-        for h in handles:
-            h.remove()
+    device = next(model.parameters()).device
+    with hooked((m, count) for m in leaves), torch.no_grad():
+        model(torch.zeros(1, *image_shape, device=device))
     return total[0]
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from polysemantic_disentangle.tasks.models.registry import conv_input_padding
+from polysemantic_disentangle.tasks.models.hooks import hooked
 
 TargetMode = Literal["label", "prediction"]
 
@@ -123,6 +124,10 @@ class _LayerTap:
         self.output: torch.Tensor | None = None
         self.calls = 0
 
+    def release(self) -> None:
+        """Drop the batch's output (and with it the autograd graph its gradient hook holds)."""
+        self.output = None
+
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         self.calls += 1
         if self.calls > 1:
@@ -162,8 +167,8 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
           activations: bool | frozenset[str] = True) -> Iterator[list[_LayerTap]]:
     modules = dict(model.named_modules())
     shield = any(getattr(m, "inplace", False) for m in modules.values())
-    taps, handles = [], []
-    try:
+    taps: list[_LayerTap] = []
+    with hooked() as handles:
         for name in layers:
             module = modules.get(name)
             if not isinstance(module, nn.Conv2d):
@@ -171,15 +176,11 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
             tap = _LayerTap(name, module, result, shield,
                             moments=moment_layers is None or name in moment_layers, activations=activations)
             taps.append(tap)
-            handles.append(module.register_forward_hook(tap))
+            handles.register(module, tap)
+            # output -> its grad hook -> tap -> output is a reference cycle that would keep every
+            # batch's autograd graph alive until the cyclic GC happens to run: broken on exit.
+            handles.on_exit(tap.release)
         yield taps
-    finally:
-        for h in handles:
-            h.remove()
-        # output -> its grad hook -> tap -> output is a reference cycle that would keep every
-        # batch's autograd graph alive until the cyclic GC happens to run: break it here.
-        for tap in taps:
-            tap.output = None
 
 
 def batch_relevance(

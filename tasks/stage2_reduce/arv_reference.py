@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from polysemantic_disentangle.tasks.models.hooks import hooked
+
 
 def autograd_class_arv(model: nn.Module, layer: str, images: torch.Tensor, channel: int,
                        batch_size: int = 64) -> torch.Tensor:
@@ -22,14 +24,10 @@ def autograd_class_arv(model: nn.Module, layer: str, images: torch.Tensor, chann
         def capture(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             kept["input"], kept["output"] = inputs[0], output
 
-        handle = module.register_forward_hook(capture)
-        try:
-            with torch.enable_grad():
-                batch = images[start:start + batch_size].detach().requires_grad_(True)
-                model(batch)
-                (grad,) = torch.autograd.grad(kept["output"][:, channel].sum(), kept["input"])
-        finally:
-            handle.remove()
+        with hooked([(module, capture)]), torch.enable_grad():
+            batch = images[start:start + batch_size].detach().requires_grad_(True)
+            model(batch)
+            (grad,) = torch.autograd.grad(kept["output"][:, channel].sum(), kept["input"])
         part = (kept["input"].detach() * grad).sum(dim=(2, 3)).sum(dim=0)
         total = part if total is None else total + part
     assert total is not None

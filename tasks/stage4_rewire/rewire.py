@@ -24,12 +24,17 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.defaults import RHO_GRID, RHO_MAX_IMAGES_PER_CONCEPT, RHO_SCORE_EPS
+from polysemantic_disentangle.tasks.stage1_extract.relevance import channel_group_slice
+from polysemantic_disentangle.tasks.models.hooks import forward_until, hooked
 
 __all__ = [
     "ChannelSplit",
@@ -184,9 +189,7 @@ def _conv_shell(conv: nn.Conv2d, weight: Tensor, bias: Tensor | None, groups: in
 
 def _row_input_slice(conv: nn.Conv2d, channel: int) -> slice:
     """The input channels a conv row reads: its group's slice."""
-    per_group_in = conv.in_channels // conv.groups
-    group = channel // (conv.out_channels // conv.groups)
-    return slice(group * per_group_in, (group + 1) * per_group_in)
+    return channel_group_slice(conv.out_channels, conv.in_channels, conv.groups, channel)
 
 
 def _check_splittable(conv: nn.Conv2d, channel: int) -> None:
@@ -269,10 +272,6 @@ def choose_rho(
     return RhoChoice(rho, scores, [s.tolist() for s in src], shared.tolist())
 
 
-class _StopForward(Exception):
-    pass
-
-
 def collect_layer_inputs(
     model: nn.Module, layer_name: str, images: Tensor, batch_size: int = 128
 ) -> Tensor:
@@ -280,23 +279,10 @@ def collect_layer_inputs(
     padding) for ``images``, batch by batch; each forward stops right after the layer."""
     layer = model.get_submodule(layer_name)
     seen: list[Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple) -> None:
-        seen.append(args[0].detach().clone())
-        raise _StopForward
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for i in range(0, images.shape[0], batch_size):
-                try:
-                    model(images[i : i + batch_size])
-                except _StopForward:
-                    pass
-                else:
-                    raise RuntimeError(f"{layer_name} was not called in the forward pass")
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch_size):
+            args = forward_until(model, layer, images[i : i + batch_size], "forward_pre", name=layer_name)
+            seen.append(args[0].detach().clone())
     return torch.cat(seen)
 
 
@@ -360,8 +346,16 @@ class ChannelSplit:
         return cls(**data)
 
 
-def _part_name(layer: str, channel: int, j: int | None) -> str:
+def part_name(layer: str, channel: int, j: int | None) -> str:
+    """The name of part ``j`` (1..k; None: the shared residual r) of a split channel, as its
+    ``parts`` tap reports it."""
     return f"{layer}/{channel}/residual" if j is None else f"{layer}/{channel}/concept-{j}"
+
+
+def split_part_names(split: ChannelSplit) -> list[str]:
+    """Every part of ``split`` in order: concept-1 .. concept-k, then the residual."""
+    return [part_name(split.layer, split.channel, j) for j in range(1, split.k + 1)] + [
+        part_name(split.layer, split.channel, None)]
 
 
 class DisentangledConv2d(nn.Module):
@@ -416,8 +410,7 @@ class DisentangledConv2d(nn.Module):
             part_rows.append(conv.out_channels + len(extra_rows) - 1)
             part_slot += [slot] * (s.k + 1)
             part_coef += [1.0] * s.k + [-(s.k - 1.0)]
-            names += [_part_name(layer, s.channel, j) for j in range(1, s.k + 1)]
-            names.append(_part_name(layer, s.channel, None))
+            names += split_part_names(s)
         self.part_names = names
 
         extra = torch.stack(extra_rows)
@@ -533,33 +526,53 @@ def capture_parts(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, 
 
         return hook
 
-    handles = [m.parts.register_forward_hook(make_hook(e)) for m, e in taps.items()]
-    try:
+    with hooked((m.parts, make_hook(e)) for m, e in taps.items()):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------------------------------
 # Equivalence check
 
 
-def check_equivalence(
-    original: nn.Module,
-    rewired: nn.Module,
-    images: Tensor,
-    rtol: float = 1e-4,
-    batch_size: int = 128,
-) -> dict:
-    """Check that ``rewired`` computes ``original``'s logits on ``images`` (float32).
+def logit_agreement(original: np.ndarray, rewired: np.ndarray,
+                    rtol: float = defaults.EVAL_LOGIT_RTOL) -> dict[str, Any]:
+    """The one rule for "the function is unchanged", on the logits of both models.
 
     Tolerance: rtol * max(1, max |original logit|): float32 sums of differently ordered terms
     differ by a few ulps of the largest magnitudes involved, so the bound scales with the
     logits, with an absolute floor of rtol for tiny logits. A top-1 flip counts as a change
     unless the original logits of the two classes are within the tolerance of each other (a
-    rounding-level tie). Raises FunctionChanged on a larger difference or a real flip.
+    rounding-level tie). Computed in the logits' own dtype.
     """
+    a, b = np.asarray(original), np.asarray(rewired)
+    n = a.shape[0]
+    diff = float(np.abs(a - b).max()) if a.size else 0.0
+    tol = rtol * max(1.0, float(np.abs(a).max()) if a.size else 0.0)
+    top_a, top_b = a.argmax(1), b.argmax(1)
+    flipped = top_a != top_b
+    margin = a[np.arange(n), top_a] - a[np.arange(n), top_b]
+    beyond = int((flipped & (margin > tol)).sum())
+    return {
+        "n": int(n),
+        "max_abs_logit_diff": diff,
+        "tolerance": tol,
+        "rtol": rtol,
+        "top1_agreement": float((~flipped).mean()) if n else 1.0,
+        "top1_changed": int(flipped.sum()),
+        "top1_changed_beyond_ties": beyond,
+        "equivalent": bool(math.isfinite(diff) and diff <= tol and beyond == 0),
+    }
+
+
+def check_equivalence(
+    original: nn.Module,
+    rewired: nn.Module,
+    images: Tensor,
+    rtol: float = defaults.EVAL_LOGIT_RTOL,
+    batch_size: int = 128,
+) -> dict:
+    """Check that ``rewired`` computes ``original``'s logits on ``images`` (float32), by
+    `logit_agreement`. Raises FunctionChanged on a larger difference or a real flip."""
     device = next(original.parameters()).device
     orig_logits, new_logits = [], []
     with torch.no_grad():
@@ -567,22 +580,7 @@ def check_equivalence(
             batch = images[i : i + batch_size].to(device, torch.float32)
             orig_logits.append(original(batch).float())
             new_logits.append(rewired(batch).float())
-    a, b = torch.cat(orig_logits), torch.cat(new_logits)
-    diff = (a - b).abs().max().item() if a.numel() else 0.0
-    tol = rtol * max(1.0, a.abs().max().item() if a.numel() else 0.0)
-    top_a, top_b = a.argmax(1), b.argmax(1)
-    flipped = top_a != top_b
-    margin = a.gather(1, top_a[:, None]) - a.gather(1, top_b[:, None])
-    real_flips = int((flipped & (margin.flatten() > tol)).sum())
-    report = {
-        "n": int(a.shape[0]),
-        "max_abs_logit_diff": diff,
-        "tolerance": tol,
-        "rtol": rtol,
-        "top1_agreement": float((~flipped).float().mean()) if a.numel() else 1.0,
-        "top1_changed": int(flipped.sum()),
-        "top1_changed_beyond_ties": real_flips,
-    }
-    if not math.isfinite(diff) or diff > tol or real_flips:
+    report = logit_agreement(torch.cat(orig_logits).cpu().numpy(), torch.cat(new_logits).cpu().numpy(), rtol)
+    if not report.pop("equivalent"):
         raise FunctionChanged(f"rewired model differs from the original: {report}")
     return report

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from polysemantic_disentangle.storage.cube import CubeReader
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from polysemantic_disentangle.tasks.stage5_evaluate.explain import (
     Explanation,
     activation_thresholds,
@@ -44,7 +45,9 @@ from polysemantic_disentangle.tasks.stage5_evaluate.explain import (
     present_quantile,
 )
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, statistics_labels
-from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, DisentangledConv2d, capture_parts
+from polysemantic_disentangle.tasks.models.hooks import hooked
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import (ChannelSplit, DisentangledConv2d, capture_parts, logit_agreement,
+                                                           split_part_names)
 
 __all__ = [
     "ChannelRun",
@@ -106,10 +109,6 @@ def part_labels(k: int) -> list[str]:
     return [f"d{j}" for j in range(1, k + 1)] + ["r"]
 
 
-def _part_names(split: ChannelSplit) -> list[str]:
-    base = f"{split.layer}/{split.channel}"
-    return [f"{base}/concept-{j}" for j in range(1, split.k + 1)] + [f"{base}/residual"]
-
 
 def _reduce(maps: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, ..., H, W) -> spatial sum, max and positive mass, in float64: the Table 1 invariant
@@ -158,22 +157,17 @@ def run_channels(
 
         return hook
 
-    names = [n for s in splits for n in _part_names(s)]
+    names = [n for s in splits for n in split_part_names(s)]
     part_out: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {n: [] for n in names}
     logits_o, logits_r = [], []
-    handles = [original.get_submodule(layer).register_forward_hook(make_hook(layer)) for layer in by_layer]
-    try:
-        with torch.no_grad():
-            for batch in _batches(images, batch_size):
-                batch = batch.to(dev, torch.float32)
-                logits_o.append(original(batch).float().cpu().numpy())
-                with capture_parts(rewired, names) as parts:
-                    logits_r.append(rewired(batch).float().cpu().numpy())
-                for n in names:
-                    part_out[n].append(_reduce(parts[n]))
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked((original.get_submodule(layer), make_hook(layer)) for layer in by_layer), torch.no_grad():
+        for batch in _batches(images, batch_size):
+            batch = batch.to(dev, torch.float32)
+            logits_o.append(original(batch).float().cpu().numpy())
+            with capture_parts(rewired, names) as parts:
+                logits_r.append(rewired(batch).float().cpu().numpy())
+            for n in names:
+                part_out[n].append(_reduce(parts[n]))
 
     def cat(chunks: list[tuple[np.ndarray, ...]], i: int) -> np.ndarray:
         return np.concatenate([c[i] for c in chunks]) if chunks else np.zeros((0,))
@@ -182,7 +176,7 @@ def run_channels(
     for s in splits:
         col = by_layer[s.layer].index(s.channel)
         o = orig_out[s.layer]
-        ps = [part_out[n] for n in _part_names(s)]
+        ps = [part_out[n] for n in split_part_names(s)]
         runs.append(ChannelRun(
             s,
             orig_sum=cat(o, 0)[:, col] if o else np.zeros(0),
@@ -474,34 +468,16 @@ def accuracy_check(
     logits_original: np.ndarray, logits_rewired: np.ndarray, labels: np.ndarray,
     rtol: float = defaults.EVAL_LOGIT_RTOL,
 ) -> dict[str, Any]:
-    """Top-1 accuracy of both models and the logit check of ``polysemantic_disentangle.tasks.stage4_rewire.rewire.check_equivalence``
-    (tolerance rtol * max(1, max |logit|); a top-1 flip counts only beyond a rounding-level
-    tie), computed from the logits of the one evaluation pass instead of two more passes."""
+    """Top-1 accuracy of both models and the rewiring's logit check (`logit_agreement`),
+    computed from the logits of the one evaluation pass instead of two more passes."""
     a = np.asarray(logits_original, np.float64)
     b = np.asarray(logits_rewired, np.float64)
     labels = np.asarray(labels)
     n = a.shape[0]
-    diff = float(np.abs(a - b).max()) if a.size else 0.0
-    tol = rtol * max(1.0, float(np.abs(a).max()) if a.size else 0.0)
-    top_a, top_b = a.argmax(1), b.argmax(1)
-    flipped = top_a != top_b
-    margin = a[np.arange(n), top_a] - a[np.arange(n), top_b]
-    beyond = int((flipped & (margin > tol)).sum())
-    acc_a = float((top_a == labels).mean()) if n else None
-    acc_b = float((top_b == labels).mean()) if n else None
-    return {
-        "n": int(n),
-        "accuracy_original": acc_a,
-        "accuracy_rewired": acc_b,
-        "accuracy_identical": acc_a == acc_b,
-        "max_abs_logit_diff": diff,
-        "tolerance": tol,
-        "rtol": rtol,
-        "top1_agreement": float((~flipped).mean()) if n else 1.0,
-        "top1_changed": int(flipped.sum()),
-        "top1_changed_beyond_ties": beyond,
-        "equivalent": bool(math.isfinite(diff) and diff <= tol and beyond == 0),
-    }
+    acc_a = float((a.argmax(1) == labels).mean()) if n else None
+    acc_b = float((b.argmax(1) == labels).mean()) if n else None
+    return {"n": int(n), "accuracy_original": acc_a, "accuracy_rewired": acc_b,
+            "accuracy_identical": acc_a == acc_b, **{k: v for k, v in logit_agreement(a, b, rtol).items() if k != "n"}}
 
 
 def top_k(values: np.ndarray, k: int) -> np.ndarray:
@@ -658,7 +634,7 @@ def _normalisation(transform: Any) -> tuple[Sequence[float], Sequence[float]]:
     for t in getattr(transform, "transforms", [transform]):
         if type(t).__name__ == "Normalize":
             return tuple(map(float, t.mean)), tuple(map(float, t.std))
-    return defaults.FEATVIS_MEAN, defaults.FEATVIS_STD
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _to_pixels(batch: Tensor, mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:
@@ -679,7 +655,7 @@ def _feature_visualisations(
     module = rewired.get_submodule(split.layer)
     assert isinstance(module, DisentangledConv2d)
     objectives = [(original, channel_objective(original, split.layer, split.channel))]
-    for name in _part_names(split)[:-1]:
+    for name in split_part_names(split)[:-1]:
         objectives.append((rewired, channel_objective(rewired, f"{split.layer}.parts",
                                                        module.part_names.index(name))))
     return [visualise(m, obj, size=size, steps=steps, mean=mean, std=std, device=device, seed=seed)
@@ -738,8 +714,8 @@ def evaluate_run(
     max_per_class: int | None = None,
     min_abs_orig_fraction: float = defaults.EVAL_MIN_ABS_ORIG_FRACTION,
     exemplars: int = defaults.EVAL_EXEMPLARS,
-    featvis_steps: int = defaults.EVAL_FEATVIS_STEPS,
-    featvis_max_channels: int | None = defaults.EVAL_FEATVIS_MAX_CHANNELS,
+    featvis_steps: int = defaults.FEATVIS_STEPS,
+    featvis_max_channels: int | None = defaults.FEATVIS_CHANNELS,
     featvis_size: int | None = None,
     explain_layers: Sequence[str] | str | None = None,
     explain_quantile: float | None = defaults.EXPLAIN_ACTIVE_QUANTILE,

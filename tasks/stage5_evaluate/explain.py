@@ -30,10 +30,10 @@ from polysemantic_disentangle.tasks.defaults import (
     EXPLAIN_MAX_FORMULA_LENGTH,
     EXPLAIN_MIN_ACTIVE_IMAGES,
     EXPLAIN_MIN_CONCEPT_IMAGES,
-    EXPLAIN_OPERATORS,
     EXPLAIN_UNIT_CHUNK,
 )
 
+# Mu & Andreas (2020); every search uses all of them unless told otherwise.
 OPERATORS: tuple[str, ...] = ("OR", "AND", "AND NOT")
 
 # float32 products of 0/1 concept masks with integer counts are exact below 2**24.
@@ -289,7 +289,7 @@ def explain_units(
     quantile: float | None = EXPLAIN_ACTIVE_QUANTILE,
     beam_width: int = EXPLAIN_BEAM_WIDTH,
     max_length: int = EXPLAIN_MAX_FORMULA_LENGTH,
-    operators: Sequence[str] = EXPLAIN_OPERATORS,
+    operators: Sequence[str] = OPERATORS,
     min_concept_images: int = EXPLAIN_MIN_CONCEPT_IMAGES,
 ) -> list[Explanation]:
     """Explain every unit of a layer.
@@ -353,7 +353,7 @@ def explain_counts(
     *,
     beam_width: int = EXPLAIN_BEAM_WIDTH,
     max_length: int = EXPLAIN_MAX_FORMULA_LENGTH,
-    operators: Sequence[str] = EXPLAIN_OPERATORS,
+    operators: Sequence[str] = OPERATORS,
     thresholds: np.ndarray | None = None,
     unit_chunk: int = EXPLAIN_UNIT_CHUNK,
     min_concept_images: int = EXPLAIN_MIN_CONCEPT_IMAGES,

@@ -33,14 +33,14 @@ from polysemantic_disentangle.tasks.defaults import (
     FEATVIS_DECAY_POWER,
     FEATVIS_JITTER,
     FEATVIS_LR,
-    FEATVIS_MEAN,
     FEATVIS_MODE,
     FEATVIS_ROTATE_DEGREES,
     FEATVIS_SCALE,
     FEATVIS_SIZE,
-    FEATVIS_STD,
     FEATVIS_STEPS,
 )
+from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from polysemantic_disentangle.tasks.models.hooks import forward_until
 
 # Objective: (model, normalised input batch (N, 3, H, W)) -> scalar to maximise.
 ObjectiveFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -157,7 +157,7 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def from_uint8(
-    pixels: np.ndarray, mean: Sequence[float] = FEATVIS_MEAN, std: Sequence[float] = FEATVIS_STD
+    pixels: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> torch.Tensor:
     """(H, W, 3) or (N, H, W, 3) uint8 -> normalised (N, 3, H, W) float model input."""
     batch = torch.as_tensor(np.asarray(pixels), dtype=torch.float32) / 255.0
@@ -187,11 +187,6 @@ def adam_step(
     return lr * first_hat / (second_hat.sqrt() + eps)
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the target activation is captured: the rest of the model is not
-    needed, and skipping it makes each step cheaper."""
-
-
 def channel_objective(
     model: nn.Module, layer_name: str, channel: int, reduce: str = "mean"
 ) -> ObjectiveFn:
@@ -208,23 +203,9 @@ def channel_objective(
         raise ValueError(f"reduce must be one of {REDUCTIONS}")
 
     def objective(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        # The rest of the network is not needed: stopping after the layer makes each step cheaper.
         module = dict(net.named_modules())[layer_name]
-        captured: list[torch.Tensor] = []
-
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            captured.append(output)
-            raise _StopForward
-
-        handle = module.register_forward_hook(hook)
-        try:
-            net(batch)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"module {layer_name!r} was not called in the forward pass")
-        act = captured[0][:, channel]
+        act = forward_until(net, module, batch, name=layer_name)[:, channel]
         if reduce == "mean":
             return act.mean()
         if reduce == "sum":
@@ -242,8 +223,8 @@ def visualise(
     steps: int = FEATVIS_STEPS,
     lr: float = FEATVIS_LR,
     seed: int = 0,
-    mean: Sequence[float] = FEATVIS_MEAN,
-    std: Sequence[float] = FEATVIS_STD,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     device: str | torch.device = "cpu",
     mode: str = FEATVIS_MODE,
     decay_power: float = FEATVIS_DECAY_POWER,

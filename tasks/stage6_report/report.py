@@ -277,7 +277,7 @@ def _section_findings(summary: Mapping[str, Any], base: Path | None, warnings: S
         applicable = sum(1 for d in det if d.get("applicable"))
         items.append(f"Detection: {fmt(t['candidates'])} candidate channels in {applicable} of {len(det)} layers, "
                      f"{fmt(t['pairs'])} candidate pairs, {fmt(t['paper_polysemantic_pairs'])} below the paper's "
-                     f"gamma 0.5, {fmt(t['selected_pairs'])} selected pairs in {fmt(t['selected_channels'])} channels.")
+                     f"gamma {defaults.GAMMA}, {fmt(t['selected_pairs'])} selected pairs in {fmt(t['selected_channels'])} channels.")
     channels = ev.get("channels") or []
     model = (ev.get("table1_aggregate") or {}).get("model") or {}
     if channels:
@@ -353,7 +353,7 @@ def _section_detection(summary: Mapping[str, Any], figures: Mapping[str, bytes])
     if not det:
         return ""
     tau = (summary.get("params") or {}).get("tau")
-    header = ["layer", "channels", "applicable", "candidates", "candidate pairs", "paper-default pairs (gamma 0.5)",
+    header = ["layer", "channels", "applicable", "candidates", "candidate pairs", f"paper-default pairs (gamma {defaults.GAMMA})",
               "selected pairs", "selected channels", "important channels per image, median (max; n images)",
               "relevant classes per channel, median (max)", "images per class, median (min)", "note"]
 
