@@ -10,15 +10,12 @@ in the UI as a Cached task run.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -38,9 +35,10 @@ from polysemantic_disentangle.flows.stage_results import (DetectionResult, Evalu
 from polysemantic_disentangle.storage.cube import CubeReader, cube_info
 from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import save_disentangled
 from polysemantic_disentangle.tasks.data.images import load_batch
-from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams, LayerDetection, PairRow, detect_layer, pairs_table, read_relevance_sample
+from polysemantic_disentangle.tasks.stage3_detect.detect import (DetectionParams, add_wordnet_similarities, detect_layers,
+                                                                 detection_record, write_pairs_csv)
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
-from polysemantic_disentangle.tasks.stage6_report.report import build_summary, data_uri, detection_rows, figure3, markdown_artifacts, write_report
+from polysemantic_disentangle.tasks.stage6_report.report import build_summary, data_uri, detection_rows, markdown_artifacts, save_figure3, write_report
 from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import has_stats, read_stats, reduce_cube, statistics_labels, write_stats
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, rewire_model
@@ -77,77 +75,42 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
                 out_dir: str, seed: int = 0) -> DetectionResult:
     """Candidates and gamma-polysemantic pairs of every layer, with WordNet similarities;
     writes detection.csv / detection.json and the Figure 3 plot of the last layer."""
-    from polysemantic_disentangle.tasks.data.wordnet import pair_similarity
-
     detection_params = DetectionParams(**params)
     bundle = load_model(model_name, weights, seed=seed)
-    info = cube_info(store_url)
-    layers = list(info["layers"])
+    layers = list(cube_info(store_url)["layers"])
     stats = read_stats(store_url, STATS_SUBSET, layers)
-    modules = dict(bundle.model.named_modules())
-    detections: list[LayerDetection] = []
-    similarity_cache: dict[tuple[str, str], dict] = {}
-    for layer in layers:
-        conv = modules[layer]
-        sample = read_relevance_sample(store_url, layer) if conv.weight.shape[1] >= 2 else None
-        det = detect_layer(layer, conv.weight, conv.groups, stats[layer], detection_params,
-                           bundle.class_names, bundle.wnids, sample)
-        for row in det.pairs:
-            if row.wnid1 and row.wnid2:
-                key = (row.wnid1, row.wnid2)
-                if key not in similarity_cache:
-                    similarity_cache[key] = pair_similarity(row.wnid1, row.wnid2)
-                sim = similarity_cache[key]
-                row.wup, row.path = sim["wup"], sim["path"]
-                row.lowest_common_hypernym = ",".join(sim["lowest_common_hypernyms"])
-        detections.append(det)
+    detections = detect_layers(bundle.model, store_url, stats, detection_params, bundle.class_names, bundle.wnids)
+    add_wordnet_similarities(detections)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # what a comparison over checkpoints needs: the training step and the whole architecture
     write_checkpoint_record(out, checkpoint_info(model_name, weights, bundle.model))
-    table = pairs_table(detections)
-    with open(out / "detection.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(PairRow.__dataclass_fields__))
-        writer.writeheader()
-        writer.writerows(table)
-    summaries = [d.summary() for d in detections]
-    fig3_pngs, fig3_stats = figure3(detections, detection_params.gamma if detection_params.rule == "gamma" else None)
-    (out / "figures").mkdir(exist_ok=True)
-    for layer, st in fig3_stats.items():
-        path = out / "figures" / f"figure3_{layer}.png"
-        path.write_bytes(fig3_pngs[st["figure"]])
-        st["png"] = str(path)
-    last = next((d.layer for d in reversed(detections) if d.layer in fig3_stats), None)
+    write_pairs_csv(out / "detection.csv", detections)
+    fig3_stats, last = save_figure3(out / "figures", detections,
+                                    detection_params.gamma if detection_params.rule == "gamma" else None)
     result = DetectionResult(
         params=detection_params.to_dict(),
-        layers=summaries,
-        detections=[{"layer": d.layer, "channels": d.channels, "applicable": d.applicable,
-                     "reason": d.reason, "candidates": d.candidates,
-                     "relevant": {str(k): v for k, v in d.relevant.items()},
-                     "relevant_all": _relevant_all(stats[d.layer], detection_params.p),
-                     "counts": d.counts, "diagnostics": d.diagnostics,
-                     "pairs": [asdict(r) for r in d.pairs]} for d in detections],
+        layers=[d.summary() for d in detections],
+        detections=[detection_record(d, stats[d.layer], detection_params.p) for d in detections],
         figure3=fig3_stats,
         figure3_last_layer=last,
         class_names=list(bundle.class_names),
     )
     (out / "detection.json").write_text(json.dumps(result.to_dict(), indent=1))
-    create_table_artifact(key=DETECTION_TABLE_ARTIFACT, table=detection_rows(summaries),
-                          description="Per-layer detection: candidates, paper-default pairs, selected pairs")
-    if last is not None:
-        st = fig3_stats[last]
-        create_markdown_artifact(key="figure3", markdown=_png_markdown(
-            f"Figure 3: WordNet similarity vs ARV cosine, {last} (Spearman {st['spearman']:.3f})",
-            Path(st["png"]).read_bytes()))
+    publish_detection_artifacts(result)
     return result
 
 
-def _relevant_all(stats: Any, p: float) -> dict[str, list[int]]:
-    """Relevant classes of every channel with at least one (candidates have two or more)."""
-    from polysemantic_disentangle.tasks.stage3_detect.detect import relevant_classes
-
-    rel = relevant_classes(stats, p)
-    return {str(c): np.flatnonzero(rel[:, c]).tolist() for c in range(rel.shape[1]) if rel[:, c].any()}
+def publish_detection_artifacts(result: DetectionResult) -> None:
+    """The per-layer table (published once, here) and Figure 3 of the last layer that has one."""
+    create_table_artifact(key=DETECTION_TABLE_ARTIFACT, table=detection_rows(result.layers),
+                          description="Per-layer detection: candidates, paper-default pairs, selected pairs")
+    last = result.figure3_last_layer
+    if last is not None:
+        st = result.figure3[last]
+        create_markdown_artifact(key="figure3", markdown=_png_markdown(
+            f"Figure 3: WordNet similarity vs ARV cosine, {last} (Spearman {st['spearman']:.3f})",
+            Path(st["png"]).read_bytes()))
 
 
 def nothing_to_rewire_reason(layers: Sequence[dict[str, Any]], planned: list[Any], skipped: list[Any]) -> str:

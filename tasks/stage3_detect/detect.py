@@ -9,11 +9,15 @@ lower <= cos(ARV_1, ARV_2) < gamma.
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams, SelectionRule
@@ -315,3 +319,54 @@ def channels_to_rewire(det: LayerDetection) -> list[PairRow]:
 
 def pairs_table(detections: Sequence[LayerDetection]) -> list[dict[str, Any]]:
     return [asdict(r) for det in detections for r in det.pairs]
+
+
+def detect_layers(model: nn.Module, store_url: str, stats: Mapping[str, LayerStats], params: DetectionParams,
+                  class_names: Sequence[str], wnids: Sequence[str | None] | None) -> list[LayerDetection]:
+    """`detect_layer` on every layer of ``stats``, in order, with the cube's relevance sample
+    for the diagnostics (layers whose rows read one input channel have no ARVs and need none)."""
+    modules = dict(model.named_modules())
+    out = []
+    for layer, layer_stats in stats.items():
+        conv = modules[layer]
+        sample = read_relevance_sample(store_url, layer) if conv.weight.shape[1] >= 2 else None
+        out.append(detect_layer(layer, conv.weight, conv.groups, layer_stats, params, class_names, wnids, sample))
+    return out
+
+
+def add_wordnet_similarities(detections: Sequence[LayerDetection]) -> None:
+    """Fill every pair row's WordNet similarities (Wu-Palmer, path, lowest common hypernyms),
+    each pair of classes looked up once."""
+    from polysemantic_disentangle.tasks.data.wordnet import pair_similarity
+
+    seen: dict[tuple[str, str], dict] = {}
+    for det in detections:
+        for row in det.pairs:
+            if row.wnid1 and row.wnid2:
+                key = (row.wnid1, row.wnid2)
+                if key not in seen:
+                    seen[key] = pair_similarity(row.wnid1, row.wnid2)
+                sim = seen[key]
+                row.wup, row.path = sim["wup"], sim["path"]
+                row.lowest_common_hypernym = ",".join(sim["lowest_common_hypernyms"])
+
+
+def write_pairs_csv(path: str | Path, detections: Sequence[LayerDetection]) -> None:
+    """``detection.csv``: every kept pair row of every layer (`pairs_table`)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(PairRow.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(pairs_table(detections))
+
+
+def detection_record(det: LayerDetection, stats: LayerStats, p: float) -> dict[str, Any]:
+    """One layer's entry of ``detection.json``: the detection, plus the relevant classes of
+    every channel with at least one (candidates have two or more)."""
+    rel = relevant_classes(stats, p)
+    relevant_all = {str(c): np.flatnonzero(rel[:, c]).tolist() for c in range(rel.shape[1]) if rel[:, c].any()}
+    return {"layer": det.layer, "channels": det.channels, "applicable": det.applicable,
+            "reason": det.reason, "candidates": det.candidates,
+            "relevant": {str(k): v for k, v in det.relevant.items()},
+            "relevant_all": relevant_all,
+            "counts": det.counts, "diagnostics": det.diagnostics,
+            "pairs": [asdict(r) for r in det.pairs]}

@@ -767,6 +767,21 @@ def _fit_rows(rows: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]
     return rows[:lo]
 
 
+def save_figure3(fig_dir: str | Path, detections: Sequence[Any], gamma: float | None
+                 ) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Figure 3 of every layer that has one, as ``figure3_<layer>.png`` under ``fig_dir``:
+    per layer its statistics with the file's path ("png"), and the last such layer."""
+    pngs, stats = figure3(detections, gamma)
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for layer, st in stats.items():
+        path = fig_dir / f"figure3_{layer}.png"
+        path.write_bytes(pngs[st["figure"]])
+        st["png"] = str(path)
+    last = next((d.layer for d in reversed(detections) if d.layer in stats), None)
+    return stats, last
+
+
 def detection_rows(layer_summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The per-layer detection table's rows: each layer summary's scalar fields."""
     return [{k: v for k, v in d.items() if not isinstance(v, (list, dict))} for d in layer_summaries]
