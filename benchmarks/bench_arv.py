@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polysemantic_disentangle.tasks.stage2_reduce.arv_reference import autograd_class_arv  # noqa: E402
-from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.stage3_detect.detect import class_arvs  # noqa: E402
 from polysemantic_disentangle.tasks.models.registry import load_model  # noqa: E402

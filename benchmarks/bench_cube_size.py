@@ -42,9 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from polysemantic_disentangle.storage.cube import (MOMENT_SUMS_ARRAY, PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY, ChunkData,  # noqa: E402
+from polysemantic_disentangle.storage.cube import (PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY, ChunkData,  # noqa: E402
                           CubeLayout, LayerShape, create_cube, open_store_group, write_chunk)
-from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.data.images import scan_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkSpec, chunk_class_sums, compute_chunk  # noqa: E402
 from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model  # noqa: E402

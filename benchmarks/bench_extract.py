@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polysemantic_disentangle.tasks.stage1_extract.chunks as extract_mod  # noqa: E402
 from polysemantic_disentangle.storage.cube import LayerShape, create_cube, open_store_group  # noqa: E402
-from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder  # noqa: E402
+from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model  # noqa: E402
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance  # noqa: E402

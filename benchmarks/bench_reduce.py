@@ -60,7 +60,7 @@ N_CLASSES = 10
 def seed_chunks_real(bundle, shapes, n_seed: int, chunk: int, work: Path) -> tuple[list[ChunkData], np.ndarray]:
     """Extract ``n_seed`` CIFAR-10 test images (evenly spread over the classes) into a small cube
     and return its chunks as ChunkData plus the labels."""
-    from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder
+    from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder
     from polysemantic_disentangle.tasks.data.images import scan_image_folder
     from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks
 

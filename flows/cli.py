@@ -125,7 +125,8 @@ def compare(run_dirs: Sequence[str], out: str | None = None) -> dict[str, str]:
     import warnings
     from pathlib import Path
 
-    from polysemantic_disentangle.tasks.stage7_trend.trend import compare_runs, write_trend
+    from polysemantic_disentangle.tasks.stage7_trend.page import write_trend
+    from polysemantic_disentangle.tasks.stage7_trend.trend import compare_runs
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -18,7 +18,7 @@ from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import plan_shards
 from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkStats, auto_batch_size, extract_chunks, pick_device, plan_cube
 from polysemantic_disentangle.tasks.models.registry import load_model
-from polysemantic_disentangle.tasks.stage1_extract.relevance import TargetMode
+from polysemantic_disentangle.tasks.data.grouping import TargetMode
 
 
 def device_slots(device: str) -> list[str]:

@@ -133,7 +133,7 @@ class PipelineParams(BaseModel):
         if self.train_dir is None or self.eval_dir is None:
             if not self.model.startswith("cifar_"):
                 raise ValueError(f"train_dir and eval_dir are required for model {self.model!r}")
-            from polysemantic_disentangle.tasks.data.assets import cifar10_image_folder
+            from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder
 
             updates["train_dir"] = self.train_dir or str(cifar10_image_folder("train"))
             updates["eval_dir"] = self.eval_dir or str(cifar10_image_folder("test"))

@@ -14,7 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from prefect import flow, get_run_logger, task
@@ -43,6 +43,9 @@ from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import has_stats, read_stats, reduce_cube, statistics_labels, write_stats
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, rewire_model
 from polysemantic_disentangle.tasks.stage7_trend.trend import checkpoint_info, write_checkpoint_record
+
+if TYPE_CHECKING:
+    from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import Evaluation
 
 STATS_SUBSET = "detection"
 R = TypeVar("R", ReduceResult, DetectionResult, RewiringResult, EvaluationResult, ReportResult)
@@ -201,7 +204,7 @@ def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewirin
     """Table 1, scores, figures and explanations before/after of the saved checkpoint; writes
     ``evaluation.json`` and the figures' PNGs and returns where they are."""
     from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled
-    from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import evaluate_run
+    from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import evaluate_run
     from polysemantic_disentangle.tasks.stage1_extract.chunks import pick_device
     from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 
@@ -222,7 +225,7 @@ def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewirin
     return save_evaluation(Path(out_dir), evaluation, figures)
 
 
-def save_evaluation(out: Path, evaluation: dict[str, Any], figures: dict[str, bytes]) -> EvaluationResult:
+def save_evaluation(out: Path, evaluation: Evaluation, figures: dict[str, bytes]) -> EvaluationResult:
     """The evaluation's result as files, so that the report stage (or a rerun of it) reads them
     back instead of evaluating again: ``evaluation.json`` and one PNG per figure."""
     fig_dir = out / "figures" / "evaluation"
@@ -234,7 +237,7 @@ def save_evaluation(out: Path, evaluation: dict[str, Any], figures: dict[str, by
         paths[name] = str(path)
     target = out / "evaluation.json"
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(evaluation))
+    tmp.write_text(json.dumps(evaluation.to_dict()))
     os.replace(tmp, target)  # a kill never leaves a half-written result behind
     return EvaluationResult(evaluation=str(target), figures=paths)
 

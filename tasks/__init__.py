@@ -7,10 +7,12 @@ The stages, in the order a run takes them:
     stage3_detect    polysemantic candidates, their class pairs and the gamma rule
     stage4_rewire    split each selected channel in two and rewire the network exactly
     stage5_evaluate  Table 1, scores, exemplars, feature visualisations, explanations
-    stage6_report    the self-contained HTML report and its figures
+    stage6_report    the self-contained HTML report, summary.json and the artifacts
     stage7_trend     the comparison of runs across checkpoints
 
-What they stand on: ``models`` (architectures, weights, safe loading), ``data`` (images,
-classes, assets, WordNet, the statistics class of an image), ``defaults`` (the method's
-defaults) and ``presets`` (per-model values beside them). The store is ``storage``.
+What they stand on: ``models`` (architectures, weights, safe loading, conv geometry, hooks),
+``data`` (images, classes, assets, WordNet, the statistics class of an image), ``defaults``
+(the method's defaults), ``presets`` (per-model values beside them), ``plots`` (figures) and
+``json_values`` (plain JSON records). The store is ``storage``. A stage imports earlier stages
+and these, never a later stage.
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from polysemantic_disentangle.flows.params import PipelineParams
-from polysemantic_disentangle.flows.pipeline import STATS_SUBSET, _class_image_loader
+from polysemantic_disentangle.flows.pipeline import _class_image_loader
 from polysemantic_disentangle.storage.cube import CubeLayout
 from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, plan_cube
@@ -19,7 +19,7 @@ from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
 from polysemantic_disentangle.tasks.stage3_detect.detect import detect_layer, read_relevance_sample
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import rewire_model
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import evaluate_run
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import evaluate_run
 
 LAYER, CHANNEL = "layer3.2.conv2", 15
 A, B = "automobile", "frog"
@@ -52,10 +52,10 @@ def channel_15(tmp_path_factory, assets_dir):
                                    list(params.rho_grid), params.rho_max_images)
     assert not skipped and len(splits) == 1
     rewired = rewire_model(model, splits)
-    summary, _ = evaluate_run(model, rewired, splits, evaluation, bundle.transform,
-                              class_names=bundle.class_names, wnids=bundle.wnids, tau=params.tau,
-                              featvis_max_channels=0, explain_layers=[], log=None)
-    return params, row, summary["channels"][0]
+    evaluated, _ = evaluate_run(model, rewired, splits, evaluation, bundle.transform,
+                                class_names=bundle.class_names, wnids=bundle.wnids, tau=params.tau,
+                                featvis_max_channels=0, explain_layers=[], log=None)
+    return params, row, evaluated.channels[0].to_dict()
 
 
 def test_the_channel_is_a_detected_low_cosine_pair(channel_15) -> None:

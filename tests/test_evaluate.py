@@ -12,18 +12,18 @@ from polysemantic_disentangle.storage.cube import as_str, open_store_group
 from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.stage3_detect.detect import PairRow
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits
+from polysemantic_disentangle.tasks.json_values import jsonable
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import Evaluation, evaluate_run
 from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     ChannelRun,
     accuracy_check,
     channel_table1,
     class_concepts,
     disentanglement_score,
-    evaluate_run,
     explain_before_after,
     explain_layer,
     important_for_channel,
     invariant_deviation,
-    jsonable,
     run_channels,
 )
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
@@ -194,10 +194,14 @@ def test_explain_layer_covers_every_channel(small_cube) -> None:
 def test_evaluate_run_end_to_end(small_cube, splits, tmp_path) -> None:
     url, bundle, _ = small_cube
     rewired = rewire_model(bundle.model, splits)
-    summary, figures = evaluate_run(bundle.model, rewired, splits, url, bundle.transform,
-                                    class_names=bundle.class_names, wnids=bundle.wnids,
-                                    batch_size=120, exemplars=4, featvis_steps=4, featvis_max_channels=1)
+    evaluation, figures = evaluate_run(bundle.model, rewired, splits, url, bundle.transform,
+                                       class_names=bundle.class_names, wnids=bundle.wnids,
+                                       batch_size=120, exemplars=4, featvis_steps=4, featvis_max_channels=1)
+    summary = evaluation.to_dict()  # what evaluation.json holds
     json.dumps(summary, allow_nan=False)
+    assert Evaluation.from_dict(json.loads(json.dumps(summary))).to_dict() == summary
+    assert [(c.rank, c.layer, c.channel) for c in evaluation.channels] == [
+        (i, c["layer"], c["channel"]) for i, c in enumerate(summary["channels"], 1)]
     assert summary["n_images"] == 240 and summary["accuracy"]["equivalent"]
     chans = summary["channels"]
     assert len(chans) == 3 and [c["rank"] for c in chans] == [1, 2, 3]

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from polysemantic_disentangle.tasks.data import assets
+from polysemantic_disentangle.tasks.data import assets, cifar10, classes
 
 from polysemantic_disentangle.tasks.models import registry as models
 from polysemantic_disentangle.tasks.models.cifar_resnet import OptionAShortcut, cifar_resnet
 from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES, CIFAR10_WNIDS, imagenet_class_names, imagenet_wnids
+from polysemantic_disentangle.tasks.models.conv_geometry import conv_input_padding
 from polysemantic_disentangle.tasks.models.registry import (
     available_models,
-    conv_input_padding,
     conv_layers,
     load_model,
     read_state_dict,
@@ -378,19 +378,19 @@ def test_cifar10_export_to_image_folder(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", TinyCifar)
     monkeypatch.setenv("DISENTANGLE_ASSETS", str(tmp_path / "no-assets"))
     monkeypatch.setenv("DISENTANGLE_CACHE", str(tmp_path / "cache"))
-    root = assets.cifar10_image_folder("test")
+    root = cifar10.cifar10_image_folder("test")
     assert root == tmp_path / "cache" / "cifar10" / "test"
     assert sorted(p.name for p in root.iterdir()) == sorted(CIFAR10_CLASSES)
     assert len(list(root.glob("*/*.png"))) == 20
     assert sorted(p.name for p in (root / "bird").iterdir()) == ["00002.png", "00012.png"]
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]
     with pytest.raises(ValueError):
-        assets.cifar10_image_folder("val")  # type: ignore[arg-type]
+        cifar10.cifar10_image_folder("val")  # type: ignore[arg-type]
 
 
 def test_assets_from_shared_folder(assets_dir: Path, monkeypatch) -> None:
     monkeypatch.setenv("DISENTANGLE_ASSETS", str(assets_dir))
-    assert assets.cifar10_image_folder("test") == assets_dir / "cifar10" / "test"
+    assert cifar10.cifar10_image_folder("test") == assets_dir / "cifar10" / "test"
     assert assets.cifar_resnet_checkpoint(56).name == "resnet56-4bfd9763.th"
-    index = assets.imagenet_class_index()
+    index = classes.imagenet_class_index()
     assert index[530] == ("n03196217", "digital_clock")

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder
-from polysemantic_disentangle.tasks.models.registry import conv_input_padding, load_model
+from polysemantic_disentangle.tasks.models.conv_geometry import conv_input_padding
+from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments, batch_relevance, input_moments
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, PairRow
+from polysemantic_disentangle.tasks.json_values import jsonable
 from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     ChannelRun,
     accuracy_check,
@@ -24,9 +25,8 @@ from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     disentanglement_score,
     explain_before_after,
     invariant_deviation,
-    jsonable,
 )
-from polysemantic_disentangle.tasks.stage6_report.figures import activation_densities, image_grid
+from polysemantic_disentangle.tasks.plots import activation_densities, image_grid
 from polysemantic_disentangle.tasks.stage6_report.report import build_summary, figure3, markdown_artifacts, write_report, write_summary_json
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 

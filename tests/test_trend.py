@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tests.checkpoints import finetune_checkpoints
 from tests.conftest import cifar_subset

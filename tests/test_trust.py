@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.json_values import jsonable
 from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     ChannelRun,
     aggregate_table1,
@@ -20,7 +21,6 @@ from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     explain_before_after,
     explain_layer,
     invariant_deviation,
-    jsonable,
 )
 from polysemantic_disentangle.tasks.stage5_evaluate.explain import explain_units, present_quantile
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
@@ -219,7 +219,7 @@ def _evaluation_64(assets_dir: Path) -> tuple[dict, dict[str, bytes]]:
     from PIL import Image
 
     from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import accuracy_check
-    from polysemantic_disentangle.tasks.stage6_report.figures import activation_densities, image_grid
+    from polysemantic_disentangle.tasks.plots import activation_densities, image_grid
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(100), 5)

@@ -87,7 +87,8 @@ def update_trends(entries: Sequence[dict[str, Any]], completed_out_dirs: dict[st
     directory of each completed analysis. A group whose runs and run files are unchanged keeps
     its trend untouched. Returns one row per group: group, runs, status ("updated",
     "unchanged", "refused", "too-few"), trend paths, message, seconds."""
-    from polysemantic_disentangle.tasks.stage7_trend.trend import ArchitectureMismatch, IncompleteRun, compare_runs, input_fingerprint, read_trend, write_trend
+    from polysemantic_disentangle.tasks.stage7_trend.trend import ArchitectureMismatch, IncompleteRun, compare_runs, input_fingerprint, read_trend
+    from polysemantic_disentangle.tasks.stage7_trend.page import write_trend
 
     groups: dict[str, list[str]] = {}
     for e in entries:

