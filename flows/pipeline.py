@@ -38,7 +38,8 @@ from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.stage3_detect.detect import (DetectionParams, add_wordnet_similarities, detect_layers,
                                                                  detection_record, write_pairs_csv)
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
-from polysemantic_disentangle.tasks.stage6_report.report import build_summary, data_uri, detection_rows, markdown_artifacts, save_figure3, write_report
+from polysemantic_disentangle.tasks.stage6_report.html_parts import data_uri
+from polysemantic_disentangle.tasks.stage6_report.report import build_summary, detection_rows, markdown_artifacts, save_figure3, write_report
 from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import has_stats, read_stats, reduce_cube, statistics_labels, write_stats
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, rewire_model

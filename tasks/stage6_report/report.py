@@ -9,17 +9,16 @@ base64 data URIs and the page needs neither network nor JavaScript (collapsible 
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.json_values import jsonable
+from polysemantic_disentangle.tasks.stage6_report.html_parts import (CSS, Raw, data_uri, embedded_figure, escape, file_link, fmt,
+                                                                 html_table, image_type, kv_table, md_table)
 
 __all__ = [
     "artifact_size",
@@ -95,123 +94,7 @@ def write_summary_json(path: str | Path, summary: Mapping[str, Any]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------
-# HTML helpers
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """Numbers to short text: None as a dash, floats to ``digits`` significant digits."""
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        if x == 0:
-            return "0"
-        if abs(x) >= 1e5 or abs(x) < 1e-3:
-            return f"{x:.{digits - 1}e}"
-        return f"{x:.{digits}g}" if abs(x) >= 1 else f"{x:.{digits}f}".rstrip("0").rstrip(".")
-    if isinstance(x, (list, tuple)):
-        return ", ".join(fmt(v, digits) for v in x)
-    return str(x)
-
-
-def image_type(data: bytes) -> str:
-    """"jpeg" or "png", from the file's magic bytes."""
-    return "jpeg" if data[:3] == b"\xff\xd8\xff" else "png"
-
-
-def data_uri(png: bytes) -> str:
-    """A PNG (or JPEG) as a data URI, so pages and artifacts need no file access."""
-    return f"data:image/{image_type(png)};base64," + base64.b64encode(png).decode("ascii")
-
-
-def _img(figures: Mapping[str, bytes], key: str | None, alt: str,
-         linked: Mapping[str, str] | None = None) -> str:
-    """An embedded figure, or a link to its PNG file when the page has no room for it."""
-    if key and linked and key in linked:
-        return f'<p><a href="{_e(linked[key])}">{_e(alt)} (image file)</a></p>'
-    if not key or key not in figures:
-        return ""
-    return f'<img src="{data_uri(figures[key])}" alt="{_e(alt)}">'
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    """Cells are escaped unless wrapped in ``_Raw``; numbers are formatted by ``fmt``."""
-    def cell(v: Any) -> str:
-        if isinstance(v, _Raw):
-            return str(v)
-        return _e(fmt(v))
-
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-class _Raw(str):
-    """Already-escaped HTML for a table cell."""
-
-
-def _link(label: str, target: str, base_dir: Path | None) -> str:
-    """A relative file link for a local path; URLs of remote stores (s3://, memory://) are shown
-    as text: the report must not point the browser at the network."""
-    if "://" in target and not target.startswith("file://"):
-        return f"{_e(label)}: <code>{_e(target)}</code>"
-    path = Path(target.removeprefix("file://"))
-    href = os.path.relpath(path, base_dir) if base_dir is not None and path.is_absolute() else str(path)
-    href = Path(href).as_posix()
-    return f'{_e(label)}: <a href="{_e(href)}">{_e(href)}</a>'
-
-
-_CSS = """
-:root { --fg: #1d1f21; --muted: #5f6b7a; --line: #d8dde3; --accent: #2f5d8a; --bg-alt: #f5f7f9; }
-* { box-sizing: border-box; }
-body { font: 14px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-       color: var(--fg); margin: 0 auto; max-width: 1280px; padding: 24px 32px 64px; }
-h1 { font-size: 24px; margin: 0 0 4px; }
-h2 { font-size: 19px; margin: 36px 0 10px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
-h3 { font-size: 16px; margin: 22px 0 8px; }
-h4 { font-size: 14px; margin: 14px 0 6px; color: var(--muted); }
-p.lead, .muted { color: var(--muted); }
-code { font: 12.5px/1.4 ui-monospace, Menlo, Consolas, monospace; background: var(--bg-alt);
-       padding: 1px 4px; border-radius: 3px; }
-table { border-collapse: collapse; margin: 6px 0 14px; font-size: 13px; }
-th, td { padding: 4px 9px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
-th { background: var(--bg-alt); font-weight: 600; }
-td:first-child, th:first-child, td.l, th.l { text-align: left; }
-table.kv td:first-child { color: var(--muted); }
-table.kv td { text-align: left; }
-tbody tr:hover { background: #fafbfc; }
-img { max-width: 100%; height: auto; display: block; margin: 6px 0 12px; image-rendering: auto; }
-details { margin: 8px 0; border: 1px solid var(--line); border-radius: 6px; padding: 4px 12px; }
-details > summary { cursor: pointer; font-weight: 600; padding: 4px 0; }
-details[open] > summary { margin-bottom: 6px; }
-.channel { border-left: 4px solid var(--accent); padding-left: 14px; margin: 26px 0; }
-.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600;
-         background: #e4ecf4; color: var(--accent); margin-left: 6px; }
-.ok { color: #2e7d32; font-weight: 600; } .bad { color: #c62828; font-weight: 600; }
-.grid2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 12px 24px; }
-nav ul { columns: 3; margin: 6px 0; padding-left: 18px; }
-.findings { background: var(--bg-alt); border: 1px solid var(--line); border-radius: 6px; padding: 8px 18px; }
-.findings li { margin: 2px 0; }
-.findings h2 { margin-top: 8px; }
-ul.warn { color: #8a5a00; } ul.warn li::marker { content: "! "; }
-img.thumbs { image-rendering: pixelated; }
-"""
-
-
-def _kv(d: Mapping[str, Any]) -> str:
-    rows = []
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            v = json.dumps(v, sort_keys=True)
-        rows.append((k, v))
-    return _table(["parameter", "value"], rows, "kv")
+# Cells
 
 
 def _formula_cell(e: Mapping[str, Any] | None) -> str:
@@ -221,7 +104,7 @@ def _formula_cell(e: Mapping[str, Any] | None) -> str:
         return "<span class='muted'>never active</span>"
     few = (f" <span class='bad' title='IoU rests on fewer than {defaults.EXPLAIN_FEW_ACTIVE_IMAGES} "
            f"active images'>! {fmt(e.get('n_active'))} active</span>" if e.get("few_active") else "")
-    return f"<code>{_e(e['formula'])}</code> ({fmt(e['iou'])}){few}"
+    return f"<code>{escape(e['formula'])}</code> ({fmt(e['iou'])}){few}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,9 +153,9 @@ def _section_findings(summary: Mapping[str, Any], base: Path | None, warnings: S
         ok = acc.get("equivalent") and acc.get("accuracy_identical")
         items.append(("<span class='ok'>Function unchanged</span>" if ok else
                       "<span class='bad'>The rewired model differs from the original</span>")
-                     + f": top-1 accuracy {_e(fmt(acc.get('accuracy_original')))} (original) and "
-                       f"{_e(fmt(acc.get('accuracy_rewired')))} (rewired) on {_e(fmt(acc.get('n')))} images, "
-                       f"max |logit difference| {_e(fmt(acc.get('max_abs_logit_diff')))}.")
+                     + f": top-1 accuracy {escape(fmt(acc.get('accuracy_original')))} (original) and "
+                       f"{escape(fmt(acc.get('accuracy_rewired')))} (rewired) on {escape(fmt(acc.get('n')))} images, "
+                       f"max |logit difference| {escape(fmt(acc.get('max_abs_logit_diff')))}.")
     if det:
         applicable = sum(1 for d in det if d.get("applicable"))
         items.append(f"Detection: {fmt(t['candidates'])} candidate channels in {applicable} of {len(det)} layers, "
@@ -284,24 +167,24 @@ def _section_findings(summary: Mapping[str, Any], base: Path | None, warnings: S
         items.append(f"Rewired channels: {len(channels)}; with evaluation images of their concepts: "
                      f"n = {fmt(model.get('channels'))} channels over {fmt(model.get('n_images'))} images "
                      f"(fewest per concept: {fmt(model.get('min_images'))}).")
-        items.append(f"Mean disentanglement score {_e(fmt(model.get('score_mean')))} (n = {fmt(model.get('score_n'))} "
-                     f"channels); positive-mass share of the own concept channel {_e(fmt(model.get('own_mass')))}, "
-                     f"of the other {_e(fmt(model.get('other_mass')))}; median d<sub>own</sub>/orig "
-                     f"{_e(fmt(model.get('own_median')))}, d<sub>other</sub>/orig {_e(fmt(model.get('other_median')))}.")
+        items.append(f"Mean disentanglement score {escape(fmt(model.get('score_mean')))} (n = {fmt(model.get('score_n'))} "
+                     f"channels); positive-mass share of the own concept channel {escape(fmt(model.get('own_mass')))}, "
+                     f"of the other {escape(fmt(model.get('other_mass')))}; median d<sub>own</sub>/orig "
+                     f"{escape(fmt(model.get('own_median')))}, d<sub>other</sub>/orig {escape(fmt(model.get('other_median')))}.")
         if model.get("ratio_unstable"):
             items.append(f"<span class='bad'>d/orig ratios are unstable</span> for {len(model['ratio_unstable'])} "
                          "channel(s), where the original activation crosses zero on the concept images: read their "
                          "positive-mass shares (Table 1 below).")
     else:
         reason = rewiring.get("nothing_to_rewire") or "no channel was selected for rewiring"
-        items.append(f"<span class='bad'>Nothing to rewire</span>: {_e(reason)}.")
+        items.append(f"<span class='bad'>Nothing to rewire</span>: {escape(reason)}.")
     if warnings:
         items.append(f"<a href='#warnings'>{len(warnings)} warning(s)</a> about statistics that rest on few images "
                      "or should not be read at face value.")
     out = ["<section class='findings' id='findings'><h2>Findings</h2><ul>",
            *[f"<li>{i}</li>" for i in items], "</ul>"]
     if links:
-        out.append("<p>Files: " + " &middot; ".join(_link(k, str(v), base) for k, v in links.items()) + "</p>")
+        out.append("<p>Files: " + " &middot; ".join(file_link(k, str(v), base) for k, v in links.items()) + "</p>")
     out.append("</section>")
     return "".join(out)
 
@@ -310,7 +193,7 @@ def _section_warnings(warnings: Sequence[str]) -> str:
     if not warnings:
         return ""
     return ("<h2 id='warnings'>Warnings</h2><ul class='warn'>"
-            + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>")
+            + "".join(f"<li>{escape(w)}</li>" for w in warnings) + "</ul>")
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,7 +212,7 @@ def _section_accuracy(acc: Mapping[str, Any]) -> str:
             ("tolerance (rtol x max(1, max |logit|))", acc.get("tolerance")),
             ("top-1 agreement", acc.get("top1_agreement")),
             ("top-1 changes beyond rounding ties", acc.get("top1_changed_beyond_ties"))]
-    return f"<h2 id='accuracy'>Function check</h2><p>{verdict}</p>" + _table(["", "value"], rows, "kv")
+    return f"<h2 id='accuracy'>Function check</h2><p>{verdict}</p>" + html_table(["", "value"], rows, "kv")
 
 
 COSINE_FIGURE = "fig-cosines"
@@ -378,22 +261,22 @@ def _section_detection(summary: Mapping[str, Any], figures: Mapping[str, bytes])
     out = ["<h2 id='detection'>Detection per layer</h2>",
            "<p class='lead'>Candidates: channels relevant (important for at least a fraction p of the "
            "images) for two or more classes; a pair is polysemantic when its ARV cosine is below gamma. "
-           f"Important: relevance at least tau = {_e(fmt(tau))} of the image's positive relevance; the per-image "
+           f"Important: relevance at least tau = {escape(fmt(tau))} of the image's positive relevance; the per-image "
            "counts come from the detection cube (whole chunks spread over it, n images).</p>",
-           _table(header, [*rows, tot])]
+           html_table(header, [*rows, tot])]
     low = [d for d in det if d.get("smaller_tau") and any("important channels per image" in w
                                                            for w in d.get("warnings") or [])]
     if low:
         out.append("<h3 id='smaller-tau'>Layers with (almost) no important channels: what a smaller tau gives</h3>"
                    "<p class='muted'>From the cube's relevance; no model pass. Rerun with <code>--tau</code> to "
                    "use one.</p>")
-        out.append(_table(["layer", "tau", "important channels per image, median", "candidates"],
+        out.append(html_table(["layer", "tau", "important channels per image, median", "candidates"],
                           [(d["layer"], a["tau"], a["important_per_image_median"], a["candidates"])
                            for d in low for a in d["smaller_tau"]]))
     if COSINE_FIGURE in figures:
         out.append("<h3 id='cosines'>Candidate-pair ARV cosines per layer</h3><p class='muted'>Box: quartiles; "
                    "red line: median; whiskers: 10-90 %; dots: min and max. Pairs left of the dashed line are "
-                   "selected.</p>" + _img(figures, COSINE_FIGURE, "ARV cosines per layer"))
+                   "selected.</p>" + embedded_figure(figures, COSINE_FIGURE, "ARV cosines per layer"))
     fig3 = summary.get("figure3") or {}
     if fig3:
         out.append("<h3 id='figure3'>Figure 3: WordNet similarity vs. ARV cosine</h3>")
@@ -401,9 +284,9 @@ def _section_detection(summary: Mapping[str, Any], figures: Mapping[str, bytes])
         main = max(fig3, key=lambda layer: fig3[layer].get("n_pairs") or 0)
         for layer, st in fig3.items():
             body = (f"<p>{fmt(st.get('n_pairs'))} candidate pairs, Spearman correlation "
-                    f"{fmt(st.get('spearman'))}</p>" + _img(figures, st.get("figure"), f"Figure 3 {layer}"))
-            out.append(f"<details{' open' if layer == main else ''}><summary>{_e(layer)} "
-                       f"(Spearman {_e(fmt(st.get('spearman')))})</summary>{body}</details>")
+                    f"{fmt(st.get('spearman'))}</p>" + embedded_figure(figures, st.get("figure"), f"Figure 3 {layer}"))
+            out.append(f"<details{' open' if layer == main else ''}><summary>{escape(layer)} "
+                       f"(Spearman {escape(fmt(st.get('spearman')))})</summary>{body}</details>")
     return "".join(out)
 
 
@@ -431,13 +314,13 @@ def _section_aggregate(ev: Mapping[str, Any]) -> str:
            "residual's; the positive-mass shares sum<sub>i</sub> pos(d)/sum<sub>i</sub> pos(orig) over the same "
            "images divide by no per-image value. Then the mean over the channels of a layer or of the model. "
            "Only channels with evaluation images of all their concepts count; n beside every aggregate. "
-           "A clean split has own &asymp; 1 and other &asymp; 0.</p>", _table(header, rows)]
+           "A clean split has own &asymp; 1 and other &asymp; 0.</p>", html_table(header, rows)]
     if model.get("without_data"):
         out.append("<p><b>Channels without evaluation images of their concepts</b> (no Table 1 row, no score): "
-                   + _e(", ".join(model["without_data"])) + "</p>")
+                   + escape(", ".join(model["without_data"])) + "</p>")
     if model.get("ratio_unstable"):
         out.append("<p><b>Channels whose d/orig ratios are unstable</b> (the original activation crosses zero on "
-                   "the concept images; read the positive-mass shares): " + _e(", ".join(model["ratio_unstable"]))
+                   "the concept images; read the positive-mass shares): " + escape(", ".join(model["ratio_unstable"]))
                    + "</p>")
     return "".join(out)
 
@@ -452,15 +335,15 @@ def _section_overview(channels: Sequence[Mapping[str, Any]]) -> str:
         ex = c.get("explanations", {})
         after = "<br>".join(f"d{j + 1}: {_formula_cell(ex.get(f'd{j + 1}'))}" for j in range(c["k"]))
         warn = " <span class='bad'>!</span>" if c.get("warnings") else ""
-        rows.append((c.get("rank"), c["layer"], _Raw(f"<a href='#{_anchor(c)}'>{c['channel']}</a>{warn}"),
+        rows.append((c.get("rank"), c["layer"], Raw(f"<a href='#{_anchor(c)}'>{c['channel']}</a>{warn}"),
                      " / ".join(c["concept_names"]), c.get("rho"), [r["n"] for r in c.get("table1", [])],
                      c.get("score"), c["summary"].get("own_median"), c["summary"].get("other_median"),
                      c["summary"].get("own_mass"), c["summary"].get("other_mass"),
-                     _Raw(_formula_cell(ex.get("orig"))), _Raw(after)))
+                     Raw(_formula_cell(ex.get("orig"))), Raw(after)))
     return ("<h2 id='channels'>Rewired channels</h2><p class='lead'>Ranked by the disentanglement score "
             "(1: each concept's images drive only their own channel; 0: the split changed nothing); channels "
             "without evaluation images of their concepts last. Explanations: best formula (IoU). "
-            "! marks a channel with warnings.</p>" + _table(header, rows))
+            "! marks a channel with warnings.</p>" + html_table(header, rows))
 
 
 def _anchor(c: Mapping[str, Any]) -> str:
@@ -492,7 +375,7 @@ def _channel_block(c: Mapping[str, Any], figures: Mapping[str, bytes], open_: bo
         robust = ("<h4>Positive-mass shares (read these: the d/orig ratios are unstable)</h4><p class='muted'>"
                   "sum over the concept's images of pos(x) / sum of pos(orig), pos = spatial sum of max(x, 0): "
                   "no per-image division, the quantity the score and the rho choice use.</p>"
-                  + _table(["images of", "images", *[f"{p} share" for p in parts], "own", "other", "why"],
+                  + html_table(["images of", "images", *[f"{p} share" for p in parts], "own", "other", "why"],
                            mass_rows))
     ex = c.get("explanations", {})
     ex_rows = []
@@ -503,34 +386,34 @@ def _channel_block(c: Mapping[str, Any], figures: Mapping[str, bytes], open_: bo
         name = "original" if key == "orig" else (f"{key} ({c['concept_names'][int(key[1:]) - 1]})"
                                                   if key != "r" else "r (shared)")
         never = e.get("n_active") == 0
-        ex_rows.append((name, _Raw(_formula_cell(e)), None if never else e.get("best_single"),
+        ex_rows.append((name, Raw(_formula_cell(e)), None if never else e.get("best_single"),
                         None if never else e.get("best_single_iou"),
                         *[e.get("concept_iou", {}).get(n) for n in c["concept_names"]], e.get("n_active")))
     ex_header = ["unit", "best formula (IoU)", "best single concept", "IoU"] + \
                 [f"IoU with {n}" for n in c["concept_names"]] + ["active images"]
     inv = c.get("invariant", {})
     figs = c.get("figures", {})
-    warn = ("<ul class='warn'>" + "".join(f"<li>{_e(w)}</li>" for w in c["warnings"]) + "</ul>"
+    warn = ("<ul class='warn'>" + "".join(f"<li>{escape(w)}</li>" for w in c["warnings"]) + "</ul>"
             if c.get("warnings") else "")
     body = [
         warn,
-        f"<p>rho = {_e(fmt(c.get('rho')))}, sources per concept {_e(fmt(c.get('n_sources')))}, "
-        f"shared inputs {_e(fmt(c.get('n_shared')))}; score {_e(fmt(c.get('score')))} "
-        f"(per concept {_e(fmt(c.get('score_per_concept')))}); invariant "
+        f"<p>rho = {escape(fmt(c.get('rho')))}, sources per concept {escape(fmt(c.get('n_sources')))}, "
+        f"shared inputs {escape(fmt(c.get('n_shared')))}; score {escape(fmt(c.get('score')))} "
+        f"(per concept {escape(fmt(c.get('score_per_concept')))}); invariant "
         f"&sum;<sub>j</sub> d<sub>j</sub>/orig &minus; (k&minus;1) r/orig = 1 holds to "
-        f"{_e(fmt(inv.get('max_ratio_deviation')))} on {_e(fmt(inv.get('n_checked')))} images "
-        f"(max |merged &minus; orig| / max(1, max |orig|) = {_e(fmt(inv.get('max_abs_error')))}).</p>",
-        f"<h4>Table 1</h4><p class='muted'>Images: {_e(c.get('selection', ''))}, leaving out those "
+        f"{escape(fmt(inv.get('max_ratio_deviation')))} on {escape(fmt(inv.get('n_checked')))} images "
+        f"(max |merged &minus; orig| / max(1, max |orig|) = {escape(fmt(inv.get('max_abs_error')))}).</p>",
+        f"<h4>Table 1</h4><p class='muted'>Images: {escape(c.get('selection', ''))}, leaving out those "
         "whose |orig| is tiny (ratios would only measure rounding). Fractions of the spatially summed "
-        "pre-BN activation.</p>", _table(header, rows), robust,
-        "<h4>Compositional explanations, before and after</h4>", _table(ex_header, ex_rows),
+        "pre-BN activation.</p>", html_table(header, rows), robust,
+        "<h4>Compositional explanations, before and after</h4>", html_table(ex_header, ex_rows),
         "<h4>Figure 2: activation densities</h4><p class='muted'>All evaluation images of each concept's "
         "classes (a concept without images is listed, not drawn); dashed grey: images of the other classes "
         "(up to 2,000).</p>",
-        _img(figures, figs.get("fig2"), "Figure 2", linked),
+        embedded_figure(figures, figs.get("fig2"), "Figure 2", linked),
         "<div class='grid2'>",
-        f"<div><h4>Top exemplars</h4>{_img(figures, figs.get('exemplars'), 'exemplars', linked)}</div>",
-        (f"<div><h4>Feature visualisations</h4>{_img(figures, figs.get('featvis'), 'feature visualisations', linked)}</div>"
+        f"<div><h4>Top exemplars</h4>{embedded_figure(figures, figs.get('exemplars'), 'exemplars', linked)}</div>",
+        (f"<div><h4>Feature visualisations</h4>{embedded_figure(figures, figs.get('featvis'), 'feature visualisations', linked)}</div>"
          if figs.get("featvis") else ""),
         "</div>",
     ]
@@ -560,7 +443,7 @@ def _section_layer_explanations(ev: Mapping[str, Any], rewired: set[tuple[str, i
     params = ev.get("params", {})
     out = ["<h2 id='layer-explanations'>Compositional explanations of every channel</h2>",
            "<p class='lead'>Per-image spatial maximum of each channel, binarised at the "
-           f"{_e(fmt(params.get('explain_quantile'), 4))} quantile ({_e(params.get('explain_quantile_rule', ''))}), "
+           f"{escape(fmt(params.get('explain_quantile'), 4))} quantile ({escape(params.get('explain_quantile_rule', ''))}), "
            "matched against classes and their WordNet hypernyms (IoU over images; concepts with fewer than "
            f"{defaults.EXPLAIN_MIN_CONCEPT_IMAGES} images are left out). Per layer the "
            f"{rows_per_layer} best-IoU channels and the rewired ones (*); every channel is in "
@@ -570,19 +453,19 @@ def _section_layer_explanations(ev: Mapping[str, Any], rewired: set[tuple[str, i
         st = explanation_layer_summary(rows)
         summary_rows.append((layer, st["channels"], st["active_images_median"], st["few_active"], st["never_active"],
                              st["iou_median"], st["iou_max"], st["with_hypernym"]))
-    out.append(_table(["layer", "channels", "active images, median", "fewer than "
+    out.append(html_table(["layer", "channels", "active images, median", "fewer than "
                        f"{defaults.EXPLAIN_FEW_ACTIVE_IMAGES} active (!)", "never active", "IoU median", "IoU max",
                        "formulas naming a hypernym"], summary_rows))
     for layer, rows in tables.items():
         shown = sorted(rows, key=lambda r: -(r.get("iou") or 0.0) if r.get("n_active") else 1.0)[:rows_per_layer]
         shown += [r for r in rows if (layer, r["channel"]) in rewired and r not in shown]
-        body = _table(["channel", "best formula", "IoU", "best single concept", "IoU", "active images"],
+        body = html_table(["channel", "best formula", "IoU", "best single concept", "IoU", "active images"],
                       [(f"{r['channel']}{' *' if (layer, r['channel']) in rewired else ''}",
-                        _Raw(_formula_cell(r) if r.get("n_active")
+                        Raw(_formula_cell(r) if r.get("n_active")
                              else "<span class='muted'>never active</span>"),
                         r.get("iou"), r.get("best_single"), r.get("best_single_iou"), r.get("n_active"))
                        for r in shown])
-        out.append(f"<details><summary>{_e(layer)} ({len(rows)} channels, {len(shown)} shown)</summary>{body}</details>")
+        out.append(f"<details><summary>{escape(layer)} ({len(rows)} channels, {len(shown)} shown)</summary>{body}</details>")
     return "".join(out)
 
 
@@ -606,12 +489,12 @@ def render_report(summary: Mapping[str, Any], figures: Mapping[str, bytes], base
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f"<p class='lead'>Created {_e(summary.get('created', ''))}. Method: Hesse et al., "
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        f"<p class='lead'>Created {escape(summary.get('created', ''))}. Method: Hesse et al., "
         "&ldquo;Disentangling Polysemantic Channels in CNNs&rdquo; (2025); explanations: Mu &amp; Andreas, "
         "&ldquo;Compositional Explanations of Neurons&rdquo; (2020).</p>",
-        "".join(f"<p class='lead'><strong>{_e(n)}</strong></p>" for n in (summary.get("extra") or {}).get("notes", [])),
+        "".join(f"<p class='lead'><strong>{escape(n)}</strong></p>" for n in (summary.get("extra") or {}).get("notes", [])),
         _section_findings(summary, base, warnings),
         "".join(nav),
         _section_warnings(warnings),
@@ -624,14 +507,14 @@ def render_report(summary: Mapping[str, Any], figures: Mapping[str, bytes], base
     parts.append(_section_layer_explanations(ev, {(c["layer"], c["channel"]) for c in channels}))
     timings = ev.get("timings_s") or {}
     if timings:
-        parts.append("<h2 id='timings'>Timings</h2>" + _table(["stage", "seconds"], list(timings.items()), "kv"))
+        parts.append("<h2 id='timings'>Timings</h2>" + html_table(["stage", "seconds"], list(timings.items()), "kv"))
     if summary.get("extra"):
-        parts.append("<h2>Other</h2>" + _kv(summary["extra"]))
+        parts.append("<h2>Other</h2>" + kv_table(summary["extra"]))
     parts.append("<h2 id='parameters'>Run parameters</h2>")
-    parts.append(_kv(params))
+    parts.append(kv_table(params))
     if ev:
         ev_params = {f"evaluation {k}": v for k, v in (ev.get("params") or {}).items()}
-        parts.append(_kv({"evaluation images": ev.get("n_images"),
+        parts.append(kv_table({"evaluation images": ev.get("n_images"),
                           "images that failed to decode": ev.get("n_not_decoded"), **ev_params}))
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)
@@ -739,15 +622,6 @@ def artifact_size(value: Any) -> int:
     return len(json.dumps(jsonable(value)).encode())
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        return fmt(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _after(c: Mapping[str, Any]) -> str:
     ex = c.get("explanations", {})
     return "; ".join(f"d{j}: {fmt((ex.get(f'd{j}') or {}).get('formula'))}" for j in range(1, c["k"] + 1))
@@ -831,11 +705,11 @@ def markdown_artifacts(summary: Mapping[str, Any], figures: Mapping[str, bytes],
                  [r["n"] for r in c.get("table1", [])], c.get("score"),
                  (c.get("explanations", {}).get("orig") or {}).get("formula"), _after(c)) for c in channels]
         header = ["rank", "layer", "channel", "concepts", "rho", "n", "score", "before", "after"]
-        table = _md_table(header, rows)
+        table = md_table(header, rows)
         budget = max_bytes - artifact_size("\n".join(md)) - 2_000
         while rows and artifact_size(table) > budget:
             rows = rows[: max(1, len(rows) * 3 // 4)] if len(rows) > 1 else []
-            table = _md_table(header, rows) + f"\n\n(first {len(rows)} of {len(channels)} channels; all in table1.csv)"
+            table = md_table(header, rows) + f"\n\n(first {len(rows)} of {len(channels)} channels; all in table1.csv)"
         md += [table, ""]
     docs = {"disentangle-summary": "\n".join(md)}
     if with_images:

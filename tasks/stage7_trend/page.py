@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from polysemantic_disentangle.tasks.plots import plt, to_png
-from polysemantic_disentangle.tasks.stage6_report.report import _CSS, _Raw, _e, _link, _md_table, _table, data_uri, fmt
+from polysemantic_disentangle.tasks.stage6_report.html_parts import CSS, Raw, data_uri, escape, file_link, fmt, html_table, md_table
 from polysemantic_disentangle.tasks.stage7_trend.trend import Trend
 
 # Prefect refuses events larger than 1.5 MB (PREFECT_EVENTS_MAXIMUM_SIZE_BYTES); an artifact
@@ -124,8 +124,8 @@ def trend_figures(trend: Trend) -> dict[str, bytes]:
     return figures
 
 
-def _img(figures: Mapping[str, bytes], key: str, alt: str) -> str:
-    return f'<img src="{data_uri(figures[key])}" alt="{_e(alt)}">' if key in figures else ""
+def embedded_figure(figures: Mapping[str, bytes], key: str, alt: str) -> str:
+    return f'<img src="{data_uri(figures[key])}" alt="{escape(alt)}">' if key in figures else ""
 
 
 def _pair(p: list[str] | None) -> str:
@@ -142,23 +142,23 @@ def render_trend(trend: Trend, figures: Mapping[str, bytes], base_dir: str | Pat
     base = Path(base_dir).resolve() if base_dir is not None else None
     ck = trend.checkpoints
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-             "<title>Polysemanticity over checkpoints</title>", f"<style>{_CSS}</style></head><body>",
+             "<title>Polysemanticity over checkpoints</title>", f"<style>{CSS}</style></head><body>",
              "<h1>Polysemanticity over checkpoints</h1>",
-             f"<p class='lead'>{len(ck)} checkpoints of <code>{_e(trend.model)}</code>, ordered by "
-             f"{_e(trend.order_by)}; rule {_e(trend.params.get('rule'))}, gamma {_e(fmt(trend.params.get('gamma')))}, "
-             f"p {_e(fmt(trend.params.get('p')))}, tau {_e(fmt(trend.params.get('tau')))}. Created "
-             f"{_e(trend.created)}.</p>"]
+             f"<p class='lead'>{len(ck)} checkpoints of <code>{escape(trend.model)}</code>, ordered by "
+             f"{escape(trend.order_by)}; rule {escape(trend.params.get('rule'))}, gamma {escape(fmt(trend.params.get('gamma')))}, "
+             f"p {escape(fmt(trend.params.get('p')))}, tau {escape(fmt(trend.params.get('tau')))}. Created "
+             f"{escape(trend.created)}.</p>"]
     if trend.warnings:
         parts.append("<section id='warnings'><h2>Warnings</h2><ul>"
-                     + "".join(f"<li class='bad'>{_e(w)}</li>" for w in trend.warnings) + "</ul></section>")
+                     + "".join(f"<li class='bad'>{escape(w)}</li>" for w in trend.warnings) + "</ul></section>")
     rows = []
     for c in ck:
-        report = _Raw(_link("report", c.report, base)) if c.report else "–"
+        report = Raw(file_link("report", c.report, base)) if c.report else "–"
         rows.append((c.index, c.label, c.step, c.epoch, c.accuracy, c.accuracy_n, report,
                      (c.sha256 or "")[:12]))
     parts.append("<section id='checkpoints'><h2>Checkpoints</h2>"
-                 + _table(["#", "checkpoint", "step", "epoch", "accuracy", "images", "report", "sha256"], rows)
-                 + _img(figures, "accuracy", "accuracy over checkpoints") + "</section>")
+                 + html_table(["#", "checkpoint", "step", "epoch", "accuracy", "images", "report", "sha256"], rows)
+                 + embedded_figure(figures, "accuracy", "accuracy over checkpoints") + "</section>")
 
     totals = []
     for i, c in enumerate(ck):
@@ -167,7 +167,7 @@ def render_trend(trend: Trend, figures: Mapping[str, bytes], base_dir: str | Pat
                        sum(p.selected_pairs for p in pts), sum(p.selected_channels for p in pts),
                        sum(p.paper_pairs for p in pts), sum(p.rewired_channels for p in pts)))
     parts.append("<section id='overview'><h2>All layers</h2>"
-                 + _table(["checkpoint", "candidates", "candidate pairs", "selected pairs", "polysemantic channels",
+                 + html_table(["checkpoint", "candidates", "candidate pairs", "selected pairs", "polysemantic channels",
                            "paper-default pairs", "rewired channels"], totals) + "</section>")
 
     counts: dict[str, int] = {}
@@ -176,16 +176,16 @@ def render_trend(trend: Trend, figures: Mapping[str, bytes], base_dir: str | Pat
     change_rows = [(ck[ch.after].label, ch.layer, ch.channel, ch.kind, _pair(ch.pair_before), ch.cosine_before,
                     _pair(ch.pair_after), ch.cosine_after) for ch in trend.changes]
     parts.append("<section id='changes'><h2>Channels that changed</h2><p class='lead'>"
-                 + _e(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no channel changed")
+                 + escape(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no channel changed")
                  + " between consecutive checkpoints.</p>"
-                 + (_table(["at", "layer", "channel", "change", "pair before", "cosine", "pair after", "cosine"],
+                 + (html_table(["at", "layer", "channel", "change", "pair before", "cosine", "pair after", "cosine"],
                            change_rows) if change_rows else "") + "</section>")
 
     hot = set(polysemantic_layers(trend))
     for lt in trend.layers:
-        body = [f"<section class='layer' id='{_anchor(lt.layer)}'><h2>{_e(lt.layer)}</h2>",
-                f"<p class='muted'>{lt.channels} channels</p>", _img(figures, f"layer/{lt.layer}", f"{lt.layer} over checkpoints")]
-        body.append(_table(
+        body = [f"<section class='layer' id='{_anchor(lt.layer)}'><h2>{escape(lt.layer)}</h2>",
+                f"<p class='muted'>{lt.channels} channels</p>", embedded_figure(figures, f"layer/{lt.layer}", f"{lt.layer} over checkpoints")]
+        body.append(html_table(
             ["checkpoint", "applicable", "candidates", "candidate pairs", "paper-default pairs", "selected pairs",
              "selected channels", "cosine q1", "median", "q3", "rewired", "mean score"],
             [(c.label, p.applicable, p.candidates, p.candidate_pairs, p.paper_pairs, p.selected_pairs,
@@ -195,12 +195,12 @@ def render_trend(trend: Trend, figures: Mapping[str, bytes], base_dir: str | Pat
             body.append("<p class='muted'>Quartiles from the pairs detection kept (max_pairs_per_layer), "
                         "not from every candidate pair.</p>")
         if lt.layer in hot:
-            body.append(_img(figures, f"heatmap/{lt.layer}", f"{lt.layer} channel by checkpoint"))
+            body.append(embedded_figure(figures, f"heatmap/{lt.layer}", f"{lt.layer} channel by checkpoint"))
             tracked = [c for c in trend.channels if c.layer == lt.layer and any(p.polysemantic for p in c.points)]
-            body.append("<details open><summary>Polysemantic channels</summary>" + _table(
+            body.append("<details open><summary>Polysemantic channels</summary>" + html_table(
                 ["channel", *[c.label for c in ck]],
-                [(c.channel, *[_Raw(("<b>" + _e(_pair(p.pair)) + f"</b> {_e(fmt(p.pair_cosine))}") if p.polysemantic
-                                    else (f"<span class='muted'>lowest {_e(fmt(p.lowest_cosine))}</span>"
+                [(c.channel, *[Raw(("<b>" + escape(_pair(p.pair)) + f"</b> {escape(fmt(p.pair_cosine))}") if p.polysemantic
+                                    else (f"<span class='muted'>lowest {escape(fmt(p.lowest_cosine))}</span>"
                                           if p.candidate else "<span class='muted'>not a candidate</span>"))
                                for p in c.points]) for c in tracked]) + "</details>")
         body.append("</section>")
@@ -218,7 +218,7 @@ def trend_artifacts(trend: Trend, figures: Mapping[str, bytes], max_bytes: int =
              for lt in trend.layers for c, p in zip(trend.checkpoints, lt.points)]
     text = [f"# Polysemanticity over {len(trend.checkpoints)} checkpoints ({trend.model})", ""]
     text += [f"> {w}" for w in trend.warnings] + ([""] if trend.warnings else [])
-    text.append(_md_table(["checkpoint", "accuracy", "selected pairs", "polysemantic channels", "candidates"],
+    text.append(md_table(["checkpoint", "accuracy", "selected pairs", "polysemantic channels", "candidates"],
                           [(c.label, c.accuracy, sum(lt.points[i].selected_pairs for lt in trend.layers),
                             sum(lt.points[i].selected_channels for lt in trend.layers),
                             sum(lt.points[i].candidates for lt in trend.layers))
