@@ -10,32 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
+from polysemantic_disentangle.tasks.json_values import JsonRecord
 from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, PairRow
-
-T = TypeVar("T", bound="_StageResult")
-
-
-class _StageResult:
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass
-class ReduceResult(_StageResult):
+class ReduceResult(JsonRecord):
     """The class statistics live in the train store (under ``stats/detection``)."""
 
     store: str
 
 
 @dataclass
-class DetectionResult(_StageResult):
+class DetectionResult(JsonRecord):
     """``detection.json``: every layer's summary and detection, Figure 3's statistics and files."""
 
     params: dict[str, Any]
@@ -62,7 +51,7 @@ class DetectionResult(_StageResult):
 
 
 @dataclass
-class RewiringResult(_StageResult):
+class RewiringResult(JsonRecord):
     """The splits made, those planned but skipped, the saved checkpoint and its check."""
 
     splits: list[dict[str, Any]] = field(default_factory=list)  # ChannelSplit.to_dict()
@@ -74,7 +63,7 @@ class RewiringResult(_StageResult):
 
 
 @dataclass
-class EvaluationResult(_StageResult):
+class EvaluationResult(JsonRecord):
     """Where the evaluation left its result: ``evaluation.json`` and one PNG per figure
     (both None/empty when nothing was rewired)."""
 
@@ -83,7 +72,7 @@ class EvaluationResult(_StageResult):
 
 
 @dataclass
-class ReportResult(_StageResult):
+class ReportResult(JsonRecord):
     """``report.html``, ``summary.json`` and the CSV tables beside them."""
 
     report: str

@@ -4,14 +4,17 @@ a file as something ``json`` rejects or writes as an invalid token."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["jsonable"]
+__all__ = ["JsonRecord", "jsonable"]
+
+T = TypeVar("T", bound="JsonRecord")
 
 
 def jsonable(obj: Any) -> Any:
@@ -34,3 +37,21 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+class JsonRecord:
+    """A dataclass that goes to and from a JSON dict, fields matched by name: a record written
+    before a field was added still loads (the field takes its default), and keys it does not
+    know are ignored. A subclass with nested records rebuilds them in its own ``from_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def known_fields(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return {k: v for k, v in data.items() if k in names}
+
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+        return cls(**cls.known_fields(data))

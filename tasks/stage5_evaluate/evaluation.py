@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from polysemantic_disentangle.storage.cube import CubeReader
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import load_batch
-from polysemantic_disentangle.tasks.json_values import jsonable
+from polysemantic_disentangle.tasks.json_values import JsonRecord, jsonable
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from polysemantic_disentangle.tasks.plots import activation_densities, image_grid
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import statistics_labels
@@ -50,21 +50,14 @@ from polysemantic_disentangle.tasks.stage5_evaluate.explain import present_quant
 
 __all__ = ["ChannelEvaluation", "Evaluation", "EvaluationImages", "evaluate_run"]
 
-R = TypeVar("R", bound="_Record")
 
-
-class _Record:
+class _EvaluationRecord(JsonRecord):
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(dataclasses.asdict(self))  # type: ignore[call-overload]
-
-    @classmethod
-    def _known(cls, data: Mapping[str, Any]) -> dict[str, Any]:
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return {k: v for k, v in data.items() if k in names}
+        return jsonable(super().to_dict())  # numpy numbers and NaN from the maths: plain JSON
 
 
 @dataclass
-class ChannelEvaluation(_Record):
+class ChannelEvaluation(_EvaluationRecord):
     """One rewired channel on the evaluation images: Table 1, score, explanations, figures."""
 
     layer: str
@@ -87,13 +80,9 @@ class ChannelEvaluation(_Record):
     exemplars: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # "orig" / "dj" -> top images
     rank: int | None = None  # 1 = best score
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ChannelEvaluation:
-        return cls(**cls._known(data))
-
 
 @dataclass
-class Evaluation(_Record):
+class Evaluation(_EvaluationRecord):
     """What the evaluate stage found, channels best score first."""
 
     eval_cube: str
@@ -110,7 +99,7 @@ class Evaluation(_Record):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Evaluation:
-        kw = cls._known(data)
+        kw = cls.known_fields(data)
         kw["channels"] = [ChannelEvaluation.from_dict(c) for c in kw.get("channels", [])]
         return cls(**kw)
 
@@ -183,11 +172,12 @@ def evaluate_run(
     wn = list(wnids) if wnids is not None else cube.class_wnids()
     concepts = class_concepts(names, wn) if concepts is None else concepts
 
-    candidates = evaluation_candidates(cube, max_per_class)
+    cube_labels = statistics_labels(cube)
+    candidates = evaluation_candidates(cube, cube_labels, max_per_class)
     if candidates.size == 0:
         raise ValueError(f"{eval_cube_url} has no usable evaluation images")
-    images, runs = model_pass(original, rewired, splits, cube, candidates, transform, batch_size, dev,
-                              dataset_root)
+    images, runs = model_pass(original, rewired, splits, cube, cube_labels, candidates, transform, batch_size,
+                              dev, dataset_root)
     timings["model_pass"] = time.perf_counter() - t0
     say(f"evaluation pass: {len(images)} images, {len(splits)} channels, {timings['model_pass']:.1f} s")
 
@@ -244,10 +234,9 @@ def evaluate_run(
 # The steps
 
 
-def evaluation_candidates(cube: CubeReader, max_per_class: int | None) -> np.ndarray:
-    """Cube rows to evaluate on: readable images with a class, the first ``max_per_class`` of
-    each class when given."""
-    labels = statistics_labels(cube)
+def evaluation_candidates(cube: CubeReader, labels: np.ndarray, max_per_class: int | None) -> np.ndarray:
+    """Cube rows to evaluate on: readable images with a class (``labels``: the cube's
+    ``statistics_labels``), the first ``max_per_class`` of each class when given."""
     usable = ~cube.skipped() & (labels >= 0)
     if max_per_class is not None:
         usable &= _first_per_class(np.where(usable, labels, -1), max_per_class)
@@ -256,7 +245,7 @@ def evaluation_candidates(cube: CubeReader, max_per_class: int | None) -> np.nda
 
 def model_pass(
     original: nn.Module, rewired: nn.Module, splits: Sequence[ChannelSplit], cube: CubeReader,
-    candidates: np.ndarray, transform: Callable, batch_size: int, device: torch.device,
+    cube_labels: np.ndarray, candidates: np.ndarray, transform: Callable, batch_size: int, device: torch.device,
     dataset_root: str | None = None,
 ) -> tuple[EvaluationImages, ChannelRuns]:
     """One pass of each model over the candidate images (``run_channels``), decoding the next
@@ -270,7 +259,7 @@ def model_pass(
     runs = run_channels(original, rewired, splits, stream, batch_size, device)
     rows = candidates[np.concatenate(loaded)] if loaded else np.zeros(0, np.int64)
     images = EvaluationImages(data_root=str(data_root), paths=paths, candidates=candidates, rows=rows,
-                              labels=statistics_labels(cube)[rows],
+                              labels=cube_labels[rows],
                               input_shape=input_shape[0] if input_shape else None)
     return images, runs
 
@@ -284,8 +273,9 @@ def channel_evaluations(
 
     Table 1 selects images by the original channel's relevance; a layer the evaluation cube
     does not hold falls back to all images of the concept (recorded per channel)."""
+    in_cube = set(cube.layers)
     relevance = {layer: cube.relevance(layer)[images.rows]
-                 for layer in {r.split.layer for r in runs} if layer in cube.layers}
+                 for layer in {r.split.layer for r in runs} if layer in in_cube}
     labels = images.labels
     out = []
     for run in runs:
@@ -422,16 +412,17 @@ def explain_chosen_layers(
 ) -> dict[str, list[dict[str, Any]]]:
     """Explanations of every channel of the chosen layers (None: the rewired layers; "all":
     every layer of the cube), on the images of the pass."""
+    in_cube = cube.layers
     if explain_layers is None:
         chosen = sorted({s.layer for s in splits})
     elif explain_layers == "all":
-        chosen = cube.layers
+        chosen = in_cube
     else:
         chosen = list(explain_layers)
     in_run = np.zeros(len(images.paths), bool)
     in_run[images.rows] = True
     return {layer: explain_layer(eval_cube_url, layer, concepts, quantile=explain_quantile, rows=in_run)
-            for layer in chosen if layer in cube.layers}
+            for layer in chosen if layer in in_cube}
 
 
 def _params(labels: np.ndarray, *, tau: float, min_abs_orig_fraction: float, batch_size: int,

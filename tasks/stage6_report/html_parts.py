@@ -50,7 +50,7 @@ def data_uri(png: bytes) -> str:
 
 
 def embedded_figure(figures: Mapping[str, bytes], key: str | None, alt: str,
-         linked: Mapping[str, str] | None = None) -> str:
+                    linked: Mapping[str, str] | None = None) -> str:
     """An embedded figure, or a link to its PNG file when the page has no room for it."""
     if key and linked and key in linked:
         return f'<p><a href="{escape(linked[key])}">{escape(alt)} (image file)</a></p>'

@@ -11,7 +11,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from polysemantic_disentangle.tasks.plots import plt, to_png
-from polysemantic_disentangle.tasks.stage6_report.html_parts import CSS, Raw, data_uri, escape, file_link, fmt, html_table, md_table
+from polysemantic_disentangle.tasks.stage6_report.html_parts import (CSS, Raw, data_uri, embedded_figure, escape, file_link, fmt,
+                                                                 html_table, md_table)
 from polysemantic_disentangle.tasks.stage7_trend.trend import Trend
 
 # Prefect refuses events larger than 1.5 MB (PREFECT_EVENTS_MAXIMUM_SIZE_BYTES); an artifact
@@ -122,10 +123,6 @@ def trend_figures(trend: Trend) -> dict[str, bytes]:
     for layer in polysemantic_layers(trend):
         figures[f"heatmap/{layer}"] = heatmap_figure(trend, layer)
     return figures
-
-
-def embedded_figure(figures: Mapping[str, bytes], key: str, alt: str) -> str:
-    return f'<img src="{data_uri(figures[key])}" alt="{escape(alt)}">' if key in figures else ""
 
 
 def _pair(p: list[str] | None) -> str:
