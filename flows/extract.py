@@ -194,7 +194,7 @@ def extract_relevance_cube(
         selected, manifest = plan.layers, plan.manifest
         prepare_chunk_writers(store_url)
         stop_point("store-created")
-        done = completed_chunks(store_url)
+        done = completed_chunks(store_url, verify=True)  # damaged chunks are written again
         shards = plan_shards(len(done), shard_chunks, pending=~done)
         logger.info("%d images, %d layers, %d of %d chunks to do in %d shards on %s", len(manifest),
                     len(selected), int((~done).sum()), len(done), len(shards), slots)

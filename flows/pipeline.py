@@ -41,14 +41,13 @@ from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan
 from polysemantic_disentangle.tasks.stage6_report.html_parts import data_uri
 from polysemantic_disentangle.tasks.stage6_report.report import build_summary, detection_rows, markdown_artifacts, save_figure3, write_report
 from polysemantic_disentangle.tasks.models.registry import load_model
-from polysemantic_disentangle.tasks.stage2_reduce.reduce import has_stats, read_stats, reduce_cube, statistics_labels, write_stats
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import class_statistics, has_stats, read_stats, statistics_labels
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, rewire_model
 from polysemantic_disentangle.tasks.stage7_trend.trend import checkpoint_info, write_checkpoint_record
 
 if TYPE_CHECKING:
     from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import Evaluation
 
-STATS_SUBSET = "detection"
 R = TypeVar("R", ReduceResult, DetectionResult, RewiringResult, EvaluationResult, ReportResult)
 # Published once, by the detect stage; the report stage leaves this table out of its artifacts.
 DETECTION_TABLE_ARTIFACT = "detection-per-layer"
@@ -59,36 +58,39 @@ def _png_markdown(title: str, png: bytes) -> str:
 
 
 @task(name="reduce", cache_policy=NO_CACHE)
-def reduce_task(store_url: str, tau: float, correct_only: bool, scheduler_address: str | None) -> str:
-    """Class statistics of every layer, written into the store under stats/detection."""
-    stats = reduce_cube(store_url, tau=tau, correct_only=correct_only, scheduler_address=scheduler_address)
-    write_stats(store_url, STATS_SUBSET, stats, {"tau": tau, "correct_only": correct_only})
-    return store_url
+def reduce_task(store_url: str, tau: float, correct_only: bool, scheduler_address: str | None) -> ReduceResult:
+    """Class statistics of every layer, in the store under the key of these parameters (reused
+    when a run with the same key, this one or another sharing the store, made them already)."""
+    key, _ = class_statistics(store_url, tau=tau, correct_only=correct_only, scheduler_address=scheduler_address)
+    return ReduceResult(store_url, statistics=key.to_dict())
 
 
 def stats_in_store(result: ReduceResult) -> bool:
-    """Whether the reduce stage's output is still there. It lives in the train store, not the run
-    directory, so the record alone proves nothing: a store extracted again (same fingerprint,
-    same key) has no statistics until the stage runs again."""
+    """Whether the reduce stage's output is still there, exactly as keyed. It lives in the train
+    store, not the run directory, so the record alone proves nothing: another run may have
+    extracted the store again, or it never held this key's set."""
     store_url = result.store
-    return has_stats(store_url, STATS_SUBSET, list(cube_info(store_url)["layers"]))
+    return bool(result.statistics) and has_stats(store_url, result.statistics_key(), CubeReader(store_url).layers)
 
 
 @task(name="detect", cache_policy=NO_CACHE)
-def detect_task(store_url: str, model_name: str, weights: str | None, params: dict[str, Any],
-                out_dir: str, seed: int = 0) -> DetectionResult:
+def detect_task(store_url: str, statistics: ReduceResult, model_name: str, weights: str | None,
+                params: dict[str, Any], out_dir: str, seed: int = 0) -> DetectionResult:
     """Candidates and gamma-polysemantic pairs of every layer, with WordNet similarities;
     writes detection.csv / detection.json and the Figure 3 plot of the last layer."""
     detection_params = DetectionParams(**params)
+    if statistics.statistics_key().tau != detection_params.tau:
+        raise ValueError(f"statistics made at tau {statistics.statistics_key().tau}, detection asks for "
+                         f"tau {detection_params.tau}")
     bundle = load_model(model_name, weights, seed=seed)
-    layers = list(cube_info(store_url)["layers"])
-    stats = read_stats(store_url, STATS_SUBSET, layers)
+    layers = CubeReader(store_url).layers
+    stats = read_stats(store_url, statistics.statistics_key(), layers)
     detections = detect_layers(bundle.model, store_url, stats, detection_params, bundle.class_names, bundle.wnids)
     add_wordnet_similarities(detections)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # what a comparison over checkpoints needs: the training step and the whole architecture
-    write_checkpoint_record(out, checkpoint_info(model_name, weights, bundle.model))
+    checkpoint_record = write_checkpoint_record(out, checkpoint_info(model_name, weights, bundle.model))
     write_pairs_csv(out / "detection.csv", detections)
     fig3_stats, last = save_figure3(out / "figures", detections,
                                     detection_params.gamma if detection_params.rule == "gamma" else None)
@@ -99,6 +101,8 @@ def detect_task(store_url: str, model_name: str, weights: str | None, params: di
         figure3=fig3_stats,
         figure3_last_layer=last,
         class_names=list(bundle.class_names),
+        files={"detection.csv": str(out / "detection.csv"), "detection.json": str(out / "detection.json"),
+               "checkpoint.json": str(checkpoint_record)},
     )
     (out / "detection.json").write_text(json.dumps(result.to_dict(), indent=1))
     publish_detection_artifacts(result)
@@ -153,8 +157,8 @@ def _class_image_loader(store_url: str, transform: Any, max_images: int):
 
 
 @task(name="rewire", cache_policy=NO_CACHE)
-def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str | None,
-                detection: DetectionResult, rewire_layers: str | list[str], max_per_layer: int | None,
+def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, model_name: str,
+                weights: str | None, detection: DetectionResult, rewire_layers: str | list[str], max_per_layer: int | None,
                 rho_grid: list[float], rho_max_images: int, out_dir: str, check_images: int,
                 seed: int = 0) -> RewiringResult:
     """Split every selected channel, check the function is unchanged, save the checkpoint and
@@ -165,7 +169,7 @@ def rewire_task(train_store: str, eval_store: str, model_name: str, weights: str
     bundle = load_model(model_name, weights, seed=seed)
     model = bundle.model.eval()
     plan = plan_rewiring(detection.layer_detections(), rewire_layers, max_per_layer)
-    stats = read_stats(train_store, STATS_SUBSET, sorted({r.layer for r in plan.rows}))
+    stats = read_stats(train_store, statistics.statistics_key(), sorted({r.layer for r in plan.rows}))
     splits, skipped = build_splits(model, plan.rows, stats,
                                    _class_image_loader(train_store, bundle.transform, rho_max_images),
                                    rho_grid, rho_max_images)
@@ -243,12 +247,6 @@ def save_evaluation(out: Path, evaluation: Evaluation, figures: dict[str, bytes]
     return EvaluationResult(evaluation=str(target), figures=paths)
 
 
-def evaluation_saved(result: EvaluationResult) -> bool:
-    """Every file the evaluate stage's result names still exists."""
-    files = [result.evaluation, *result.figures.values()]
-    return all(Path(f).is_file() for f in files if f)
-
-
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(eval_store: str, train_store: str, evaluated: EvaluationResult, rewiring: RewiringResult,
                 detection: DetectionResult, params: dict[str, Any], out_dir: str,
@@ -294,32 +292,37 @@ def _cached(stage: str, result: Any) -> State:
 
 
 def run_stage(cache: StageCache, stage: str, key: Any, run: Callable[[], R], *, result_type: type[R],
-              stop: str, must_exist: Sequence[str] = (), verify: Callable[[R], bool] | None = None) -> R:
-    """The one caching rule of every stage: reuse the stored result when the key matches, the
-    files it names exist and ``verify`` (outputs kept elsewhere, e.g. in a store) holds; else
-    run the stage, pass its stop point and store its result."""
-    stored = cache.get(stage, key, must_exist=must_exist)
+              stop: str, verify: Callable[[R], bool] | None = None) -> R:
+    """The one caching rule of every stage: reuse the stored result when the key matches, every
+    file the result declares (``output_files``) is there with the content recorded when the
+    stage finished, and ``verify`` (outputs kept elsewhere, e.g. in a store) holds; else drop
+    the record, run the stage, pass its stop point and record its result with its files'
+    hashes."""
+    stored = cache.get(stage, key, outputs=lambda d: result_type.from_dict(d).output_files())
     if stored is not None:
         result = result_type.from_dict(stored)
         if verify is None or verify(result):
             state = _cached.with_options(name=stage, task_run_name=f"{stage} (cached)")(stage, stored)
             return result_type.from_dict(state.result() if isinstance(state, State) else state)
+    cache.forget(stage)
     result = run()
     stop_point(stop)
-    cache.store(stage, key, result.to_dict())
+    cache.store(stage, key, result.to_dict(), outputs=result.output_files())
     return result
 
 
-def stage_keys(params: PipelineParams, model_identity: dict[str, Any], train_fp: str,
-               eval_fp: str) -> dict[str, dict[str, Any]]:
+def stage_keys(params: PipelineParams, model_identity: dict[str, Any], train: CubeReader,
+               evaluation: CubeReader) -> dict[str, dict[str, Any]]:
     """The stage cache's key of every stage: what its result depends on. The model identity
-    (with the state dict's content hash) is in every key, besides the cube fingerprints."""
-    reduce_key = {"model": model_identity, "cube": train_fp, "tau": params.tau,
-                  "correct_only": params.correct_only}
+    (with the state dict's content hash) is in every key, besides each cube's fingerprint and
+    content digest (a chunk extracted again changes it)."""
+    reduce_key = {"model": model_identity, "cube": train.attrs["fingerprint"], "content": train.content_digest(),
+                  "tau": params.tau, "correct_only": params.correct_only}
     detect_key = {**reduce_key, "detection": params.detection().to_dict()}
-    rewire_key = {**detect_key, "eval": eval_fp, "rewire_layers": params.rewire_layers,
-                  "max_per_layer": params.max_rewired_per_layer, "rho_grid": list(params.rho_grid),
-                  "rho_max_images": params.rho_max_images}
+    rewire_key = {**detect_key, "eval": evaluation.attrs["fingerprint"], "eval_content": evaluation.content_digest(),
+                  "rewire_layers": params.rewire_layers, "max_per_layer": params.max_rewired_per_layer,
+                  "rho_grid": list(params.rho_grid), "rho_max_images": params.rho_max_images,
+                  "check_images": params.check_images}
     evaluate_key = {**rewire_key, "eval_params": {k: getattr(params, k) for k in
                                                   ("featvis_steps", "featvis_channels", "batch_size",
                                                    "explain_quantile")}}
@@ -366,7 +369,7 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
     out = outputs.local
     out.mkdir(parents=True, exist_ok=True)
     (out / "preflight.json").write_text(json.dumps(preflight, indent=1, default=str))
-    cache = StageCache(out)
+    cache = StageCache(out, warn=logger.warning)
     # One cluster (or none) for both extractions and the reduction.
     with cluster_address(params.dask_address, params.dask_workers) as address, _pushed(outputs):
         rewiring, detection, report, train_store, eval_store = _stages(params, detection_params, out,
@@ -432,26 +435,25 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
                                         max_per_class=params.max_per_class_eval,
                                         **params.store_layouts()["eval"], **common)
     stop_point("eval-extracted")
-    train_fp = cube_info(train_store)["fingerprint"]
-    eval_fp = cube_info(eval_store)["fingerprint"]
-    keys = stage_keys(params, checked.model_identity, train_fp, eval_fp)
+    keys = stage_keys(params, checked.model_identity, CubeReader(train_store), CubeReader(eval_store))
 
-    run_stage(cache, "reduce", keys["reduce"], result_type=ReduceResult, stop="reduced", verify=stats_in_store,
-              run=lambda: ReduceResult(reduce_task(train_store, params.tau, params.correct_only, address)))
+    statistics = run_stage(cache, "reduce", keys["reduce"], result_type=ReduceResult, stop="reduced",
+                           verify=stats_in_store,
+                           run=lambda: reduce_task(train_store, params.tau, params.correct_only, address))
     detection = run_stage(cache, "detect", keys["detect"], result_type=DetectionResult, stop="detected",
-                          run=lambda: detect_task(train_store, params.model, params.weights,
+                          run=lambda: detect_task(train_store, statistics, params.model, params.weights,
                                                   detection_params.to_dict(), str(out), params.seed))
-    rewiring = run_stage(cache, "rewire", keys["rewire"], result_type=RewiringResult, stop="rewired", must_exist=["checkpoint"],
-                         run=lambda: rewire_task(train_store, eval_store, params.model, params.weights,
+    rewiring = run_stage(cache, "rewire", keys["rewire"], result_type=RewiringResult, stop="rewired",
+                         run=lambda: rewire_task(train_store, eval_store, statistics, params.model, params.weights,
                                                  detection, params.rewire_layers,
                                                  params.max_rewired_per_layer, list(params.rho_grid),
                                                  params.rho_max_images, str(out), params.check_images,
                                                  params.seed))
-    evaluated = run_stage(cache, "evaluate", keys["evaluate"], result_type=EvaluationResult, stop="evaluated", verify=evaluation_saved,
+    evaluated = run_stage(cache, "evaluate", keys["evaluate"], result_type=EvaluationResult, stop="evaluated",
                           run=lambda: evaluate_task(eval_store, params.model, params.weights, rewiring,
                                                     params.model_dump(), str(out), params.device,
                                                     params.seed))
-    report = run_stage(cache, "report", keys["report"], result_type=ReportResult, stop="reported", must_exist=["report", "summary"],
+    report = run_stage(cache, "report", keys["report"], result_type=ReportResult, stop="reported",
                        run=lambda: report_task(eval_store, train_store, evaluated, rewiring, detection,
                                                params.model_dump(), str(out), preflight))
 

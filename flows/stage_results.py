@@ -13,14 +13,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polysemantic_disentangle.tasks.json_values import JsonRecord
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import StatisticsKey
 from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, PairRow
 
 
 @dataclass
 class ReduceResult(JsonRecord):
-    """The class statistics live in the train store (under ``stats/detection``)."""
+    """The class statistics live in the train store, under ``stats/<statistics.name>``; the key
+    says what they were computed from, and every later stage reads the set by this key."""
 
     store: str
+    statistics: dict[str, Any] = field(default_factory=dict)  # StatisticsKey.to_dict()
+
+    def statistics_key(self) -> StatisticsKey:
+        return StatisticsKey.from_dict(self.statistics)
+
+    def output_files(self) -> list[str]:
+        return []  # the statistics are checked in the store (``stats_in_store``)
 
 
 @dataclass
@@ -33,6 +42,10 @@ class DetectionResult(JsonRecord):
     figure3: dict[str, dict[str, Any]]  # layer -> Spearman, pair count, figure key, png path
     figure3_last_layer: str | None
     class_names: list[str]
+    files: dict[str, str] = field(default_factory=dict)  # detection.csv, detection.json, ... by name
+
+    def output_files(self) -> list[str]:
+        return [*self.files.values(), *(st["png"] for st in self.figure3.values() if st.get("png"))]
 
     def layer_detections(self) -> list[LayerDetection]:
         """The LayerDetections back, field by field."""
@@ -61,6 +74,13 @@ class RewiringResult(JsonRecord):
     export: str | None = None
     nothing_to_rewire: str | None = None
 
+    def output_files(self) -> list[str]:
+        from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import spec_path
+
+        if not self.checkpoint:
+            return []
+        return [self.checkpoint, str(spec_path(self.checkpoint)), *([self.export] if self.export else [])]
+
 
 @dataclass
 class EvaluationResult(JsonRecord):
@@ -70,6 +90,9 @@ class EvaluationResult(JsonRecord):
     evaluation: str | None = None
     figures: dict[str, str] = field(default_factory=dict)  # figure key -> PNG path
 
+    def output_files(self) -> list[str]:
+        return [*([self.evaluation] if self.evaluation else []), *self.figures.values()]
+
 
 @dataclass
 class ReportResult(JsonRecord):
@@ -78,3 +101,6 @@ class ReportResult(JsonRecord):
     report: str
     summary: str
     files: dict[str, str] = field(default_factory=dict)  # every file written, by name
+
+    def output_files(self) -> list[str]:
+        return list(dict.fromkeys([self.report, self.summary, *self.files.values()]))

@@ -14,6 +14,8 @@ Layout (``LAYOUT_VERSION`` 2)::
       skipped      (image)        bool, unreadable image, left out of every statistic
       skip_reason  (image)        str
       chunk_done   (chunk)        uint8, completion marker, written after the chunk's data
+      chunk_checksum (chunk)      str, JSON {digest, class blocks} of the chunk's stored values,
+                                  written just before the marker and verified on resume
       class        (class)        str, class name (dimension coordinate: ``.sel({"class": "cat"})``)
       class_name   (class)        str, the same names (kept for stores and readers that use it)
       class_wnid   (class)        str, WordNet id or ""
@@ -88,6 +90,10 @@ CLASS_BLOCK = 16
 IMAGE_ARRAYS = ("image", "image_path", "label", "prediction", "target", "target_logit", "skipped", "skip_reason")
 CLASS_ARRAYS = ("class", "class_name", "class_wnid")
 CHUNK_DONE_ARRAY = "chunk_done"
+# Per chunk: a digest of every value the chunk's writer stored, written just before its marker,
+# so that damage after the fact (flipped bytes, a deleted chunk file read back as fill values)
+# is found on resume and the chunk is extracted again.
+CHUNK_CHECKSUM_ARRAY = "chunk_checksum"
 CHUNK_WRITER_ARRAY = "chunk_writer"
 # Class statistics of one layer under stats/<subset>/<layer>: name -> dimensions.
 STATS_ARRAY_DIMS: dict[str, tuple[str, ...]] = {
@@ -116,6 +122,8 @@ VARIABLE_ATTRS: dict[str, tuple[str, str]] = {
     "skipped": ("skipped image", "unreadable image, left out of every statistic"),
     "skip_reason": ("skip reason", "why the image was skipped (empty when it was not)"),
     "chunk_done": ("chunk completion marker", "1 once every array of the image chunk is written"),
+    CHUNK_CHECKSUM_ARRAY: ("chunk checksum", "JSON: digest of every value the chunk's writer stored and "
+                                             "the class blocks of its class sums (verified on resume)"),
     "class": ("class name", "name of the class (dimension coordinate: select with .sel)"),
     "class_name": ("class name", "name of the class"),
     "class_wnid": ("WordNet id", "WordNet synset id of the class, empty where unknown"),
@@ -144,7 +152,8 @@ VARIABLE_ATTRS: dict[str, tuple[str, str]] = {
 RELEVANCE_VARIABLES = frozenset({RELEVANCE_ARRAY, MOMENTS_ARRAY, MOMENT_SUMS_ARRAY, "mean_relevance",
                                  "important_fraction", "mean_moments"})
 # Every array and group name of the layout: only this package may name them.
-STORE_ARRAYS = frozenset({*IMAGE_ARRAYS, *CLASS_ARRAYS, CHUNK_DONE_ARRAY, *PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY,
+STORE_ARRAYS = frozenset({*IMAGE_ARRAYS, *CLASS_ARRAYS, CHUNK_DONE_ARRAY, CHUNK_CHECKSUM_ARRAY,
+                          *PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY,
                           MOMENT_SUMS_ARRAY, ACTIVATION_SUMS_ARRAY, CHUNK_WRITER_ARRAY, *STATS_ARRAY_DIMS})
 STORE_GROUPS = frozenset({LAYERS_GROUP, STATS_GROUP, EXTRACTION_GROUP})
 # Per-image values a plain xarray open shows as coordinates of the root node (CF "coordinates").
@@ -348,6 +357,7 @@ def create_cube(
     per_image(root, "skip_reason", str, "")
     _describe(root.create_array(CHUNK_DONE_ARRAY, shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
                                 dimension_names=["chunk"]), CHUNK_DONE_ARRAY)
+    _create_checksum_array(root, n_chunks)
     _write_class_coords(root, class_names, class_wnids, with_name=True)
 
     layers_group = root.create_group(LAYERS_GROUP)
@@ -434,9 +444,95 @@ def chunk_bounds(url_or_root: str | Path | zarr.Group, chunk: int) -> tuple[int,
     return chunk * size, min(n, (chunk + 1) * size)
 
 
-def completed_chunks(url: str | Path) -> np.ndarray:
-    """Boolean per chunk: its data is fully written."""
-    return open_store_group(url, mode="r")["chunk_done"][:].astype(bool)
+def _create_checksum_array(root: zarr.Group, n_chunks: int) -> None:
+    # One element per chunk (chunks of 1): each chunk's writer owns its own record.
+    _describe(root.create_array(CHUNK_CHECKSUM_ARRAY, shape=(n_chunks,), chunks=(1,), dtype=str, fill_value="",
+                                dimension_names=["chunk"]), CHUNK_CHECKSUM_ARRAY)
+
+
+def completed_chunks(url: str | Path, *, verify: bool = False) -> np.ndarray:
+    """Boolean per chunk: its data is fully written.
+
+    ``verify``: also read every finished chunk back and compare it with its checksum; a chunk
+    whose values no longer match (or cannot be decoded) has its marker cleared, so that the
+    next extraction writes it again. Chunks written before checksums existed are trusted."""
+    if not verify:
+        return open_store_group(url, mode="r")[CHUNK_DONE_ARRAY][:].astype(bool)
+    root = open_store_group(url, mode="r+")
+    done = root[CHUNK_DONE_ARRAY][:].astype(bool)
+    if CHUNK_CHECKSUM_ARRAY not in root:
+        return done
+    records = as_str(root[CHUNK_CHECKSUM_ARRAY][:])
+    for chunk in np.flatnonzero(done):
+        if records[chunk] and not _chunk_matches(root, int(chunk), records[chunk]):
+            root[CHUNK_DONE_ARRAY][chunk] = 0
+            done[chunk] = False
+    return done
+
+
+def damaged_chunks(url: str | Path) -> list[int]:
+    """Finished chunks whose stored values no longer match their checksum (read only)."""
+    root = open_store_group(url, mode="r+")
+    if CHUNK_CHECKSUM_ARRAY not in root:
+        return []
+    done = root[CHUNK_DONE_ARRAY][:].astype(bool)
+    records = as_str(root[CHUNK_CHECKSUM_ARRAY][:])
+    return [int(c) for c in np.flatnonzero(done) if records[c] and not _chunk_matches(root, int(c), records[c])]
+
+
+def content_digest(root: zarr.Group) -> str:
+    """A digest of the cube's content: every chunk's marker and checksum (a chunk written
+    again, or left unfinished, changes it). Statistics and stage results are keyed by it."""
+    h = hashlib.sha256(np.asarray(root[CHUNK_DONE_ARRAY][:], dtype=np.uint8).tobytes())
+    if CHUNK_CHECKSUM_ARRAY in root:
+        h.update("\n".join(as_str(root[CHUNK_CHECKSUM_ARRAY][:]).tolist()).encode())
+    return h.hexdigest()
+
+
+# The per-image root arrays a chunk's writer stores, in the order they are hashed.
+_CHUNK_ROOT_ARRAYS = ("prediction", "target", "target_logit", "skipped", "skip_reason")
+
+
+def _chunk_parts(root: zarr.Group, chunk: int, blocks: Sequence[int]) -> list[tuple[str, zarr.Array, tuple]]:
+    """Every (name, array, selection) a chunk's writer stores, in one fixed order: what the
+    checksum covers. Class sums: only the class blocks the writer wrote."""
+    start, stop = chunk_bounds(root, chunk)
+    rows = slice(start, stop)
+    parts: list[tuple[str, zarr.Array, tuple]] = [(name, root[name], (rows,)) for name in _CHUNK_ROOT_ARRAYS]
+    layers = root[LAYERS_GROUP]
+    for layer in sorted(layers.group_keys()):
+        g = layers[layer]
+        names = set(g.array_keys())
+        for name in (*PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY):
+            if name in names:
+                parts.append((f"{layer}/{name}", g[name], (rows,)))
+        for name in (ACTIVATION_SUMS_ARRAY, MOMENT_SUMS_ARRAY):
+            if name in names:
+                arr = g[name]
+                block = arr.chunks[2]
+                for b in blocks:
+                    sl = slice(int(b) * block, min((int(b) + 1) * block, arr.shape[2]))
+                    parts.append((f"{layer}/{name}/{b}", arr, (chunk, slice(None), sl)))
+    return parts
+
+
+def _hash_values(h: Any, name: str, values: np.ndarray) -> None:
+    h.update(name.encode() + b"\0")
+    if values.dtype.kind in "UOT":
+        h.update("\0".join(str(v) for v in np.asarray(values).ravel().tolist()).encode())
+    else:
+        h.update(np.ascontiguousarray(values).tobytes())
+
+
+def _chunk_matches(root: zarr.Group, chunk: int, record: str) -> bool:
+    try:
+        rec = json.loads(record)
+        h = hashlib.blake2b(digest_size=16)
+        for name, arr, sel in _chunk_parts(root, chunk, rec["blocks"]):
+            _hash_values(h, name, np.asarray(arr[sel]))
+        return h.hexdigest() == rec["digest"]
+    except Exception:  # undecodable bytes, a missing array, a damaged record: not a match
+        return False
 
 
 @dataclass
@@ -456,44 +552,74 @@ class ChunkData:
 
 
 def write_chunk(root: zarr.Group, chunk: int, data: ChunkData) -> None:
-    """Write one chunk's arrays, then its completion marker (last, so a kill mid-way leaves the
-    marker unset and the chunk is redone on resume)."""
-    start, stop = chunk_bounds(root, chunk)
-    sl = slice(start, stop)
-    root["prediction"][sl] = data.prediction.astype(np.int32)
-    root["target"][sl] = data.target.astype(np.int32)
-    root["target_logit"][sl] = data.target_logit.astype(np.float32)
-    root["skipped"][sl] = data.skipped.astype(bool)
-    root["skip_reason"][sl] = np.asarray(data.skip_reason, dtype=str)
-    layers = root[LAYERS_GROUP]
+    """Write one chunk's arrays, then its checksum, then its completion marker (last, so a
+    kill mid-way leaves the marker unset and the chunk is redone on resume).
+
+    The checksum is computed over the values as they are stored (after the cast to each array's
+    dtype), in the order ``_chunk_parts`` reads them back; an array the writer was not given
+    is hashed as its fill value, which is what reading it gives."""
+    given: dict[str, np.ndarray] = {
+        "prediction": data.prediction, "target": data.target, "target_logit": data.target_logit,
+        "skipped": data.skipped, "skip_reason": np.asarray(data.skip_reason, dtype=str)}
     for layer, arrays in data.layers.items():
-        g = layers[layer]
         for name, values in arrays.items():
-            if name not in g:  # computed for the class sums only
-                continue
-            target = g[name]
-            target[sl] = values.astype(target.dtype)
+            given[f"{layer}/{name}"] = values
+    blocks = _class_blocks(root, data)
     for layer, arrays in data.class_sums.items():
-        g = layers[layer]
         for name, values in arrays.items():
+            g = root[LAYERS_GROUP][layer]
             if name not in g:
                 continue
-            target = g[name]
-            present = data.sum_classes
-            if present is None:
-                present = np.flatnonzero(values.reshape(values.shape[0], values.shape[1], -1).any(axis=(0, 2)))
-            block = target.chunks[2]
-            # Only the class blocks that hold data; a resumed chunk rewrites the same blocks.
-            for b in np.unique(np.asarray(present, dtype=np.int64) // block):
-                sl = slice(int(b) * block, min((int(b) + 1) * block, values.shape[1]))
-                target[chunk, :, sl] = values[:, sl].astype(np.float32, copy=False)
-    root["chunk_done"][chunk] = 1
+            block = g[name].chunks[2]
+            for b in blocks:
+                given[f"{layer}/{name}/{b}"] = values[:, int(b) * block:min((int(b) + 1) * block, values.shape[1])]
+    h = hashlib.blake2b(digest_size=16)
+    for name, arr, sel in _chunk_parts(root, chunk, blocks):
+        if name in given:
+            values = np.asarray(given[name])
+            values = as_str(values) if arr.dtype.kind in "UOT" else values.astype(arr.dtype, copy=False)
+            arr[sel] = values
+        else:  # not computed by this writer: reads back as the fill value
+            values = np.full(_selection_shape(arr.shape, sel), arr.fill_value,
+                             dtype=arr.dtype if arr.dtype.kind not in "UOT" else str)
+        _hash_values(h, name, values)
+    if CHUNK_CHECKSUM_ARRAY in root:
+        root[CHUNK_CHECKSUM_ARRAY][chunk] = json.dumps({"digest": h.hexdigest(), "blocks": [int(b) for b in blocks]})
+    root[CHUNK_DONE_ARRAY][chunk] = 1
+
+
+def _selection_shape(shape: tuple[int, ...], sel: tuple) -> tuple[int, ...]:
+    out = []
+    for i, n in enumerate(shape):
+        s = sel[i] if i < len(sel) else slice(None)
+        if isinstance(s, slice):
+            out.append(len(range(*s.indices(n))))
+    return tuple(out)
+
+
+def _class_blocks(root: zarr.Group, data: ChunkData) -> list[int]:
+    """The class blocks of the class-sum arrays that hold this chunk's data: those of the
+    classes it has images of (found from the sums when not given), the same for every layer."""
+    present = data.sum_classes
+    if present is None:
+        found: set[int] = set()
+        for arrays in data.class_sums.values():
+            for values in arrays.values():
+                found.update(np.flatnonzero(values.reshape(values.shape[0], values.shape[1], -1).any(axis=(0, 2))).tolist())
+        present = np.asarray(sorted(found), dtype=np.int64)
+    if not data.class_sums or len(present) == 0:
+        return []
+    nclass = int(root["class_name"].shape[0])
+    block = min(nclass, CLASS_BLOCK)
+    return sorted({int(c) // block for c in np.asarray(present, dtype=np.int64)})
 
 
 def prepare_chunk_writers(url: str | Path) -> None:
     """Create ``extraction/chunk_writer`` if missing; call from the driver before the shards
     run (one chunk per element, so each shard writes only its own chunks' records)."""
     root = open_store_group(url, mode="r+")
+    if CHUNK_CHECKSUM_ARRAY not in root:  # a store made before checksums: new chunks get one
+        _create_checksum_array(root, int(root[CHUNK_DONE_ARRAY].shape[0]))
     group = root.require_group(EXTRACTION_GROUP)
     if "chunk_writer" not in group:
         _describe(group.create_array(CHUNK_WRITER_ARRAY, shape=root[CHUNK_DONE_ARRAY].shape, chunks=(1,), dtype=str,
@@ -570,7 +696,7 @@ def open_cube(url: str | Path) -> xr.DataTree:
     info = cube_info(url)
     coords = image_coords(url)
     root_ds = _open_dataset(url)
-    root_ds = root_ds.drop_vars([v for v in ("chunk_done", "class_name", "image_path",
+    root_ds = root_ds.drop_vars([v for v in ("chunk_done", CHUNK_CHECKSUM_ARRAY, "class_name", "image_path",
                                              "label", "prediction", "skipped") if v in root_ds.variables])
     root_ds = root_ds.assign_coords(coords)
     if "class_wnid" in root_ds.variables:
@@ -612,6 +738,8 @@ def write_class_stats(url: str | Path, subset: str, layer: str, arrays: Mapping[
     """Store class-level reductions of one layer as labelled arrays under stats/<subset>/<layer>.
 
     ``arrays`` maps a name to (dimension names, values); values are written whole (small).
+    ``attrs`` (what the set was computed from) are written last, so a set killed mid-way never
+    carries them and a reader that asks for them treats it as missing.
     """
     root = open_store_group(url, mode="r+")
     group = root.require_group(STATS_GROUP).require_group(subset)
@@ -651,11 +779,13 @@ def read_layer_stats(url: str | Path, subset: str, layer: str) -> dict[str, np.n
 
 
 def has_class_stats(url: str | Path, subset: str, layers: Sequence[str],
-                    arrays: Sequence[str] = tuple(a for a in STATS_ARRAY_DIMS if a != "mean_moments")) -> bool:
-    """Whether stats/<subset> holds every layer in ``layers``, each with every array in ``arrays``.
+                    arrays: Sequence[str] = tuple(a for a in STATS_ARRAY_DIMS if a != "mean_moments"),
+                    attrs: Mapping[str, Any] | None = None) -> bool:
+    """Whether stats/<subset> holds every layer in ``layers``, each with every array in ``arrays``
+    and (when given) exactly these values among its attributes.
 
     Read from the live hierarchy: a consolidated snapshot can still list statistics that were
-    deleted since."""
+    deleted or rewritten since."""
     try:
         root = open_store_group(url, mode="r", live=True)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
@@ -669,11 +799,39 @@ def has_class_stats(url: str | Path, subset: str, layers: Sequence[str],
             return False
         if not set(arrays) <= set(group[layer].array_keys()):
             return False
+        if attrs is not None:
+            found = dict(group[layer].attrs)
+            if any(found.get(k) != v for k, v in _json_roundtrip(attrs).items()):
+                return False
     return True
 
 
+def class_stats_sets(url: str | Path) -> dict[str, dict[str, Any]]:
+    """Every statistics set in the store: its name under ``stats/`` -> the attributes of its
+    first layer (what it was computed from), read from the live hierarchy."""
+    root = open_store_group(url, mode="r", live=True)
+    if STATS_GROUP not in root:
+        return {}
+    out = {}
+    for name in sorted(root[STATS_GROUP].group_keys()):
+        layers = sorted(root[STATS_GROUP][name].group_keys())
+        out[name] = dict(root[STATS_GROUP][name][layers[0]].attrs) if layers else {}
+    return out
+
+
+def _json_roundtrip(values: Mapping[str, Any]) -> dict[str, Any]:
+    # Attributes come back from JSON: compare like with like (tuples as lists, ...).
+    return json.loads(json.dumps(dict(values), default=str))
+
+
 def read_class_stats(url: str | Path, subset: str, layer: str) -> xr.Dataset:
-    return _open_dataset(url, f"{STATS_GROUP}/{subset}/{layer}").load()
+    import warnings
+
+    url = str(url).removeprefix("file://")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Live, not consolidated: another run may have (re)written a set since the snapshot.
+        return xr.open_zarr(url, group=f"{STATS_GROUP}/{subset}/{layer}", consolidated=False).load()
 
 
 class CubeReader:
@@ -752,6 +910,10 @@ class CubeReader:
     def image_paths(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Image paths relative to the dataset root (plain unicode)."""
         return as_str(self._root["image_path"][start:stop])
+
+    def content_digest(self) -> str:
+        """Digest of every chunk's marker and checksum (``content_digest``)."""
+        return content_digest(self._root)
 
     def chunk_done(self, chunk: int | None = None) -> Any:
         """Completion markers (bool per chunk), or whether one chunk is done (read now)."""

@@ -15,7 +15,7 @@ import zarr
 
 from polysemantic_disentangle.storage.cube import (RELEVANCE_DEFINITION, CubeReader, CubeWriter, chunk_writers, open_cube,
                                                     open_store_group, prepare_chunk_writers, write_layer_stats)
-from polysemantic_disentangle.tasks.stage2_reduce.reduce import read_stats, reduce_cube, write_stats
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import read_stats, reduce_cube, statistics_key, write_stats
 
 LAYERS = ["layer1.0.conv1", "layer3.2.conv2"]
 
@@ -33,8 +33,9 @@ def cube_with_stats(small_cube, tmp_path_factory):
     copy = str(tmp_path_factory.mktemp("xarray_cube") / "cube.zarr")
     shutil.copytree(url, copy)
     stats = reduce_cube(copy, tau=0.5, layers=LAYERS)
-    write_stats(copy, "detection", stats, {"tau": 0.5})
-    return copy, bundle, stats
+    key = statistics_key(copy, tau=0.5)
+    write_stats(copy, key, stats)
+    return copy, bundle, stats, key
 
 
 def test_plain_xarray_open_sees_image_and_class_coordinates(small_cube):
@@ -63,7 +64,7 @@ def _every_variable(tree: xr.DataTree):
 
 @pytest.mark.parametrize("opener", ["plain", "open_cube"])
 def test_every_variable_has_long_name_and_description(cube_with_stats, opener):
-    url, _, _ = cube_with_stats
+    url, _, _, _ = cube_with_stats
     tree = _plain_tree(url) if opener == "plain" else open_cube(url)
     seen = set()
     for path, name, var in _every_variable(tree):
@@ -80,11 +81,12 @@ def test_every_variable_has_long_name_and_description(cube_with_stats, opener):
 
 
 def test_class_statistics_select_by_class_name(cube_with_stats):
-    url, bundle, stats = cube_with_stats
+    url, bundle, stats, key = cube_with_stats
     root = open_store_group(url)
     usable = (root["label"][:] == 0) & ~root["skipped"][:]
-    for ds in (_plain_tree(url)["stats/detection/layer3.2.conv2"].to_dataset(),
-               open_cube(url)["stats/detection/layer3.2.conv2"].to_dataset()):
+    for ds in (_plain_tree(url)[f"stats/{key.name}/layer3.2.conv2"].to_dataset(),
+               open_cube(url)[f"stats/{key.name}/layer3.2.conv2"].to_dataset()):
+        assert ds.attrs["tau"] == 0.5 and ds.attrs["correct_only"] is False
         airplane = ds.sel({"class": "airplane"})
         assert float(airplane["count"]) == usable.sum() == 24
         assert str(airplane["class_wnid"].values) == bundle.wnids[0]
@@ -94,7 +96,7 @@ def test_class_statistics_select_by_class_name(cube_with_stats):
         direct = root["layers/layer3.2.conv2/relevance"][:][root["label"][:] == 3, 17].astype(np.float32)
         assert float(cat) == pytest.approx(float(direct.mean()), rel=1e-5)
     # The class coordinates do not change what the reduce stage reads back.
-    back = read_stats(url, "detection", LAYERS)
+    back = read_stats(url, key, LAYERS)
     for layer in LAYERS:
         for field in ("count", "mean_relevance", "important_fraction", "mean_activation", "mean_moments"):
             np.testing.assert_array_equal(getattr(back[layer], field), getattr(stats[layer], field))

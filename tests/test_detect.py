@@ -10,7 +10,8 @@ from polysemantic_disentangle.storage.cube import open_store_group
 from polysemantic_disentangle.tasks.stage2_reduce.arv_reference import autograd_class_arv
 from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams, channels_to_rewire, class_arvs, cosine, detect_layer, select_pairs
-from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, read_stats, reduce_cube, write_stats
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import (important_mask, read_stats, reduce_cube, statistics_key,
+                                                                 write_stats)
 
 
 def test_reduction_matches_numpy_and_respects_selection(small_cube) -> None:
@@ -33,8 +34,9 @@ def test_reduction_matches_numpy_and_respects_selection(small_cube) -> None:
                 np.testing.assert_allclose(s.mean_relevance[t], R[m].mean(0), rtol=1e-4, atol=1e-6)
                 np.testing.assert_allclose(s.important_fraction[t], important_mask(R[m], 0.03).mean(0), atol=1e-6)
                 np.testing.assert_allclose(s.mean_moments[t], M[m].mean(0), rtol=1e-4, atol=1e-4)
-    write_stats(url, "all", stats, {"tau": 0.03})
-    back = read_stats(url, "all", ["layer3.2.conv2"])["layer3.2.conv2"]
+    key = statistics_key(url, tau=0.03)
+    write_stats(url, key, stats)
+    back = read_stats(url, key, ["layer3.2.conv2"])["layer3.2.conv2"]
     np.testing.assert_array_equal(back.important_fraction, stats["layer3.2.conv2"].important_fraction)
 
 

@@ -16,6 +16,8 @@ the same dask tree, so their results are bitwise identical.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -23,8 +25,10 @@ import dask
 import dask.array as da
 import numpy as np
 
-from polysemantic_disentangle.storage.cube import (ACTIVATION_MEAN_ARRAY, CLASS_SUM_SUBSETS, CubeReader, consolidate, cube_layout, has_class_stats,
-                           layer_names, read_layer_stats, write_layer_stats)
+from polysemantic_disentangle.storage.cube import (ACTIVATION_MEAN_ARRAY, CLASS_SUM_SUBSETS, CubeReader, class_stats_sets,
+                                                  consolidate, cube_layout, has_class_stats, layer_names,
+                                                  read_layer_stats, write_layer_stats)
+from polysemantic_disentangle.tasks.json_values import JsonRecord
 from polysemantic_disentangle.tasks.data.grouping import class_sums, statistics_class
 
 
@@ -212,9 +216,49 @@ def reduce_cube(
     return out
 
 
-def has_stats(store_url: str, subset_name: str, layers: Sequence[str]) -> bool:
-    """Whether ``write_stats`` has stored every layer's statistics in the store."""
-    return has_class_stats(store_url, subset_name, layers)
+@dataclass(frozen=True)
+class StatisticsKey(JsonRecord):
+    """What one set of class statistics was computed from. Sets with different keys coexist in
+    a store (``stats/<name>``); a reader asks for the key it needs, so a set made with another
+    tau, image selection or cube content is never read in its place.
+
+    ``cube``: the cube's fingerprint (model, weights, data manifest, layers, layout) and
+    ``content``: a digest of its chunks' checksums (a re-extracted chunk changes it).
+    ``subset``: sha256 of the image mask, None for every usable image.
+    """
+
+    cube: str
+    content: str
+    tau: float
+    correct_only: bool
+    target_mode: str
+    subset: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The set's group name: readable parameters plus a hash of the whole key."""
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        images = "correct" if self.correct_only else "all"
+        return f"tau{self.tau:g}-{images}{'-subset' if self.subset else ''}-{digest[:12]}"
+
+
+def statistics_key(cube: CubeReader | str, *, tau: float, correct_only: bool = False,
+                   subset: Sequence[int] | np.ndarray | None = None) -> StatisticsKey:
+    """The key of the statistics ``reduce_cube`` computes from ``cube`` with these parameters."""
+    cube = CubeReader(cube) if isinstance(cube, str) else cube
+    mask = None
+    if subset is not None:
+        sub = np.asarray(subset)
+        mask = sub if sub.dtype == bool else np.isin(np.arange(cube.n_images), sub)
+    return StatisticsKey(
+        cube=str(cube.attrs.get("fingerprint", "")), content=cube.content_digest(), tau=float(tau),
+        correct_only=bool(correct_only), target_mode=cube.target_mode,
+        subset=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest() if mask is not None else None)
+
+
+def has_stats(store_url: str, key: StatisticsKey, layers: Sequence[str]) -> bool:
+    """Whether the store holds the statistics set ``key`` for every layer in ``layers``."""
+    return has_class_stats(store_url, key.name, layers, attrs=key.to_dict())
 
 
 def _stat_fields(s: LayerStats) -> dict[str, np.ndarray | None]:
@@ -222,14 +266,47 @@ def _stat_fields(s: LayerStats) -> dict[str, np.ndarray | None]:
     return {f.name: getattr(s, f.name) for f in fields(s) if f.name != "layer"}
 
 
-def write_stats(store_url: str, subset_name: str, stats: Mapping[str, LayerStats], attrs: Mapping[str, Any]) -> None:
-    """Store each layer's statistics as labelled (class x channel) arrays; mean_moments only
-    where the layer has moments."""
+def write_stats(store_url: str, key: StatisticsKey, stats: Mapping[str, LayerStats]) -> None:
+    """Store each layer's statistics under ``stats/<key.name>`` as labelled (class x channel)
+    arrays, with the key as attributes; mean_moments only where the layer has moments."""
     for layer, s in stats.items():
-        write_layer_stats(store_url, subset_name, layer, _stat_fields(s), attrs)
+        write_layer_stats(store_url, key.name, layer, _stat_fields(s), key.to_dict())
     consolidate(store_url)
 
 
-def read_stats(store_url: str, subset_name: str, layers: Sequence[str]) -> dict[str, LayerStats]:
-    return {layer: LayerStats(layer=layer, **read_layer_stats(store_url, subset_name, layer))  # type: ignore[arg-type]
+class StaleStatistics(LookupError):
+    """The store holds no statistics set with the asked key (never made, or made from other
+    parameters or other cube content)."""
+
+
+def read_stats(store_url: str, key: StatisticsKey, layers: Sequence[str]) -> dict[str, LayerStats]:
+    """The statistics set ``key`` of every layer; ``StaleStatistics`` when it is not there
+    exactly as asked (``class_statistics`` computes it instead)."""
+    if not has_stats(store_url, key, layers):
+        raise StaleStatistics(
+            f"{store_url} has no class statistics for {key.to_dict()} (sets present: "
+            f"{sorted(class_stats_sets(store_url))}); run the reduce stage")
+    return {layer: LayerStats(layer=layer, **read_layer_stats(store_url, key.name, layer))  # type: ignore[arg-type]
             for layer in layers}
+
+
+def class_statistics(
+    store_url: str,
+    *,
+    tau: float,
+    layers: Sequence[str] | None = None,
+    correct_only: bool = False,
+    subset: Sequence[int] | np.ndarray | None = None,
+    scheduler_address: str | None = None,
+) -> tuple[StatisticsKey, dict[str, LayerStats]]:
+    """The class statistics these parameters give: read from the store when a set with this
+    exact key is there, else computed by ``reduce_cube`` and stored under its key."""
+    cube = CubeReader(store_url)
+    key = statistics_key(cube, tau=tau, correct_only=correct_only, subset=subset)
+    layers = list(layers) if layers is not None else cube.layers
+    if has_stats(store_url, key, layers):
+        return key, read_stats(store_url, key, layers)
+    stats = reduce_cube(store_url, tau=tau, layers=layers, correct_only=correct_only, subset=subset,
+                        scheduler_address=scheduler_address)
+    write_stats(store_url, key, stats)
+    return key, stats
