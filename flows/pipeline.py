@@ -93,7 +93,8 @@ def detect_task(store_url: str, statistics: ReduceResult, model_name: str, weigh
     checkpoint_record = write_checkpoint_record(out, checkpoint_info(model_name, weights, bundle.model))
     write_pairs_csv(out / "detection.csv", detections)
     fig3_stats, last = save_figure3(out / "figures", detections,
-                                    detection_params.gamma if detection_params.rule == "gamma" else None)
+                                    detection_params.gamma if detection_params.rule == "gamma" else None,
+                                    bundle.wnids)
     result = DetectionResult(
         params=detection_params.to_dict(),
         layers=[d.summary() for d in detections],

@@ -15,6 +15,11 @@ COSINE_LOWER_BOUND: float = 0.0  # the published code also requires cos >= 0
 # Rewiring: rho chosen from 0.05, 0.10, ..., 1.00
 RHO_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 21))
 RHO_SCORE_EPS: float = 1e-5  # denominator guard in the paper's rho score
+# A split whose score is more than half one image's term dividing by less than this (the other
+# concepts' positive mass is ~0 there, so the guard above, not the split, decides the ratio) is
+# not eligible: one such image made a split that separates nothing score 8,093 on a real
+# ResNet-20 channel.
+RHO_SCORE_MIN_DENOMINATOR: float = 100 * RHO_SCORE_EPS
 # Images per concept used to choose rho (the paper uses all; capped to keep CPU runs short).
 RHO_MAX_IMAGES_PER_CONCEPT: int = 256
 
@@ -31,6 +36,10 @@ BATCH_SIZE: int = 128  # a divisor of CHUNK_IMAGES keeps every batch of a chunk 
 AUTO_BATCH_BUDGET_BYTES: int = 3 * 2**30  # keeps extraction under 4 GB with the model and buffers
 AUTO_BATCH_MEMORY_FACTOR: float = 2.0  # measured peak / estimate, see benchmarks/bench_memory.py
 DECODE_WORKERS: int = 2  # threads decoding each batch's images (PIL releases the GIL)
+# An image whose header declares more pixels is skipped before its pixels are decoded: a small
+# file can declare gigapixels (a decompression bomb). PIL's own default, stated here so that the
+# limit is a choice of the run (--max-image-pixels), not an accident of PIL's global setting.
+MAX_IMAGE_PIXELS: int = 89_478_485
 # Per-image channel arrays (relevance, activations) on disk; sums stay float32. float16 left
 # ResNet-20/CIFAR-10 detection unchanged (benchmarks/bench_cube_size.py --dtype-effect).
 STORAGE_DTYPE: str = "float16"

@@ -125,6 +125,38 @@ def test_counts_stay_exact_when_rows_are_capped(small_cube) -> None:
     assert [r.cosine for r in capped.pairs] == pytest.approx(lowest)
 
 
+def test_figure3_uses_every_pair_when_the_table_is_cut(small_cube) -> None:
+    """Figure 3 and its Spearman come from every candidate pair, not from the rows the table
+    keeps (selected, lowest-cosine rows first); the statistics say the table was cut."""
+    from polysemantic_disentangle.tasks.data.wordnet import ensure_wordnet, pair_similarity
+    from polysemantic_disentangle.tasks.plots import spearman
+    from polysemantic_disentangle.tasks.stage6_report.report import figure3
+
+    ensure_wordnet()
+    url, bundle, _ = small_cube
+    conv = dict(bundle.model.named_modules())["layer3.2.conv2"]
+    stats = reduce_cube(url, tau=0.03, layers=["layer3.2.conv2"])["layer3.2.conv2"]
+    args = ("layer3.2.conv2", conv.weight, 1, stats)
+    full = detect_layer(*args, DetectionParams(p=0.5, gamma=0.95), bundle.class_names, bundle.wnids)
+    capped = detect_layer(*args, DetectionParams(p=0.5, gamma=0.95, max_pairs_per_layer=3),
+                          bundle.class_names, bundle.wnids)
+    assert len(full.pairs) > 10 and len(capped.pairs) == 3
+    # The oracle: every pair of the uncapped table, with WordNet's own similarity.
+    cos = [r.cosine for r in full.pairs]
+    wup = [pair_similarity(r.wnid1, r.wnid2)["wup"] for r in full.pairs]
+    _, st = figure3([capped], gamma=0.95, wnids=bundle.wnids)
+    layer = st["layer3.2.conv2"]
+    assert layer["n_pairs"] == layer["pairs_total"] == len(full.pairs)
+    assert layer["rows_kept"] == 3 and layer["table_cut"] is True
+    assert layer["spearman"] == pytest.approx(spearman(cos, wup), abs=1e-12)
+    # What the cut table alone would have given is another figure.
+    kept = [pair_similarity(r.wnid1, r.wnid2)["wup"] for r in capped.pairs]
+    assert spearman([r.cosine for r in capped.pairs], kept) != pytest.approx(layer["spearman"])
+    _, uncut = figure3([full], gamma=0.95, wnids=bundle.wnids)
+    assert uncut["layer3.2.conv2"]["table_cut"] is False
+    assert uncut["layer3.2.conv2"]["spearman"] == layer["spearman"]
+
+
 def test_reduction_on_a_distributed_scheduler_by_address(small_cube) -> None:
     """The same statistics when the reduction runs on an existing cluster given its address."""
     from distributed import LocalCluster

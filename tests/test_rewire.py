@@ -232,6 +232,46 @@ def test_depthwise_channel_is_not_applicable() -> None:
         choose_rho(conv, 0, torch.ones(2, 1), [torch.randn(1, 4, 5, 5)] * 2)
 
 
+def _three_input_conv() -> nn.Conv2d:
+    conv = nn.Conv2d(3, 1, 1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64).reshape(1, 3, 1, 1))
+    return conv
+
+
+# rho 0.3: concept 1 sources {0}, concept 2 none (shared {1, 2}); rho 0.9: {0, 2} and {1}.
+DEGENERATE_ARVS = torch.tensor([[1.0, 0.1, 0.05], [0.2, 0.3, 0.04]], dtype=torch.float64)
+# Concept-1 images: on the first, the residual (x1 - x2) is 2e-4, so the paper's score of the
+# degenerate split is ~24,000 against ~500 for the real split.
+CONCEPT1 = torch.tensor([[10.0, 0.0102, 0.01], [10.0, 1.0, 0.5]], dtype=torch.float64)[:, :, None, None]
+CONCEPT2 = torch.tensor([[1.0, 10.0, 0.0], [0.5, 8.0, 0.0]], dtype=torch.float64)[:, :, None, None]
+
+
+def test_a_split_leaving_a_concept_without_sources_is_never_chosen() -> None:
+    conv = _three_input_conv()
+    choice = choose_rho(conv, 0, DEGENERATE_ARVS, [CONCEPT1, CONCEPT2], grid=[0.3, 0.9])
+    # What the paper's maximum alone would have picked: the split that separates nothing.
+    assert source_sets(DEGENERATE_ARVS, 0.3)[0][1].numel() == 0
+    assert choice.scores[0.3] > 40 * choice.scores[0.9]
+    assert choice.rho == 0.9 and choice.sources == [[0, 2], [1]] and choice.shared == []
+    assert "no source input" in choice.excluded[0.3] and 0.9 not in choice.excluded
+    # With no real split on the grid the channel is refused, with the reason.
+    with pytest.raises(NotApplicable, match="no source input"):
+        choose_rho(conv, 0, DEGENERATE_ARVS, [CONCEPT1, CONCEPT2], grid=[0.1, 0.3])
+
+
+def test_one_image_deciding_the_score_through_its_guard_is_flagged() -> None:
+    from polysemantic_disentangle.tasks.stage4_rewire.rewire import score_dominated_by_eps
+
+    t = torch.tensor
+    one_image = [t([[10.0, 1e-4], [10.0, 5.0], [10.0, 5.0]]), t([[1.0, 10.0]] * 3)]
+    assert score_dominated_by_eps(one_image)
+    # Every concept-1 image silences concept 2 (and the reverse): a perfect split, not flagged.
+    perfect = [t([[10.0, 0.0], [8.0, 0.0]]), t([[0.0, 10.0], [0.0, 7.0]])]
+    assert not score_dominated_by_eps(perfect)
+    assert not score_dominated_by_eps([t([[10.0, 2.0], [8.0, 1.0]]), t([[1.0, 10.0], [2.0, 7.0]])])
+
+
 def test_split_row_rejects_overlapping_or_missing_inputs() -> None:
     row = torch.randn(4, 3, 3)
     with pytest.raises(ValueError):
@@ -384,10 +424,13 @@ def test_resnet20_choose_rho_is_the_grid_maximum(resnet20, cifar_test) -> None:
     brute = _brute_force_scores(model, layer, channel, arvs, [images[labels == 0], images[labels == 1]])
     assert list(choice.scores) == list(RHO_GRID)
     assert choice.scores == pytest.approx(brute, rel=1e-4)
-    best = max(brute.values())
-    near_best = [r for r, s in brute.items() if s >= best * (1 - 1e-4)]
+    # The brute-force maximum over the grid values that give a real split.
+    eligible = {r: s for r, s in brute.items() if r not in choice.excluded}
+    best = max(eligible.values())
+    near_best = [r for r, s in eligible.items() if s >= best * (1 - 1e-4)]
     assert choice.rho in near_best
-    assert choice.scores[choice.rho] == max(choice.scores.values())
+    assert choice.scores[choice.rho] == max(s for r, s in choice.scores.items() if r not in choice.excluded)
+    assert all(choice.sources) and choice.rho not in choice.excluded
     src, shared = source_sets(arvs, choice.rho)
     assert choice.sources == [s.tolist() for s in src] and choice.shared == shared.tolist()
 

@@ -466,6 +466,13 @@ def pair_similarity(wnid_a: str | Synset, wnid_b: str | Synset) -> dict[str, Any
     }
 
 
+def wup_similarity(wnid_a: str, wnid_b: str) -> float | None:
+    """Wu-Palmer similarity of two classes alone (what Figure 3 plots for every candidate pair;
+    ``pair_similarity`` also walks paths and hypernyms, several times the cost)."""
+    value = to_synset(wnid_a).wup_similarity(to_synset(wnid_b))
+    return None if value is None else float(value)
+
+
 def _lch(a: Synset, b: Synset) -> float | None:
     if a.pos() != b.pos():
         return None

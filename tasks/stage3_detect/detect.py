@@ -59,6 +59,9 @@ class LayerDetection:
     # Why detection found what it found (``layer_diagnostics``): important channels per image,
     # relevant classes per channel, images per class, cosine quantiles, warnings.
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    # Every candidate pair (channel, class1, class2, cosine arrays) before the table's cut; held
+    # in memory for Figure 3 only, never written (it can be hundreds of thousands of rows).
+    all_pairs: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def selected(self) -> list[PairRow]:
@@ -277,6 +280,7 @@ def detect_layer(
     det = LayerDetection(layer, channels, applicable=True, candidates=cands.tolist())
     det.relevant = {int(c): np.flatnonzero(relevant[:, c]).tolist() for c in cands}
     pairs = candidate_pair_cosines(weight, groups, stats.mean_moments, relevant, cands)
+    det.all_pairs = pairs
     cos = pairs["cosine"]
     selected = selection_mask(cos, params)
     paper = np.isfinite(cos) & (cos >= defaults.COSINE_LOWER_BOUND) & (cos < defaults.GAMMA)
@@ -349,6 +353,34 @@ def add_wordnet_similarities(detections: Sequence[LayerDetection]) -> None:
                 sim = seen[key]
                 row.wup, row.path = sim["wup"], sim["path"]
                 row.lowest_common_hypernym = ",".join(sim["lowest_common_hypernyms"])
+
+
+def figure3_points(det: LayerDetection, wnids: Sequence[str | None],
+                   cache: dict[tuple[str, str], float | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Figure 3's data of one layer: (ARV cosine, Wu-Palmer similarity) of EVERY candidate pair
+    whose cosine is finite and whose classes have WordNet ids, not only the rows the table
+    keeps (``max_pairs_per_layer`` cuts those, selected rows first, which would bias the figure
+    towards low cosines). Each pair of classes is looked up once (``cache`` shares them)."""
+    from polysemantic_disentangle.tasks.data.wordnet import wup_similarity
+
+    cache = {} if cache is None else cache
+    if det.all_pairs is not None:
+        chans = det.all_pairs
+        triples = zip(chans["class1"].tolist(), chans["class2"].tolist(), chans["cosine"].tolist())
+    else:  # a detection read back from JSON: only its kept rows are known
+        triples = ((r.class1, r.class2, r.cosine) for r in det.pairs)
+    xs, ys = [], []
+    for t1, t2, c in triples:
+        w1, w2 = wnids[t1], wnids[t2]
+        if not (w1 and w2) or not np.isfinite(c):
+            continue
+        key = (w1, w2) if w1 <= w2 else (w2, w1)
+        if key not in cache:
+            cache[key] = wup_similarity(*key)
+        if cache[key] is not None:
+            xs.append(c)
+            ys.append(cache[key])
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
 
 def write_pairs_csv(path: str | Path, detections: Sequence[LayerDetection]) -> None:

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.defaults import RHO_GRID, RHO_MAX_IMAGES_PER_CONCEPT, RHO_SCORE_EPS
+from polysemantic_disentangle.tasks.defaults import (RHO_GRID, RHO_MAX_IMAGES_PER_CONCEPT, RHO_SCORE_EPS,
+                                                    RHO_SCORE_MIN_DENOMINATOR)
 from polysemantic_disentangle.tasks.stage1_extract.relevance import channel_group_slice
 from polysemantic_disentangle.tasks.models.hooks import forward_until, hooked
 
@@ -51,6 +52,7 @@ __all__ = [
     "positive_mass",
     "rewire_model",
     "rho_score",
+    "score_dominated_by_eps",
     "source_sets",
     "split_row",
 ]
@@ -162,12 +164,34 @@ def rho_score(pos_d: Sequence[Tensor], eps: float = RHO_SCORE_EPS) -> float:
     return total
 
 
+def score_dominated_by_eps(pos_d: Sequence[Tensor], eps: float = RHO_SCORE_EPS,
+                           min_denominator: float = RHO_SCORE_MIN_DENOMINATOR) -> bool:
+    """Whether ONE image decides ``rho_score`` through its guard: its term divides by less than
+    ``min_denominator`` (the other concepts' positive mass is ~0 there, so ``eps`` sets the
+    ratio) and is more than half of the whole score. A split that silences the other concepts
+    on every image of a concept is not flagged: each of its images contributes alike."""
+    terms, small = [], []
+    for j, pos in enumerate(pos_d):
+        if pos.numel() == 0:
+            continue
+        others = pos.sum(1) - pos[:, j]
+        terms.append((pos[:, j] / (others + eps)).double() / pos.shape[0])
+        small.append(others < min_denominator)
+    if not terms:
+        return False
+    t, s = torch.cat(terms), torch.cat(small)
+    return bool((s & (t > 0.5 * t.sum())).any())
+
+
 @dataclass
 class RhoChoice:
     rho: float
     scores: dict[float, float]  # grid value -> rho_score
     sources: list[list[int]]
     shared: list[int]
+    # grid value -> why its split could not be chosen (a concept without source inputs, or a
+    # score dominated by the guard); those values keep their score in ``scores`` for the record
+    excluded: dict[float, str] = field(default_factory=dict)
 
 
 def _conv_shell(conv: nn.Conv2d, weight: Tensor, bias: Tensor | None, groups: int) -> nn.Conv2d:
@@ -224,6 +248,11 @@ def choose_rho(
     Grid values that give the same split share one score; on ties the LARGEST rho wins: it is
     the least extreme ratio that yields the best split, so the recorded threshold is the one
     closest to the plain "larger ARV wins" rule (rho = 1).
+
+    Only real splits are eligible: every concept needs at least one source input (else its
+    channel is the residual and separates nothing), and the score must not be decided by its
+    guard (``score_dominated_by_eps``). When no grid value is eligible the channel is refused
+    with ``NotApplicable`` and the reason.
     """
     _check_splittable(conv, channel)
     k, K = arvs.shape
@@ -262,14 +291,26 @@ def choose_rho(
                 for i in range(0, x.shape[0], batch_size)
             ]
             pos_per_concept.append(torch.cat(out).reshape(-1, len(keys), k))
-    score_of_key = {
-        key: rho_score([pos[:, s] for pos in pos_per_concept], eps) for s, key in enumerate(keys)
-    }
+    score_of_key, why_not = {}, {}
+    for s, key in enumerate(keys):
+        pos_d = [pos[:, s] for pos in pos_per_concept]
+        score_of_key[key] = rho_score(pos_d, eps)
+        empty = [j + 1 for j, src in enumerate(key) if not src]
+        if empty:
+            why_not[key] = f"concept {', '.join(map(str, empty))} has no source input"
+        elif score_dominated_by_eps(pos_d, eps):
+            why_not[key] = (f"one image decides the score: it divides by less than {RHO_SCORE_MIN_DENOMINATOR:g} "
+                            "there (the other concept's channel is silent), so the 1e-5 guard sets the ratio")
     scores = {rho: score_of_key[key] for rho, key in key_of_rho.items()}
-    best = max(scores.values())
-    rho = max(r for r, s in scores.items() if s == best)
+    excluded = {rho: why_not[key] for rho, key in key_of_rho.items() if key in why_not}
+    eligible = {rho: sc for rho, sc in scores.items() if rho not in excluded}
+    if not eligible:
+        reasons = sorted(set(excluded.values()))
+        raise NotApplicable(f"channel {channel}: no rho in the grid gives a real split ({'; '.join(reasons)})")
+    best = max(eligible.values())
+    rho = max(r for r, sc in eligible.items() if sc == best)
     src, shared = splits[key_of_rho[rho]]
-    return RhoChoice(rho, scores, [s.tolist() for s in src], shared.tolist())
+    return RhoChoice(rho, scores, [s.tolist() for s in src], shared.tolist(), excluded)
 
 
 def collect_layer_inputs(

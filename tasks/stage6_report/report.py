@@ -27,6 +27,7 @@ __all__ = [
     "figure3",
     "markdown_artifacts",
     "render_report",
+    "skipped_images",
     "write_report",
     "write_summary_json",
 ]
@@ -37,26 +38,56 @@ __all__ = [
 
 
 def figure3(
-    detections: Sequence[Any], gamma: float | None = None
+    detections: Sequence[Any], gamma: float | None = None, wnids: Sequence[str | None] | None = None,
 ) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
     """The paper's Figure 3 for every layer whose candidate pairs carry a WordNet similarity.
 
-    ``detections``: ``LayerDetection`` objects (pairs with ``wup`` filled in). Returns (figures
-    keyed "fig3/<layer>", {layer: {"spearman", "n_pairs", "figure"}}).
+    ``detections``: ``LayerDetection`` objects. With the classes' ``wnids`` every candidate pair
+    is plotted (``figure3_points``), whatever the detection table kept; without them, the kept
+    rows that carry a similarity. Returns (figures keyed "fig3/<layer>", {layer: {"spearman",
+    "n_pairs" (plotted), "pairs_total", "rows_kept", "table_cut", "figure"}}).
     """
     from polysemantic_disentangle.tasks.plots import wordnet_vs_cosine
+    from polysemantic_disentangle.tasks.stage3_detect.detect import figure3_points
 
     figures: dict[str, bytes] = {}
     stats: dict[str, dict[str, Any]] = {}
+    cache: dict[tuple[str, str], float | None] = {}
     for det in detections:
-        pairs = [p for p in det.pairs if p.wup is not None]
-        if not pairs:
+        if wnids is not None:
+            cosines, sims = figure3_points(det, wnids, cache)
+        else:
+            kept = [p for p in det.pairs if p.wup is not None]
+            cosines, sims = [p.cosine for p in kept], [p.wup for p in kept]
+        if not len(cosines):
             continue
-        png, rho = wordnet_vs_cosine([p.cosine for p in pairs], [p.wup for p in pairs], det.layer, gamma)
+        png, rho = wordnet_vs_cosine(list(cosines), list(sims), det.layer, gamma)
         key = f"fig3/{det.layer}"
         figures[key] = png
-        stats[det.layer] = {"spearman": rho, "n_pairs": len(pairs), "figure": key}
+        total = int(det.counts.get("pairs", len(det.pairs)))
+        stats[det.layer] = {"spearman": rho, "n_pairs": len(cosines), "pairs_total": total,
+                            "rows_kept": len(det.pairs), "table_cut": len(det.pairs) < total, "figure": key}
     return figures, stats
+
+
+# Skipped images named per store in summary.json and on the page; the counts stay exact.
+SKIPPED_LISTED = 200
+
+
+def skipped_images(paths: Sequence[str], skipped: Sequence[bool], reasons: Sequence[str],
+                   listed: int = SKIPPED_LISTED) -> dict[str, Any]:
+    """One store's skipped images (per-image ``paths``, ``skipped`` flags and ``reasons``, as the
+    cube holds them): how many, how many per kind of reason, and the first ``listed`` with their
+    reasons ("not_listed" counts the rest)."""
+    from polysemantic_disentangle.tasks.data.images import reason_kind
+
+    rows = [(str(p), str(r)) for p, s, r in zip(paths, skipped, reasons, strict=True) if s]
+    by_kind: dict[str, int] = {}
+    for _, r in rows:
+        by_kind[reason_kind(r)] = by_kind.get(reason_kind(r), 0) + 1
+    return {"n_skipped": len(rows), "by_reason": dict(sorted(by_kind.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "images": [{"path": p, "reason": r} for p, r in rows[:listed]],
+            "not_listed": max(0, len(rows) - listed)}
 
 
 def build_summary(
@@ -68,10 +99,12 @@ def build_summary(
     links: Mapping[str, str] | None = None,
     title: str = "Disentangling polysemantic channels",
     extra: Mapping[str, Any] | None = None,
+    skipped: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The report's data: run ``params``, per-layer detection summaries (``LayerDetection``
     objects or their ``.summary()`` dicts), Figure 3 statistics, the evaluation (``Evaluation.to_dict()``),
-    ``links`` (label -> path or URL of stores, checkpoint, ...) and anything ``extra``."""
+    ``links`` (label -> path or URL of stores, checkpoint, ...), the images each cube skipped
+    (``skipped``: cube name, e.g. "detection", -> ``skipped_images(...)``) and anything ``extra``."""
     det = [d.summary() if hasattr(d, "summary") else dict(d) for d in detections]
     return jsonable({
         "title": title,
@@ -81,6 +114,7 @@ def build_summary(
         "figure3": dict(figure3_stats or {}),
         "evaluation": dict(evaluation or {}),
         "links": dict(links or {}),
+        "skipped_images": {name: dict(v) for name, v in (skipped or {}).items()},
         "extra": dict(extra or {}),
     })
 
@@ -178,6 +212,18 @@ def _section_findings(summary: Mapping[str, Any], base: Path | None, warnings: S
     else:
         reason = rewiring.get("nothing_to_rewire") or "no channel was selected for rewiring"
         items.append(f"<span class='bad'>Nothing to rewire</span>: {escape(reason)}.")
+    refused = [s for s in rewiring.get("skipped") or [] if isinstance(s, Mapping) and "channel" in s]
+    if refused:
+        shown = "; ".join(f"{escape(s.get('layer', ''))}/{escape(fmt(s['channel']))}: {escape(s.get('reason', ''))}"
+                          for s in refused[:5])
+        items.append(f"<span class='bad'>Not rewired</span>: {len(refused)} planned channel(s) gave no real split "
+                     f"and are left out of every count and of Table 1 ({shown}"
+                     + (f"; {len(refused) - 5} more in summary.json" if len(refused) > 5 else "") + ").")
+    skipped = {name: s for name, s in (summary.get("skipped_images") or {}).items() if s.get("n_skipped")}
+    if skipped:
+        items.append(f"<a href='#skipped'>Skipped images</a>: "
+                     + ", ".join(f"{fmt(s['n_skipped'])} of the {escape(name)} images" for name, s in skipped.items())
+                     + " could not be used and are left out of every statistic.")
     if warnings:
         items.append(f"<a href='#warnings'>{len(warnings)} warning(s)</a> about statistics that rest on few images "
                      "or should not be read at face value.")
@@ -186,6 +232,31 @@ def _section_findings(summary: Mapping[str, Any], base: Path | None, warnings: S
     if links:
         out.append("<p>Files: " + " &middot; ".join(file_link(k, str(v), base) for k, v in links.items()) + "</p>")
     out.append("</section>")
+    return "".join(out)
+
+
+def _section_skipped(summary: Mapping[str, Any]) -> str:
+    """Per cube: the images left out of every statistic, counted by kind of reason, then listed."""
+    stores = summary.get("skipped_images") or {}
+    if not stores:
+        return ""
+    out = ["<h2 id='skipped'>Skipped images</h2>",
+           "<p>Files that could not be used: unreadable or truncated, not a regular file, more pixels "
+           "than <code>max_image_pixels</code>, or not the model's input size after its transform. "
+           "Each is recorded in its cube with the reason and left out of every statistic.</p>"]
+    for name, s in stores.items():
+        count = s.get("n_skipped") or 0
+        if not count:
+            out.append(f"<p>{escape(name)} images: none skipped.</p>")
+            continue
+        images = s.get("images") or []
+        more = (f"; {fmt(s.get('not_listed'))} more are not listed (the cube records every one)"
+                if s.get("not_listed") else "")
+        out.append(f"<p>{escape(name)} images: {fmt(count)} skipped.</p>"
+                   + html_table(["reason", "images"], list((s.get("by_reason") or {}).items()), "kv")
+                   + f"<details><summary>the {fmt(len(images))} {escape(name)} images listed{more}</summary>"
+                   + html_table(["image", "reason"], [(i["path"], i["reason"]) for i in images])
+                   + "</details>")
     return "".join(out)
 
 
@@ -283,8 +354,13 @@ def _section_detection(summary: Mapping[str, Any], figures: Mapping[str, bytes])
         # The layer with most pairs is shown open, the others collapsed.
         main = max(fig3, key=lambda layer: fig3[layer].get("n_pairs") or 0)
         for layer, st in fig3.items():
+            cut = (f" The detection table keeps {fmt(st.get('rows_kept'))} of the layer's "
+                   f"{fmt(st.get('pairs_total'))} pairs (every selected pair first, then a sample; "
+                   "max_pairs_per_layer); the figure and its correlation use every pair."
+                   if st.get("table_cut") else "")
             body = (f"<p>{fmt(st.get('n_pairs'))} candidate pairs, Spearman correlation "
-                    f"{fmt(st.get('spearman'))}</p>" + embedded_figure(figures, st.get("figure"), f"Figure 3 {layer}"))
+                    f"{fmt(st.get('spearman'))}.{cut}</p>"
+                    + embedded_figure(figures, st.get("figure"), f"Figure 3 {layer}"))
             out.append(f"<details{' open' if layer == main else ''}><summary>{escape(layer)} "
                        f"(Spearman {escape(fmt(st.get('spearman')))})</summary>{body}</details>")
     return "".join(out)
@@ -482,7 +558,7 @@ def render_report(summary: Mapping[str, Any], figures: Mapping[str, bytes], base
     title = summary.get("title", "Report")
     warnings = collect_warnings(summary)
     nav = ["<nav><ul>", *[f"<li><a href='#{a}'>{t}</a></li>" for a, t in [
-        ("findings", "Findings"), ("warnings", "Warnings"), ("accuracy", "Function check"),
+        ("findings", "Findings"), ("warnings", "Warnings"), ("skipped", "Skipped images"), ("accuracy", "Function check"),
         ("detection", "Detection"), ("table1-aggregate", "Table 1, aggregated"), ("channels", "Rewired channels"),
         ("layer-explanations", "Explanations per layer"), ("timings", "Timings"),
         ("parameters", "Run parameters")]], "</ul></nav>"]
@@ -498,6 +574,7 @@ def render_report(summary: Mapping[str, Any], figures: Mapping[str, bytes], base
         _section_findings(summary, base, warnings),
         "".join(nav),
         _section_warnings(warnings),
+        _section_skipped(summary),
         _section_accuracy(ev.get("accuracy") or {}),
         _section_detection(summary, figures),
         _section_aggregate(ev),
@@ -515,7 +592,8 @@ def render_report(summary: Mapping[str, Any], figures: Mapping[str, bytes], base
     if ev:
         ev_params = {f"evaluation {k}": v for k, v in (ev.get("params") or {}).items()}
         parts.append(kv_table({"evaluation images": ev.get("n_images"),
-                          "images that failed to decode": ev.get("n_not_decoded"), **ev_params}))
+                          "evaluation images that failed to decode again (after extraction; skipped images "
+                          "are listed above)": ev.get("n_not_decoded"), **ev_params}))
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)
 
@@ -641,11 +719,12 @@ def _fit_rows(rows: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]
     return rows[:lo]
 
 
-def save_figure3(fig_dir: str | Path, detections: Sequence[Any], gamma: float | None
-                 ) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """Figure 3 of every layer that has one, as ``figure3_<layer>.png`` under ``fig_dir``:
-    per layer its statistics with the file's path ("png"), and the last such layer."""
-    pngs, stats = figure3(detections, gamma)
+def save_figure3(fig_dir: str | Path, detections: Sequence[Any], gamma: float | None,
+                 wnids: Sequence[str | None] | None = None) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Figure 3 of every layer that has one (from every candidate pair, ``figure3``), as
+    ``figure3_<layer>.png`` under ``fig_dir``: per layer its statistics with the file's path
+    ("png"), and the last such layer."""
+    pngs, stats = figure3(detections, gamma, wnids)
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     for layer, st in stats.items():
