@@ -16,6 +16,8 @@ import typing
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from polysemantic_disentangle.flows.params import PipelineParams
 
 # Before Prefect is imported: no telemetry, and a patient start for the temporary local API
@@ -28,7 +30,9 @@ from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.presets import DEMO_MODEL, preset_for
 
 # `disentangle run` finished, wrote its report, but found no channel to rewire.
-EXIT_NOTHING_TO_REWIRE = 4  # 2: bad input, 3: output folder or store busy or not writable
+# 2: bad input, 3: output folder or store busy or not writable, 130 / 143: stopped by SIGINT /
+# SIGTERM (128 + the signal's number, as a shell reports a process the signal ended).
+EXIT_NOTHING_TO_REWIRE = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,13 +151,26 @@ def _g(x: object) -> str:
     return "-" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
 
 
+def read_run_file(path: "Path") -> typing.Any:
+    """A run's JSON file, or one error naming the file and the fix (a damaged file is one a
+    rerun recomputes: the stage that wrote it checks its outputs before it is reused)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: is {path.parent} the --out-dir of a finished "
+                                "`disentangle run`?") from None
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path} is damaged ({type(exc).__name__}: {str(exc)[:80]}); run the same "
+                         f"`disentangle run` command with --out-dir {path.parent} again to recompute it") from None
+
+
 def show_run(run_dir: str, examples: int = 3) -> None:
     """Plain-text digest of detection.json and summary.json of a run. Every statistic that
     rests on few images is marked with "!" and its n."""
     from pathlib import Path
 
     run = Path(run_dir)
-    detection = json.loads((run / "detection.json").read_text())
+    detection = read_run_file(run / "detection.json")
     print(f"{'layer':<28}{'channels':>9}{'candidates':>11}{'pairs':>9}{'paper':>8}{'selected':>9}"
           f"{'imp/img':>9}{'rel/ch':>8}{'img/cls':>9}  lowest-cosine pairs (channel: classes, cos, Wu-Palmer)")
     warnings = []
@@ -177,7 +194,7 @@ def show_run(run_dir: str, examples: int = 3) -> None:
               f"{detection['figure3'][last]['n_pairs']} pairs")
     summary_path = run / "summary.json"
     if summary_path.is_file():
-        ev = json.loads(summary_path.read_text()).get("evaluation") or {}
+        ev = read_run_file(summary_path).get("evaluation") or {}
         acc = ev.get("accuracy") or {}
         if acc:
             print(f"accuracy original {acc['accuracy_original']:.4f}, rewired {acc['accuracy_rewired']:.4f} on "
@@ -268,6 +285,14 @@ def _exclusive(paths: list, args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+def _stop_on_signals(kept: str) -> typing.ContextManager[None]:
+    """SIGINT/SIGTERM: children killed, locks released, one line, exit 130/143 (see
+    ``flows/runtime/interrupts.py``)."""
+    from polysemantic_disentangle.flows.runtime.interrupts import stop_on_signals
+
+    return stop_on_signals(kept)
+
+
 def _start_api() -> None:
     """The temporary Prefect API, as a child that dies with this process: started only once
     every input has been checked."""
@@ -308,15 +333,18 @@ def _main(argv: Sequence[str] | None) -> int:
         # Parameters first: a bad value stops here, before the pipeline (torch, Dask, Prefect)
         # is even imported.
         params = params_from_args(args).resolved()
-        from polysemantic_disentangle.flows.runtime.locking import run_locks
-        from polysemantic_disentangle.flows.pipeline import disentangle_all_layers, preflight_inputs
+        # From here on (the pipeline's imports take seconds) Ctrl-C or SIGTERM stops the run at
+        # once, children and locks included, with one line instead of tracebacks.
+        with _stop_on_signals(f"finished chunks and stages are kept in {params.out_dir}"):
+            from polysemantic_disentangle.flows.runtime.locking import run_locks
+            from polysemantic_disentangle.flows.pipeline import disentangle_all_layers, preflight_inputs
 
-        with _exclusive(run_locks(params.out_dir, [params.train_store, params.eval_store]), args):
-            # Before the API and the flow start: a bad input stops here with one readable line.
-            checked = preflight_inputs(params)
-            print(checked.text(), flush=True)
-            _start_api()
-            summary = disentangle_all_layers(params, preflight=checked.to_dict())
+            with _exclusive(run_locks(params.out_dir, [params.train_store, params.eval_store]), args):
+                # Before the API and the flow start: a bad input stops here with one readable line.
+                checked = preflight_inputs(params)
+                print(checked.text(), flush=True)
+                _start_api()
+                summary = disentangle_all_layers(params, preflight=checked.to_dict())
         print(json.dumps(summary, indent=2, default=str))
         print(f"report: {summary.get('report')}\n"
               f"open a relevance cube with: .venv/bin/python -c \"from polysemantic_disentangle.storage import open_cube; "
@@ -330,20 +358,21 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "extract":
         _check_extract_args(args)
-        from polysemantic_disentangle.flows.extract import extract_relevance_cube, resolve_layers
-        from polysemantic_disentangle.flows.runtime.locking import run_locks
+        with _stop_on_signals(f"finished chunks are kept in {args.store}"):
+            from polysemantic_disentangle.flows.extract import extract_relevance_cube, resolve_layers
+            from polysemantic_disentangle.flows.runtime.locking import run_locks
 
-        with _exclusive(run_locks(None, [args.store]), args):
-            _start_api()
-            url = extract_relevance_cube(
-                model=args.model, weights=args.weights, data_dir=args.data_dir, store_url=args.store,
-                layers=resolve_layers(args.layers), chunk_images=args.chunk_images,
-                shard_chunks=args.shard_chunks, batch_size=args.batch_size, device=args.device,
-                target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
-                layout=args.layout, per_image_moments=args.per_image_moments,
-                storage_dtype=args.storage_dtype, dask_address=args.dask_address,
-                dask_workers=args.dask_workers,
-            )
+            with _exclusive(run_locks(None, [args.store]), args):
+                _start_api()
+                url = extract_relevance_cube(
+                    model=args.model, weights=args.weights, data_dir=args.data_dir, store_url=args.store,
+                    layers=resolve_layers(args.layers), chunk_images=args.chunk_images,
+                    shard_chunks=args.shard_chunks, batch_size=args.batch_size, device=args.device,
+                    target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
+                    layout=args.layout, per_image_moments=args.per_image_moments,
+                    storage_dtype=args.storage_dtype, dask_address=args.dask_address,
+                    dask_workers=args.dask_workers,
+                )
         print(json.dumps({"store": url}))
         print(f"open it with: python -c \"from polysemantic_disentangle.storage import open_cube; print(open_cube('{url}'))\"")
         return 0

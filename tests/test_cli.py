@@ -35,3 +35,18 @@ def test_unknown_pipeline_parameter_is_an_error() -> None:
 
     with pytest.raises(ValueError, match="extra"):
         PipelineParams(gama=0.5)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "binary", "empty"])
+def test_show_names_a_damaged_run_file_and_the_fix(tmp_path, capsys, damage) -> None:
+    from tests.test_cli_light import _tiny_run
+
+    run = _tiny_run(tmp_path / "run")
+    summary = run / "summary.json"
+    text = summary.read_bytes()
+    summary.write_bytes({"truncated": text[: len(text) // 2], "binary": b"\x89PNG\r\n\x1a\n\x00\xff",
+                         "empty": b""}[damage])
+    assert main(["show", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"disentangle: error: {summary} is damaged"), err
+    assert f"--out-dir {run} again to recompute it" in err[0]
