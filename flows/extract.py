@@ -16,7 +16,8 @@ from polysemantic_disentangle.storage.cube import (CubeLayout, CubeWriter, compl
                           prepare_chunk_writers)
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import plan_shards
-from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkStats, auto_batch_size, extract_chunks, pick_device, plan_cube
+from polysemantic_disentangle.tasks.stage1_extract.chunks import (ChunkStats, auto_batch_size, extract_chunks, pick_device,
+                                                               plan_cube, planned_pixel_limit)
 from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.data.grouping import TargetMode
 
@@ -71,7 +72,7 @@ def extract_shard(
         shard_progress(s)
 
     stats = extract_chunks(store_url, model, bundle.transform, dataset_root, chunks, layers,
-                           batch_size, target_mode, on_chunk=progress)
+                           batch_size, target_mode, on_chunk=progress, input_size=bundle.input_size)
     images = sum(s.images for s in stats)
     seconds = sum(s.seconds for s in stats)
     logger.info("shard %d on %s (%s): %d chunks, %d images, %d skipped, %.1f images/s", shard_index,
@@ -169,10 +170,15 @@ def extract_relevance_cube(
     dask_address: str | None = None,
     dask_workers: int | None = None,
     seed: int = 0,
+    max_image_pixels: int | None = None,
 ) -> str:
     """Write the cube of every selected conv layer: per-image relevance and what ``layout``
     keeps (``polysemantic_disentangle.storage.cube.CubeLayout.preset``: "detection" adds per-chunk class sums of the input
     moments, "evaluation" per-image activation max, "full" everything per image).
+
+    An image with more than ``max_image_pixels`` pixels (None: the limit the store was planned
+    with, as `disentangle run`'s preflight plans both stores, else the default), or that cannot
+    be used for another reason, is recorded as skipped with its reason.
 
     ``batch_size`` None: chosen per shard from the device's free memory. Shards run on threads in this process by default, on the Dask cluster at ``dask_address``,
     or on a local cluster of ``dask_workers`` processes started for this run. Re-running with
@@ -189,15 +195,18 @@ def extract_relevance_cube(
         slots = (f"{cluster.workers} Dask workers at {address}"
                  + (f" ({cluster.gpu_workers} with a GPU)" if cluster.gpu_workers else "")
                  if cluster else ", ".join(device_slots(device)))
+        if max_image_pixels is None:
+            max_image_pixels = defaults.MAX_IMAGE_PIXELS if overwrite else planned_pixel_limit(store_url)
         plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
-                         overwrite, cube_layout)
+                         overwrite, cube_layout, max_image_pixels)
         selected, manifest = plan.layers, plan.manifest
         prepare_chunk_writers(store_url)
         stop_point("store-created")
         done = completed_chunks(store_url, verify=True)  # damaged chunks are written again
         shards = plan_shards(len(done), shard_chunks, pending=~done)
-        logger.info("%d images, %d layers, %d of %d chunks to do in %d shards on %s", len(manifest),
-                    len(selected), int((~done).sum()), len(done), len(shards), slots)
+        logger.info("%d images, %d layers, %d of %d chunks to do in %d shards on %s; images above %s "
+                    "pixels are skipped", len(manifest), len(selected), int((~done).sum()), len(done),
+                    len(shards), slots, f"{max_image_pixels:,}")
         if shards:
             runner = None
             if cluster is not None:

@@ -66,6 +66,7 @@ class PipelineParams(BaseModel):
     target_mode: Literal["label", "prediction"] = Field("label", description="label: attribute and group by the folder label; prediction: by the model's prediction (any folder names)")
     max_per_class_train: int | None = Field(None, description="use at most N images per class of train_dir (default: all)")
     max_per_class_eval: int | None = Field(None, description="use at most N images per class of eval_dir (default: all)")
+    max_image_pixels: int = Field(defaults.MAX_IMAGE_PIXELS, gt=0, description="an image whose header declares more pixels is skipped (with its reason) before it is decoded: a guard against decompression bombs")
     featvis_channels: int = Field(defaults.FEATVIS_CHANNELS, description="rewired channels that get feature visualisations")
     featvis_steps: int = Field(defaults.FEATVIS_STEPS, description="optimisation steps of each feature visualisation")
     explain_quantile: float | None = Field(

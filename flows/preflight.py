@@ -9,20 +9,25 @@ the time estimate, all before the first extraction chunk. The result is a typed 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from polysemantic_disentangle.flows.params import PipelineParams
 from polysemantic_disentangle.storage.cube import MOMENTS_ARRAY, PER_LAYER_IMAGE_ARRAYS, CubeLayout, CubeMismatch
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, scan_image_folder
+from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, reason_kind, scan_image_folder, screen_images
 from polysemantic_disentangle.tasks.stage4_rewire.plan import resolve_rewire_layers
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, load_model, select_layers
 from polysemantic_disentangle.tasks.presets import preset_for
 
 __all__ = ["DatasetCheck", "Preflight", "prepare_stores", "run_preflight"]
+
+
+UNUSABLE_EXAMPLES = 5  # skipped files named in the preflight; the report lists more
 
 
 @dataclass
@@ -36,25 +41,37 @@ class DatasetCheck:
     min_per_folder: int
     median_per_folder: float
     max_per_folder: int
+    # Files that type and header alone show the extraction will skip, by kind of reason (not a
+    # regular file, too many pixels, wrong size, unreadable); truncated pixel data shows later.
+    unusable: dict[str, int] = field(default_factory=dict)
+    unusable_examples: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, role: str, manifest: Manifest) -> "DatasetCheck":
+    def of(cls, role: str, manifest: Manifest, reasons: Sequence[str] = ()) -> "DatasetCheck":
+        """``reasons``: the skip reason of each image found before decoding ("" for none)."""
         folder_of = np.asarray([p.split("/", 1)[0] for p in manifest.paths])
         counts = np.asarray([int((folder_of == f).sum()) for f in manifest.folders])
         first = {f: i for i, f in reversed(list(enumerate(folder_of)))}
         unmatched = [f for f in manifest.folders if f in first and manifest.labels[first[f]] < 0]
         unmatched += [f for f in manifest.folders if f not in first]  # folders without images
+        bad = [(p, r) for p, r in zip(manifest.paths, reasons) if r]
         return cls(role, manifest.root, len(manifest), len(manifest.folders),
                    len(manifest.folders) - len(unmatched), unmatched[:5],
-                   int(counts.min()), float(np.median(counts)), int(counts.max()))
+                   int(counts.min()), float(np.median(counts)), int(counts.max()),
+                   dict(Counter(reason_kind(r) for _, r in bad).most_common()),
+                   [f"{p} ({r})" for p, r in bad[:UNUSABLE_EXAMPLES]])
 
     def line(self) -> str:
         match = f"{self.matched_folders} match model classes"
         if self.matched_folders < self.folders:
             match += f", {self.folders - self.matched_folders} do not (e.g. {', '.join(self.unmatched_examples)})"
-        return (f"{self.role:<6} {self.root}: {self.images} images in {self.folders} folders ({match}); "
+        line = (f"{self.role:<6} {self.root}: {self.images} images in {self.folders} folders ({match}); "
                 f"images per folder min {self.min_per_folder}, median {self.median_per_folder:g}, "
                 f"max {self.max_per_folder}")
+        if self.unusable:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in self.unusable.items())
+            line += f"; {sum(self.unusable.values())} will be skipped ({kinds})"
+        return line
 
 
 @dataclass
@@ -119,6 +136,11 @@ class Preflight:
             f"{self.estimated_extraction_s:.0f} s on this device ({self.seconds_per_image * 1e3:.1f} ms/image "
             f"timed on a batch of {defaults.PREFLIGHT_TIMING_IMAGES}; full batches are faster)",
         ]
+        for check in (self.train, self.eval):
+            out += [f"  skipped  {check.role}: {e}" for e in check.unusable_examples]
+            more = sum(check.unusable.values()) - len(check.unusable_examples)
+            if more > 0:
+                out.append(f"  skipped  {check.role}: ... and {more} more (the report lists them)")
         out += [f"  warning  {w}" for w in self.warnings]
         return out
 
@@ -190,7 +212,10 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
             raise ValueError(f"{role}_dir {root}: {exc}") from None
     infos = {i.name: i for i in conv_layers(bundle.model)}
     arv_layers = sum(infos[n].in_channels // infos[n].groups >= 2 for n in selected)
-    checks = {role: DatasetCheck.of(role, m) for role, m in manifests.items()}
+    with ThreadPoolExecutor(defaults.DECODE_WORKERS) as pool:
+        screened = {role: screen_images(m.root, m.paths, bundle.transform, bundle.input_size,
+                                        params.max_image_pixels, pool) for role, m in manifests.items()}
+    checks = {role: DatasetCheck.of(role, m, screened[role]) for role, m in manifests.items()}
     warnings: list[str] = []
     minimum = defaults.PREFLIGHT_MIN_IMAGES_PER_CLASS
     if not prediction:
@@ -256,10 +281,10 @@ def prepare_stores(params: PipelineParams, bundle: ModelBundle | None = None) ->
             ("train", params.train_dir, params.train_store, params.max_per_class_train),
             ("eval", params.eval_dir, params.eval_store, params.max_per_class_eval)):
         args = (bundle, data_dir, store, params.layers, params.chunk_images, params.target_mode, cap)
-        layout = _layout(params, role)
+        kw = {"layout": _layout(params, role), "max_image_pixels": params.max_image_pixels}
         try:
-            plan_cube(*args, overwrite=False, layout=layout)
+            plan_cube(*args, overwrite=False, **kw)
         except CubeMismatch as exc:
             if not params.overwrite:
                 raise CubeMismatch(f"{role} store: {exc}; {OVERWRITE_HINT}") from None
-            plan_cube(*args, overwrite=True, layout=layout)
+            plan_cube(*args, overwrite=True, **kw)

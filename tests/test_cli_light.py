@@ -194,7 +194,7 @@ DEMO_RUN = {
     "eval_store": "runs/default/cube-eval.zarr", "device": "auto", "chunk_images": 512, "shard_chunks": 8,
     "batch_size": 128, "per_image_moments": False, "storage_dtype": "float16", "dask_address": None,
     "dask_workers": None, "target_mode": "label", "max_per_class_train": None, "max_per_class_eval": None,
-    "featvis_channels": 6, "featvis_steps": 128, "explain_quantile": None,
+    "max_image_pixels": 89_478_485, "featvis_channels": 6, "featvis_steps": 128, "explain_quantile": None,
 }
 
 

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
+import struct
+import zlib
+from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from polysemantic_disentangle.tasks import defaults
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+# What a damaged or hostile file raises while PIL reads it; anything else is a bug, not a file.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+# Why an image is skipped starts with one of these (the text after the colon names the file's
+# particulars), so that reasons can be counted by kind. Unreadable files keep the exception's
+# name as their kind, e.g. "UnidentifiedImageError: cannot identify image file ...".
+NOT_REGULAR = "not a regular file"
+TOO_MANY_PIXELS = "too many pixels"
+WRONG_SIZE = "wrong size"
 
 
 @dataclass(frozen=True)
@@ -34,7 +51,9 @@ class Manifest:
         return h.hexdigest()
 
     def identity(self) -> dict:
-        return {"root": self.root, "n_images": len(self), "manifest_sha256": self.sha256(),
+        # The resolved root: the same folder given relatively, absolutely or through a symlink
+        # is the same dataset (and a store made from it resumes).
+        return {"root": str(Path(self.root).resolve()), "n_images": len(self), "manifest_sha256": self.sha256(),
                 "n_folders": len(self.folders)}
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "Manifest":
@@ -84,7 +103,11 @@ def scan_image_folder(
     allow_unmatched: bool = False,
 ) -> Manifest:
     """List ``root/<class>/<image>`` in sorted order; labels follow the model's class index
-    (-1 for folders matching no class, allowed only with ``allow_unmatched``)."""
+    (-1 for folders matching no class, allowed only with ``allow_unmatched``).
+
+    Every entry with an image suffix is listed, whatever it is: one that is not a regular file
+    (a named pipe, a directory, a device, a dangling link) is then recorded as skipped, with its
+    reason, by whatever loads it, and is never opened. Listing opens nothing."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
@@ -104,19 +127,250 @@ def scan_image_folder(
     return Manifest(str(root), tuple(paths), np.asarray(labels, dtype=np.int64), tuple(folders))
 
 
-def load_image(path: str | Path, transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor | None, str]:
-    """Decode one image; return (tensor, "") or (None, reason) for an unreadable file.
+class NotRegularFile(OSError):
+    """The path is a named pipe, directory, device or socket: reading it could block forever or
+    never end, so it is refused before any read."""
 
-    Grayscale, palette, CMYK and RGBA images are converted to RGB. ``img.load()`` forces a full
-    decode so that truncated files fail here, not later inside a batch.
-    """
+
+def file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, in words."""
+    for test, name in ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file (a link to one is fine).
+
+    Opening a named pipe for reading waits for a writer that may never come, and in a decoding
+    thread that wait outlives even Ctrl-C (the interpreter waits for its threads at exit). With
+    O_NONBLOCK the open returns at once and the type is checked on the open descriptor, so a
+    file swapped for a pipe after a listing cannot block either."""
     try:
-        with Image.open(path) as img:
+        f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))
+    except IsADirectoryError:  # refused by Python's own check of the descriptor
+        raise NotRegularFile(f"{NOT_REGULAR}: directory") from None
+    try:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(f"{NOT_REGULAR}: {file_kind(mode)}")
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def too_many_pixels(size: tuple[int, int], max_image_pixels: int) -> str:
+    """The skip reason of an image of ``size`` (width, height), or "" when it is within the limit."""
+    pixels = size[0] * size[1]
+    if pixels <= max_image_pixels:
+        return ""
+    return (f"{TOO_MANY_PIXELS}: {size[0]}x{size[1]} = {pixels:,} pixels, above max_image_pixels "
+            f"{max_image_pixels:,} (not decoded)")
+
+
+def wrong_size(size: tuple[int, int] | None, shape: Sequence[int], expected: Sequence[int], by_model: bool) -> str:
+    """The skip reason of an image of ``size`` (width, height) that the transform made a tensor of
+    ``shape`` where the model (``by_model``) or else the rest of its batch has ``expected``."""
+    image = f"a {size[0]}x{size[1]} image" if size else "the image"
+    have, want = "x".join(map(str, shape)), "x".join(map(str, expected))
+    whose = "the model takes" if by_model else "the other images of its batch are"
+    return f"{WRONG_SIZE}: {image} is {have} after the transform; {whose} {want}"
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a skip reason (its text before the first colon), for counting."""
+    return reason.split(":", 1)[0].strip() or "unknown"
+
+
+def _allow_pil(max_image_pixels: int) -> None:
+    # PIL refuses, inside Image.open, images above twice its global MAX_IMAGE_PIXELS, before our
+    # own check could see them. A deliberately larger limit raises that global (never lowers
+    # it), so the run's limit is the one that decides; ours is checked on every image anyway.
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and current < max_image_pixels:
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of any mode. PIL's own conversion clips 16-bit grayscale at 255 (an all-white
+    image); its 0..65535 range is scaled to 0..255 here instead."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # Mode "I" is what older PIL and some TIFF readers give 16-bit samples as.
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        narrow = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(narrow, "L").convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One file's outcome: its tensor, or why it cannot be used."""
+
+    tensor: torch.Tensor | None
+    reason: str  # "" when decoded
+    size: tuple[int, int] | None  # (width, height) from the header, when it could be read
+
+
+# NotRegularFile is an OSError.
+_REFUSED = (Image.DecompressionBombError, *DECODE_ERRORS)
+
+
+def _reason(exc: BaseException, path: str | Path, max_image_pixels: int) -> str:
+    if isinstance(exc, NotRegularFile):
+        return str(exc)
+    if isinstance(exc, Image.DecompressionBombError):  # PIL's own check, inside Image.open
+        return f"{TOO_MANY_PIXELS}: above max_image_pixels {max_image_pixels:,} ({exc})"
+    if isinstance(exc, UnidentifiedImageError):
+        # PIL names an open file object by its repr; the reason names the path, the same in every
+        # run (a resumed store must hold the same bytes as an uninterrupted one).
+        return f"{type(exc).__name__}: cannot identify image file {os.fspath(path)!r}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def decode_image(path: str | Path, transform: Callable[[Image.Image], torch.Tensor],
+                 max_image_pixels: int = defaults.MAX_IMAGE_PIXELS) -> Decoded:
+    """Decode one image through ``transform``; a file that cannot be used gives its reason instead
+    of a tensor, never an exception: not a regular file (never read), more pixels than
+    ``max_image_pixels`` (checked on the header, before any pixel is decoded), unreadable or
+    truncated (``img.load()`` forces the full decode here, not later inside a batch).
+
+    A limit above PIL's own raises PIL's process-wide ``Image.MAX_IMAGE_PIXELS`` to it."""
+    _allow_pil(max_image_pixels)
+    size = None
+    try:
+        with open_regular(path) as f, Image.open(f) as img:
+            size = img.size
+            if reason := too_many_pixels(size, max_image_pixels):
+                return Decoded(None, reason, size)
             img.load()
-            rgb = img.convert("RGB")
-        return transform(rgb), ""
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+            rgb = to_rgb(img)
+        return Decoded(transform(rgb), "", size)
+    except _REFUSED as exc:
+        return Decoded(None, _reason(exc, path, max_image_pixels), size)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers: every JPEG coding process, not DHT (C4), JPG (C8) or DAC (CC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _png_or_jpeg_size(f: BinaryIO) -> tuple[int, int] | None:
+    """(width, height) of a PNG (its IHDR) or JPEG (its start-of-frame segment), reading a few
+    bytes per segment; None for anything else, or anything odd, which PIL's parser then reads.
+    PIL's own JPEG header parser reads every table in Python, several times slower, which a
+    preflight over tens of thousands of images would feel."""
+    head = f.read(24)
+    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+        return width, height
+    if head[:2] != b"\xff\xd8":
+        return None
+    f.seek(2)
+    while True:
+        if f.read(1) != b"\xff":
+            return None
+        marker = f.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = f.read(1)
+        if not marker or marker[0] in (0xD9, 0xDA):  # end of image or scan data before a frame
+            return None
+        if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD8:  # markers without a segment
+            continue
+        segment = f.read(2)
+        if len(segment) < 2 or struct.unpack(">H", segment)[0] < 2:  # a shorter one would loop
+            return None
+        if marker[0] in _JPEG_SOF:
+            frame = f.read(5)  # precision, height, width
+            if len(frame) < 5:
+                return None
+            height, width = struct.unpack(">HH", frame[1:5])
+            return width, height
+        f.seek(struct.unpack(">H", segment)[0] - 2, os.SEEK_CUR)
+
+
+def header_check(path: str | Path, max_image_pixels: int = defaults.MAX_IMAGE_PIXELS
+                 ) -> tuple[str, tuple[int, int] | None]:
+    """(skip reason or "", (width, height)) from the file's type and header alone: what
+    ``decode_image`` would refuse before decoding any pixel. Truncated pixel data passes here."""
+    _allow_pil(max_image_pixels)
+    try:
+        with open_regular(path) as f:
+            size = _png_or_jpeg_size(f)
+            if size is None:
+                f.seek(0)
+                with Image.open(f) as img:
+                    size = img.size
+        return too_many_pixels(size, max_image_pixels), size
+    except _REFUSED as exc:
+        return _reason(exc, path, max_image_pixels), None
+
+
+# Transform probes of the preflight: two unrelated sizes that come out alike mean the transform
+# fixes its output size (resize and crop); else each distinct image size is probed, the most
+# common first, up to these bounds (blank images of up to 16 Mpixel, a few dozen MB each).
+_PROBE_SIZES = ((37, 29), (61, 83))
+_MAX_PROBES = 32
+_MAX_PROBE_PIXELS = 4096 * 4096
+
+
+def transformed_shapes(transform: Callable[[Image.Image], torch.Tensor],
+                       sizes: Counter[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, ...]]:
+    """Tensor shape after ``transform`` per image size (width, height), found by transforming
+    blank images of that size; sizes it cannot tell are left out."""
+
+    def probe(size: tuple[int, int]) -> tuple[int, ...] | None:
+        try:
+            return tuple(transform(Image.new("RGB", size)).shape)
+        except Exception:  # a transform that cannot take a blank image tells nothing
+            return None
+
+    fixed = [probe(s) for s in _PROBE_SIZES]
+    if fixed[0] is not None and fixed[0] == fixed[1]:
+        return {s: fixed[0] for s in sizes}
+    out = {}
+    probed = [s for s, _ in sizes.most_common() if s[0] * s[1] <= _MAX_PROBE_PIXELS][:_MAX_PROBES]
+    for s in probed:
+        if (shape := probe(s)) is not None:
+            out[s] = shape
+    return out
+
+
+def screen_images(
+    root: str | Path, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
+    input_size: Sequence[int] | None = None, max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
+    executor: Executor | None = None,
+) -> list[str]:
+    """The skip reason of every path ("" where none shows) as far as file types and headers
+    tell, without decoding pixels: not a regular file, unreadable header, too many pixels, and
+    (with ``input_size``) a size the transform does not make the model's."""
+    root = Path(root)
+    if executor is not None:
+        checked = list(executor.map(lambda p: header_check(root / p, max_image_pixels), paths))
+    else:
+        checked = [header_check(root / p, max_image_pixels) for p in paths]
+    reasons = [r for r, _ in checked]
+    if input_size is None:
+        return reasons
+    sizes = Counter(size for r, size in checked if not r and size is not None)
+    shapes = transformed_shapes(transform, sizes)
+    for i, (r, size) in enumerate(checked):
+        shape = shapes.get(size) if not r and size is not None else None
+        if shape is not None and tuple(shape[-2:]) != tuple(input_size):
+            reasons[i] = wrong_size(size, shape, (*shape[:-2], *input_size), True)
+    return reasons
+
+
+def load_image(path: str | Path, transform: Callable[[Image.Image], torch.Tensor],
+               max_image_pixels: int = defaults.MAX_IMAGE_PIXELS) -> tuple[torch.Tensor | None, str]:
+    """Decode one image; return (tensor, "") or (None, reason) (see ``decode_image``).
+
+    Grayscale (16-bit too), palette, CMYK and RGBA images are converted to 8-bit RGB."""
+    d = decode_image(path, transform, max_image_pixels)
+    return d.tensor, d.reason
 
 
 @dataclass(frozen=True)
@@ -139,25 +393,42 @@ def plan_shards(n_chunks: int, chunks_per_shard: int, pending: np.ndarray | None
             for i, s in enumerate(range(0, len(todo), chunks_per_shard))]
 
 
+def _batch_shape(shapes: Sequence[tuple[int, ...]], input_size: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The one tensor shape a batch may hold: the model's input size when known, and among the
+    tensors of that size (or all, when it is not known) the most common shape, the first seen
+    on a tie."""
+    if input_size is not None:
+        shapes = [s for s in shapes if tuple(s[-2:]) == tuple(input_size)]
+    return Counter(shapes).most_common(1)[0][0] if shapes else None
+
+
 def load_batch(
     root: str | Path, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
-    executor: Executor | None = None,
+    executor: Executor | None = None, *, input_size: Sequence[int] | None = None,
+    max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor | None, np.ndarray, list[str]]:
     """Decode ``paths``; returns (stacked good images or None, ok mask, reasons).
 
     With ``executor`` the images decode in its threads (PIL releases the GIL while decoding);
-    the result and its order are the same either way. An unreadable file is recorded, never raised.
-    """
+    the result and its order are the same either way. A file that cannot be used is recorded
+    with its reason, never raised (``decode_image``); so is an image whose tensor after the
+    transform does not have the model's ``input_size`` (height, width), as a transform that
+    does not resize leaves it. Without ``input_size`` the batch's most common shape is kept."""
     root = Path(root)
-    tensors, ok, reasons = [], np.zeros(len(paths), dtype=bool), []
     if executor is not None:
-        decoded = list(executor.map(lambda p: load_image(root / p, transform), paths))
+        decoded = list(executor.map(lambda p: decode_image(root / p, transform, max_image_pixels), paths))
     else:
-        decoded = (load_image(root / p, transform) for p in paths)
-    for i, (t, reason) in enumerate(decoded):
-        reasons.append(reason)
-        if t is not None:
-            tensors.append(t)
-            ok[i] = True
+        decoded = [decode_image(root / p, transform, max_image_pixels) for p in paths]
+    reasons = [d.reason for d in decoded]
+    shape = _batch_shape([tuple(d.tensor.shape) for d in decoded if d.tensor is not None], input_size)
+    tensors, ok = [], np.zeros(len(paths), dtype=bool)
+    for i, d in enumerate(decoded):
+        if d.tensor is None:
+            continue
+        if tuple(d.tensor.shape) != shape:
+            expected = shape if shape is not None else (*d.tensor.shape[:-2], *input_size)
+            reasons[i] = wrong_size(d.size, tuple(d.tensor.shape), expected, input_size is not None)
+            continue
+        tensors.append(d.tensor)
+        ok[i] = True
     return (torch.stack(tensors) if tensors else None), ok, reasons
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from polysemantic_disentangle.storage.cube import (ACTIVATION_MAX_ARRAY, ACTIVATION_MEAN_ARRAY, ACTIVATION_SUMS_ARRAY,
                            DEFAULT_LAYOUT, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, RELEVANCE_ARRAY, ChunkData,
-                           CubeLayout, CubeReader, CubeWriter, LayerShape, create_cube)
+                           CubeLayout, CubeReader, CubeWriter, LayerShape, create_cube, store_exists)
 from polysemantic_disentangle.tasks.data.grouping import TargetMode, statistics_class, subset_class_sums
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, scan_image_folder
@@ -30,6 +30,23 @@ def pick_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is available")
     return dev
+
+
+# The store attribute naming the decoding limit its images were read with. It is recorded only
+# when it differs from the default, so that stores made before the limit was a parameter keep
+# their fingerprint; a store made with another limit has another fingerprint, since other
+# images may then be skipped.
+MAX_IMAGE_PIXELS_ATTR = "max_image_pixels"
+
+
+def image_pixel_limit(attrs: Mapping[str, Any]) -> int:
+    """The ``max_image_pixels`` a store's images are decoded with (its root attributes)."""
+    return int(attrs.get(MAX_IMAGE_PIXELS_ATTR, defaults.MAX_IMAGE_PIXELS))
+
+
+def planned_pixel_limit(store_url: str) -> int:
+    """The limit an existing store was planned with, else the default."""
+    return image_pixel_limit(CubeReader(store_url).attrs) if store_exists(store_url) else defaults.MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -50,11 +67,16 @@ def plan_cube(
     max_per_class: int | None = None,
     overwrite: bool = False,
     layout: CubeLayout = DEFAULT_LAYOUT,
+    max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
 ) -> CubePlan:
     """Validate the inputs, list the dataset and create (or reopen) the store.
 
-    Everything that can be wrong with the inputs fails here, before any model pass.
+    Everything that can be wrong with the inputs fails here, before any model pass; a file that
+    cannot be used (``polysemantic_disentangle.tasks.data.images.decode_image``) is not wrong
+    input but a skipped image. ``max_image_pixels`` is part of the store's identity.
     """
+    if max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
     if target_mode not in ("label", "prediction"):
         raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
     selected = select_layers(bundle.model, layers)
@@ -72,7 +94,9 @@ def plan_cube(
         class_wnids=bundle.wnids,
         layers=shapes,
         chunk_images=chunk_images,
-        attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": target_mode},
+        attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": target_mode,
+               **({} if max_image_pixels == defaults.MAX_IMAGE_PIXELS
+                  else {MAX_IMAGE_PIXELS_ATTR: int(max_image_pixels)})},
         layout=layout,
         overwrite=overwrite,
     )
@@ -129,22 +153,34 @@ def compute_chunk(
     prefetch: ThreadPoolExecutor | None = None,
     spec: ChunkSpec | None = None,
     decoders: ThreadPoolExecutor | None = None,
+    input_size: tuple[int, int] | None = None,
+    max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
 ) -> ChunkData:
     """Relevance, moments and activations for the images of one chunk, and the chunk's class
     sums of the moments and activation means (``spec``; None: every per-image array, no sums).
 
     Batches start at the chunk start, so a chunk's values do not depend on which other chunks
-    ran before it (a resumed run writes the same bytes as an uninterrupted one).
+    ran before it (a resumed run writes the same bytes as an uninterrupted one). An image that
+    cannot be used is skipped with its reason (``load_batch``): unreadable, not a regular file,
+    more than ``max_image_pixels``, or not the model's ``input_size`` after the transform.
     """
     n = len(paths)
     starts = list(range(0, n, batch_size))
     want_moments = spec.moment_layers if spec is not None else None
     want_activations = spec.activations if spec is not None else True
 
+    # Only what differs from load_batch's defaults is passed: benchmarks substitute a loader
+    # that takes the plain call.
+    options: dict[str, Any] = {}
+    if input_size is not None:
+        options["input_size"] = input_size
+    if max_image_pixels != defaults.MAX_IMAGE_PIXELS:
+        options["max_image_pixels"] = max_image_pixels
+
     def load(s: int):
-        if decoders is None:  # keeps the two-argument call that benchmarks substitute
-            return load_batch(dataset_root, paths[s:s + batch_size], transform)
-        return load_batch(dataset_root, paths[s:s + batch_size], transform, decoders)
+        if decoders is None:
+            return load_batch(dataset_root, paths[s:s + batch_size], transform, **options)
+        return load_batch(dataset_root, paths[s:s + batch_size], transform, decoders, **options)
 
     pending = prefetch.submit(load, starts[0]) if prefetch else None
     out_layers: dict[str, dict[str, np.ndarray]] = {}
@@ -219,9 +255,12 @@ def extract_chunks(
     skip_done: bool = True,
     on_chunk: Callable[[ChunkStats], None] | None = None,
     decode_workers: int = defaults.DECODE_WORKERS,
+    input_size: tuple[int, int] | None = None,
 ) -> list[ChunkStats]:
     """Compute and write each chunk in ``chunks``; chunks whose marker is set are skipped.
-    ``on_chunk`` is called after each written chunk (progress reporting).
+    ``on_chunk`` is called after each written chunk (progress reporting). Images are decoded
+    with the store's ``max_image_pixels``; one whose tensor after ``transform`` is not
+    ``input_size`` (height, width; None: the batch's most common size) is skipped.
 
     The next batch decodes in ``decode_workers`` threads while the model runs, and a chunk is
     compressed and written by a writer thread while the next one is computed (at most one
@@ -233,6 +272,7 @@ def extract_chunks(
     if stored_mode != target_mode:
         raise ValueError(f"{store_url} was planned with target_mode={stored_mode!r}, not {target_mode!r}")
     spec = ChunkSpec.for_store(cube, layers)
+    max_image_pixels = image_pixel_limit(cube.attrs)
     stats: list[ChunkStats] = []
     decoders = ThreadPoolExecutor(max_workers=decode_workers) if decode_workers > 1 else None
     pending: tuple[Future, ChunkStats] | None = None
@@ -255,7 +295,7 @@ def extract_chunks(
                 paths = [str(p) for p in cube.image_paths(start, stop)]
                 labels = cube.labels(start, stop)
                 data = compute_chunk(model, transform, dataset_root, paths, labels, layers, batch_size,
-                                     target_mode, prefetch, spec, decoders)
+                                     target_mode, prefetch, spec, decoders, input_size, max_image_pixels)
                 # A chunk where every image failed still gets its arrays (all NaN) so that the
                 # layer groups are complete; the marker then records it as done.
                 for layer in layers:
