@@ -32,14 +32,16 @@ from polysemantic_disentangle.flows.preflight import Preflight, run_preflight
 from polysemantic_disentangle.flows.runtime.stage_cache import StageCache
 from polysemantic_disentangle.flows.stage_results import (DetectionResult, EvaluationResult, ReduceResult, ReportResult,
                                                            RewiringResult)
-from polysemantic_disentangle.storage.cube import CubeReader, cube_info
+from polysemantic_disentangle.storage.cube import CubeReader
 from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import save_disentangled
 from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.stage1_extract.chunks import image_pixel_limit
 from polysemantic_disentangle.tasks.stage3_detect.detect import (DetectionParams, add_wordnet_similarities, detect_layers,
                                                                  detection_record, write_pairs_csv)
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
 from polysemantic_disentangle.tasks.stage6_report.html_parts import data_uri
-from polysemantic_disentangle.tasks.stage6_report.report import build_summary, detection_rows, markdown_artifacts, save_figure3, write_report
+from polysemantic_disentangle.tasks.stage6_report.report import (build_summary, detection_rows, markdown_artifacts, save_figure3,
+                                                                 skipped_images, write_report)
 from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import class_statistics, has_stats, read_stats, statistics_labels
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, rewire_model
@@ -139,17 +141,19 @@ def nothing_to_rewire_reason(layers: Sequence[dict[str, Any]], planned: list[Any
     return text
 
 
-def _class_image_loader(store_url: str, transform: Any, max_images: int):
-    """Detection images of one class (first ``max_images`` readable ones, in store order)."""
+def _class_image_loader(store_url: str, transform: Any, max_images: int, input_size: Sequence[int] | None = None):
+    """Detection images of one class (first ``max_images`` readable ones, in store order),
+    decoded as extraction decoded them (the store's pixel limit, the model's input size)."""
     cube = CubeReader(store_url)
     labels = statistics_labels(cube)  # the class the statistics (and the ARVs) grouped by
     keep = ~cube.skipped()
     paths = cube.image_paths()
-    data_root = cube_info(store_url)["dataset"]["root"]
+    data_root = cube.dataset_root
+    limit = image_pixel_limit(cube.attrs)
 
     def load(t: int) -> torch.Tensor:
         chosen = paths[(labels == t) & keep][:max_images]
-        images, _, _ = load_batch(data_root, list(chosen), transform)
+        images, _, _ = load_batch(data_root, list(chosen), transform, input_size=input_size, max_image_pixels=limit)
         if images is None:
             raise ValueError(f"no readable detection images of class {t}")
         return images
@@ -172,7 +176,8 @@ def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, mod
     plan = plan_rewiring(detection.layer_detections(), rewire_layers, max_per_layer)
     stats = read_stats(train_store, statistics.statistics_key(), sorted({r.layer for r in plan.rows}))
     splits, skipped = build_splits(model, plan.rows, stats,
-                                   _class_image_loader(train_store, bundle.transform, rho_max_images),
+                                   _class_image_loader(train_store, bundle.transform, rho_max_images,
+                                                       bundle.input_size),
                                    rho_grid, rho_max_images)
     skipped = plan.skipped + skipped
     out = Path(out_dir)
@@ -182,10 +187,13 @@ def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, mod
         logger.warning("nothing to rewire: %s", result.nothing_to_rewire)
         return result
     rewired = rewire_model(model, splits)
-    paths = [str(p) for p in CubeReader(eval_store).image_paths()]
+    eval_cube = CubeReader(eval_store)
+    paths = [str(p) for p in eval_cube.image_paths()[~eval_cube.skipped()]]
     step = max(1, len(paths) // check_images)
-    images, _, _ = load_batch(cube_info(eval_store)["dataset"]["root"], paths[::step][:check_images],
-                              bundle.transform)
+    images, _, _ = load_batch(eval_cube.dataset_root, paths[::step][:check_images], bundle.transform,
+                              input_size=bundle.input_size, max_image_pixels=image_pixel_limit(eval_cube.attrs))
+    if images is None:
+        raise ValueError(f"no readable evaluation image in {eval_store} for the function check")
     # Refuses (raises FunctionChanged) before anything is saved if the function changed.
     equivalence = check_equivalence(model, rewired, images)
     ckpt = out / "disentangled.pt"
@@ -271,8 +279,10 @@ def report_task(eval_store: str, train_store: str, evaluated: EvaluationResult, 
     if preflight:
         extra = {"notes": preflight.get("notes", []), "preflight": Preflight.from_dict(preflight).lines()[1:],
                  **extra}
+    skipped = {name: skipped_images(cube.image_paths(), cube.skipped(), cube.skip_reasons())
+               for name, cube in (("detection", CubeReader(train_store)), ("evaluation", CubeReader(eval_store)))}
     summary = build_summary(params=params, evaluation=evaluation, detections=detections,
-                            figure3_stats=fig3_stats, links=links, extra=extra)
+                            figure3_stats=fig3_stats, links=links, extra=extra, skipped=skipped)
     all_figures = {**figures, **fig3_pngs}
     paths = write_report(out_dir, summary, all_figures)
     artifacts = markdown_artifacts(summary, all_figures, max_channels=3)
@@ -312,22 +322,22 @@ def run_stage(cache: StageCache, stage: str, key: Any, run: Callable[[], R], *, 
     return result
 
 
-def stage_keys(params: PipelineParams, model_identity: dict[str, Any], train: CubeReader,
-               evaluation: CubeReader) -> dict[str, dict[str, Any]]:
+def stage_keys(params: PipelineParams, model_identity: dict[str, Any], train_fp: str, eval_fp: str,
+               train_content: str, eval_content: str) -> dict[str, dict[str, Any]]:
     """The stage cache's key of every stage: what its result depends on. The model identity
     (with the state dict's content hash) is in every key, besides each cube's fingerprint and
-    content digest (a chunk extracted again changes it)."""
-    reduce_key = {"model": model_identity, "cube": train.attrs["fingerprint"], "content": train.content_digest(),
+    content digest (``CubeReader.content_digest``: a chunk extracted again changes it)."""
+    reduce_key = {"model": model_identity, "cube": train_fp, "content": train_content,
                   "tau": params.tau, "correct_only": params.correct_only}
     detect_key = {**reduce_key, "detection": params.detection().to_dict()}
-    rewire_key = {**detect_key, "eval": evaluation.attrs["fingerprint"], "eval_content": evaluation.content_digest(),
+    rewire_key = {**detect_key, "eval": eval_fp, "eval_content": eval_content,
                   "rewire_layers": params.rewire_layers, "max_per_layer": params.max_rewired_per_layer,
                   "rho_grid": list(params.rho_grid), "rho_max_images": params.rho_max_images,
                   "check_images": params.check_images}
     evaluate_key = {**rewire_key, "eval_params": {k: getattr(params, k) for k in
                                                   ("featvis_steps", "featvis_channels", "batch_size",
                                                    "explain_quantile")}}
-    report_key = {**evaluate_key, "report": 1}
+    report_key = {**evaluate_key, "report": 2}  # 2: the report lists the images each cube skipped
     return {"reduce": reduce_key, "detect": detect_key, "rewire": rewire_key, "evaluate": evaluate_key,
             "report": report_key}
 
@@ -436,7 +446,9 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
                                         max_per_class=params.max_per_class_eval,
                                         **params.store_layouts()["eval"], **common)
     stop_point("eval-extracted")
-    keys = stage_keys(params, checked.model_identity, CubeReader(train_store), CubeReader(eval_store))
+    train_cube, eval_cube = CubeReader(train_store), CubeReader(eval_store)
+    keys = stage_keys(params, checked.model_identity, train_cube.attrs["fingerprint"], eval_cube.attrs["fingerprint"],
+                      train_cube.content_digest(), eval_cube.content_digest())
 
     statistics = run_stage(cache, "reduce", keys["reduce"], result_type=ReduceResult, stop="reduced",
                            verify=stats_in_store,

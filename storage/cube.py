@@ -907,6 +907,10 @@ class CubeReader:
         """Whether each image was unreadable (bool)."""
         return self._root["skipped"][:].astype(bool)
 
+    def skip_reasons(self) -> np.ndarray:
+        """Why each image was skipped (plain unicode; empty where it was not)."""
+        return as_str(self._root["skip_reason"][:])
+
     def image_paths(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Image paths relative to the dataset root (plain unicode)."""
         return as_str(self._root["image_path"][start:stop])

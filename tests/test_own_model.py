@@ -69,7 +69,7 @@ def test_random_weights_are_seeded_and_part_of_every_key(assets_dir: Path, tmp_p
     from polysemantic_disentangle.flows.pipeline import stage_keys
 
     params = PipelineParams()
-    keys = [stage_keys(params, i, "same-cube", "same-eval") for i in identities]
+    keys = [stage_keys(params, i, "same-cube", "same-eval", "content", "content") for i in identities]
     for stage in ("reduce", "detect", "rewire", "report"):
         assert len({key_hash(k[stage]) for k in keys}) == 4, stage
 
