@@ -316,6 +316,12 @@ def test_run_over_hostile_folders_completes_with_the_clean_statistics(tmp_path, 
         flagged = {p.split("/")[1]: img.reason_kind(r) for p, s, r in zip(paths, root["skipped"][:], reasons) if s}
         assert flagged == HOSTILE, cube
         assert all(p.startswith(f"{cls}/zz_") for p, s in zip(paths, root["skipped"][:]) if s)
+        # ... and the report lists the same files with the same reasons.
+        listed = summary["skipped_images"]["detection" if cube == "cube-train.zarr" else "evaluation"]
+        assert listed["n_skipped"] == len(HOSTILE)
+        assert {i["path"]: i["reason"] for i in listed["images"]} == {
+            p: r for p, s, r in zip(paths, root["skipped"][:], reasons) if s}
+    assert "Skipped images" in (out / "report.html").read_text()
 
     # The statistics are those of the same folder without the bad files, to the bit.
     bundle = load_model("cifar_resnet20")
