@@ -287,6 +287,47 @@ def test_pipeline_with_s3_cubes_and_outputs_on_the_cluster_equals_local(
     assert not any(SECRET in log.message for log in logs)
 
 
+def test_local_cluster_uses_the_runs_api_and_listens_on_loopback_only(prefect_api) -> None:
+    """`--workers N`: every worker gets this process's Prefect API (so none starts a server of its
+    own), and the scheduler, nannies and workers, their /health and /metrics endpoints included,
+    listen on 127.0.0.1 only; on a normal exit every one of them is gone."""
+    import psutil
+    from distributed import Client
+    from prefect.settings import PREFECT_API_URL
+
+    from polysemantic_disentangle.flows.runtime.cluster import local_cluster
+
+    def listening(pids: set[int]) -> list[tuple[int, str, int]]:
+        return sorted((c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                      if c.status == psutil.CONN_LISTEN and c.pid in pids)
+
+    with local_cluster(2) as address, Client(address) as client:
+        urls = client.run(lambda: os.environ.get("PREFECT_API_URL"))
+        workers = set(client.run(os.getpid).values())
+        nannies = {psutil.Process(pid).ppid() for pid in workers}
+        started = {p.pid for n in nannies for p in [psutil.Process(n), *psutil.Process(n).children(recursive=True)]}
+        theirs = listening(started)
+        scheduler_http = client.scheduler_info()["services"]["dashboard"]
+        ours = [s for s in listening({os.getpid()}) if s[2] in (int(address.rsplit(":", 1)[1]), scheduler_http)]
+    assert set(urls.values()) == {PREFECT_API_URL.value()}, urls
+    assert len(nannies) == 2 and len(ours) == 2, (nannies, ours)
+    assert {pid for pid, _, _ in theirs} >= workers | nannies, theirs
+    assert len(theirs) >= 6, theirs  # a nanny: its Dask port; a worker: its Dask port and its HTTP server
+    exposed = [s for s in theirs + ours if s[1] != "127.0.0.1"]
+    assert not exposed, exposed
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in started):
+        assert time.time() < deadline, "worker processes outlive their cluster"
+        time.sleep(0.2)
+
+
 def test_cluster_flags_parse_and_conflicts_fail_fast(capsys) -> None:
     from polysemantic_disentangle.flows.cli import build_parser, main, params_from_args
 

@@ -5,6 +5,11 @@ One address serves both stages: the extraction's shard tasks go through prefect-
 ``DaskTaskRunner`` and the reductions' dask graphs through a ``distributed.Client`` on the same
 scheduler. A worker that declares a ``GPU`` resource runs one shard at a time and loads the
 model on the device it sees (``CUDA_VISIBLE_DEVICES`` per worker process).
+
+A local cluster listens on 127.0.0.1 only (scheduler, nannies, workers and their HTTP
+endpoints), its workers report to the run's Prefect API instead of starting servers of their own,
+and each worker's process group dies with the run (``stop_local_workers`` for a run that is
+being stopped by a signal).
 """
 
 from __future__ import annotations
@@ -15,12 +20,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
-from polysemantic_disentangle.flows.runtime.prefect_server import die_with_parent
+from polysemantic_disentangle.flows.runtime.prefect_server import api_url_for_children, die_with_parent
 
 GPU_RESOURCE = "GPU"
+LOOPBACK = "127.0.0.1"
+
+# Worker processes of the local clusters now running, for a signal handler that must stop them
+# from another thread while the cluster's own block cannot run to its end.
+_running_workers: set[subprocess.Popen] = set()
+_running_guard = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -83,9 +95,23 @@ def _local_gpu_count() -> int:
 
 def worker_command(address: str, name: str, gpu: bool) -> list[str]:
     """The ``dask worker`` command line of one single-threaded worker on 127.0.0.1."""
+    # Without a dashboard a worker still serves /health and /metrics, on all interfaces unless
+    # given an address: --host covers only the nanny's and the worker's Dask ports.
     cmd = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", name,
-           "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard"]
+           "--nthreads", "1", "--nworkers", "1", "--host", LOOPBACK, "--no-dashboard",
+           "--dashboard-address", f"{LOOPBACK}:0"]
     return cmd + (["--resources", f"{GPU_RESOURCE}=1"] if gpu else [])
+
+
+def worker_environment(gpu_index: int | None = None) -> dict[str, str]:
+    """This process's environment for a worker: the run's Prefect API and the GPU it may use."""
+    env = dict(os.environ)
+    api = api_url_for_children()
+    if api:
+        env["PREFECT_API_URL"] = api
+    if gpu_index is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
+    return env
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -102,6 +128,24 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait()
 
 
+def stop_local_workers() -> None:
+    """SIGKILL the process group of every worker of the local clusters now running, at once.
+
+    For a run that is being stopped by a signal: what the workers were writing is unfinished and
+    will be written again by the next run, so they get no time to finish it.
+    """
+    # The signal may have interrupted this very thread inside the guard: do not wait on it.
+    locked = _running_guard.acquire(timeout=1.0)
+    try:
+        procs = list(_running_workers)
+    finally:
+        if locked:
+            _running_guard.release()
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def local_cluster(workers: int, timeout: float = 180.0) -> Iterator[str]:
     """A scheduler in this process and ``workers`` ``dask worker`` processes (one thread each),
@@ -114,26 +158,33 @@ def local_cluster(workers: int, timeout: float = 180.0) -> Iterator[str]:
     from distributed import Client, LocalCluster
 
     gpus = _local_gpu_count()
-    with LocalCluster(n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address=None,
+    # No dashboard; the scheduler's /health and /metrics on a free loopback port (its default,
+    # 8787, is taken by the first of two concurrent runs).
+    with LocalCluster(n_workers=0, host=LOOPBACK, scheduler_port=0, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": f"{LOOPBACK}:0"},
                       silence_logs=40) as cluster:
         address = cluster.scheduler_address
         procs: list[subprocess.Popen] = []
         try:
             for i in range(workers):
-                env = dict(os.environ)
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+                env = worker_environment(i % gpus if gpus else None)
                 # Killed by the kernel when this thread's process dies, SIGKILL included: a killed
                 # run leaves no worker behind (its own process group is stopped on a normal exit).
-                procs.append(subprocess.Popen(worker_command(address, f"local-{i}", bool(gpus)), env=env,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                              start_new_session=True, preexec_fn=die_with_parent))
+                # The worker process under the nanny exits when the nanny's end of a pipe closes.
+                proc = subprocess.Popen(worker_command(address, f"local-{i}", bool(gpus)), env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True, preexec_fn=die_with_parent)
+                procs.append(proc)
+                with _running_guard:
+                    _running_workers.add(proc)
             with Client(address) as client:
                 client.wait_for_workers(workers, timeout=timeout)
             yield address
         finally:
             for proc in procs:
                 stop_process_group(proc)
+                with _running_guard:
+                    _running_workers.discard(proc)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ takes an exclusive ``flock`` on the file and writes its pid, host, start time an
 The kernel drops the ``flock`` when the holder's process ends, however it ends (SIGKILL
 included), so a lock left by a dead process is taken over at once; the recorded holder is only
 what a waiting run prints. A second run either fails at once with a ``LockBusy`` that names the
-holder, or, with ``wait``, waits and says what it is waiting for.
+holder, or, with ``wait``, waits and says what it is waiting for. A run stopped by SIGINT or
+SIGTERM lets go of its locks before it exits (``release_all_held``), lock files included.
 
 Locks are re-entrant within one process (the command line takes them before the flow starts; the
 flow takes them again when it is started by a deployment), and several are always taken in sorted
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 __all__ = ["LockBusy", "NotWritable", "run_locks", "LockHolder", "RunLock", "holding", "lock_path_for_store", "run_dir_lock_path",
-           "wait_seconds_from_env", "WAIT_ENV"]
+           "release_all_held", "wait_seconds_from_env", "WAIT_ENV"]
 
 RUN_LOCK_NAME = ".disentangle.lock"
 # Seconds a run waits for a busy lock; unset or 0: fail at once; "inf": wait as long as it takes.
@@ -237,12 +238,35 @@ def holding(paths: Sequence[tuple[Path, str]], wait: float | None = None,
     finally:
         for path in reversed(mine):
             with _held_guard:
-                lock, depth = _held[path]
+                entry = _held.get(path)
+                if entry is None:  # already let go by release_all_held
+                    continue
+                lock, depth = entry
                 if depth > 1:
                     _held[path] = (lock, depth - 1)
                     continue
                 del _held[path]
             lock.release()
+
+
+def release_all_held(timeout: float = 2.0) -> list[Path]:
+    """Release every lock this process holds, whatever ``holding`` blocks are still open; returns
+    their paths.
+
+    For a process about to end on a signal, from whichever thread handles it: the blocks that
+    took the locks will never reach their ``finally``. Gives up after ``timeout`` seconds when
+    another thread is stuck inside the registry (the kernel drops the locks at exit anyway).
+    """
+    if not _held_guard.acquire(timeout=timeout):
+        return []
+    try:
+        entries = list(_held.items())
+        _held.clear()
+    finally:
+        _held_guard.release()
+    for _path, (lock, _depth) in entries:
+        lock.release()
+    return [path for path, _entry in entries]
 
 
 def run_locks(out_dir: str | None, stores: Sequence[str | None]) -> list[tuple[Path, str]]:

@@ -11,6 +11,12 @@ every Prefect client of the process finds it running instead of starting another
 The parent-death signal fires when the *thread* that started the child ends, so the server is
 started eagerly from the main thread (``ensure_supervised_api``), before any Prefect client
 (some of which run in worker threads) would start one.
+
+Other processes of the run (the Dask workers of ``--workers N``) must use this one server too:
+a process without an API URL starts a temporary server of its own, out of reach of the run's
+protection (it would outlive a killed run). Code that starts such processes gives them this
+server's URL as their ``PREFECT_API_URL`` (``api_url_for_children``). This process itself keeps
+Prefect's ephemeral mode (no links to a UI that goes away with the run).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["ensure_supervised_api", "die_with_parent"]
+__all__ = ["ensure_supervised_api", "die_with_parent", "api_url_for_children"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -95,3 +101,17 @@ def ensure_supervised_api() -> str | None:
     server = _supervised_server_class()()  # registers itself as the default instance
     server.start()
     return server.api_url
+
+
+def api_url_for_children() -> str | None:
+    """The Prefect API that processes started by this one should use: the configured
+    ``PREFECT_API_URL``, else the temporary server this process runs, else None (none yet)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return str(url)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer._instances.get(None)
+    return server.api_url if server is not None and server.running else None
