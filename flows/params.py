@@ -24,6 +24,9 @@ from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams,
 
 
 _PRESET_FIELDS = ("gamma", "rewire_layers", "max_rewired_per_layer")
+_POSITIVE_COUNTS = ("max_per_class_train", "max_per_class_eval", "max_rewired_per_layer", "rho_max_images",
+                    "check_images", "chunk_images", "shard_chunks", "batch_size")
+_NON_NEGATIVE_COUNTS = ("featvis_channels", "featvis_steps")  # 0: no feature visualisation
 _PRESET = "default: the model's preset (tasks/presets.py)"
 
 
@@ -105,10 +108,18 @@ class PipelineParams(BaseModel):
         self.detection()  # raises ValueError with every problem in tau, p, gamma, ...
         if self.correct_only and self.target_mode == "prediction":
             raise ValueError("correct_only needs dataset labels; it does not apply to target_mode='prediction'")
-        for name in ("max_per_class_train", "max_per_class_eval", "max_rewired_per_layer"):
+        # Counts a later stage divides by or loops over: a zero would surface only there, after
+        # the extraction (rho_max_images at the rewiring, check_images in its equivalence check).
+        problems = []
+        for name in _POSITIVE_COUNTS:
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be positive")
+                problems.append(f"{name} must be positive, got {value}")
+        for name in _NON_NEGATIVE_COUNTS:
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("; ".join(problems))
         from polysemantic_disentangle.flows.runtime.cluster import validate_cluster_choice
 
         validate_cluster_choice(self.dask_address, self.dask_workers)
@@ -142,8 +153,22 @@ class PipelineParams(BaseModel):
             value = updates.get(name, getattr(self, name))
             if not Path(value).is_dir():
                 raise ValueError(f"{name} {value} is not a directory")
+        if self.weights is not None and not _named_weights(self.weights):
+            from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
+
+            # Before any model is built: a path that is no checkpoint is refused by what it is,
+            # never by its contents.
+            check_checkpoint_file(self.weights, f"a state dict for {self.model}")
         from polysemantic_disentangle.flows.runtime.outputs import join
 
         updates["train_store"] = self.train_store or join(self.out_dir, "cube-train.zarr")
         updates["eval_store"] = self.eval_store or join(self.out_dir, "cube-eval.zarr")
         return self.model_copy(update=updates)
+
+
+def _named_weights(weights: str) -> bool:
+    """Weights that name no file: random initialisation, or a torchvision weight enum such as
+    ``ResNet50_Weights.IMAGENET1K_V1`` (unless a file of that name exists)."""
+    from polysemantic_disentangle.tasks.models.names import RANDOM_WEIGHTS, is_weight_enum
+
+    return weights == RANDOM_WEIGHTS or (is_weight_enum(weights) and not Path(weights).exists())

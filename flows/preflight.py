@@ -1,13 +1,14 @@
 """Preflight of `disentangle run`: every input checked, and the run described, before any work.
 
 Both dataset folders are scanned and matched to the model's classes, layer and rewire patterns
-are resolved, stores made from other inputs are found, and one small timed relevance pass gives
-the time estimate, all before the first extraction chunk. The result is a typed value
+are resolved, stores made from other inputs are found, and timed passes of the extraction's own
+chunk computation give the time estimate, all before the first extraction chunk. The result is a typed value
 (``Preflight``) that the CLI prints, the flow logs and the report shows.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import numpy as np
 from polysemantic_disentangle.flows.params import PipelineParams
 from polysemantic_disentangle.storage.cube import MOMENTS_ARRAY, PER_LAYER_IMAGE_ARRAYS, CubeLayout, CubeMismatch
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, reason_kind, scan_image_folder, screen_images
+from polysemantic_disentangle.tasks.data.images import Manifest, reason_kind, scan_image_folder, screen_images
 from polysemantic_disentangle.tasks.stage4_rewire.plan import resolve_rewire_layers
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, load_model, select_layers
 from polysemantic_disentangle.tasks.presets import preset_for
@@ -97,10 +98,11 @@ class Preflight:
     rewire_layers: list[str] | str
     max_rewired_per_layer: int | None
     store_bytes: int  # per-image arrays of both cubes, before compression
-    seconds_per_image: float  # one relevance pass over every selected layer, this device
+    seconds_per_image: float  # the extraction's own work per image in full batches, this device
     estimated_extraction_s: float
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the report says in its first lines
+    timed_batches: list[int] = field(default_factory=list)  # batch sizes timed for the estimate
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,9 +134,9 @@ class Preflight:
             f"{self.arv_layers} applicable for ARVs",
             f"  rewire   {rewire}; {bound} per layer; gamma {self.gamma:g} "
             f"(model preset: {self.preset})",
-            f"  estimate cubes {self.store_bytes / 1e9:.3g} GB uncompressed; extraction at most about "
+            f"  estimate cubes {self.store_bytes / 1e9:.3g} GB uncompressed; extraction about "
             f"{self.estimated_extraction_s:.0f} s on this device ({self.seconds_per_image * 1e3:.1f} ms/image "
-            f"timed on a batch of {defaults.PREFLIGHT_TIMING_IMAGES}; full batches are faster)",
+            f"in full batches, from timed batches of {', '.join(map(str, self.timed_batches)) or '-'} images)",
         ]
         for check in (self.train, self.eval):
             out += [f"  skipped  {check.role}: {e}" for e in check.unusable_examples]
@@ -164,29 +166,117 @@ def _bytes_per_image(bundle: ModelBundle, layers: list[str], layout: CubeLayout)
     return total
 
 
-def _time_relevance(bundle: ModelBundle, manifest: Manifest, layers: list[str], device: Any,
-                    target_mode: str) -> float:
-    """Seconds per image of one relevance pass (after a warm-up image)."""
-    import torch
+# The timed passes behind the estimate may take this fraction of the longest the extraction can
+# take (every image costing what one of the smallest batch cost), within these bounds: a long
+# run affords a closer look, a short one gets one anyway.
+TIMING_BUDGET_FRACTION = 0.05
+TIMING_BUDGET_S = (4.0, 30.0)
 
-    from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
 
-    n = min(defaults.PREFLIGHT_TIMING_IMAGES, len(manifest))
-    images, ok, _ = load_batch(manifest.root, list(manifest.paths[:n]), bundle.transform)
-    if images is None:
-        return float("nan")
-    labels = torch.as_tensor(np.maximum(manifest.labels[:n][ok], 0))
+@dataclass(frozen=True)
+class ExtractionTiming:
+    """The extraction's cost on this device, from timed passes of its own chunk computation
+    (decoding, one forward and one backward pass through the layer taps, moments and class
+    sums): ``per_batch_s + per_image_s * n`` seconds for a batch of ``n`` images, and ``load_s``
+    seconds to load the model (once per shard)."""
+
+    per_batch_s: float
+    per_image_s: float
+    load_s: float
+    batches: tuple[int, ...]  # the batch sizes timed
+
+    def batch_s(self, n: int) -> float:
+        return self.per_batch_s + self.per_image_s * n
+
+    def extraction_s(self, n_images: int, batch_size: int, chunk_images: int, shard_chunks: int) -> float:
+        """Seconds to extract ``n_images`` in chunks of ``chunk_images``, batches of at most
+        ``batch_size`` that never span two chunks, and shards of ``shard_chunks`` chunks, one at
+        a time on this device."""
+        batch = max(1, min(batch_size, chunk_images))
+        full, rest = divmod(n_images, chunk_images)
+        n_batches = full * -(-chunk_images // batch) + -(-rest // batch)
+        n_shards = -(-(full + (rest > 0)) // shard_chunks)
+        return n_shards * self.load_s + n_batches * self.per_batch_s + n_images * self.per_image_s
+
+
+def _time_extraction(bundle: ModelBundle, manifest: Manifest, layers: list[str], device: Any,
+                     params: PipelineParams, load_s: float, n_images: int) -> ExtractionTiming | None:
+    """Time the extraction's chunk computation on the first images of ``manifest``: after a
+    warm-up pass, batches of 4, 16, 64, ... images up to the run's batch size, as far as the
+    timing budget allows. A batch's cost has a fixed part (a kernel launch and a hook call per
+    layer, whatever the batch; on a busy CPU each of them also waits for the other thread) and
+    a part per image, so a small batch alone says little about a full one: the two largest
+    batches timed give both parts. ``n_images``: of the whole run, for the budget. None when no
+    image of the first batch decodes."""
+    from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkSpec, compute_chunk
+
+    layout = _layout(params, "train")
+    infos = {i.name: i for i in conv_layers(bundle.model)}
+    moment_layers = tuple(n for n in layers if infos[n].in_channels // infos[n].groups >= 2)
+    spec = ChunkSpec(layout, moment_layers if layout.class_sums or layout.per_image_moments else (),
+                     len(bundle.class_names))
+    batch = max(1, min(params.batch_size, params.chunk_images, len(manifest)))
+    labels = np.maximum(manifest.labels, 0)
     model = bundle.model.to(device).eval()
+
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        data = compute_chunk(model, bundle.transform, manifest.root, list(manifest.paths[:n]), labels[:n],
+                             layers, n, params.target_mode, spec=spec)
+        elapsed = time.perf_counter() - t0
+        return float("nan") if data.skipped.all() else elapsed
+
+    stop = threading.Event()
+
+    def passes() -> list[tuple[int, float]]:
+        points: list[tuple[int, float]] = []
+        spent, budget = 0.0, TIMING_BUDGET_S[0]
+        n = min(defaults.PREFLIGHT_TIMING_IMAGES, batch)
+        timed(n)  # warm-up: first-call costs (allocator, kernel selection)
+        while not stop.is_set():
+            seconds = timed(n)
+            spent += seconds
+            if not np.isfinite(seconds):
+                break
+            if not points:
+                budget = min(max(TIMING_BUDGET_FRACTION * n_images * seconds / n, TIMING_BUDGET_S[0]),
+                             TIMING_BUDGET_S[1])
+            points.append((n, seconds))
+            if n == batch:
+                break
+            following = min(4 * n, batch)
+            if spent + _fit(points, load_s).batch_s(following) > budget:
+                break
+            n = following
+        return points
+
+    # In a thread of its own, as extraction shards run (task runner and Dask worker threads):
+    # torch's CPU kernels do not run alike on the main thread, several times slower there on a
+    # busy machine.
+    thread = ThreadPoolExecutor(max_workers=1)
     try:
-        batch_relevance(model, images, labels, layers, target_mode)  # warm-up: first-call costs
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
-            batch_relevance(model, images, labels, layers, target_mode)
-            best = min(best, time.perf_counter() - t0)
-        return best / len(images)
+        points = thread.submit(passes).result()
     finally:
+        stop.set()  # interrupted (Ctrl-C): the pass under way is the last one
+        thread.shutdown(wait=True)
         bundle.model.cpu()
+    return _fit(points, load_s) if points else None
+
+
+def _fit(points: list[tuple[int, float]], load_s: float) -> ExtractionTiming:
+    """Fixed and per-image cost through the two largest timed batches (the largest batch's cost
+    is always its timed one)."""
+    sizes = tuple(n for n, _ in points)
+    n1, t1 = points[-1]
+    if len(points) == 1:
+        return ExtractionTiming(0.0, t1 / n1, load_s, sizes)
+    n0, t0 = points[-2]
+    per_image = (t1 - t0) / (n1 - n0)
+    if per_image <= 0:  # the images' own cost is below the noise: the batch's cost is all fixed
+        return ExtractionTiming(t1, 0.0, load_s, sizes)
+    if t1 - per_image * n1 < 0:  # noise the other way: no fixed part, and the largest batch as timed
+        return ExtractionTiming(0.0, t1 / n1, load_s, sizes)
+    return ExtractionTiming(t1 - per_image * n1, per_image, load_s, sizes)
 
 
 def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = True) -> Preflight:
@@ -194,11 +284,13 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
     FileNotFoundError with a readable message on the first thing that does not fit.
 
     Order: model, layers, rewire patterns, both dataset folders; only then (``stores``) the two
-    cubes are created or reopened, and (``measure``) one timed relevance pass runs."""
+    cubes are created or reopened, and (``measure``) the timed extraction passes run."""
     from polysemantic_disentangle.tasks.stage1_extract.chunks import pick_device
 
     device = pick_device(params.device)
+    t0 = time.perf_counter()
     bundle = load_model(params.model, params.weights, seed=params.seed)
+    load_s = time.perf_counter() - t0  # every extraction shard loads the model again
     selected = select_layers(bundle.model, params.layers)
     rewire = resolve_rewire_layers(selected, params.rewire_layers)
     prediction = params.target_mode == "prediction"
@@ -243,8 +335,17 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
     if stores:
         prepare_stores(params, bundle)
     n_images = len(manifests["train"]) + len(manifests["eval"])
-    per_image = _time_relevance(bundle, manifests["train"], selected, device, params.target_mode) \
-        if measure else float("nan")
+    timing = _time_extraction(bundle, manifests["train"], selected, device, params, load_s, n_images) \
+        if measure else None
+    if timing is not None:
+        estimated = sum(timing.extraction_s(len(manifests[role]), params.batch_size, params.chunk_images,
+                                            params.shard_chunks) for role in ("train", "eval"))
+        per_image = timing.batch_s(min(params.batch_size, params.chunk_images)) / min(params.batch_size,
+                                                                                     params.chunk_images)
+        timed_batches = list(timing.batches)
+    else:
+        estimated = per_image = float("nan")
+        timed_batches = []
     preset = preset_for(params.model)
     return Preflight(
         model=params.model, weights=bundle.weights_description(), trained=bundle.trained, seed=bundle.seed,
@@ -257,7 +358,7 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
         store_bytes=sum(_bytes_per_image(bundle, selected, _layout(params, role)) * len(manifests[role])
                         for role in ("train", "eval")),
         seconds_per_image=per_image,
-        estimated_extraction_s=per_image * n_images, warnings=warnings, notes=notes)
+        estimated_extraction_s=estimated, warnings=warnings, notes=notes, timed_batches=timed_batches)
 
 
 def _layout(params: PipelineParams, role: str) -> CubeLayout:

@@ -86,6 +86,8 @@ def test_bad_parameters_stop_before_any_server(tmp_path: Path) -> None:
     images = tmp_path / "images"
     (images / "cat").mkdir(parents=True)
     store = str(tmp_path / "cube.zarr")
+    notes = tmp_path / "notes.pt"
+    notes.write_text("epoch 3 loss 0.12\n")
     cases = {
         ("run", "--train-dir", str(tmp_path / "missing")): "train_dir",
         ("run", "--model", "resnet18"): "train_dir and eval_dir are required",
@@ -96,9 +98,23 @@ def test_bad_parameters_stop_before_any_server(tmp_path: Path) -> None:
         ("run", "--target-mode", "labels"): "argument --target-mode: invalid choice",
         ("run", "--storage-dtype", "int8"): "argument --storage-dtype: invalid choice",
         ("run", "--max-per-class-train", "0"): "max_per_class_train must be positive",
+        # counts that only a late stage used to reject (the rewiring, its equivalence check)
+        ("run", "--rho-max-images", "0"): "rho_max_images must be positive, got 0",
+        ("run", "--check-images", "0"): "check_images must be positive, got 0",
+        ("run", "--check-images", "-3", "--rho-max-images", "0"): "rho_max_images must be positive, got 0; "
+                                                                  "check_images must be positive, got -3",
+        ("run", "--chunk-images", "0"): "chunk_images must be positive",
+        ("run", "--shard-chunks", "0"): "shard_chunks must be positive",
+        ("run", "--batch-size", "0"): "batch_size must be positive",
+        ("run", "--featvis-steps", "-1"): "featvis_steps must be 0 or more",
+        ("run", "--featvis-channels", "-1"): "featvis_channels must be 0 or more",
+        ("run", "--model", "resnet44"): "unknown model 'resnet44'; did you mean cifar_resnet44",
+        ("run", "--weights", str(notes)): "found a text file",
+        ("run", "--weights", str(tmp_path / "missing.pt")): "checkpoint not found",
         ("run", "--dask-address", "tcp://127.0.0.1:1", "--workers", "2"): "dask",
         ("extract", "--data-dir", str(tmp_path / "missing"), "--store", store): "--data-dir",
         ("extract", "--model", "resnet_nope", "--data-dir", str(images), "--store", store): "unknown model",
+        ("extract", "--model", "resnet20", "--data-dir", str(images), "--store", store): "did you mean cifar_resnet20",
         ("extract", "--layout", "all", "--data-dir", str(images), "--store", store): "argument --layout",
         ("extract", "--data-dir", str(images), "--store", store, "--chunk-images", "0"): "--chunk-images",
     }
@@ -108,8 +124,22 @@ def test_bad_parameters_stop_before_any_server(tmp_path: Path) -> None:
         assert result["rc"] == 2, result
         assert len(lines) == 1 and lines[0].startswith("disentangle"), result
         assert needle in lines[0] and "Traceback" not in result["err"], result
+        assert "epoch" not in result["err"], result  # a file given as weights is not quoted
     assert not Path(store).exists()
     assert child["heavy"] == [], f"bad parameters imported {child['heavy']}"
+
+
+def test_unknown_model_names_suggest_the_registry_name() -> None:
+    from polysemantic_disentangle.tasks.models.names import available_models, close_model_names
+
+    cases = {"resnet44": "cifar_resnet44", "resnet20": "cifar_resnet20", "CIFAR-ResNet56": "cifar_resnet56",
+             "cifar_resnet18": "resnet18", "Resnet50": "resnet50", "effnet_lite0": "efficientnet_lite0",
+             "vit_b16": "vit_b_16", "resnet21": "cifar_resnet20"}
+    for typed, meant in cases.items():
+        close = close_model_names(typed)
+        assert close and close[0] == meant, (typed, close)
+        assert len(close) <= 3 and set(close) <= set(available_models())
+    assert close_model_names("xyz") == []
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -230,3 +260,49 @@ def test_a_run_its_preflight_refuses_starts_no_prefect_api(tmp_path: Path) -> No
     last = result["err"].strip().splitlines()[-1]
     assert last.startswith("disentangle: error: train_dir") and "not_a_cifar_class" in last, result["err"]
     assert report["heavy"] == [], "the Prefect API was started before the preflight refused the run"
+
+
+def test_preflight_estimate_comes_from_timed_extraction_passes(tmp_path: Path, assets_dir: Path, monkeypatch) -> None:
+    """The time estimate is fitted on timed passes of the extraction's own chunk computation (the
+    selected layers' taps, the train cube's moments and class sums) at growing batch sizes up to
+    a full batch: a fixed cost per batch and one per image, scaled to the run's batches and
+    shards. The clock is the test's, so the numbers are exact; each pass is real."""
+    from types import SimpleNamespace
+
+    from polysemantic_disentangle.flows import preflight
+    from polysemantic_disentangle.flows.params import PipelineParams
+    from polysemantic_disentangle.tasks.stage1_extract import chunks
+    from tests.conftest import cifar_subset
+
+    clock = [0.0]
+    calls: list[tuple[int, tuple[str, ...], object]] = []
+    real = chunks.compute_chunk
+
+    def timed_pass(model, transform, root, paths, labels, layers, batch_size, *args, **kwargs):
+        data = real(model, transform, root, paths, labels, layers, batch_size, *args, **kwargs)
+        calls.append((len(paths), tuple(layers), kwargs.get("spec")))
+        clock[0] += 0.05 + 0.002 * len(paths)  # 50 ms per batch, 2 ms per image
+        return data
+
+    monkeypatch.setattr(chunks, "compute_chunk", timed_pass)
+    monkeypatch.setattr(preflight, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    params = PipelineParams(train_dir=str(cifar_subset(assets_dir, tmp_path / "train", "train", 5)),
+                            eval_dir=str(cifar_subset(assets_dir, tmp_path / "test", "test", 2)),
+                            out_dir=str(tmp_path / "run"), device="cpu").resolved()
+    checked = preflight.run_preflight(params, stores=False)
+
+    # a warm-up and a timed pass of 4 images, then 16, then the whole first batch (50 of 50 images)
+    assert [n for n, _, _ in calls] == [4, 4, 16, 50]
+    layers = calls[0][1]
+    assert len(layers) == checked.layers == 19
+    spec = calls[0][2]
+    assert spec.layout.class_sums and spec.moment_layers == layers  # the detection cube's work
+    assert checked.timed_batches == [4, 16, 50]
+    # train: one batch of 50, eval: one of 20; the model loads once per shard (no time here)
+    assert checked.estimated_extraction_s == pytest.approx((0.05 + 50 * 0.002) + (0.05 + 20 * 0.002))
+    assert checked.seconds_per_image == pytest.approx((0.05 + 128 * 0.002) / 128)
+    assert "extraction about 0 s" in checked.text() and "timed batches of 4, 16, 50 images" in checked.text()
+
+    timing = preflight.ExtractionTiming(per_batch_s=0.1, per_image_s=0.01, load_s=2.0, batches=(4, 128))
+    # 1100 images: chunks of 512, 512 and 76 -> 4 + 4 + 1 batches of at most 128, in 2 shards of 2 chunks
+    assert timing.extraction_s(1100, 128, 512, 2) == pytest.approx(2 * 2.0 + 9 * 0.1 + 1100 * 0.01)

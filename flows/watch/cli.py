@@ -29,10 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --follow: a file must be unchanged this long (and loadable) to be analysed")
     args = parser.parse_args(argv)
     if args.list:
-        for row in Registry(args.registry).analyses():
+        reg = Registry(args.registry)
+        for row in reg.analyses():
             print(json.dumps({k: row[k] for k in ("status", "sha256", "params_hash", "checkpoint",
                                                   "aliases", "out_dir", "flow_run_id", "attempts",
                                                   "error", "started_at", "finished_at")}))
+        for row in reg.refusals():
+            print(json.dumps({"status": "refused", "sha256": row["sha256"], "params_hash": row["params_hash"] or None,
+                              "checkpoint": row["url"], "error": row["reason"], "first_seen": row["first_seen"],
+                              "last_seen": row["last_seen"]}))
         return 0
     scan = dict(location=args.location, patterns=args.patterns, registry=args.registry,
                 params=json.loads(args.params) if args.params else None, runs_root=args.runs_root,

@@ -11,13 +11,20 @@ transaction, so two watcher runs at once (two schedules, a manual run beside a s
 two machines on a local disk) never start the same analysis twice. Failed analyses are recorded
 with their error and retried on the next scan; an analysis left ``running`` by a watcher that
 died is taken over once the Prefect API reports its flow run finished, or after
-``stale_after_hours``.
+``stale_after_hours``. A file that cannot be analysed at all is refused instead, before any flow
+run, and not tried again until it changes: one that is no checkpoint (a directory, device or FIFO
+behind a symlink, a text file, ...: recognised from its type and first bytes, hashed never) by
+its URL, size and stamp; one that does not load into the model (truncated, a pickle that would
+run code, another architecture) by its content and the parameters. The reason names what the
+file is, never what it holds.
 
 Tables (open the file with any SQLite client, or ``python -m polysemantic_disentangle.flows.watch --list REGISTRY``):
 
 - ``files``: every (checkpoint URL, sha256) seen, with size, a modification stamp and
   first/last seen times. It is the hash cache too: an unchanged (URL, size, stamp) is not
   re-read unless ``rehash`` is set.
+- ``refused``: every file refused, with the reason and its size and stamp (refused before being
+  read: no sha256, any parameters) or its sha256 and params_hash (refused on load).
 - ``analyses``: one row per (sha256, params_hash): status (running / completed / failed), the
   checkpoint analysed, the local weights file, output directory, flow run ids, attempts, error,
   result summary and timestamps. Aliases are the other ``files`` URLs with the same sha256.
@@ -37,7 +44,7 @@ from polysemantic_disentangle.flows.params import PipelineParams
 from polysemantic_disentangle.flows.watch.trend import SETTLE_SECONDS, TrendGroups, publish_artifacts, update_trends
 from polysemantic_disentangle.flows.watch.deployment_runs import _analyse_in_process, _wait_for
 from polysemantic_disentangle.flows.watch.registry import Registry, _abandoned, canonical_params
-from polysemantic_disentangle.flows.watch.scan import DEFAULT_PATTERNS, _local_weights, hash_checkpoints
+from polysemantic_disentangle.flows.watch.scan import DEFAULT_PATTERNS, _local_weights, hash_checkpoints, load_problem
 
 @flow(name="watch-checkpoints", log_prints=True)
 def watch_checkpoints(
@@ -96,7 +103,7 @@ def watch_checkpoints(
 
     scanned = hash_checkpoints(location, patterns, str(reg.path), str(cache), storage_options, rehash,
                                settle_seconds)
-    entries = [e for e in scanned if not e.get("incomplete")]
+    entries = [e for e in scanned if not e.get("incomplete") and not e.get("refused")]
     by_sha: dict[str, list[dict[str, Any]]] = {}
     for entry in entries:
         by_sha.setdefault(entry["sha256"], []).append(entry)
@@ -104,10 +111,33 @@ def watch_checkpoints(
     rows: list[dict[str, Any]] = [{"checkpoint": e["url"], "sha256": None, "action": "incomplete",
                                    "status": None, "out_dir": None, "alias_of": None}
                                   for e in scanned if e.get("incomplete")]
+    rows += [{"checkpoint": e["url"], "sha256": None, "action": "refused", "status": None, "out_dir": None,
+              "alias_of": None, "error": e["refused"]} for e in scanned if e.get("refused")]
     started: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (entry, claimed row)
     for sha, group in by_sha.items():
         primary = group[0]
         existing = reg.get(sha, phash)
+        if existing is None or existing["status"] == "failed":
+            # Content that cannot be analysed is found before any flow run starts, and is not
+            # tried again: a retry would only fail the same way, scan after scan.
+            reason = reg.refused_content(sha, phash)
+            if reason is None:
+                try:
+                    reason = load_problem(full_params["model"],
+                                          _local_weights(primary, location, storage_options, cache),
+                                          full_params["seed"])
+                except (OSError, RuntimeError) as exc:  # unreadable or changed now: the next scan retries
+                    logger.warning("cannot check %s now: %s", primary["url"], exc)
+                    reason = None
+                if reason is not None:
+                    reg.refuse(primary["url"], reason, size=primary.get("size"), stamp=None, sha256=sha,
+                               params_hash=phash)
+                    logger.warning("refused %s (sha256 %s): %s; not tried again until its content changes",
+                                   primary["url"], sha[:12], reason)
+            if reason is not None:
+                rows += [{"checkpoint": e["url"], "sha256": sha, "action": "refused", "status": None,
+                          "out_dir": None, "alias_of": None, "error": reason} for e in group]
+                continue
         take_over = None
         if existing is not None and existing["status"] == "running":
             dead, record = _abandoned(existing, stale_after_s, me)
@@ -207,6 +237,7 @@ def watch_checkpoints(
         "completed": sum(r["action"] == "started" and r["status"] == "completed" for r in rows),
         "failed": len(failed),
         "incomplete": sum(r["action"] == "incomplete" for r in rows),
+        "refused": sum(r["action"] == "refused" for r in rows),
         "files": rows,
         "trends": trend_rows,
         "trend_seconds": round(trend_s, 3),
@@ -216,7 +247,7 @@ def watch_checkpoints(
 
         create_table_artifact(
             key="watch-checkpoints",
-            table=[{k: r.get(k) for k in ("checkpoint", "sha256", "action", "status", "out_dir", "alias_of")}
+            table=[{k: r.get(k) for k in ("checkpoint", "sha256", "action", "status", "out_dir", "alias_of", "error")}
                    for r in rows],
             description=f"Checkpoints under {location}; params hash {phash[:8]}")
     logger.info("scan of %s: %d checkpoints, %d analyses started, %d completed, %d failed",

@@ -3,7 +3,8 @@ analysed within seconds, not at the next scheduled scan (which stays, for object
 
 Events (``watchdog``) only mark a file as pending. A pending file is handed to a scan once it
 is complete: its size and mtime have not changed for ``settle_seconds`` and it loads with
-``torch.load(weights_only=True)``. A half-written file therefore never starts an analysis, and
+``torch.load(weights_only=True)``, or it is no checkpoint at all (the scan refuses it, and a FIFO
+is never opened). A half-written file therefore never starts an analysis, and
 the scan itself leaves such files alone too (``polysemantic_disentangle.flows.watch.trend.still_written``), so a file
 caught mid-write by a scheduled scan is not analysed either.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from polysemantic_disentangle.flows.watch.trend import SETTLE_SECONDS, loadable
+from polysemantic_disentangle.flows.watch.trend import SETTLE_SECONDS, ready_for_scan
 
 
 def matches(path: str | Path, root: str | Path, patterns: Sequence[str]) -> bool:
@@ -45,7 +46,7 @@ class Pending:
     settle_seconds: float = 2.0
     # a file that stays unloadable this long is handed to the scan anyway, which reports it
     give_up_seconds: float = SETTLE_SECONDS
-    is_complete: Callable[[Path], bool] = loadable
+    is_complete: Callable[[Path], bool] = ready_for_scan
     _seen: dict[Path, tuple[int, int, float, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

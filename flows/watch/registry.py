@@ -53,6 +53,18 @@ CREATE TABLE IF NOT EXISTS files (
     PRIMARY KEY (url, sha256)
 );
 CREATE INDEX IF NOT EXISTS files_sha ON files (sha256);
+CREATE TABLE IF NOT EXISTS refused (
+    url TEXT NOT NULL,
+    params_hash TEXT NOT NULL,
+    size INTEGER,
+    stamp TEXT,
+    sha256 TEXT,
+    reason TEXT NOT NULL,
+    first_seen TEXT NOT NULL,
+    last_seen TEXT NOT NULL,
+    PRIMARY KEY (url, params_hash)
+);
+CREATE INDEX IF NOT EXISTS refused_sha ON refused (sha256);
 CREATE TABLE IF NOT EXISTS analyses (
     sha256 TEXT NOT NULL,
     params_hash TEXT NOT NULL,
@@ -128,6 +140,50 @@ class Registry:
                 "INSERT INTO files (url, sha256, size, stamp, first_seen, last_seen) VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT (url, sha256) DO UPDATE SET size=excluded.size, stamp=excluded.stamp, "
                 "last_seen=excluded.last_seen", (url, sha256, size, stamp, now, now))
+
+    # refused files ------------------------------------------------------------------------------
+    # A file that cannot be analysed (not a checkpoint, or a checkpoint that does not load into
+    # the model) is recorded once with the reason, never with any of its contents, and left
+    # alone until it changes: by (URL, size, stamp) for a file refused before it was read, by
+    # content (sha256) and parameters for one refused when loaded.
+    ANY_PARAMS = ""
+
+    def refuse(self, url: str, reason: str, *, size: int | None, stamp: str | None,
+               sha256: str | None = None, params_hash: str = ANY_PARAMS) -> bool:
+        """Record ``url`` as refused; True when this is news (not already recorded as is)."""
+        now = _now()
+        with self._tx() as con:
+            row = con.execute("SELECT size, stamp, sha256, reason FROM refused WHERE url=? AND params_hash=?",
+                              (url, params_hash)).fetchone()
+            con.execute(
+                "INSERT INTO refused (url, params_hash, size, stamp, sha256, reason, first_seen, last_seen) "
+                "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (url, params_hash) DO UPDATE SET size=excluded.size, "
+                "stamp=excluded.stamp, sha256=excluded.sha256, reason=excluded.reason, last_seen=excluded.last_seen",
+                (url, params_hash, size, stamp, sha256, reason, now, now))
+        return row is None or tuple(row) != (size, stamp, sha256, reason)
+
+    def refused_file(self, url: str, size: int | None, stamp: str | None) -> str | None:
+        """The reason ``url`` was refused before being read, if it has not changed since."""
+        if stamp is None:  # no way to tell a rewrite: checked again (it costs a few bytes)
+            return None
+        rows = self._read("SELECT reason FROM refused WHERE url=? AND params_hash=? AND sha256 IS NULL "
+                          "AND size IS ? AND stamp=?", (url, self.ANY_PARAMS, size, stamp))
+        return rows[0]["reason"] if rows else None
+
+    def refused_content(self, sha256: str, params_hash: str) -> str | None:
+        """The reason a checkpoint with this content was refused for these parameters."""
+        rows = self._read("SELECT reason FROM refused WHERE sha256=? AND params_hash=? "
+                          "ORDER BY last_seen DESC LIMIT 1", (sha256, params_hash))
+        return rows[0]["reason"] if rows else None
+
+    def forget_refusal(self, url: str) -> None:
+        """``url`` is a usable checkpoint now: its refusal before reading no longer holds."""
+        with self._tx() as con:
+            con.execute("DELETE FROM refused WHERE url=? AND params_hash=? AND sha256 IS NULL",
+                        (url, self.ANY_PARAMS))
+
+    def refusals(self) -> list[dict[str, Any]]:
+        return self._read("SELECT * FROM refused ORDER BY url, params_hash")
 
     def paths(self, sha256: str) -> list[str]:
         return [r["url"] for r in self._read("SELECT url FROM files WHERE sha256=? ORDER BY url", (sha256,))]

