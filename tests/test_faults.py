@@ -163,8 +163,9 @@ def test_cli_reports_a_bad_weights_file_in_one_line(tmp_path, capsys, prefect_ap
                  "--weights", str(bad)]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"disentangle: error: {bad}: expected a state dict for cifar_resnet20, "
-                           "found a text file"), last
+    assert last.startswith(f"disentangle: error: {bad}: expected a state dict for cifar_resnet20"), last
+    assert last.endswith("found a text file (11 bytes)"), last
+    assert "not weights" not in err, "the file's contents were quoted"
     assert "weights_only=False" not in err and "`weights_only` set to `False`" not in err
 
 
