@@ -107,9 +107,11 @@ def test_watcher_analyses_each_content_once(tmp_path, assets_dir, tiny_data, pre
     common = dict(location=str(ckpts), registry=str(registry))
 
     first = watch_checkpoints(params=params, fail_on_error=False, **common)
-    assert first["checkpoints"] == 3
-    assert (first["started"], first["completed"], first["failed"]) == (2, 1, 1)
+    # broken.pth is no checkpoint: refused before any flow run (by what it is, not what it holds)
+    assert first["checkpoints"] == 2 and first["refused"] == 1
+    assert (first["started"], first["completed"], first["failed"]) == (1, 1, 0)
     by_name = {Path(r["checkpoint"]).name: r for r in first["files"]}
+    assert by_name["broken.pth"]["action"] == "refused" and "not a checkpoint" not in by_name["broken.pth"]["error"]
     # sorted listing: the copy comes first and is the one analysed; the other name is its alias
     assert by_name["copy-of-resnet20.pt"]["action"] == "started"
     assert by_name["resnet20.th"]["action"] == "alias"
@@ -127,13 +129,15 @@ def test_watcher_analyses_each_content_once(tmp_path, assets_dir, tiny_data, pre
     assert out == registry.parent / f"{row['sha256'][:12]}-{phash[:8]}"
     assert (out / "detection.csv").is_file()
     assert row["result"]["out_dir"] == str(out)
-    failed = reg.analyses("failed")
-    assert len(failed) == 1 and failed[0]["error"] and failed[0]["checkpoint"].endswith("broken.pth")
+    assert reg.analyses("failed") == []
+    refusals = reg.refusals()
+    assert len(refusals) == 1 and refusals[0]["url"].endswith("broken.pth") and refusals[0]["reason"]
 
-    # the failure is retried (and fails again, failing the scan); the good content is not touched
-    with pytest.raises(RuntimeError, match="broken.pth"):
-        watch_checkpoints(params=params, **common)
-    assert reg.analyses("failed")[0]["attempts"] == 2
+    # the unchanged bad file is not tried again and does not fail the scan; the good content is
+    # not touched
+    again = watch_checkpoints(params=params, **common)
+    assert (again["started"], again["failed"], again["refused"]) == (0, 0, 1)
+    assert len(reg.refusals()) == 1
     assert reg.get(row["sha256"], phash)["finished_at"] == row["finished_at"]
 
     (ckpts / "broken.pth").unlink()
