@@ -305,11 +305,14 @@ def _check_extract_args(args: argparse.Namespace) -> None:
     """What `extract` can check without the model or the images, before any import of them."""
     from pathlib import Path
 
-    from polysemantic_disentangle.tasks.models.names import check_model_name
+    from polysemantic_disentangle.tasks.models.names import check_model_name, names_no_file
+    from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
 
     check_model_name(args.model)
     if not Path(args.data_dir).is_dir():
         raise ValueError(f"--data-dir {args.data_dir} is not a directory")
+    if args.weights is not None and not names_no_file(args.weights):
+        check_checkpoint_file(args.weights, f"a state dict for {args.model}")
     for flag in ("chunk_images", "shard_chunks", "batch_size", "max_per_class", "dask_workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.models.names import check_model_name
+from polysemantic_disentangle.tasks.models.names import check_model_name, names_no_file
 from polysemantic_disentangle.tasks.presets import DEMO_MODEL, preset_for
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams, SelectionRule
 
@@ -153,7 +153,7 @@ class PipelineParams(BaseModel):
             value = updates.get(name, getattr(self, name))
             if not Path(value).is_dir():
                 raise ValueError(f"{name} {value} is not a directory")
-        if self.weights is not None and not _named_weights(self.weights):
+        if self.weights is not None and not names_no_file(self.weights):
             from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
 
             # Before any model is built: a path that is no checkpoint is refused by what it is,
@@ -164,11 +164,3 @@ class PipelineParams(BaseModel):
         updates["train_store"] = self.train_store or join(self.out_dir, "cube-train.zarr")
         updates["eval_store"] = self.eval_store or join(self.out_dir, "cube-eval.zarr")
         return self.model_copy(update=updates)
-
-
-def _named_weights(weights: str) -> bool:
-    """Weights that name no file: random initialisation, or a torchvision weight enum such as
-    ``ResNet50_Weights.IMAGENET1K_V1`` (unless a file of that name exists)."""
-    from polysemantic_disentangle.tasks.models.names import RANDOM_WEIGHTS, is_weight_enum
-
-    return weights == RANDOM_WEIGHTS or (is_weight_enum(weights) and not Path(weights).exists())

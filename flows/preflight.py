@@ -8,6 +8,7 @@ chunk computation give the time estimate, all before the first extraction chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -177,13 +178,17 @@ TIMING_BUDGET_S = (4.0, 30.0)
 class ExtractionTiming:
     """The extraction's cost on this device, from timed passes of its own chunk computation
     (decoding, one forward and one backward pass through the layer taps, moments and class
-    sums): ``per_batch_s + per_image_s * n`` seconds for a batch of ``n`` images, and ``load_s``
-    seconds to load the model (once per shard)."""
+    sums): ``per_batch_s + per_image_s * n`` seconds for a batch of ``n`` images, ``load_s``
+    seconds to load the model (once per shard) and ``cube_s`` per cube besides (measured on the
+    preflight's own model load and store preparation). The orchestration's own overhead (a
+    flow and a task run per cube) is not in it."""
 
     per_batch_s: float
     per_image_s: float
     load_s: float
     batches: tuple[int, ...]  # the batch sizes timed
+    # Per cube, outside its shards: the extraction flow's own model load and store reopening.
+    cube_s: float = 0.0
 
     def batch_s(self, n: int) -> float:
         return self.per_batch_s + self.per_image_s * n
@@ -196,7 +201,7 @@ class ExtractionTiming:
         full, rest = divmod(n_images, chunk_images)
         n_batches = full * -(-chunk_images // batch) + -(-rest // batch)
         n_shards = -(-(full + (rest > 0)) // shard_chunks)
-        return n_shards * self.load_s + n_batches * self.per_batch_s + n_images * self.per_image_s
+        return self.cube_s + n_shards * self.load_s + n_batches * self.per_batch_s + n_images * self.per_image_s
 
 
 def _time_extraction(bundle: ModelBundle, manifest: Manifest, layers: list[str], device: Any,
@@ -332,12 +337,16 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
         notes.append("Labels are the model's predictions (target_mode 'prediction'): class statistics, "
                      "evaluation and explanations group images by predicted class, and accuracy is "
                      "agreement with the original model's predictions.")
+    stores_s = 0.0
     if stores:
+        t0 = time.perf_counter()
         prepare_stores(params, bundle)
+        stores_s = time.perf_counter() - t0
     n_images = len(manifests["train"]) + len(manifests["eval"])
     timing = _time_extraction(bundle, manifests["train"], selected, device, params, load_s, n_images) \
         if measure else None
     if timing is not None:
+        timing = dataclasses.replace(timing, cube_s=load_s + stores_s / 2)
         estimated = sum(timing.extraction_s(len(manifests[role]), params.batch_size, params.chunk_images,
                                             params.shard_chunks) for role in ("train", "eval"))
         per_image = timing.batch_s(min(params.batch_size, params.chunk_images)) / min(params.batch_size,

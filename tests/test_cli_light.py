@@ -115,6 +115,7 @@ def test_bad_parameters_stop_before_any_server(tmp_path: Path) -> None:
         ("extract", "--data-dir", str(tmp_path / "missing"), "--store", store): "--data-dir",
         ("extract", "--model", "resnet_nope", "--data-dir", str(images), "--store", store): "unknown model",
         ("extract", "--model", "resnet20", "--data-dir", str(images), "--store", store): "did you mean cifar_resnet20",
+        ("extract", "--weights", str(notes), "--data-dir", str(images), "--store", store): "found a text file",
         ("extract", "--layout", "all", "--data-dir", str(images), "--store", store): "argument --layout",
         ("extract", "--data-dir", str(images), "--store", store, "--chunk-images", "0"): "--chunk-images",
     }
@@ -306,3 +307,5 @@ def test_preflight_estimate_comes_from_timed_extraction_passes(tmp_path: Path, a
     timing = preflight.ExtractionTiming(per_batch_s=0.1, per_image_s=0.01, load_s=2.0, batches=(4, 128))
     # 1100 images: chunks of 512, 512 and 76 -> 4 + 4 + 1 batches of at most 128, in 2 shards of 2 chunks
     assert timing.extraction_s(1100, 128, 512, 2) == pytest.approx(2 * 2.0 + 9 * 0.1 + 1100 * 0.01)
+    with_cube = preflight.ExtractionTiming(0.1, 0.01, 2.0, (4, 128), cube_s=3.0)
+    assert with_cube.extraction_s(1100, 128, 512, 2) == pytest.approx(3.0 + 2 * 2.0 + 9 * 0.1 + 1100 * 0.01)

@@ -13,7 +13,7 @@ import re
 from polysemantic_disentangle.tasks.data.assets import CIFAR_RESNET_CHECKPOINTS
 
 __all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "RANDOM_WEIGHTS", "TORCHVISION_CLASSIFIERS",
-           "available_models", "check_model_name", "close_model_names", "is_weight_enum"]
+           "available_models", "check_model_name", "close_model_names", "is_weight_enum", "names_no_file"]
 
 # Pass as ``weights`` to get a randomly initialised model of any registered architecture.
 RANDOM_WEIGHTS = "random"
@@ -44,6 +44,14 @@ TORCHVISION_CLASSIFIERS: tuple[str, ...] = (
 def is_weight_enum(weights: str) -> bool:
     """Does ``weights`` name torchvision weights (``ResNet50_Weights.IMAGENET1K_V1``)?"""
     return bool(_WEIGHT_ENUM.match(weights))
+
+
+def names_no_file(weights: str) -> bool:
+    """Weights that name no file: random initialisation, or a torchvision weight enum (unless a
+    file of that name exists)."""
+    from pathlib import Path
+
+    return weights == RANDOM_WEIGHTS or (is_weight_enum(weights) and not Path(weights).exists())
 
 
 def available_models() -> list[str]:
