@@ -207,11 +207,16 @@ def test_prediction_mode_groups_statistics_by_prediction(prediction_run) -> None
     pred = root["prediction"][:].astype(np.int64)
     assert (pred >= 0).all() and len(np.unique(pred)) >= 3
     # Independent recomputation from the cube: group every image by its prediction.
+    from polysemantic_disentangle.flows.stage_results import ReduceResult
+
     tau = 0.03
+    # The set the run's reduce stage made, by its key; the key says how it grouped.
+    key = ReduceResult.from_dict(json.loads((out / ".stages" / "reduce.json").read_text())["result"]).statistics_key()
+    assert key.target_mode == "prediction" and key.tau == tau and not key.correct_only
     for layer in ("layer3.2.conv1", "layer3.2.conv2"):
         rel = np.asarray(root["layers"][layer]["relevance"][:], np.float64)
         mom = np.asarray(root["layers"][layer]["input_moments"][:], np.float64)
-        stats = root["stats"]["detection"][layer]
+        stats = root["stats"][key.name][layer]
         positive = np.clip(rel, 0, None).sum(1, keepdims=True)
         important = (rel >= tau * positive) & (positive > 0)
         for t in range(10):
