@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from polysemantic_disentangle.tasks.stage2_reduce.reduce import (important_mask,
                                                                  write_stats)
 
 
-def test_reduction_matches_numpy_and_respects_selection(small_cube) -> None:
+def test_reduction_matches_numpy_and_respects_selection(small_cube, tmp_path) -> None:
     url, bundle, _ = small_cube
     root = open_store_group(url)
     labels, pred = root["label"][:], root["prediction"][:]
@@ -34,9 +36,14 @@ def test_reduction_matches_numpy_and_respects_selection(small_cube) -> None:
                 np.testing.assert_allclose(s.mean_relevance[t], R[m].mean(0), rtol=1e-4, atol=1e-6)
                 np.testing.assert_allclose(s.important_fraction[t], important_mask(R[m], 0.03).mean(0), atol=1e-6)
                 np.testing.assert_allclose(s.mean_moments[t], M[m].mean(0), rtol=1e-4, atol=1e-4)
-    key = statistics_key(url, tau=0.03)
-    write_stats(url, key, stats)
-    back = read_stats(url, key, ["layer3.2.conv2"])["layer3.2.conv2"]
+    # The last set is the subset's: stored under the subset's key, in a copy (the session's
+    # shared cube stays as extraction left it).
+    copy = str(tmp_path / "cube.zarr")
+    shutil.copytree(url, copy)
+    key = statistics_key(copy, tau=0.03, subset=subset)
+    assert key.subset and key != statistics_key(copy, tau=0.03)
+    write_stats(copy, key, stats)
+    back = read_stats(copy, key, ["layer3.2.conv2"])["layer3.2.conv2"]
     np.testing.assert_array_equal(back.important_fraction, stats["layer3.2.conv2"].important_fraction)
 
 
