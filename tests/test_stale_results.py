@@ -14,10 +14,9 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import PROJECT_ROOT, cifar_subset
-from tests.test_faults import _run_cli
+from tests.test_faults import _run_cli, assert_same_run_files
 
 LAYER = "layer3.2.conv2"
 # Small and complete: 200 detection and 50 evaluation images, one layer, no feature visualisation.
@@ -131,25 +130,6 @@ def test_interrupted_run_with_other_parameters_leaves_nothing_stale(tmp_path, da
         _assert_same_outputs(reference, out)
 
 
-def _normalised(obj, out_dir: str):
-    if isinstance(obj, dict):
-        return {k: _normalised(v, out_dir) for k, v in obj.items() if k not in ("created", "timings_s", "preflight")}
-    if isinstance(obj, list):
-        return [_normalised(v, out_dir) for v in obj]
-    if isinstance(obj, str):
-        return obj.replace(out_dir, "<out>")
-    return obj
-
-
 def _assert_same_outputs(ref: Path, got: Path) -> None:
-    for name in ("detection.csv", "table1.csv"):
-        assert (ref / name).read_bytes() == (got / name).read_bytes(), name
-    for name in ("detection.json", "summary.json", "disentangled.pt.json", "evaluation.json"):
-        a = _normalised(json.loads((ref / name).read_text()), str(ref))
-        b = _normalised(json.loads((got / name).read_text()), str(got))
-        assert a == b, name
-    a = torch.load(ref / "disentangled.pt", weights_only=True)
-    b = torch.load(got / "disentangled.pt", weights_only=True)
-    assert a["spec"] == b["spec"] and set(a["state_dict"]) == set(b["state_dict"])
-    for key, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][key]), key
+    assert_same_run_files(ref, got, csv_files=("detection.csv", "table1.csv"),
+                          json_files=("detection.json", "summary.json", "disentangled.pt.json", "evaluation.json"))
