@@ -326,14 +326,17 @@ def create_cube(
                       "layout_version": LAYOUT_VERSION})
     if not overwrite and store_exists(url):
         root = open_store_group(url, mode="r+")
-        check_layout_version(root.attrs, url)
-        found = root.attrs.get("fingerprint")
-        if found != fp:
-            raise CubeMismatch(
-                f"{url} holds a cube made with other inputs (fingerprint {str(found)[:12]} vs "
-                f"{fp[:12]}); choose another store URL or pass overwrite=True"
-            )
-        return root
+        # The root attributes are written last: a store without them is one whose creation was
+        # interrupted (a run stopped in its preflight). It holds no chunk yet; make it anew.
+        if "fingerprint" in root.attrs or "layout_version" in root.attrs:
+            check_layout_version(root.attrs, url)
+            found = root.attrs.get("fingerprint")
+            if found != fp:
+                raise CubeMismatch(
+                    f"{url} holds a cube made with other inputs (fingerprint {str(found)[:12]} vs "
+                    f"{fp[:12]}); choose another store URL or pass overwrite=True"
+                )
+            return root
 
     root = open_store_group(url, mode="w")
     n_chunks = -(-n // chunk_images)

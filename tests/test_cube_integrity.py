@@ -92,3 +92,17 @@ def test_deleted_chunk_file_with_marker_kept_is_reextracted(pristine, tmp_path, 
     _resume(url, pristine)
     assert damaged_chunks(url) == []
     _same_values(url, pristine[0])
+
+
+def test_a_store_whose_creation_was_interrupted_is_made_anew(pristine, tmp_path) -> None:
+    """A run stopped in its preflight can leave the store's group without its attributes (they
+    are written last); the next run makes it anew instead of refusing it as another layout."""
+    from polysemantic_disentangle.storage.cube import open_store_group
+
+    _, bundle, data, plan = pristine
+    url = str(tmp_path / "cube.zarr")
+    open_store_group(url, mode="w")  # what the interrupted creation left: a bare group
+    again = plan_cube(bundle, str(data), url, LAYERS, chunk_images=16, target_mode="label",
+                      layout=CubeLayout.preset("detection", dtype="float16"))
+    assert again.n_chunks == plan.n_chunks and not CubeReader(url).chunk_done().any()
+    assert CubeReader(url).attrs["fingerprint"] == CubeReader(pristine[0]).attrs["fingerprint"]
