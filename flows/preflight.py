@@ -23,6 +23,7 @@ from polysemantic_disentangle.storage.cube import MOMENTS_ARRAY, PER_LAYER_IMAGE
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import Manifest, reason_kind, scan_image_folder, screen_images
 from polysemantic_disentangle.tasks.stage4_rewire.plan import resolve_rewire_layers
+from polysemantic_disentangle.tasks.stage5_evaluate.featvis import estimated_seconds
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, load_model, select_layers
 from polysemantic_disentangle.tasks.presets import preset_for
 
@@ -104,6 +105,7 @@ class Preflight:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the report says in its first lines
     timed_batches: list[int] = field(default_factory=list)  # batch sizes timed for the estimate
+    estimated_featvis_s: float = float("nan")  # at most (tasks/stage5_evaluate/featvis.estimated_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +141,9 @@ class Preflight:
             f"{self.estimated_extraction_s:.0f} s on this device ({self.seconds_per_image * 1e3:.1f} ms/image "
             f"in full batches, from timed batches of {', '.join(map(str, self.timed_batches)) or '-'} images)",
         ]
+        if self.estimated_featvis_s == self.estimated_featvis_s:  # NaN: not measured
+            out.append(f"  estimate feature visualisation at most {self.estimated_featvis_s:.0f} s on this device "
+                       "(each image stops where its objective converges)")
         for check in (self.train, self.eval):
             out += [f"  skipped  {check.role}: {e}" for e in check.unusable_examples]
             more = sum(check.unusable.values()) - len(check.unusable_examples)
@@ -352,8 +357,10 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
         per_image = timing.batch_s(min(params.batch_size, params.chunk_images)) / min(params.batch_size,
                                                                                      params.chunk_images)
         timed_batches = list(timing.batches)
+        featvis_s = estimated_seconds(bundle.model, (3, *bundle.input_size), params.featvis_channels,
+                                      params.featvis_steps, device=next(bundle.model.parameters()).device)
     else:
-        estimated = per_image = float("nan")
+        estimated = per_image = featvis_s = float("nan")
         timed_batches = []
     preset = preset_for(params.model)
     return Preflight(
@@ -367,7 +374,8 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
         store_bytes=sum(_bytes_per_image(bundle, selected, _layout(params, role)) * len(manifests[role])
                         for role in ("train", "eval")),
         seconds_per_image=per_image,
-        estimated_extraction_s=estimated, warnings=warnings, notes=notes, timed_batches=timed_batches)
+        estimated_extraction_s=estimated, warnings=warnings, notes=notes, timed_batches=timed_batches,
+        estimated_featvis_s=featvis_s)
 
 
 def _layout(params: PipelineParams, role: str) -> CubeLayout:

@@ -13,15 +13,28 @@ Two modes:
 - ``"phase"`` (MACO): the magnitude spectrum is fixed to that of natural images (1 / frequency)
   and only the phase is optimised, which keeps the image's power spectrum natural.
 
-Sizes: the defaults (32 x 32, 128 steps) suit CIFAR-size models and take seconds on a CPU;
-ImageNet models want ``size=FEATVIS_IMAGENET_SIZE`` (224) and about
-``FEATVIS_IMAGENET_STEPS`` (512) steps, on a GPU.
+Many images at once (``visualise_channels``, ``optimise``): every objective keeps its own
+parameters, Adam moments and random generator, the transformed copies of all images go through
+the model as one batch, and the sum of the objectives is differentiated once per step. The model
+runs in eval mode, so each objective depends on its own copies only and the gradient of the sum
+with respect to one image's parameters is that objective's own gradient: the images are those of
+one-at-a-time optimisations with the same seeds, up to the float rounding of batched kernels.
+Images whose objective has converged (``converged``) leave the batch; the others go on, up to
+``steps``.
+
+Sizes: the defaults (32 x 32, at most 128 steps) suit CIFAR-size models and take seconds on a
+CPU; ImageNet models want ``size=FEATVIS_IMAGENET_SIZE`` (224) and up to about
+``FEATVIS_IMAGENET_STEPS`` (512) steps, on a GPU. ``visualise_channels`` splits the images into
+batches whose autograd memory fits ``FEATVIS_MEMORY_BUDGET_BYTES``.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,21 +42,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from polysemantic_disentangle.tasks.defaults import (
+    AUTO_BATCH_MEMORY_FACTOR,
     FEATVIS_BATCH,
+    FEATVIS_CONVERGENCE_TOL,
+    FEATVIS_CONVERGENCE_WINDOW,
     FEATVIS_DECAY_POWER,
     FEATVIS_JITTER,
     FEATVIS_LR,
+    FEATVIS_MEMORY_BUDGET_BYTES,
     FEATVIS_MODE,
     FEATVIS_ROTATE_DEGREES,
     FEATVIS_SCALE,
     FEATVIS_SIZE,
     FEATVIS_STEPS,
 )
+from polysemantic_disentangle.tasks.models.hooks import StopForward, forward_until, hooked
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
-from polysemantic_disentangle.tasks.models.hooks import forward_until
 
 # Objective: (model, normalised input batch (N, 3, H, W)) -> scalar to maximise.
 ObjectiveFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+# Objectives optimised together: (the normalised transformed copies of the active images, image
+# by image, the indices of the active objectives) -> one value per active objective.
+BatchObjectiveFn = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 # Lucid's square root of the ImageNet colour covariance (from its SVD), rows = RGB.
 COLOR_CORRELATION_SVD_SQRT = np.array(
@@ -87,24 +107,79 @@ def decorrelate_colours(image: torch.Tensor) -> torch.Tensor:
 def fourier_image(
     spectrum: torch.Tensor, scale: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
-    """Lucid's image from free coefficients: ``spectrum`` (2, 3, H, W//2+1) real/imag parts."""
+    """Lucid's images from free coefficients: ``spectrum`` (2, 3, H, W//2+1) real/imag parts, or
+    (N, 2, 3, H, W//2+1) for N images; returns (N, 3, H, W)."""
     height, width = size
-    coeffs = torch.complex(spectrum[0], spectrum[1]) * (scale * math.sqrt(height * width))
+    spectra = spectrum if spectrum.ndim == 5 else spectrum[None]
+    coeffs = torch.complex(spectra[:, 0], spectra[:, 1]) * (scale * math.sqrt(height * width))
     image = torch.fft.irfft2(coeffs, s=(height, width))
-    return torch.sigmoid(decorrelate_colours(image[None] * _FOURIER_IMAGE_SCALE))
+    return torch.sigmoid(decorrelate_colours(image * _FOURIER_IMAGE_SCALE))
 
 
 def phase_image(
     phase: torch.Tensor, magnitude: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
-    """MACO's image from a fixed ``magnitude`` (H, W//2+1) and free ``phase`` (3, H, W//2+1).
+    """MACO's images from a fixed ``magnitude`` (H, W//2+1) and free ``phase`` (3, H, W//2+1), or
+    (N, 3, H, W//2+1) for N images; returns (N, 3, H, W).
 
-    The image is standardised before the sigmoid: with the magnitude fixed its contrast is
+    Each image is standardised before the sigmoid: with the magnitude fixed its contrast is
     fixed too, and standardising makes the result independent of the magnitude's scale.
     """
+    if phase.ndim == 4:
+        # Image by image: the standardisation's reductions, and their backward, then add up in
+        # the same order as for one image optimised alone, and the optimisation would amplify
+        # any last-bit difference into visible ones.
+        return torch.cat([phase_image(p, magnitude, size) for p in phase])
     image = torch.fft.irfft2(torch.polar(magnitude.expand_as(phase), phase), s=size)
     image = (image - image.mean()) / (image.std() + 1e-5)
     return torch.sigmoid(decorrelate_colours(image[None]))
+
+
+def _random_affine(
+    generator: torch.Generator, copies: int, jitter: float, scale: float, rotate_degrees: float
+) -> torch.Tensor:
+    # Drawn on the CPU generator so results depend on the seed only, not on the device.
+    u = torch.rand(copies, 4, generator=generator) * 2.0 - 1.0
+    angle = u[:, 0] * math.radians(rotate_degrees)
+    zoom = 1.0 + u[:, 1] * scale
+    # affine_grid maps output to input coordinates in [-1, 1]: a shift of 2*jitter is jitter of
+    # the side; sampling at coordinates divided by zoom magnifies by zoom.
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    return torch.stack(
+        [
+            torch.stack([cos, -sin, u[:, 2] * 2.0 * jitter], dim=1),
+            torch.stack([sin, cos, u[:, 3] * 2.0 * jitter], dim=1),
+        ],
+        dim=1,
+    )
+
+
+def transformed_copies(
+    images: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    copies: int,
+    *,
+    jitter: float = FEATVIS_JITTER,
+    scale: float = FEATVIS_SCALE,
+    rotate_degrees: float = FEATVIS_ROTATE_DEGREES,
+) -> torch.Tensor:
+    """``copies`` randomly shifted, scaled and rotated versions of each of N (N, 3, H, W)
+    images, image by image: (N * copies, 3, H, W). Image i's transforms come from
+    ``generators[i]``, so they do not depend on which other images share the batch.
+
+    One differentiable affine resampling per copy; reflection padding avoids the artificial
+    edges a constant border would add. ``jitter`` is the largest shift as a fraction of the
+    image side.
+    """
+    if len(generators) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(generators)} generators")
+    theta = torch.cat([_random_affine(g, copies, jitter, scale, rotate_degrees) for g in generators])
+    theta = theta.to(device=images.device, dtype=images.dtype)
+    batch = images.repeat_interleave(copies, dim=0)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(
+        batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
 
 
 def random_transforms(
@@ -116,31 +191,10 @@ def random_transforms(
     scale: float = FEATVIS_SCALE,
     rotate_degrees: float = FEATVIS_ROTATE_DEGREES,
 ) -> torch.Tensor:
-    """``copies`` randomly shifted, scaled and rotated versions of a (1, 3, H, W) image.
-
-    One differentiable affine resampling per copy; reflection padding avoids the artificial
-    edges a constant border would add. ``jitter`` is the largest shift as a fraction of the
-    image side.
-    """
-    # Draw on the CPU generator so results depend on the seed only, not on the device.
-    u = torch.rand(copies, 4, generator=generator) * 2.0 - 1.0
-    angle = u[:, 0] * math.radians(rotate_degrees)
-    zoom = 1.0 + u[:, 1] * scale
-    # affine_grid maps output to input coordinates in [-1, 1]: a shift of 2*jitter is jitter of
-    # the side; sampling at coordinates divided by zoom magnifies by zoom.
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack(
-        [
-            torch.stack([cos, -sin, u[:, 2] * 2.0 * jitter], dim=1),
-            torch.stack([sin, cos, u[:, 3] * 2.0 * jitter], dim=1),
-        ],
-        dim=1,
-    ).to(device=image.device, dtype=image.dtype)
-    batch = image.expand(copies, -1, -1, -1)
-    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
-    return F.grid_sample(
-        batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False
-    )
+    """``copies`` randomly shifted, scaled and rotated versions of a (1, 3, H, W) image
+    (``transformed_copies`` of one image)."""
+    return transformed_copies(image, [generator], copies, jitter=jitter, scale=scale,
+                              rotate_degrees=rotate_degrees)
 
 
 def normalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -177,7 +231,8 @@ def adam_step(
     """Adam's ascent update for step ``step`` (from 1); updates ``moments`` in place.
 
     Written out because constructing torch.optim.Adam imports torch._dynamo, which costs
-    seconds, longer than a whole CIFAR-size visualisation.
+    seconds, longer than a whole CIFAR-size visualisation. Elementwise, so the update of one
+    image's parameters does not depend on the other images of a batch.
     """
     first, second = moments
     first.mul_(betas[0]).add_(grad, alpha=1.0 - betas[0])
@@ -185,6 +240,29 @@ def adam_step(
     first_hat = first / (1.0 - betas[0] ** step)
     second_hat = second / (1.0 - betas[1] ** step)
     return lr * first_hat / (second_hat.sqrt() + eps)
+
+
+def converged(history: Sequence[float], window: int = FEATVIS_CONVERGENCE_WINDOW,
+              tol: float = FEATVIS_CONVERGENCE_TOL) -> bool:
+    """Whether an objective has stopped improving: the mean of its last ``window`` values
+    exceeds the mean of the ``window`` before by less than ``tol`` of their magnitude.
+
+    Means over windows, because every step sees other random transforms and single values
+    jitter by more than the late steps improve. ``window`` or ``tol`` <= 0: never.
+    """
+    if window <= 0 or tol <= 0 or len(history) < 2 * window:
+        return False
+    recent = float(np.mean(history[-window:]))
+    before = float(np.mean(history[-2 * window:-window]))
+    return recent - before < tol * max(abs(before), abs(recent), 1e-12)
+
+
+def _reduce(act: torch.Tensor, reduce: str) -> torch.Tensor:
+    if reduce == "mean":
+        return act.mean()
+    if reduce == "sum":
+        return act.flatten(1).sum(1).mean()
+    return act[:, act.shape[-2] // 2, act.shape[-1] // 2].mean()
 
 
 def channel_objective(
@@ -204,15 +282,190 @@ def channel_objective(
 
     def objective(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         # The rest of the network is not needed: stopping after the layer makes each step cheaper.
-        module = dict(net.named_modules())[layer_name]
+        module = net.get_submodule(layer_name)
         act = forward_until(net, module, batch, name=layer_name)[:, channel]
-        if reduce == "mean":
-            return act.mean()
-        if reduce == "sum":
-            return act.flatten(1).sum(1).mean()
-        return act[:, act.shape[-2] // 2, act.shape[-1] // 2].mean()
+        return _reduce(act, reduce)
 
     return objective
+
+
+@dataclass(frozen=True)
+class ChannelTarget:
+    """One objective of ``channels_objective``: the activation of ``channel`` at the output of
+    module ``layer`` (at its first call), reduced over its image's copies as in
+    ``channel_objective``."""
+
+    layer: str
+    channel: int
+    reduce: str = "mean"
+
+
+# A target and the model whose module it reads.
+ModelTarget = tuple[nn.Module, ChannelTarget]
+
+
+def _outputs_of(model: nn.Module, layers: Sequence[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The outputs of the modules named ``layers`` at their first call; the forward stops once
+    all of them have run."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def tap(layer: str) -> Callable:
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            seen.setdefault(layer, out)
+            if len(seen) == len(layers):
+                raise StopForward
+
+        return hook
+
+    with hooked((model.get_submodule(layer), tap(layer)) for layer in layers):
+        try:
+            model(batch)
+        except StopForward:
+            pass
+    missing = [layer for layer in layers if layer not in seen]
+    if missing:
+        raise RuntimeError(f"modules {missing} were not called in the forward pass")
+    return seen
+
+
+def channels_objective(targets: Sequence[ModelTarget], copies: int) -> BatchObjectiveFn:
+    """Objectives of several channels, image i's ``copies`` transformed copies read at
+    ``targets[i]``: one forward of each model over the copies of all its active images, each
+    forward stopping once every module its active targets read has run."""
+    for model, t in targets:
+        if t.layer not in dict(model.named_modules()):
+            raise KeyError(f"no module named {t.layer!r}")
+        if t.reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {REDUCTIONS}")
+
+    def objective(views: torch.Tensor, active: Sequence[int]) -> torch.Tensor:
+        by_model: dict[int, tuple[nn.Module, list[int]]] = {}
+        for pos, i in enumerate(active):
+            by_model.setdefault(id(targets[i][0]), (targets[i][0], []))[1].append(pos)
+        values: list[torch.Tensor | None] = [None] * len(active)
+        for model, positions in by_model.values():
+            if len(positions) == len(active):
+                batch = views
+            else:
+                rows = torch.tensor([pos * copies + k for pos in positions for k in range(copies)],
+                                    device=views.device)
+                batch = views.index_select(0, rows)
+            mine = [targets[active[pos]][1] for pos in positions]
+            seen = _outputs_of(model, list(dict.fromkeys(t.layer for t in mine)), batch)
+            for j, (pos, t) in enumerate(zip(positions, mine, strict=True)):
+                values[pos] = _reduce(seen[t.layer][j * copies:(j + 1) * copies, t.channel], t.reduce)
+        return torch.stack(values)  # type: ignore[arg-type]
+
+    return objective
+
+
+@dataclass
+class Visualisations:
+    """Optimised images, one per objective, and how each optimisation went."""
+
+    images: list[np.ndarray]  # (H, W, 3) uint8
+    steps: list[int]  # steps taken: where the objective converged, else the maximum
+    history: list[list[float]]  # the objective at every step taken (before that step's update)
+
+
+def optimise(
+    models: nn.Module | Sequence[nn.Module],
+    objective_fn: BatchObjectiveFn,
+    n: int,
+    *,
+    size: int | tuple[int, int] = FEATVIS_SIZE,
+    steps: int = FEATVIS_STEPS,
+    lr: float = FEATVIS_LR,
+    seed: int | Sequence[int] = 0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    device: str | torch.device = "cpu",
+    mode: str = FEATVIS_MODE,
+    decay_power: float = FEATVIS_DECAY_POWER,
+    batch: int = FEATVIS_BATCH,
+    jitter: float = FEATVIS_JITTER,
+    scale: float = FEATVIS_SCALE,
+    rotate_degrees: float = FEATVIS_ROTATE_DEGREES,
+    window: int = FEATVIS_CONVERGENCE_WINDOW,
+    tol: float = FEATVIS_CONVERGENCE_TOL,
+) -> Visualisations:
+    """Optimise ``n`` images together, image i to maximise objective i of ``objective_fn``.
+
+    Each step renders the active images, makes ``batch`` transformed copies of each, evaluates
+    ``objective_fn`` once on all copies and takes one gradient of the sum of its values. An
+    image leaves the batch when its objective has ``converged(history, window, tol)``, else
+    after ``steps`` steps. ``seed``: one for all images or one per image; image i's
+    initialisation and transforms come from its own generator. ``models``: the models the
+    objectives run, already on ``device``; they run in eval mode (their modes are restored
+    after) and their parameters are not touched. With fixed seeds the result is reproducible on
+    the CPU; CUDA's grid_sample backward is not deterministic.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    if steps < 0 or batch < 1:
+        raise ValueError("steps must be >= 0 and batch >= 1")
+    seeds = [seed] * n if isinstance(seed, int) else list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"{n} objectives but {len(seeds)} seeds")
+    nets = [models] if isinstance(models, nn.Module) else list(models)
+    height, width = (size, size) if isinstance(size, int) else size
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    dev = torch.device(device)
+    freq_shape = (height, width // 2 + 1)
+    spectral = torch.as_tensor(spectrum_scale(height, width, decay_power), device=dev)
+    if mode == "fourier":
+        init = [torch.randn(2, 3, *freq_shape, generator=g) * _FOURIER_INIT_SD for g in generators]
+
+        def render(p: torch.Tensor) -> torch.Tensor:
+            return fourier_image(p, spectral, (height, width))
+    else:
+        init = [(torch.rand(3, *freq_shape, generator=g) * 2.0 - 1.0) * math.pi for g in generators]
+
+        def render(p: torch.Tensor) -> torch.Tensor:
+            return phase_image(p, spectral, (height, width))
+
+    if not n:
+        return Visualisations([], [], [])
+    params = torch.stack(init).to(dev)
+    first, second = torch.zeros_like(params), torch.zeros_like(params)
+    taken = [steps] * n
+    history: list[list[float]] = [[] for _ in range(n)]
+    active = list(range(n))
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    try:
+        for step in range(1, steps + 1):
+            if not active:
+                break
+            rows = torch.tensor(active, device=dev)
+            # A fresh leaf of the active images' parameters: the gradient is for them only and
+            # the models' .grad fields stay untouched.
+            p = params.index_select(0, rows).requires_grad_(True)
+            with torch.enable_grad():
+                views = transformed_copies(render(p), [generators[i] for i in active], batch,
+                                           jitter=jitter, scale=scale, rotate_degrees=rotate_degrees)
+                values = objective_fn(normalise(views, mean, std), active)
+                (grad,) = torch.autograd.grad(values.sum(), [p])
+            with torch.no_grad():
+                moments = (first.index_select(0, rows), second.index_select(0, rows))
+                params.index_copy_(0, rows, p.detach() + adam_step(grad, moments, step, lr))
+                first.index_copy_(0, rows, moments[0])
+                second.index_copy_(0, rows, moments[1])
+            still = []
+            for i, value in zip(active, values.detach().cpu().tolist(), strict=True):
+                history[i].append(value)
+                if converged(history[i], window, tol):
+                    taken[i] = step
+                else:
+                    still.append(i)
+            active = still
+        with torch.no_grad():
+            images = [to_uint8(render(params[i:i + 1])) for i in range(n)]
+    finally:
+        for net, was_training in zip(nets, modes, strict=True):
+            net.train(was_training)
+    return Visualisations(images=images, steps=taken, history=history)
 
 
 def visualise(
@@ -232,53 +485,135 @@ def visualise(
     jitter: float = FEATVIS_JITTER,
     scale: float = FEATVIS_SCALE,
     rotate_degrees: float = FEATVIS_ROTATE_DEGREES,
+    window: int = FEATVIS_CONVERGENCE_WINDOW,
+    tol: float = FEATVIS_CONVERGENCE_TOL,
 ) -> np.ndarray:
-    """Optimise an image to maximise ``objective_fn(model, input)``; returns (H, W, 3) uint8.
+    """Optimise one image to maximise ``objective_fn(model, input)``; returns (H, W, 3) uint8.
 
-    ``model`` must already be on ``device``; it runs in eval mode (its mode is restored after)
-    and its parameters are not touched. ``mean``/``std``: the model's input normalisation.
-    ``steps=0`` returns the initial image. With a fixed ``seed`` the result is reproducible on
-    the CPU; CUDA's grid_sample backward is not deterministic.
+    ``optimise`` with one objective (see there); ``steps=0`` returns the initial image,
+    ``tol=0`` runs all ``steps``. ``mean``/``std``: the model's input normalisation.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}")
-    if steps < 0 or batch < 1:
-        raise ValueError("steps must be >= 0 and batch >= 1")
+
+    def objective(views: torch.Tensor, _active: Sequence[int]) -> torch.Tensor:
+        value = objective_fn(model, views)
+        # A per-image or per-position tap: maximise its mean.
+        return (value.mean() if value.ndim else value).reshape(1)
+
+    return optimise(model, objective, 1, size=size, steps=steps, lr=lr, seed=seed, mean=mean, std=std,
+                    device=device, mode=mode, decay_power=decay_power, batch=batch, jitter=jitter,
+                    scale=scale, rotate_degrees=rotate_degrees, window=window, tol=tol).images[0]
+
+
+def activation_bytes_per_image(model: nn.Module, layers: Sequence[str], size: int | tuple[int, int],
+                               device: str | torch.device = "cpu") -> int:
+    """float32 bytes of every leaf module's output for one image, as far as the forward goes to
+    reach all of ``layers`` (none: the whole model): what autograd keeps for one copy's backward,
+    within a small factor (one probe forward without gradients)."""
     height, width = (size, size) if isinstance(size, int) else size
-    generator = torch.Generator().manual_seed(seed)
-    dev = torch.device(device)
-    freq_shape = (height, width // 2 + 1)
-    spectral = torch.as_tensor(spectrum_scale(height, width, decay_power), device=dev)
-    if mode == "fourier":
-        init = torch.randn(2, 3, *freq_shape, generator=generator) * _FOURIER_INIT_SD
+    wanted, seen, total = set(layers), set(), [0]
 
-        def render(p: torch.Tensor) -> torch.Tensor:
-            return fourier_image(p, spectral, (height, width))
-    else:
-        init = (torch.rand(3, *freq_shape, generator=generator) * 2.0 - 1.0) * math.pi
+    def count(_m: nn.Module, _i: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            total[0] += out[0].numel() * 4
 
-        def render(p: torch.Tensor) -> torch.Tensor:
-            return phase_image(p, spectral, (height, width))
+    def stop(layer: str) -> Callable:
+        def hook(_m: nn.Module, _i: tuple, _out: object) -> None:
+            seen.add(layer)
+            if seen == wanted:
+                raise StopForward
 
-    param = init.to(dev).requires_grad_(True)
-    moments = (torch.zeros_like(param), torch.zeros_like(param))
+        return hook
+
+    leaves = [m for m in model.modules() if not list(m.children())]
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
-            for step in range(1, steps + 1):
-                views = random_transforms(
-                    render(param), generator, batch,
-                    jitter=jitter, scale=scale, rotate_degrees=rotate_degrees,
-                )
-                objective = objective_fn(model, normalise(views, mean, std))
-                if objective.ndim:  # a per-image or per-position tap: maximise its mean
-                    objective = objective.mean()
-                # Gradient for the image only: the model's .grad fields stay untouched.
-                (grad,) = torch.autograd.grad(objective, [param])
-                with torch.no_grad():
-                    param += adam_step(grad, moments, step, lr)
-        with torch.no_grad():
-            return to_uint8(render(param))
+        # Counting hooks first: a target that is a leaf counts its own output before stopping.
+        with hooked((m, count) for m in leaves) as handles, torch.no_grad():
+            for layer in wanted:
+                handles.register(model.get_submodule(layer), stop(layer))
+            try:
+                model(torch.zeros(1, 3, height, width, device=device))
+            except StopForward:
+                pass
     finally:
         model.train(was_training)
+    return total[0]
+
+
+def images_per_pass(targets: Sequence[ModelTarget], size: int | tuple[int, int], *, batch: int = FEATVIS_BATCH,
+                    budget_bytes: int = FEATVIS_MEMORY_BUDGET_BYTES, factor: float = AUTO_BATCH_MEMORY_FACTOR,
+                    device: str | torch.device = "cpu") -> int:
+    """How many images (each with ``batch`` copies) one optimisation may hold: their estimated
+    autograd memory, ``factor`` x the leaf outputs of the costliest model's forward, fits
+    ``budget_bytes``; at least one."""
+    layers: dict[int, tuple[nn.Module, list[str]]] = {}
+    for model, t in targets:
+        layers.setdefault(id(model), (model, []))[1].append(t.layer)
+    per_copy = max(activation_bytes_per_image(m, names, size, device) for m, names in layers.values())
+    return max(1, int(budget_bytes // max(per_copy * batch * factor, 1)))
+
+
+def visualise_channels(
+    targets: Sequence[ModelTarget],
+    *,
+    size: int | tuple[int, int] = FEATVIS_SIZE,
+    steps: int = FEATVIS_STEPS,
+    seed: int | Sequence[int] = 0,
+    batch: int = FEATVIS_BATCH,
+    budget_bytes: int = FEATVIS_MEMORY_BUDGET_BYTES,
+    device: str | torch.device = "cpu",
+    **options: Any,
+) -> Visualisations:
+    """One image per (model, target), optimised together (``optimise`` with
+    ``channels_objective``).
+
+    The targets are cut into consecutive groups of ``images_per_pass`` images, one optimisation
+    each, so that a large model at 224 px stays within ``budget_bytes``; an image comes out the
+    same whichever group it is in (each is optimised on its own). ``options``: the other
+    keywords of ``optimise`` (lr, mean, std, mode, window, tol, ...).
+    """
+    seeds = [seed] * len(targets) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(targets):
+        raise ValueError(f"{len(targets)} targets but {len(seeds)} seeds")
+    out = Visualisations([], [], [])
+    if not targets:
+        return out
+    per_pass = images_per_pass(targets, size, batch=batch, budget_bytes=budget_bytes, device=device)
+    for start in range(0, len(targets), per_pass):
+        group = list(targets[start:start + per_pass])
+        done = optimise(list({id(m): m for m, _ in group}.values()), channels_objective(group, batch), len(group),
+                        size=size, steps=steps, seed=seeds[start:start + per_pass], batch=batch, device=device,
+                        **options)
+        out.images += done.images
+        out.steps += done.steps
+        out.history += done.history
+    return out
+
+
+def estimated_seconds(model: nn.Module, image_shape: Sequence[int], channels: int, steps: int, *,
+                      concepts: int = 2, batch: int = FEATVIS_BATCH,
+                      budget_bytes: int = FEATVIS_MEMORY_BUDGET_BYTES, device: str | torch.device = "cpu") -> float:
+    """At most how many seconds the feature visualisations of ``channels`` rewired channels
+    take (the original channel and ``concepts`` concept channels each, at most ``steps``
+    steps), from one timed forward and input backward of the whole model on one pass's copies:
+    a real step stops at its deepest target, and most images stop before ``steps``. Meant to
+    run after other passes of the model have warmed it up (the first pass pays allocations)."""
+    images = channels * (1 + concepts)
+    if images <= 0 or steps <= 0:
+        return 0.0
+    per_copy = activation_bytes_per_image(model, [], tuple(image_shape[-2:]), device)
+    per_pass = min(images, max(1, int(budget_bytes // max(per_copy * batch * AUTO_BATCH_MEMORY_FACTOR, 1))))
+    x = torch.rand(per_pass * batch, *image_shape, device=device, requires_grad=True)
+    was_training = model.training
+    model.eval()
+    try:
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(model(x).sum(), [x])
+        if grad.is_cuda:
+            torch.cuda.synchronize(grad.device)
+        elapsed = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    return elapsed * steps * math.ceil(images / per_pass)
