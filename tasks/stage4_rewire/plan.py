@@ -86,22 +86,31 @@ def build_splits(
     """A ``ChannelSplit`` per row, rho chosen on ``class_images(t)`` (detection images of class
     t). Rows that cannot be split are returned as skipped with the reason."""
     splits, skipped = [], []
+    # A (layer, class)'s inputs are kept from their first use to their last only: at 224 px one
+    # concept's inputs of an early layer are up to max_images x C x 112 x 112 floats (hundreds of
+    # MB), so keeping every pair for the whole stage grew with the number of rewired layers.
+    last_use = {(row.layer, t): i for i, row in enumerate(rows) for t in (row.class1, row.class2)}
     inputs: dict[tuple[str, int], torch.Tensor] = {}
     model = model.eval()
-    for row in rows:
+    for i, row in enumerate(rows):
         conv = model.get_submodule(row.layer)
         classes = [row.class1, row.class2]
-        for t in classes:
-            if (row.layer, t) not in inputs:
-                inputs[(row.layer, t)] = collect_layer_inputs(model, row.layer, class_images(t)[:max_images])
-        arvs = torch.as_tensor(class_arvs(conv.weight, stats[row.layer].mean_moments, row.channel,
-                                          classes, conv.groups), dtype=conv.weight.dtype)
         try:
-            choice = choose_rho(conv, row.channel, arvs, [inputs[(row.layer, t)] for t in classes], grid,
-                                max_images=max_images)
-        except NotApplicable as exc:
-            skipped.append({"layer": row.layer, "channel": row.channel, "reason": str(exc)})
-            continue
-        splits.append(ChannelSplit.from_choice(row.layer, row.channel, [[row.class1], [row.class2]],
-                                               [row.name1, row.name2], choice))
+            for t in classes:
+                if (row.layer, t) not in inputs:
+                    inputs[(row.layer, t)] = collect_layer_inputs(model, row.layer, class_images(t)[:max_images])
+            arvs = torch.as_tensor(class_arvs(conv.weight, stats[row.layer].mean_moments, row.channel,
+                                              classes, conv.groups), dtype=conv.weight.dtype)
+            try:
+                choice = choose_rho(conv, row.channel, arvs, [inputs[(row.layer, t)] for t in classes], grid,
+                                    max_images=max_images)
+            except NotApplicable as exc:
+                skipped.append({"layer": row.layer, "channel": row.channel, "reason": str(exc)})
+                continue
+            splits.append(ChannelSplit.from_choice(row.layer, row.channel, [[row.class1], [row.class2]],
+                                                   [row.name1, row.name2], choice))
+        finally:
+            for t in classes:
+                if last_use[(row.layer, t)] == i:
+                    inputs.pop((row.layer, t), None)
     return splits, skipped
