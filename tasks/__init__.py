@@ -16,3 +16,9 @@ What they stand on: ``models`` (architectures, weights, safe loading, conv geome
 ``json_values`` (plain JSON records). The store is ``storage``. A stage imports earlier stages
 and these, never a later stage.
 """
+
+if __name__ != "polysemantic_disentangle.tasks":
+    # The folder is also importable as a bare top-level name (the checkout root is on the path
+    # in an editable install); loaded that way every file would be a second module object.
+    raise ImportError(f"import polysemantic_disentangle.tasks, not {__name__}")
+
