@@ -235,7 +235,7 @@ def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewirin
         batch_size=params["batch_size"], featvis_steps=params["featvis_steps"],
         featvis_max_channels=params["featvis_channels"], explain_layers="all",
         explain_quantile=params.get("explain_quantile"),
-        device=pick_device(device), log=logger.info)
+        device=pick_device(device), log=logger.info, mean=bundle.mean, std=bundle.std)
     return save_evaluation(Path(out_dir), evaluation, figures)
 
 

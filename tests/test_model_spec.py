@@ -1,0 +1,78 @@
+"""``ModelSpec`` around a researcher's own module: its identity comes from the tensors, so two
+networks that compute different functions never share a store, whoever built the spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from polysemantic_disentangle.storage.cube import CubeMismatch
+from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES
+from polysemantic_disentangle.tasks.models.registry import Weights, load_model, registered_model
+from polysemantic_disentangle.tasks.models.spec import IMAGENET_MEAN, ModelSpec
+from polysemantic_disentangle.tasks.stage1_extract.chunks import plan_cube
+from tests.conftest import cifar_subset
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _net(seed: int) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def test_specs_with_other_weights_have_other_identities_and_stores(assets_dir: Path, tmp_path: Path) -> None:
+    first = ModelSpec(_net(0), CIFAR10_CLASSES, trained=False)
+    same = ModelSpec(_net(0), CIFAR10_CLASSES, trained=False)
+    other = ModelSpec(_net(1), CIFAR10_CLASSES, trained=False)
+    # Same name, same (absent) weights file, same class count: only the tensors differ.
+    assert first.name == other.name == "tiny_net"
+    assert first.identity() == same.identity()
+    assert first.identity() != other.identity()
+    assert first.identity()["state_sha256"] != other.identity()["state_sha256"]
+
+    data = cifar_subset(assets_dir, tmp_path / "data", "test", per_class=2)
+    url = str(tmp_path / "cube.zarr")
+    plan_cube(first, str(data), url, "all", chunk_images=10, target_mode="label")
+    plan_cube(same, str(data), url, "all", chunk_images=10, target_mode="label")  # same function: resumes
+    with pytest.raises(CubeMismatch):
+        plan_cube(other, str(data), url, "all", chunk_images=10, target_mode="label")
+
+
+def test_trained_is_explicit_and_inputs_are_checked() -> None:
+    with pytest.raises(TypeError):
+        ModelSpec(_net(0), CIFAR10_CLASSES)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="WordNet ids"):
+        ModelSpec(_net(0), CIFAR10_CLASSES, trained=True, wnids=["n0"])
+    with pytest.raises(ValueError, match="mean and std"):
+        ModelSpec(_net(0), CIFAR10_CLASSES, trained=True, mean=(0.5, 0.5, 0.5))
+    spec = ModelSpec(_net(0), CIFAR10_CLASSES, trained=True)
+    assert spec.trained and spec.wnids == [None] * 10 and spec.mean == IMAGENET_MEAN
+    assert "in memory" in spec.weights_description()
+    assert not spec.model.training
+    x = spec.transform(__import__("PIL.Image").Image.new("RGB", (32, 32), (255, 0, 0)))
+    assert x.shape == (3, 32, 32)
+
+
+def test_registry_entries_are_weight_records(assets_dir: Path) -> None:
+    entry = registered_model("cifar_resnet20")
+    assert isinstance(entry.weights, Weights)
+    assert entry.weights.url.endswith("resnet20-12fca82f.th") and entry.weights.sha256.startswith("12fca82f")
+    assert list(entry.weights.categories()) == list(CIFAR10_CLASSES)
+    spec = load_model("cifar_resnet20")
+    assert isinstance(spec, ModelSpec) and spec.trained
+    assert (spec.mean, spec.std) == (entry.weights.mean, entry.weights.std)
+    lite = registered_model("efficientnet_lite0").weights
+    assert lite.mean == (127.0 / 255.0,) * 3 and lite.input_size == (224, 224)
