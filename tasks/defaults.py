@@ -110,6 +110,8 @@ EVAL_FEATVIS_SIDE: int = 128  # feature visualisations in the report grid
 # the best-scoring rewired channels get feature visualisations (at most FEATVIS_STEPS steps each)
 FEATVIS_CHANNELS: int = 6
 EVAL_DENSITY_POINTS: int = 256  # KDE grid of Figure 2
+# Figure 3 draws at most this many candidate pairs (an even sample; its Spearman uses them all).
+FIGURE3_MAX_DRAWN: int = 20_000
 # Statistics resting on fewer images than this say so (n beside them, a warning).
 EVAL_FEW_IMAGES: int = 5
 # Table 1's per-image ratios x/orig explode where the original pre-BN activation crosses zero

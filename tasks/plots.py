@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from polysemantic_disentangle.tasks.defaults import FIGURE3_MAX_DRAWN  # noqa: E402
+
 
 def _rank(values: np.ndarray) -> np.ndarray:
     """Average ranks (ties share their mean rank), as Spearman's rho needs."""
@@ -52,19 +54,30 @@ def to_jpeg(fig: plt.Figure, quality: int = 85) -> bytes:
 
 
 def wordnet_vs_cosine(cosines: Sequence[float], similarities: Sequence[float], layer: str,
-                      gamma: float | None = None, measure: str = "Wu-Palmer") -> tuple[bytes, float]:
+                      gamma: float | None = None, measure: str = "Wu-Palmer",
+                      max_drawn: int = FIGURE3_MAX_DRAWN, rho: float | None = None,
+                      n_pairs: int | None = None) -> tuple[bytes, float]:
     """The paper's Figure 3: WordNet similarity of each candidate pair against its ARV cosine.
 
+    At most ``max_drawn`` points are drawn (an even seeded sample): matplotlib holds a path per
+    point, and a 1,000-class model has millions of pairs. ``rho`` and ``n_pairs``: the Spearman
+    correlation and count of the whole set when ``cosines`` is already a sample of it.
     Returns (PNG bytes, Spearman correlation)."""
-    rho = spearman(cosines, similarities)
+    x, y = np.asarray(cosines, float), np.asarray(similarities, float)
+    rho = spearman(x, y) if rho is None else rho
+    total = len(x) if n_pairs is None else n_pairs
+    if len(x) > max_drawn:
+        pick = np.sort(np.random.default_rng(0).choice(len(x), size=max_drawn, replace=False))
+        x, y = x[pick], y[pick]
+    drawn = f" ({len(x):,} drawn)" if len(x) < total else ""
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
-    ax.scatter(cosines, similarities, s=12, alpha=0.6, color="#3465a4", edgecolors="none")
+    ax.scatter(x, y, s=12, alpha=0.6, color="#3465a4", edgecolors="none")
     if gamma is not None:
         ax.axvline(gamma, color="#cc0000", lw=1, ls="--", label=f"gamma = {gamma:g}")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("cosine similarity of the two ARVs")
     ax.set_ylabel(f"WordNet {measure} similarity of the classes")
-    ax.set_title(f"{layer}: {len(cosines)} candidate pairs, Spearman {rho:.3f}", fontsize=10)
+    ax.set_title(f"{layer}: {total:,} candidate pairs{drawn}, Spearman {rho:.3f}", fontsize=10)
     ax.grid(alpha=0.3)
     return to_png(fig), rho
 

@@ -176,3 +176,51 @@ def test_reduction_on_a_distributed_scheduler_by_address(small_cube) -> None:
     np.testing.assert_allclose(remote.mean_relevance, local.mean_relevance, rtol=1e-6)
     np.testing.assert_array_equal(remote.important_fraction, local.important_fraction)
     np.testing.assert_allclose(remote.mean_moments, local.mean_moments, rtol=1e-6)
+
+
+def test_pair_cosines_in_blocks_are_the_cosines_of_every_pair(monkeypatch) -> None:
+    """Blocks of pairs bound the memory of a channel relevant to hundreds of classes; the
+    cosines are bit-for-bit those of one gather of all pairs, and each is the ARVs' cosine."""
+    from polysemantic_disentangle.tasks.stage3_detect import detect
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 40, 3, 3, generator=gen, dtype=torch.float64)
+    moments = torch.rand(30, 40, 3, 3, generator=gen, dtype=torch.float64).numpy()
+    relevant = np.random.default_rng(0).random((30, 6)) < 0.6
+    cands = np.arange(6)
+    monkeypatch.setattr(detect, "PAIR_BLOCK", 10**9)
+    whole = detect.candidate_pair_cosines(weight, 1, moments, relevant, cands)
+    monkeypatch.setattr(detect, "PAIR_BLOCK", 7)
+    blocked = detect.candidate_pair_cosines(weight, 1, moments, relevant, cands)
+    assert len(whole["cosine"]) == sum(n * (n - 1) // 2 for n in relevant.sum(axis=0))
+    for key in whole:
+        assert np.array_equal(whole[key], blocked[key])
+    for k in range(0, len(whole["cosine"]), 13):
+        c, t1, t2 = (int(blocked[name][k]) for name in ("channel", "class1", "class2"))
+        a, b = detect.class_arvs(weight, moments, c, [t1, t2])
+        assert blocked["cosine"][k] == pytest.approx(detect.cosine(a, b), abs=1e-12)
+
+
+def test_figure3_data_keeps_the_statistics_of_every_pair_and_draws_a_sample() -> None:
+    """A layer's Figure 3 is reduced as soon as it is detected (its pair arrays dropped): the
+    Spearman correlation and count are those of every pair, the drawing an even sample."""
+    from polysemantic_disentangle.tasks.data.wordnet import ensure_wordnet, wup_similarity
+    from polysemantic_disentangle.tasks.plots import spearman
+    from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, figure3_data
+
+    ensure_wordnet()
+    wnids = ["n02084071", "n02121808", "n01503061", "n02958343", None]  # dog, cat, bird, car, no id
+    rng = np.random.default_rng(1)
+    c1 = rng.integers(0, 5, 5000).astype(np.int32)
+    c2 = ((c1 + rng.integers(1, 5, 5000)) % 5).astype(np.int32)
+    cos = rng.uniform(-1, 1, 5000)
+    cos[::97] = np.nan
+    det = LayerDetection("l", 8, True, all_pairs={"channel": np.zeros(5000, np.int32), "class1": c1,
+                                                  "class2": c2, "cosine": cos})
+    data = figure3_data(det, wnids, max_drawn=500)
+    keep = [k for k in range(5000) if wnids[c1[k]] and wnids[c2[k]] and np.isfinite(cos[k])]
+    sims = [wup_similarity(wnids[c1[k]], wnids[c2[k]]) for k in keep]
+    assert data.n_pairs == len(keep)
+    assert data.spearman == pytest.approx(spearman(cos[keep], sims), abs=1e-12)
+    assert len(data.cosines) == len(data.similarities) == 500
+    assert set(data.cosines.tolist()) <= set(cos[keep].tolist())

@@ -47,6 +47,18 @@ class PairRow:
 
 
 @dataclass
+class Figure3Data:
+    """One layer's Figure 3: the Spearman correlation and count over every candidate pair with a
+    finite cosine and a WordNet similarity, and at most ``defaults.FIGURE3_MAX_DRAWN`` of them
+    (an even, seeded sample, in pair order) to draw."""
+
+    spearman: float
+    n_pairs: int
+    cosines: np.ndarray
+    similarities: np.ndarray
+
+
+@dataclass
 class LayerDetection:
     layer: str
     channels: int
@@ -60,8 +72,10 @@ class LayerDetection:
     # relevant classes per channel, images per class, cosine quantiles, warnings.
     diagnostics: dict[str, Any] = field(default_factory=dict)
     # Every candidate pair (channel, class1, class2, cosine arrays) before the table's cut; held
-    # in memory for Figure 3 only, never written (it can be hundreds of thousands of rows).
+    # in memory for Figure 3 only, never written (it can be millions of rows). ``detect_layers``
+    # turns it into ``figure3`` layer by layer and drops it, so memory holds one layer's pairs.
     all_pairs: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    figure3: Figure3Data | None = field(default=None, repr=False, compare=False)
 
     @property
     def selected(self) -> list[PairRow]:
@@ -99,6 +113,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / denom if denom > 0 else float("nan")
 
 
+# Pairs whose ARVs are gathered together in ``candidate_pair_cosines`` (bounds its memory).
+PAIR_BLOCK = 4096
+
+
 def candidate_pair_cosines(weight: torch.Tensor, groups: int, mean_moments: np.ndarray,
                            relevant: np.ndarray, candidates: np.ndarray) -> dict[str, np.ndarray]:
     """Every pair of relevant classes of every candidate: (channel, class1, class2, cosine) as
@@ -113,14 +131,21 @@ def candidate_pair_cosines(weight: torch.Tensor, groups: int, mean_moments: np.n
         with np.errstate(invalid="ignore", divide="ignore"):
             unit = arvs / norms[:, None]
         i, j = np.triu_indices(len(classes), k=1)
-        cos = np.einsum("pk,pk->p", unit[i], unit[j])
-        chans.append(np.full(len(i), c, dtype=np.int64))
-        c1s.append(classes[i])
-        c2s.append(classes[j])
+        # Gathered in blocks of pairs: a channel relevant to hundreds of classes (an ImageNet
+        # model with few images per class) has ~10^5 pairs, and gathering both ARVs of every
+        # pair at once held pairs x in_channels x 16 bytes (gigabytes for a 1,280-wide input).
+        # Each pair's dot product is the same row reduction whatever the block.
+        cos = np.empty(len(i))
+        for start in range(0, len(i), PAIR_BLOCK):
+            a, b = i[start:start + PAIR_BLOCK], j[start:start + PAIR_BLOCK]
+            cos[start:start + PAIR_BLOCK] = np.einsum("pk,pk->p", unit[a], unit[b])
+        chans.append(np.full(len(i), c, dtype=np.int32))
+        c1s.append(classes[i].astype(np.int32))
+        c2s.append(classes[j].astype(np.int32))
         coss.append(cos)
     if not chans:
-        return {"channel": np.zeros(0, np.int64), "class1": np.zeros(0, np.int64),
-                "class2": np.zeros(0, np.int64), "cosine": np.zeros(0)}
+        return {"channel": np.zeros(0, np.int32), "class1": np.zeros(0, np.int32),
+                "class2": np.zeros(0, np.int32), "cosine": np.zeros(0)}
     return {"channel": np.concatenate(chans), "class1": np.concatenate(c1s),
             "class2": np.concatenate(c2s), "cosine": np.concatenate(coss)}
 
@@ -331,10 +356,15 @@ def detect_layers(model: nn.Module, store_url: str, stats: Mapping[str, LayerSta
     for the diagnostics (layers whose rows read one input channel have no ARVs and need none)."""
     modules = dict(model.named_modules())
     out = []
+    cache: dict[tuple[str, str], float | None] = {}
     for layer, layer_stats in stats.items():
         conv = modules[layer]
         sample = read_relevance_sample(store_url, layer) if conv.weight.shape[1] >= 2 else None
-        out.append(detect_layer(layer, conv.weight, conv.groups, layer_stats, params, class_names, wnids, sample))
+        det = detect_layer(layer, conv.weight, conv.groups, layer_stats, params, class_names, wnids, sample)
+        if wnids is not None:
+            det.figure3 = figure3_data(det, wnids, cache)
+            det.all_pairs = None
+        out.append(det)
     return out
 
 
@@ -365,22 +395,44 @@ def figure3_points(det: LayerDetection, wnids: Sequence[str | None],
 
     cache = {} if cache is None else cache
     if det.all_pairs is not None:
-        chans = det.all_pairs
-        triples = zip(chans["class1"].tolist(), chans["class2"].tolist(), chans["cosine"].tolist())
+        c1, c2, cos = det.all_pairs["class1"], det.all_pairs["class2"], det.all_pairs["cosine"]
     else:  # a detection read back from JSON: only its kept rows are known
-        triples = ((r.class1, r.class2, r.cosine) for r in det.pairs)
-    xs, ys = [], []
-    for t1, t2, c in triples:
-        w1, w2 = wnids[t1], wnids[t2]
-        if not (w1 and w2) or not np.isfinite(c):
+        c1 = np.asarray([r.class1 for r in det.pairs], dtype=np.int64)
+        c2 = np.asarray([r.class2 for r in det.pairs], dtype=np.int64)
+        cos = np.asarray([r.cosine for r in det.pairs], dtype=float)
+    # Millions of pairs share far fewer class pairs: look each class pair up once and scatter
+    # the similarities back as arrays (Python lists of every point cost ~60 bytes a pair).
+    n = len(wnids)
+    keys = np.minimum(c1, c2).astype(np.int64) * n + np.maximum(c1, c2)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    sims = np.full(len(unique), np.nan)
+    for k, key in enumerate(unique.tolist()):
+        w1, w2 = wnids[key // n], wnids[key % n]
+        if not (w1 and w2):
             continue
-        key = (w1, w2) if w1 <= w2 else (w2, w1)
-        if key not in cache:
-            cache[key] = wup_similarity(*key)
-        if cache[key] is not None:
-            xs.append(c)
-            ys.append(cache[key])
-    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+        pair = (w1, w2) if w1 <= w2 else (w2, w1)
+        if pair not in cache:
+            cache[pair] = wup_similarity(*pair)
+        if cache[pair] is not None:
+            sims[k] = cache[pair]
+    ys = sims[inverse.reshape(-1)]
+    keep = np.isfinite(ys) & np.isfinite(cos)
+    return np.asarray(cos, dtype=float)[keep], ys[keep]
+
+
+def figure3_data(det: LayerDetection, wnids: Sequence[str | None],
+                 cache: dict[tuple[str, str], float | None] | None = None,
+                 max_drawn: int | None = None) -> Figure3Data:
+    """``figure3_points`` of a layer reduced to what its figure shows (``Figure3Data``)."""
+    from polysemantic_disentangle.tasks.plots import spearman
+
+    max_drawn = defaults.FIGURE3_MAX_DRAWN if max_drawn is None else max_drawn
+    cosines, sims = figure3_points(det, wnids, cache)
+    rho, n_pairs = spearman(cosines, sims), len(cosines)
+    if n_pairs > max_drawn:
+        pick = np.sort(np.random.default_rng(0).choice(n_pairs, size=max_drawn, replace=False))
+        cosines, sims = cosines[pick], sims[pick]
+    return Figure3Data(spearman=rho, n_pairs=n_pairs, cosines=cosines, similarities=sims)
 
 
 def write_pairs_csv(path: str | Path, detections: Sequence[LayerDetection]) -> None:

@@ -47,25 +47,30 @@ def figure3(
     rows that carry a similarity. Returns (figures keyed "fig3/<layer>", {layer: {"spearman",
     "n_pairs" (plotted), "pairs_total", "rows_kept", "table_cut", "figure"}}).
     """
-    from polysemantic_disentangle.tasks.plots import wordnet_vs_cosine
-    from polysemantic_disentangle.tasks.stage3_detect.detect import figure3_points
+    import numpy as np
+
+    from polysemantic_disentangle.tasks.plots import spearman, wordnet_vs_cosine
+    from polysemantic_disentangle.tasks.stage3_detect.detect import Figure3Data, figure3_data
 
     figures: dict[str, bytes] = {}
     stats: dict[str, dict[str, Any]] = {}
     cache: dict[tuple[str, str], float | None] = {}
     for det in detections:
-        if wnids is not None:
-            cosines, sims = figure3_points(det, wnids, cache)
-        else:
+        data = getattr(det, "figure3", None)
+        if data is None and wnids is not None:
+            data = figure3_data(det, wnids, cache)
+        elif data is None:
             kept = [p for p in det.pairs if p.wup is not None]
-            cosines, sims = [p.cosine for p in kept], [p.wup for p in kept]
-        if not len(cosines):
+            cosines, sims = np.asarray([p.cosine for p in kept], float), np.asarray([p.wup for p in kept], float)
+            data = Figure3Data(spearman(cosines, sims), len(kept), cosines, sims)
+        if not data.n_pairs:
             continue
-        png, rho = wordnet_vs_cosine(list(cosines), list(sims), det.layer, gamma)
+        png, rho = wordnet_vs_cosine(data.cosines, data.similarities, det.layer, gamma, rho=data.spearman,
+                                     n_pairs=data.n_pairs)
         key = f"fig3/{det.layer}"
         figures[key] = png
         total = int(det.counts.get("pairs", len(det.pairs)))
-        stats[det.layer] = {"spearman": rho, "n_pairs": len(cosines), "pairs_total": total,
+        stats[det.layer] = {"spearman": rho, "n_pairs": data.n_pairs, "pairs_total": total,
                             "rows_kept": len(det.pairs), "table_cut": len(det.pairs) < total, "figure": key}
     return figures, stats
 
