@@ -12,6 +12,8 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONUNBUFFERED := 1
+# Idle OpenMP threads sleep rather than spin (see polysemantic_disentangle/__init__.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup run test bench bench-gpu clean chromium
 
