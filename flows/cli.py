@@ -42,8 +42,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+_CLASSES_HELP = ("class-name file of a package.module:callable model that returns a bare nn.Module: one "
+                 "class per line in logit order, optionally followed by its WordNet id; recorded in the model reference")
+
+
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEMO_MODEL, help="registry name (see `disentangle models`; default: %(default)s)")
+    p.add_argument("--model", default=DEMO_MODEL, help="registry name (see `disentangle models`; default: %(default)s), "
+                   "or package.module:callable returning an nn.Module or a ModelSpec")
+    p.add_argument("--classes", default=None, help=_CLASSES_HELP)
     p.add_argument("--weights", default=None, help="checkpoint path (state dict, loaded weights_only; default: the model's public weights)")
     p.add_argument("--layers", default="all", help="'all', a name, or comma-separated names/globs (default: %(default)s)")
     p.add_argument("--chunk-images", type=int, default=defaults.CHUNK_IMAGES,
@@ -113,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument(*flags, default=None, help=help_text + "; comma-separated")
         else:
             run.add_argument(*flags, dest=name, default=None, help=help_text)
+        if name == "model":
+            run.add_argument("--classes", default=None, help=_CLASSES_HELP)
     _add_lock_arg(run)
     sub.add_parser("models", help="list the registered model names")
     show = sub.add_parser("show", help="print a finished run's detection and evaluation summary")
@@ -242,6 +250,12 @@ def params_from_args(args: argparse.Namespace) -> "PipelineParams":
         elif name == "rho_grid" and isinstance(value, str):
             value = [float(v) for v in value.split(",") if v.strip()]
         given[name] = value
+    if getattr(args, "classes", None) is not None:
+        from polysemantic_disentangle.tasks.models.names import with_classes
+
+        # Folded into the model reference: every stage, the stage keys and the watcher receive
+        # the model by that string alone.
+        given["model"] = with_classes(str(given.get("model", "")), args.classes)
     return PipelineParams(**given)
 
 
@@ -305,10 +319,10 @@ def _check_extract_args(args: argparse.Namespace) -> None:
     """What `extract` can check without the model or the images, before any import of them."""
     from pathlib import Path
 
-    from polysemantic_disentangle.tasks.models.names import check_model_name, names_no_file
+    from polysemantic_disentangle.tasks.models.names import check_model_name, names_no_file, with_classes
     from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
 
-    check_model_name(args.model)
+    args.model = with_classes(check_model_name(args.model), args.classes)
     if not Path(args.data_dir).is_dir():
         raise ValueError(f"--data-dir {args.data_dir} is not a directory")
     if args.weights is not None and not names_no_file(args.weights):

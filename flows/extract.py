@@ -61,7 +61,7 @@ def extract_shard(
     bundle = load_model(model_name, weights, seed=seed)
     model = bundle.model.to(dev).eval()
     if batch_size is None:
-        batch_size = auto_batch_size(model, (3, *bundle.input_size), int(cube_info(store_url)["chunk_images"]))
+        batch_size = auto_batch_size(model, bundle.image_shape(), int(cube_info(store_url)["chunk_images"]))
         logger.info("batch size %d, chosen from the free memory of %s", batch_size, dev)
     cube = CubeWriter(store_url)
 

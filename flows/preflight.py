@@ -209,6 +209,22 @@ class ExtractionTiming:
         return self.cube_s + n_shards * self.load_s + n_batches * self.per_batch_s + n_images * self.per_image_s
 
 
+def _first_image(manifest: Manifest) -> Any:
+    """The manifest's first image that opens (None when none does): a model without a fixed
+    input size takes its estimates' input shape from it."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    for path in manifest.paths[:8]:
+        try:
+            with Image.open(Path(manifest.root) / path) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _time_extraction(bundle: ModelBundle, manifest: Manifest, layers: list[str], device: Any,
                      params: PipelineParams, load_s: float, n_images: int) -> ExtractionTiming | None:
     """Time the extraction's chunk computation on the first images of ``manifest``: after a
@@ -357,7 +373,8 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
         per_image = timing.batch_s(min(params.batch_size, params.chunk_images)) / min(params.batch_size,
                                                                                      params.chunk_images)
         timed_batches = list(timing.batches)
-        featvis_s = estimated_seconds(bundle.model, (3, *bundle.input_size), params.featvis_channels,
+        featvis_s = estimated_seconds(bundle.model, bundle.image_shape(_first_image(manifests["train"])),
+                                      params.featvis_channels,
                                       params.featvis_steps, device=next(bundle.model.parameters()).device)
     else:
         estimated = per_image = featvis_s = float("nan")

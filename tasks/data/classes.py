@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 from polysemantic_disentangle.tasks.data.assets import assets_dir
@@ -13,6 +14,7 @@ __all__ = [
     "imagenet_class_index",
     "imagenet_class_names",
     "imagenet_wnids",
+    "read_class_file",
 ]
 
 # torchvision.datasets.CIFAR10 order, which the pretrained CIFAR checkpoints use
@@ -92,3 +94,24 @@ def imagenet_class_names() -> list[str]:
 
 def imagenet_wnids() -> list[str]:
     return list(_imagenet()[1])
+
+
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def read_class_file(path: str) -> tuple[list[str], list[str | None]]:
+    """Class names in logit order from a text file: one class per line, optionally followed by
+    whitespace and its WordNet id (``cat n02121620``); blank lines and ``#`` comments skipped."""
+    names: list[str] = []
+    wnids: list[str | None] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            wnid = fields[-1] if len(fields) > 1 and _WNID.match(fields[-1]) else None
+            names.append(" ".join(fields[:-1] if wnid else fields))
+            wnids.append(wnid)
+    if not names:
+        raise ValueError(f"{path} names no classes (one class name per line)")
+    return names, wnids

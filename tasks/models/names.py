@@ -9,11 +9,13 @@ installed torchvision, so an upgrade that adds or drops a classifier fails there
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from polysemantic_disentangle.tasks.data.assets import CIFAR_RESNET_CHECKPOINTS
 
-__all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "RANDOM_WEIGHTS", "TORCHVISION_CLASSIFIERS",
-           "available_models", "check_model_name", "close_model_names", "is_weight_enum", "names_no_file"]
+__all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "RANDOM_WEIGHTS", "TORCHVISION_CLASSIFIERS", "ModelReference",
+           "available_models", "check_model_name", "close_model_names", "is_model_reference", "is_weight_enum",
+           "model_reference", "names_no_file", "with_classes"]
 
 # Pass as ``weights`` to get a randomly initialised model of any registered architecture.
 RANDOM_WEIGHTS = "random"
@@ -39,6 +41,56 @@ TORCHVISION_CLASSIFIERS: tuple[str, ...] = (
     "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2",
     "wide_resnet50_2",
 )
+
+
+# "package.module:callable", then "?classes=<file>" when the class names come from a file.
+_REFERENCE = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)"
+                        r"(?:\?classes=(?P<classes>.+))?$")
+_CLASSES = "?classes="
+
+
+class ModelReference(NamedTuple):
+    """A model given as the callable that builds it (``package.module:callable``), for
+    architectures outside the registry; ``classes``: the absolute path of a class-name file."""
+
+    module: str
+    attr: str
+    classes: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.attr}" + (f"{_CLASSES}{self.classes}" if self.classes else "")
+
+
+def is_model_reference(model: str) -> bool:
+    """Is ``model`` a ``package.module:callable`` reference rather than a registry name?"""
+    return ":" in model and "://" not in model
+
+
+def model_reference(model: str, classes: str | None = None) -> ModelReference:
+    """The parsed reference, with ``classes`` (a class-name file, made absolute so that a rerun
+    from another folder names the same model) replacing any class file it names."""
+    import os
+
+    m = _REFERENCE.match(model.strip())
+    if m is None:
+        raise ValueError(f"model {model!r}: expected a registry name or package.module:callable "
+                         "(a callable returning an nn.Module or a ModelSpec)")
+    found = classes if classes is not None else m.group("classes")
+    return ModelReference(m.group("module"), m.group("attr"), os.path.abspath(found) if found else None)
+
+
+def with_classes(model: str, classes: str | None) -> str:
+    """``model`` with the class-name file ``classes`` recorded in it (the command line's
+    ``--classes``); ``model`` unchanged when ``classes`` is None."""
+    from pathlib import Path
+
+    if classes is None:
+        return model
+    if not is_model_reference(model):
+        raise ValueError("--classes applies to a package.module:callable model; registry models know their classes")
+    if not Path(classes).is_file():
+        raise ValueError(f"--classes {classes} not found")
+    return str(model_reference(model, classes))
 
 
 def is_weight_enum(weights: str) -> bool:
@@ -84,7 +136,10 @@ def close_model_names(name: str, names: list[str] | None = None, n: int = 3) -> 
 
 
 def check_model_name(name: str) -> str:
-    """``name`` when the registry has it, else a ValueError that suggests the close names."""
+    """``name`` when the registry has it (a reference: its canonical form), else a ValueError
+    that suggests the close names."""
+    if is_model_reference(name):
+        return str(model_reference(name))
     names = available_models()
     if name in names:
         return name

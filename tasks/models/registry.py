@@ -10,6 +10,7 @@ analysed layers.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import warnings
@@ -27,7 +28,8 @@ from polysemantic_disentangle.tasks.models.cifar_resnet import cifar_resnet
 from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES, CIFAR10_WNIDS, imagenet_class_names, imagenet_wnids
 from polysemantic_disentangle.tasks.models.conv_geometry import pair as _pair
 from polysemantic_disentangle.tasks.models.names import (CIFAR_RESNET_DEPTHS, EFFICIENTNET_LITE0, RANDOM_WEIGHTS,
-                                                       TORCHVISION_CLASSIFIERS, close_model_names, is_weight_enum)
+                                                       TORCHVISION_CLASSIFIERS, close_model_names, is_model_reference,
+                                                       is_weight_enum, model_reference)
 from polysemantic_disentangle.tasks.models.spec import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Transform,
                                                       ensure_rgb, state_dict_sha256, tensor_transform)
 
@@ -40,6 +42,7 @@ __all__ = [
     "conv_layers",
     "Weights",
     "load_model",
+    "load_reference",
     "read_state_dict",
     "register_model",
     "registered_model",
@@ -236,7 +239,12 @@ def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> M
     Random initialisation draws from ``torch.manual_seed(seed)`` in a forked RNG, so every
     stage (and every extraction shard) that loads the same name, weights and seed gets the
     same network, and the caller's random state is left alone.
+
+    ``name`` may also be a reference ``package.module:callable`` (``names.model_reference``)
+    to a callable that returns an ``nn.Module`` or a ``ModelSpec``: see ``load_reference``.
     """
+    if is_model_reference(name):
+        return load_reference(name, weights, seed)
     entry = registered_model(name)
     record = entry.weights
     path: Path | None = None
@@ -276,6 +284,62 @@ def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> M
         weights_sha256=assets.sha256_file(path) if path is not None else None,
         seed=None if path is not None else int(seed),
     )
+
+
+def load_reference(reference: str, weights: str | Path | None = None, seed: int = 0) -> ModelSpec:
+    """The model a ``package.module:callable`` reference builds, as a ``ModelSpec`` whose
+    identity records the reference (so a rerun, a resumed store and the watcher find it again).
+
+    The callable is called without arguments under ``torch.manual_seed(seed)`` (a forked RNG,
+    as for registry models). It returns a ``ModelSpec``, or an ``nn.Module`` whose class names
+    come from the reference's class file (``?classes=<file>``, the command line's
+    ``--classes``); a bare module counts as untrained unless ``weights`` are given.
+    ``weights``: a state-dict file loaded into the module (``"random"`` or None: as built).
+    The current folder is searched last for the module, as ``python -m`` would.
+    """
+    import importlib
+    import os
+    import sys
+
+    from polysemantic_disentangle.tasks.data.classes import read_class_file
+
+    ref = model_reference(reference)
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        target = importlib.import_module(ref.module)
+        for part in ref.attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"model {reference!r}: cannot import {ref.module}:{ref.attr} ({exc})") from None
+    if not callable(target):
+        raise ValueError(f"model {reference!r}: {ref.module}:{ref.attr} is a {type(target).__name__}, not a callable")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        built = target()
+    if isinstance(built, ModelSpec):
+        spec = built
+        if ref.classes is not None:
+            names, wnids = read_class_file(ref.classes)
+            spec = dataclasses.replace(spec, class_names=names, wnids=wnids)
+    elif isinstance(built, nn.Module):
+        if ref.classes is None:
+            raise ValueError(f"model {reference!r} returns a bare nn.Module: give its class names with "
+                             "--classes FILE (one per line), or return a ModelSpec")
+        names, wnids = read_class_file(ref.classes)
+        spec = ModelSpec(built, names, trained=False, wnids=wnids, seed=int(seed))
+    else:
+        raise ValueError(f"model {reference!r} returned a {type(built).__name__}, not an nn.Module or a ModelSpec")
+    path = None if weights is None or weights == RANDOM_WEIGHTS else _existing(weights, str(ref))
+    if path is not None:
+        _apply_state_dict(spec.model, read_state_dict(path, str(ref)), path)
+    # Made anew so that the identity hashes the tensors as they are now.
+    return dataclasses.replace(
+        spec, source=str(ref), state_sha256="",
+        trained=spec.trained or path is not None,
+        seed=None if path is not None or spec.trained else spec.seed if spec.seed is not None else int(seed),
+        weights_path=str(path) if path is not None else spec.weights_path,
+        weights_sha256=assets.sha256_file(path) if path is not None else spec.weights_sha256)
 
 
 def _download_torchvision_weights(url: str) -> Path:

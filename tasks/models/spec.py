@@ -155,6 +155,15 @@ class ModelSpec:
         if not self.state_sha256:
             self.state_sha256 = state_dict_sha256(self.model)
 
+    def image_shape(self, sample: PIL.Image.Image | None = None) -> tuple[int, ...]:
+        """(C, H, W) of one input: (3, *input_size) when the size is fixed, else the shape the
+        transform gives ``sample`` (default: a 224 x 224 image), for estimates of time and memory."""
+        if self.input_size is not None:
+            return (3, *self.input_size)
+        image = sample if sample is not None else PIL.Image.new("RGB", (224, 224), (128, 128, 128))
+        assert self.transform is not None
+        return tuple(self.transform(image).shape)
+
     def identity(self) -> dict[str, Any]:
         """What a stored result needs to name the model it came from."""
         out: dict[str, Any] = {

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from polysemantic_disentangle.tasks.data.assets import sha256_file
-from polysemantic_disentangle.tasks.models.registry import RANDOM_WEIGHTS, ModelBundle, load_model
+from polysemantic_disentangle.tasks.models.registry import RANDOM_WEIGHTS, ModelSpec, load_model
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, rewire_model
 from polysemantic_disentangle.tasks.models.safe_load import CheckpointError, load_checkpoint
 
@@ -35,7 +35,7 @@ def spec_path(path: str | Path) -> Path:
 
 def save_disentangled(
     path: str | Path,
-    bundle: ModelBundle,
+    bundle: ModelSpec,
     rewired_model: nn.Module,
     splits: list[ChannelSplit],
     extra: dict | None = None,
@@ -57,14 +57,27 @@ def save_disentangled(
 
 
 def load_disentangled(
-    path: str | Path, base_weights: str | Path | None = None
+    path: str | Path, base_weights: str | Path | None = None, *, base: ModelSpec | None = None
 ) -> tuple[nn.Module, dict]:
     """Rebuild a rewired model from ``path`` in one call: (model in eval mode, spec).
 
-    The base model is built by ``load_model`` from ``base_weights`` (default: the weights path
-    recorded in the spec); if that file's sha256 differs from the recorded one the load is
-    refused with ``BaseModelMismatch``, because the rewiring (sources, rho) was derived from
-    those exact weights.
+    Parameters
+    ----------
+    path:
+        A checkpoint written by ``save_disentangled`` (``disentangled.pt`` of a run).
+    base_weights:
+        The base model's weights file (default: the path recorded in the spec); if its sha256
+        differs from the recorded one the load is refused with ``BaseModelMismatch``, because
+        the rewiring (sources, rho) was derived from those exact weights.
+    base:
+        The base model as a ``ModelSpec`` (any module, registered or not): used instead of
+        rebuilding it from the spec; refused with ``BaseModelMismatch`` when its tensors are
+        not the ones the checkpoint was rewired from. Without it, the base is rebuilt by
+        ``load_model`` from the recorded registry name or ``package.module:callable``.
+
+    Example
+    -------
+    >>> model, spec = load_disentangled("runs/mine/disentangled.pt", base=ModelSpec(net, names, trained=True))
     """
     expected = f"a rewired checkpoint ({FORMAT}: a spec and the rewired state dict)"
     blob = load_checkpoint(path, expected)
@@ -77,13 +90,15 @@ def load_disentangled(
         raise CheckpointError(f"{path}: expected {expected}, found {found}")
     try:
         spec = json.loads(blob["spec"])
-        base = spec["base"]
-        spec["splits"], base["name"]
+        spec["splits"], spec["base"]["name"]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: expected {expected}, found a {FORMAT} file whose spec is "
                               f"unreadable ({type(exc).__name__}: {exc})") from None
-    weights = base_weights if base_weights is not None else base.get("weights_path")
-    expected_sha = base.get("weights_sha256")
+    if base is not None:
+        return _rewired_from(path, blob, spec, base)
+    record = spec["base"]
+    weights = base_weights if base_weights is not None else record.get("weights_path")
+    expected_sha = record.get("weights_sha256")
     if weights is not None and expected_sha is not None:
         if not Path(weights).is_file():
             raise FileNotFoundError(
@@ -93,17 +108,30 @@ def load_disentangled(
         if actual != expected_sha:
             raise BaseModelMismatch(
                 f"base weights {weights} have sha256 {actual}, but {path} was rewired from "
-                f"{base.get('weights_path')} ({base['name']}) with sha256 {expected_sha}; pass the original "
+                f"{record.get('weights_path')} ({record['name']}) with sha256 {expected_sha}; pass the original "
                 "base checkpoint as base_weights"
             )
     elif (weights is None) != (expected_sha is None):
         raise BaseModelMismatch(
-            f"{path} was made from base weights {base.get('weights_path')!r} "
+            f"{path} was made from base weights {record.get('weights_path')!r} "
             f"(sha256 {expected_sha!r}) but {weights!r} was given"
         )
     # A randomly initialised base has no weights file; the state dict carries every tensor.
-    bundle = load_model(base["name"], weights if weights is not None else RANDOM_WEIGHTS,
-                        seed=base.get("seed") or 0)
+    bundle = load_model(record.get("source") or record["name"], weights if weights is not None else RANDOM_WEIGHTS,
+                        seed=record.get("seed") or 0)
+    return _rewired_from(path, blob, spec, bundle, check_state=False)
+
+
+def _rewired_from(path: str | Path, blob: dict, spec: dict, bundle: ModelSpec,
+                  check_state: bool = True) -> tuple[nn.Module, dict]:
+    base = spec["base"]
+    recorded = base.get("state_sha256")
+    # A base the caller built may hold any tensors; one rebuilt from the recorded weights file
+    # was checked by that file's sha256 already.
+    if check_state and recorded and bundle.state_sha256 != recorded:
+        raise BaseModelMismatch(
+            f"the base model's tensors (state sha256 {bundle.state_sha256[:12]}) are not the ones {path} was "
+            f"rewired from ({base['name']}, state sha256 {recorded[:12]})")
     splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
     model = rewire_model(bundle.model, splits)
     try:
