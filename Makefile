@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 # Idle OpenMP threads sleep rather than spin (see polysemantic_disentangle/__init__.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test bench bench-gpu clean chromium
+.PHONY: setup run test bench gpu-check clean chromium
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -44,10 +44,12 @@ test: setup chromium
 bench: setup
 	$(VENV)/bin/python benchmarks/run_all.py
 
-# On a CUDA machine: ResNet-50 all-layer extraction vs bare forward+backward, fp32 and bf16
-# autocast, peak GPU memory. Refuses (exit 2) without CUDA.
-bench-gpu: setup
-	$(VENV)/bin/python benchmarks/gpu_extract.py --amp $(ARGS)
+# On a CUDA machine, within 8 minutes on one H100: ResNet-50 all-layer extraction against the
+# floor (fp32, bf16 autocast, channels-last, peak GPU memory), the decode feed, a whole
+# `disentangle run` on the GPU with every stage's time, and bf16's detection sets against fp32.
+# Refuses (exit 2) without CUDA.
+gpu-check: setup
+	$(VENV)/bin/python benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf .tools $(VENV) .prefect runs

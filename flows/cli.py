@@ -60,6 +60,8 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
                    help="images per forward pass (default: chosen from the free memory, at most "
                         f"{defaults.BATCH_SIZE})")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32, or bf16 autocast (refused while it changes what detection finds; default: %(default)s)")
     p.add_argument("--target-mode", choices=["label", "prediction"], default="label",
                    help="label: attribute and group by the folder label; prediction: by the model's "
                         "prediction (default: %(default)s)")
@@ -323,6 +325,9 @@ def _check_extract_args(args: argparse.Namespace) -> None:
     from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
 
     args.model = with_classes(check_model_name(args.model), args.classes)
+    from polysemantic_disentangle.tasks.stage1_extract.precision import check_precision
+
+    check_precision(args.precision)
     if not Path(args.data_dir).is_dir():
         raise ValueError(f"--data-dir {args.data_dir} is not a directory")
     if args.weights is not None and not names_no_file(args.weights):
@@ -388,7 +393,7 @@ def _main(argv: Sequence[str] | None) -> int:
                     target_mode=args.target_mode, max_per_class=args.max_per_class, overwrite=args.overwrite,
                     layout=args.layout, per_image_moments=args.per_image_moments,
                     storage_dtype=args.storage_dtype, dask_address=args.dask_address,
-                    dask_workers=args.dask_workers,
+                    dask_workers=args.dask_workers, precision=args.precision,
                 )
         print(json.dumps({"store": url}))
         print(f"open it with: python -c \"from polysemantic_disentangle.storage import open_cube; print(open_cube('{url}'))\"")

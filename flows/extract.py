@@ -19,6 +19,8 @@ from polysemantic_disentangle.tasks.data.images import plan_shards
 from polysemantic_disentangle.tasks.stage1_extract.chunks import (ChunkStats, auto_batch_size, extract_chunks, pick_device,
                                                                plan_cube, planned_pixel_limit)
 from polysemantic_disentangle.tasks.models.registry import load_model
+from polysemantic_disentangle.tasks.stage1_extract.feeding import decode_workers_for, for_device
+from polysemantic_disentangle.tasks.stage1_extract.precision import DEFAULT_PRECISION, check_precision
 from polysemantic_disentangle.tasks.data.grouping import TargetMode
 
 
@@ -59,7 +61,7 @@ def extract_shard(
     writer = worker_identity()
     dev = pick_device(device)
     bundle = load_model(model_name, weights, seed=seed)
-    model = bundle.model.to(dev).eval()
+    model = for_device(bundle.model, dev)
     if batch_size is None:
         batch_size = auto_batch_size(model, bundle.image_shape(), int(cube_info(store_url)["chunk_images"]))
         logger.info("batch size %d, chosen from the free memory of %s", batch_size, dev)
@@ -72,7 +74,8 @@ def extract_shard(
         shard_progress(s)
 
     stats = extract_chunks(store_url, model, bundle.transform, dataset_root, chunks, layers,
-                           batch_size, target_mode, on_chunk=progress, input_size=bundle.input_size)
+                           batch_size, target_mode, on_chunk=progress, input_size=bundle.input_size,
+                           decode_workers=decode_workers_for(dev))
     images = sum(s.images for s in stats)
     seconds = sum(s.seconds for s in stats)
     logger.info("shard %d on %s (%s): %d chunks, %d images, %d skipped, %.1f images/s", shard_index,
@@ -171,6 +174,7 @@ def extract_relevance_cube(
     dask_workers: int | None = None,
     seed: int = 0,
     max_image_pixels: int | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> str:
     """Write the cube of every selected conv layer: per-image relevance and what ``layout``
     keeps (``polysemantic_disentangle.storage.cube.CubeLayout.preset``: "detection" adds per-chunk class sums of the input
@@ -182,10 +186,12 @@ def extract_relevance_cube(
 
     ``batch_size`` None: chosen per shard from the device's free memory. Shards run on threads in this process by default, on the Dask cluster at ``dask_address``,
     or on a local cluster of ``dask_workers`` processes started for this run. Re-running with
-    the same inputs resumes: finished chunks are skipped.
+    the same inputs resumes: finished chunks are skipped. ``precision`` ("fp32", "bf16"
+    autocast, ``check_precision``) is recorded in the store.
     """
     logger = get_run_logger()
     validate_extraction(chunk_images, shard_chunks, batch_size)
+    check_precision(precision)
     cube_layout = CubeLayout.preset(layout, per_image_moments=per_image_moments, dtype=storage_dtype)
     if not data_dir:
         raise ValueError("data_dir is required (an ImageFolder root)")
@@ -198,7 +204,7 @@ def extract_relevance_cube(
         if max_image_pixels is None:
             max_image_pixels = defaults.MAX_IMAGE_PIXELS if overwrite else planned_pixel_limit(store_url)
         plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
-                         overwrite, cube_layout, max_image_pixels)
+                         overwrite, cube_layout, max_image_pixels, precision)
         selected, manifest = plan.layers, plan.manifest
         prepare_chunk_writers(store_url)
         stop_point("store-created")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.models.names import check_model_name, names_no_file
 from polysemantic_disentangle.tasks.presets import DEMO_MODEL, preset_for
+from polysemantic_disentangle.tasks.stage1_extract.precision import DEFAULT_PRECISION, Precision, check_precision
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams, SelectionRule
 
 
@@ -59,6 +60,7 @@ class PipelineParams(BaseModel):
     train_store: str | None = Field(None, description="Zarr store URL (local path or fsspec URL); default <out_dir>/cube-train.zarr")
     eval_store: str | None = Field(None, description="Zarr store URL of the evaluation cube; default <out_dir>/cube-eval.zarr")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    precision: Precision = Field(DEFAULT_PRECISION, description="fp32, or bf16 autocast (refused while it changes what detection finds)")
     chunk_images: int = Field(defaults.CHUNK_IMAGES, description="images per Zarr chunk (and per completion marker)")
     shard_chunks: int = Field(defaults.SHARD_CHUNKS, description="chunks per extraction task")
     batch_size: int = Field(defaults.BATCH_SIZE, description="images per forward pass")
@@ -81,6 +83,11 @@ class PipelineParams(BaseModel):
     @classmethod
     def _model(cls, v: str) -> str:
         return check_model_name(v)
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        return check_precision(v)
 
     @field_validator("rho_grid")
     @classmethod

@@ -435,7 +435,7 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
     common = dict(model=params.model, weights=params.weights, layers=params.layers,
                   chunk_images=params.chunk_images, shard_chunks=params.shard_chunks,
                   batch_size=params.batch_size, device=params.device, target_mode=params.target_mode,
-                  dask_address=address, seed=params.seed)
+                  dask_address=address, seed=params.seed, precision=params.precision)
     # The preflight created (or replaced) both stores; extraction resumes them.
     # The detection cube keeps what the statistics need; the evaluation cube what evaluation reads.
     train_store = extract_relevance_cube(data_dir=params.train_dir, store_url=params.train_store,

@@ -248,7 +248,7 @@ def _time_extraction(bundle: ModelBundle, manifest: Manifest, layers: list[str],
     def timed(n: int) -> float:
         t0 = time.perf_counter()
         data = compute_chunk(model, bundle.transform, manifest.root, list(manifest.paths[:n]), labels[:n],
-                             layers, n, params.target_mode, spec=spec)
+                             layers, n, params.target_mode, spec=spec, precision=params.precision)
         elapsed = time.perf_counter() - t0
         return float("nan") if data.skipped.all() else elapsed
 
@@ -416,7 +416,8 @@ def prepare_stores(params: PipelineParams, bundle: ModelBundle | None = None) ->
             ("train", params.train_dir, params.train_store, params.max_per_class_train),
             ("eval", params.eval_dir, params.eval_store, params.max_per_class_eval)):
         args = (bundle, data_dir, store, params.layers, params.chunk_images, params.target_mode, cap)
-        kw = {"layout": _layout(params, role), "max_image_pixels": params.max_image_pixels}
+        kw = {"layout": _layout(params, role), "max_image_pixels": params.max_image_pixels,
+              "precision": params.precision}
         try:
             plan_cube(*args, overwrite=False, **kw)
         except CubeMismatch as exc:

@@ -18,6 +18,8 @@ from polysemantic_disentangle.tasks.data.grouping import TargetMode, statistics_
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, scan_image_folder
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, select_layers
+from polysemantic_disentangle.tasks.stage1_extract.precision import (DEFAULT_PRECISION, autocast, precision_attrs,
+                                                                    store_precision)
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
 from polysemantic_disentangle.tasks.models.hooks import hooked
 
@@ -68,12 +70,14 @@ def plan_cube(
     overwrite: bool = False,
     layout: CubeLayout = DEFAULT_LAYOUT,
     max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
+    precision: str = DEFAULT_PRECISION,
 ) -> CubePlan:
     """Validate the inputs, list the dataset and create (or reopen) the store.
 
     Everything that can be wrong with the inputs fails here, before any model pass; a file that
     cannot be used (``polysemantic_disentangle.tasks.data.images.decode_image``) is not wrong
-    input but a skipped image. ``max_image_pixels`` is part of the store's identity.
+    input but a skipped image. ``max_image_pixels`` and ``precision`` (autocast: "fp32",
+    "bf16") are part of the store's identity.
     """
     if max_image_pixels < 1:
         raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
@@ -96,7 +100,8 @@ def plan_cube(
         chunk_images=chunk_images,
         attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": target_mode,
                **({} if max_image_pixels == defaults.MAX_IMAGE_PIXELS
-                  else {MAX_IMAGE_PIXELS_ATTR: int(max_image_pixels)})},
+                  else {MAX_IMAGE_PIXELS_ATTR: int(max_image_pixels)}),
+               **precision_attrs(precision)},
         layout=layout,
         overwrite=overwrite,
     )
@@ -155,6 +160,7 @@ def compute_chunk(
     decoders: ThreadPoolExecutor | None = None,
     input_size: tuple[int, int] | None = None,
     max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
+    precision: str = DEFAULT_PRECISION,
 ) -> ChunkData:
     """Relevance, moments and activations for the images of one chunk, and the chunk's class
     sums of the moments and activation means (``spec``; None: every per-image array, no sums).
@@ -163,6 +169,10 @@ def compute_chunk(
     ran before it (a resumed run writes the same bytes as an uninterrupted one). An image that
     cannot be used is skipped with its reason (``load_batch``): unreadable, not a regular file,
     more than ``max_image_pixels``, or not the model's ``input_size`` after the transform.
+    ``precision``: "fp32", or "bf16" for the forward and backward under bfloat16 autocast.
+
+    On a GPU each batch is decoded into pinned memory (in the prefetch thread) and copied
+    without blocking, so the copy overlaps the previous batch's work.
     """
     n = len(paths)
     starts = list(range(0, n, batch_size))
@@ -177,10 +187,17 @@ def compute_chunk(
     if max_image_pixels != defaults.MAX_IMAGE_PIXELS:
         options["max_image_pixels"] = max_image_pixels
 
+    device = next(model.parameters()).device
+    pinned = device.type == "cuda"
+
     def load(s: int):
         if decoders is None:
-            return load_batch(dataset_root, paths[s:s + batch_size], transform, **options)
-        return load_batch(dataset_root, paths[s:s + batch_size], transform, decoders, **options)
+            loaded = load_batch(dataset_root, paths[s:s + batch_size], transform, **options)
+        else:
+            loaded = load_batch(dataset_root, paths[s:s + batch_size], transform, decoders, **options)
+        if pinned and loaded[0] is not None and loaded[0].device.type == "cpu":
+            return (loaded[0].pin_memory(), *loaded[1:])
+        return loaded
 
     pending = prefetch.submit(load, starts[0]) if prefetch else None
     out_layers: dict[str, dict[str, np.ndarray]] = {}
@@ -199,11 +216,14 @@ def compute_chunk(
         if images is None:
             continue
         good = rows[ok]
-        res = batch_relevance(model, images, torch.as_tensor(labels[good]), layers, target_mode,
-                              moment_layers=want_moments, activations=want_activations)
+        if pinned:
+            images = images.to(device, non_blocking=True)
+        with autocast(precision, device):
+            res = batch_relevance(model, images, torch.as_tensor(labels[good]), layers, target_mode,
+                                  moment_layers=want_moments, activations=want_activations)
         prediction[good] = res.prediction.numpy()
         target[good] = res.target.numpy()
-        target_logit[good] = res.target_logit.numpy()
+        target_logit[good] = res.target_logit.float().numpy()  # bf16 under autocast
         for layer in layers:
             arrays = out_layers.setdefault(layer, {})
             for name, source in ((RELEVANCE_ARRAY, res.relevance), (ACTIVATION_MAX_ARRAY, res.activation_max),
@@ -265,7 +285,7 @@ def extract_chunks(
     The next batch decodes in ``decode_workers`` threads while the model runs, and a chunk is
     compressed and written by a writer thread while the next one is computed (at most one
     write in flight, so memory holds two chunks at most). The writer sets the marker last, so a
-    kill during a write leaves the chunk to be redone."""
+    kill during a write leaves the chunk to be redone. The model runs in the store's precision."""
     cube = CubeWriter(store_url)
     cube.check_layout_version()
     stored_mode = cube.attrs.get("target_mode", target_mode)
@@ -273,6 +293,7 @@ def extract_chunks(
         raise ValueError(f"{store_url} was planned with target_mode={stored_mode!r}, not {target_mode!r}")
     spec = ChunkSpec.for_store(cube, layers)
     max_image_pixels = image_pixel_limit(cube.attrs)
+    precision = store_precision(cube.attrs)
     stats: list[ChunkStats] = []
     decoders = ThreadPoolExecutor(max_workers=decode_workers) if decode_workers > 1 else None
     pending: tuple[Future, ChunkStats] | None = None
@@ -295,7 +316,8 @@ def extract_chunks(
                 paths = [str(p) for p in cube.image_paths(start, stop)]
                 labels = cube.labels(start, stop)
                 data = compute_chunk(model, transform, dataset_root, paths, labels, layers, batch_size,
-                                     target_mode, prefetch, spec, decoders, input_size, max_image_pixels)
+                                     target_mode, prefetch, spec, decoders, input_size, max_image_pixels,
+                                     precision)
                 # A chunk where every image failed still gets its arrays (all NaN) so that the
                 # layer groups are complete; the marker then records it as done.
                 for layer in layers:

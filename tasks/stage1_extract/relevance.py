@@ -61,8 +61,10 @@ def input_moments(
     cols = offset_indicator(w, out_hw[1], kernel_size[1], stride[1], dilation[1], padding[1])
     rows = rows.to(dtype=x.dtype, device=x.device)
     cols = cols.to(dtype=x.dtype, device=x.device)
-    per_col = torch.matmul(x, cols.T)  # (N, K, H, kw)
-    return torch.matmul(rows, per_col)  # (N, K, kh, kw)
+    # Forward hooks run inside the model's autocast: without this the matmuls would sum in bf16.
+    with torch.autocast(x.device.type, enabled=False):
+        per_col = torch.matmul(x, cols.T)  # (N, K, H, kw)
+        return torch.matmul(rows, per_col)  # (N, K, kh, kw)
 
 
 def channel_group_slice(conv_out_channels: int, in_channels: int, groups: int, channel: int) -> slice:

@@ -1,0 +1,54 @@
+"""`make gpu-check` (benchmarks/gpu_check.py): a clear refusal without CUDA, and every part of it
+run on the CPU at toy size, so that the first GPU it meets finds no untried code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import PROJECT_ROOT
+
+SCRIPT = PROJECT_ROOT / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_refuses_clearly_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal path is not reachable")
+    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert out.returncode == 2, out
+    assert "needs a CUDA device" in out.stderr and "make gpu-check" in out.stderr, out.stderr
+    # A CPU run that is not a dry run is refused too: its figures would say nothing about a GPU.
+    out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True,
+                         cwd=PROJECT_ROOT)
+    assert out.returncode == 2 and "dry run" in out.stderr, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 10 minutes on a busy 2-core machine: ResNet-50 in emulated bf16
+def test_gpu_check_dry_run_on_cpu(tmp_path: Path, assets_dir: Path) -> None:
+    """Every part at toy size on the CPU: extraction against the floor in fp32 and bf16, the
+    feed, a whole `disentangle run` with its stage times, bf16's detection sets against fp32."""
+    figures = tmp_path / "figures.json"
+    out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--dry", "--out", str(tmp_path / "work"),
+                          "--json", str(figures)], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                         env={**__import__("os").environ, "DISENTANGLE_ASSETS": str(assets_dir)}, timeout=1500)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-6000:]
+    got = json.loads(figures.read_text())
+    rows = got["part1"]
+    assert {(r["precision"], r["variant"]) for r in rows} == {
+        (p, v) for p in ("fp32", "bf16") for v in ("floor", "bare", "extract")}
+    assert all(r["images_per_s"] > 0 and r["peak_gib"] is None for r in rows)
+    assert got["part2"]["images"] == 4 and got["part2"]["decode_workers"] >= 1
+    run = got["part3"]
+    assert run["returncode"] in (0, 4), out.stdout[-6000:]
+    stages = [r["stage"] for r in run["stages"]]
+    for stage in ("extract train", "extract eval", "reduce", "detect", "whole run"):
+        assert stage in stages, stages
+    for model in got["part4"]:
+        assert set(model) >= {"candidates", "pairs", "selected", "identical", "max_cosine_shift"}, model
+    assert "extraction images/s" in out.stdout and "bf16 against fp32" in out.stdout
