@@ -81,6 +81,17 @@ def test_editors_resolve_the_public_names() -> None:
         assert found and found[0].module_path is not None, (module, name)
         assert found[0].full_name == f"{module}.{name}" or found[0].full_name.endswith(f".{name}"), found
         assert Path(found[0].module_path).resolve().is_relative_to(ROOT), found[0].module_path
+    import polysemantic_disentangle
+
+    face = {c.name for c in jedi.Script("import polysemantic_disentangle as pdis\npdis.", environment=env).complete(2, 5)}
+    assert set(polysemantic_disentangle.__all__) <= face, set(polysemantic_disentangle.__all__) - face
+    for name in polysemantic_disentangle.__all__:
+        script = jedi.Script(f"import polysemantic_disentangle as pdis\npdis.{name}", environment=env)
+        found = script.goto(2, 6, follow_imports=True)
+        assert found and found[0].module_path is not None, name
+        assert Path(found[0].module_path).resolve().is_relative_to(ROOT), (name, found[0].module_path)
+        doc = found[0].docstring()
+        assert "Parameters" in doc and "Example" in doc, name  # help in the editor, with an example
     completions = {c.name for c in jedi.Script("import polysemantic_disentangle.tasks.stage4_rewire.",
                                                environment=env).complete()}
     assert {"rewire", "checkpoint", "plan"} <= completions, completions
@@ -111,3 +122,13 @@ def test_the_wheel_holds_the_same_package(tmp_path) -> None:
     res = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(site), sysconfig.get_paths()["purelib"]],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_the_package_imports_without_torch() -> None:
+    """The command line's help imports the package; its face loads torch only on first use."""
+    code = ("import sys, polysemantic_disentangle as p\n"
+            "assert 'torch' not in sys.modules\n"
+            "assert p.ModelSpec.__module__ == 'polysemantic_disentangle.tasks.models.spec'\n"
+            "assert all(hasattr(p, n) for n in p.__all__)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

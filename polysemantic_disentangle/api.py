@@ -1,0 +1,381 @@
+"""The method on any ``nn.Module``, one call per step: what ``import polysemantic_disentangle``
+exports (``__init__.py``) for notebooks and scripts. The Prefect pipeline runs the same stage
+functions with files, artifacts, caching and clusters around them.
+
+    spec = ModelSpec(net, class_names, trained=True)
+    cube = extract(spec, ImageFolder("data/train"), "memory://train.zarr", layers="layer3.*")
+    detections = detect(spec, cube)
+    rewiring = rewire(spec, detections, cube)
+    evaluation, figures = evaluate(spec, rewiring, cube)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polysemantic_disentangle.storage.cube import CubeLayout, CubeReader
+from polysemantic_disentangle.storage.cube import open_cube as _open_cube
+from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.models.spec import ModelSpec
+from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, image_pixel_limit, plan_cube
+from polysemantic_disentangle.tasks.stage2_reduce import reduce as _reduce
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, statistics_labels
+from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, add_wordnet_similarities, detect_layers
+from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
+from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled, save_disentangled
+from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, check_equivalence, rewire_model
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import explain_layer
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import Evaluation, evaluate_run
+
+__all__ = ["ImageFolder", "ModelSpec", "Rewiring", "class_statistics", "detect", "evaluate", "explain", "extract",
+           "load_disentangled", "open_cube", "rewire"]
+
+Cube = CubeReader | str
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """Images in ``<root>/<class name>/<file>``, the class folders named as the model's classes.
+
+    Parameters
+    ----------
+    root:
+        The folder that holds one sub-folder per class.
+    max_per_class:
+        Use at most this many images of each class (the first in file-name order).
+
+    Example
+    -------
+    >>> train = ImageFolder("data/cifar10/train", max_per_class=50)
+    """
+
+    root: str | Path
+    max_per_class: int | None = None
+
+
+@dataclass
+class Rewiring:
+    """The rewired network and how it was made (``rewire``'s result).
+
+    Parameters
+    ----------
+    model:
+        The rewired copy (the original is untouched): each split channel is replaced by one
+        channel per concept plus a residual, and the next layer reads their sum.
+    splits:
+        One ``ChannelSplit`` per rewired channel (layer, channel, concepts, rho, sources).
+    skipped:
+        Channels that could not be split, with the reason.
+    equivalence:
+        The check that the logits are unchanged (None when nothing was rewired).
+
+    Example
+    -------
+    >>> rewiring = rewire(spec, detections, cube)
+    >>> [(s.layer, s.channel, s.concept_names) for s in rewiring.splits]
+    >>> rewiring.save("disentangled.pt", spec)
+    """
+
+    model: nn.Module
+    splits: list[ChannelSplit]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    equivalence: dict[str, Any] | None = None
+
+    def save(self, path: str | Path, spec: ModelSpec) -> dict[str, Any]:
+        """Write the checkpoint (``load_disentangled(path, base=spec)`` reads it back); returns
+        its JSON spec."""
+        return save_disentangled(path, spec, self.model, self.splits,
+                                 extra={"equivalence": self.equivalence} if self.equivalence else None)
+
+
+def _reader(cube: Cube) -> CubeReader:
+    return cube if isinstance(cube, CubeReader) else CubeReader(str(cube))
+
+
+def open_cube(cube: Cube) -> Any:
+    """The cube as an xarray ``DataTree`` (lazy, dask-backed), labelled by image, class and
+    channel: ``/`` holds per-image coordinates, ``/layers/<layer>`` the per-layer arrays,
+    ``/stats/...`` the class statistics.
+
+    Parameters
+    ----------
+    cube:
+        A cube from ``extract`` or its URL (local path, ``memory://``, ``s3://``, ...).
+
+    Example
+    -------
+    >>> tree = open_cube(cube)
+    >>> tree["layers/layer3.2.conv2"].relevance.groupby("class_name").mean("image")
+    """
+    return _open_cube(cube.url if isinstance(cube, CubeReader) else cube)
+
+
+def extract(
+    spec: ModelSpec,
+    images: ImageFolder | str | Path,
+    store: str,
+    *,
+    layers: str | Sequence[str] = "all",
+    layout: str = "full",
+    chunk_images: int = defaults.CHUNK_IMAGES,
+    batch_size: int = defaults.BATCH_SIZE,
+    target_mode: str = "label",
+    storage_dtype: str = defaults.STORAGE_DTYPE,
+    overwrite: bool = False,
+) -> CubeReader:
+    """Per-image relevance (and activations, input moments) of ``layers`` into a Zarr cube.
+
+    Parameters
+    ----------
+    spec:
+        The model (``ModelSpec``); its identity is the store's, so a store of another network
+        is refused (``CubeMismatch``) unless ``overwrite``.
+    images:
+        An ``ImageFolder`` (or its root folder).
+    store:
+        The cube's URL: a local path, ``memory://name.zarr``, ``s3://...``. An existing store
+        made from the same inputs is resumed.
+    layers:
+        "all", a layer name, a glob pattern (``"layer3.*"``) or a list of those.
+    layout:
+        "full" (one cube serves detection and evaluation), "detection" or "evaluation".
+    chunk_images, batch_size:
+        Images per stored chunk and per forward pass.
+    target_mode:
+        "label" (attribute and group by the folder's class) or "prediction".
+    storage_dtype:
+        "float16" or "float32" for the per-image arrays.
+    overwrite:
+        Replace a store made from other inputs.
+
+    Example
+    -------
+    >>> cube = extract(spec, ImageFolder("data/train"), "memory://train.zarr", layers="layer3.*")
+    >>> cube.layers
+    ['layer3.0.conv1', ...]
+    """
+    source = images if isinstance(images, ImageFolder) else ImageFolder(images)
+    plan = plan_cube(spec, str(source.root), store, layers, chunk_images, target_mode,  # type: ignore[arg-type]
+                     source.max_per_class, overwrite=overwrite,
+                     layout=CubeLayout.preset(layout, dtype=storage_dtype))
+    extract_chunks(store, spec.model.eval(), spec.transform, str(source.root), range(plan.n_chunks), plan.layers,
+                   batch_size, target_mode, input_size=spec.input_size)  # type: ignore[arg-type]
+    return CubeReader(store)
+
+
+def class_statistics(cube: Cube, *, tau: float = defaults.TAU, correct_only: bool = False,
+                     layers: Sequence[str] | None = None) -> dict[str, LayerStats]:
+    """Per layer, the class means of the cube: counts, mean relevance, the fraction of each
+    class's images for which each channel is important (tau rule), mean activations and mean
+    input moments. Stored in the cube under their key, so a second call reads them.
+
+    Parameters
+    ----------
+    cube:
+        A cube from ``extract`` (or its URL).
+    tau:
+        A channel is important for an image when its relevance is at least ``tau`` times the
+        layer's positive relevance.
+    correct_only:
+        Only the images the model classifies correctly.
+    layers:
+        The layers (default: all of the cube's).
+
+    Example
+    -------
+    >>> stats = class_statistics(cube, tau=0.03)
+    >>> stats["layer3.2.conv2"].important_fraction.shape   # (classes, channels)
+    (10, 64)
+    """
+    reader = _reader(cube)
+    _, stats = _reduce.class_statistics(reader.url, tau=tau, layers=layers, correct_only=correct_only)
+    return stats
+
+
+def detect(spec: ModelSpec, cube: Cube, stats: Mapping[str, LayerStats] | None = None, *,
+           params: DetectionParams | None = None, wordnet: bool = False, **overrides: Any) -> list[LayerDetection]:
+    """Polysemantic channels per layer: candidate channels (relevant for several classes),
+    their class pairs with ARV cosines, and the pairs the selection rule keeps.
+
+    Parameters
+    ----------
+    spec:
+        The model the cube was extracted from.
+    cube:
+        The detection cube (or its URL).
+    stats:
+        ``class_statistics`` at the same tau (default: computed, or read from the cube).
+    params:
+        ``DetectionParams`` (tau, p, gamma, rule, k, quantile, ...); ``overrides`` replace
+        single fields, e.g. ``gamma=0.3`` or ``rule="lowest-k", k=2``.
+    wordnet:
+        Add WordNet similarities of each pair's classes (needs the classes' WordNet ids and
+        the WordNet data).
+
+    Example
+    -------
+    >>> detections = detect(spec, cube, gamma=0.5)
+    >>> [(d.layer, len(d.pairs)) for d in detections]
+    """
+    base = params or DetectionParams()
+    chosen = DetectionParams(**{**base.to_dict(), **overrides}) if overrides else base
+    reader = _reader(cube)
+    if stats is None:
+        stats = class_statistics(reader, tau=chosen.tau)
+    found = detect_layers(spec.model, reader.url, stats, chosen, spec.class_names, spec.wnids)
+    if wordnet:
+        add_wordnet_similarities(found)
+    return found
+
+
+def _class_images(cube: CubeReader, spec: ModelSpec, max_images: int) -> Callable[[int], torch.Tensor]:
+    labels = statistics_labels(cube)  # the class the statistics (and the ARVs) grouped by
+    keep = ~cube.skipped()
+    paths = cube.image_paths()
+    limit = image_pixel_limit(cube.attrs)
+
+    def load(t: int) -> torch.Tensor:
+        chosen = paths[(labels == t) & keep][:max_images]
+        images, _, _ = load_batch(cube.dataset_root, list(chosen), spec.transform, input_size=spec.input_size,
+                                  max_image_pixels=limit)
+        if images is None:
+            raise ValueError(f"no readable images of class {t} in {cube.url}")
+        return images
+
+    return load
+
+
+def rewire(
+    spec: ModelSpec,
+    detections: Sequence[LayerDetection],
+    cube: Cube,
+    *,
+    stats: Mapping[str, LayerStats] | None = None,
+    tau: float = defaults.TAU,
+    layers: str | Sequence[str] = "auto",
+    max_per_layer: int | None = None,
+    rho_grid: Sequence[float] = defaults.RHO_GRID,
+    max_images: int = defaults.RHO_MAX_IMAGES_PER_CONCEPT,
+    check_cube: Cube | None = None,
+    check_images: int = defaults.EQUIVALENCE_CHECK_IMAGES,
+) -> Rewiring:
+    """Split each selected channel into one channel per concept and rewire the next layer, so
+    the network computes the same logits; the function is checked on real images.
+
+    Parameters
+    ----------
+    spec:
+        The model; it is not modified (the result holds a rewired copy).
+    detections:
+        ``detect``'s result; per layer, each selected channel's lowest-cosine pair is split.
+    cube:
+        The detection cube: rho is chosen on its images of each concept's class.
+    stats, tau:
+        The class statistics of that cube (default: ``class_statistics(cube, tau=tau)``).
+    layers:
+        "auto" (every layer where pairs were selected), "all", names or glob patterns.
+    max_per_layer:
+        Rewire at most this many channels per layer (lowest cosine first).
+    rho_grid, max_images:
+        Candidate rho values, and images per concept used to choose among them.
+    check_cube, check_images:
+        The cube whose images check the logits (default: ``cube``) and how many.
+
+    Raises ``FunctionChanged`` when the rewired logits differ from the original's.
+
+    Example
+    -------
+    >>> rewiring = rewire(spec, detections, cube, max_per_layer=1)
+    >>> rewiring.equivalence["max_abs_logit_diff"] < 1e-4
+    True
+    """
+    reader = _reader(cube)
+    model = spec.model.eval()
+    plan = plan_rewiring(detections, layers, max_per_layer)
+    if stats is None:
+        stats = class_statistics(reader, tau=tau, layers=sorted({r.layer for r in plan.rows}) or None)
+    splits, skipped = build_splits(model, plan.rows, stats, _class_images(reader, spec, max_images),
+                                   list(rho_grid), max_images)
+    rewired = rewire_model(model, splits)
+    result = Rewiring(rewired, splits, plan.skipped + skipped)
+    if splits:
+        checker = _reader(check_cube) if check_cube is not None else reader
+        paths = [str(p) for p in checker.image_paths()[~checker.skipped()]]
+        step = max(1, len(paths) // check_images)
+        images, _, _ = load_batch(checker.dataset_root, paths[::step][:check_images], spec.transform,
+                                  input_size=spec.input_size, max_image_pixels=image_pixel_limit(checker.attrs))
+        if images is None:
+            raise ValueError(f"no readable image in {checker.url} for the function check")
+        result.equivalence = check_equivalence(model, rewired, images)
+    return result
+
+
+def evaluate(spec: ModelSpec, rewiring: Rewiring, cube: Cube, **options: Any) -> tuple[Evaluation, dict[str, bytes]]:
+    """Table 1 (how well each rewired channel's parts separate their concepts), scores,
+    activation densities, exemplars, feature visualisations and explanations before/after.
+
+    Parameters
+    ----------
+    spec:
+        The original model.
+    rewiring:
+        ``rewire``'s result.
+    cube:
+        An evaluation cube of other images than the detection cube's ("full" or "evaluation"
+        layout).
+    options:
+        Passed to the evaluation driver (``tasks/stage5_evaluate/evaluation.evaluate_run``),
+        e.g. ``featvis_max_channels=0`` (no feature visualisations), ``explain_layers=[]``,
+        ``device="cuda"``.
+
+    Returns (evaluation, figures): a typed record and PNG bytes by figure key.
+
+    Example
+    -------
+    >>> evaluation, figures = evaluate(spec, rewiring, eval_cube, featvis_max_channels=0)
+    >>> evaluation.channels[0].table1[0]
+    """
+    reader = _reader(cube)
+    return evaluate_run(spec.model.eval(), rewiring.model, rewiring.splits, reader.url, spec.transform,
+                        class_names=spec.class_names, wnids=spec.wnids, mean=spec.mean, std=spec.std,
+                        **options)
+
+
+def explain(cube: Cube, layer: str, concepts: Mapping[str, Sequence[int]] | None = None, *,
+            quantile: float | None = defaults.EXPLAIN_ACTIVE_QUANTILE, **options: Any) -> list[dict[str, Any]]:
+    """Compositional explanations (Mu & Andreas 2020) of every channel of ``layer``: the
+    logical formula over concepts whose images best overlap the images that activate it.
+
+    Parameters
+    ----------
+    cube:
+        A cube with per-image activation maxima ("full" or "evaluation" layout).
+    layer:
+        The layer's name.
+    concepts:
+        Concept name -> class ids (default: each class is a concept).
+    quantile:
+        Activation quantile at which a channel counts as active on an image (None: about one
+        class's worth of images).
+    options:
+        Beam search options: ``beam_width``, ``max_length``, ``operators``.
+
+    Example
+    -------
+    >>> explain(cube, "layer3.2.conv2")[0]["formula"]
+    '(cat OR dog)'
+    """
+    reader = _reader(cube)
+    if concepts is None:
+        concepts = {name: [i] for i, name in enumerate(reader.class_names())}
+    return explain_layer(reader.url, layer, {k: frozenset(v) for k, v in concepts.items()}, quantile=quantile,
+                         **options)
+
