@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
@@ -12,8 +13,9 @@ from prefect.cache_policies import NO_CACHE
 
 from polysemantic_disentangle.flows.runtime.cluster import ClusterInfo, cluster_address, inspect_cluster, worker_identity
 from polysemantic_disentangle.flows.runtime.faults import stop_point
-from polysemantic_disentangle.storage.cube import (CubeLayout, CubeWriter, completed_chunks, consolidate, cube_info,
-                          prepare_chunk_writers)
+from polysemantic_disentangle.flows.runtime.progress import stage_progress
+from polysemantic_disentangle.storage.cube import (CubeLayout, CubeWriter, chunk_bounds, completed_chunks, consolidate,
+                                                  cube_info, open_store_group, prepare_chunk_writers)
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import plan_shards
 from polysemantic_disentangle.tasks.stage1_extract.chunks import (ChunkStats, auto_batch_size, extract_chunks, pick_device,
@@ -22,6 +24,7 @@ from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage1_extract.feeding import decode_workers_for, for_device
 from polysemantic_disentangle.tasks.stage1_extract.precision import DEFAULT_PRECISION, check_precision
 from polysemantic_disentangle.tasks.data.grouping import TargetMode
+from polysemantic_disentangle.tasks.progress import Progress
 
 
 def device_slots(device: str) -> list[str]:
@@ -67,7 +70,9 @@ def extract_shard(
         logger.info("batch size %d, chosen from the free memory of %s", batch_size, dev)
     cube = CubeWriter(store_url)
 
-    shard_progress = ShardProgress(shard_index, len(chunks), logger.info)
+    # Per chunk at debug level only: the flow shows the whole extraction's progress, read from
+    # the chunk markers, so that a run over thousands of chunks is not one log line per chunk.
+    shard_progress = ShardProgress(shard_index, len(chunks), logger.debug)
 
     def progress(s: ChunkStats) -> None:
         cube.record_writer(s.chunk, writer)
@@ -126,10 +131,12 @@ def extract_shards(
     target_mode: TargetMode,
     cluster: dict[str, Any] | None = None,
     seed: int = 0,
+    label: str = "extract",
 ) -> list[dict[str, Any]]:
     """Run one shard task per entry of ``shards``: on the Dask cluster described by ``cluster``
     (the caller sets a ``DaskTaskRunner`` on this flow), else on threads here, one chain of
-    shards per local device so that shards never share one."""
+    shards per local device so that shards never share one. Progress (``label``) is counted
+    here, from the chunk markers, wherever the shards run."""
     futures: list = []
     if cluster is not None:
         info = ClusterInfo.from_dict(cluster)
@@ -150,7 +157,57 @@ def extract_shards(
                 slots[i % len(slots)], target_mode, seed,
                 wait_for=[previous] if previous is not None else None,
             ))
-    return [f.result() for f in futures]
+    with stage_progress() as progress:
+        return results_with_progress(futures, ChunkWatch(store_url, [c for s in shards for c in s], progress, label))
+
+
+# How long the flow waits on a shard before it looks at the chunk markers again; at least
+# MARKER_READS_EVERY times as long as one look takes (a store of thousands of chunks at a URL).
+PROGRESS_POLL_S = 2.0
+MARKER_READS_EVERY = 20
+
+
+class ChunkWatch:
+    """The images of ``chunks`` whose completion markers are set, counted into ``progress``.
+    Markers are what every writer leaves, in this process, a Dask worker or a task worker."""
+
+    def __init__(self, store_url: str, chunks: Sequence[int], progress: Progress, label: str) -> None:
+        self.store_url, self.progress = store_url, progress
+        root = open_store_group(store_url, mode="r")
+        self.pending = {int(c): chunk_bounds(root, int(c)) for c in chunks}
+        progress.start(label, sum(hi - lo for lo, hi in self.pending.values()))
+        self.interval = PROGRESS_POLL_S
+
+    def update(self) -> None:
+        if not self.pending:
+            return
+        t = time.monotonic()
+        try:
+            done = completed_chunks(self.store_url)
+        except Exception:  # a marker being written; the next look counts it
+            return
+        self.interval = max(PROGRESS_POLL_S, MARKER_READS_EVERY * (time.monotonic() - t))
+        finished = [c for c in self.pending if done[c]]
+        self.progress.advance(sum(self.pending[c][1] - self.pending[c][0] for c in finished))
+        for c in finished:
+            del self.pending[c]
+
+
+def results_with_progress(futures: Sequence[Any], watch: ChunkWatch) -> list[Any]:
+    """Every future's result, in order (the first failure raises, as ``result()`` does), with
+    ``watch`` updated between waits."""
+    results = []
+    for future in futures:
+        while True:
+            try:
+                results.append(future.result(timeout=watch.interval))
+                break
+            except TimeoutError:
+                if getattr(future, "_final_state", None) is not None:
+                    raise  # the task itself failed with a TimeoutError
+                watch.update()
+        watch.update()
+    return results
 
 
 @flow(name="extract-relevance-cube", log_prints=True)
@@ -221,7 +278,8 @@ def extract_relevance_cube(
                 runner = DaskTaskRunner(address=address)
             run = extract_shards.with_options(task_runner=runner) if runner else extract_shards
             run(store_url, model, weights, manifest.root, [list(s.chunks) for s in shards], selected,
-                batch_size, device, target_mode, cluster.to_dict() if cluster else None, seed)
+                batch_size, device, target_mode, cluster.to_dict() if cluster else None, seed,
+                f"extract ({layout} cube)")
     consolidate(store_url)
     missing = int((~completed_chunks(store_url)).sum())
     if missing:

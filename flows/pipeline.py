@@ -27,6 +27,7 @@ from polysemantic_disentangle.flows.extract import extract_relevance_cube, valid
 from polysemantic_disentangle.flows.runtime.faults import stop_point
 from polysemantic_disentangle.flows.runtime.locking import holding, run_locks
 from polysemantic_disentangle.flows.runtime.outputs import RunOutputs
+from polysemantic_disentangle.flows.runtime.progress import stage_progress
 from polysemantic_disentangle.flows.params import PipelineParams
 from polysemantic_disentangle.flows.preflight import Preflight, run_preflight
 from polysemantic_disentangle.flows.runtime.stage_cache import StageCache
@@ -63,7 +64,9 @@ def _png_markdown(title: str, png: bytes) -> str:
 def reduce_task(store_url: str, tau: float, correct_only: bool, scheduler_address: str | None) -> ReduceResult:
     """Class statistics of every layer, in the store under the key of these parameters (reused
     when a run with the same key, this one or another sharing the store, made them already)."""
-    key, _ = class_statistics(store_url, tau=tau, correct_only=correct_only, scheduler_address=scheduler_address)
+    with stage_progress() as progress:
+        key, _ = class_statistics(store_url, tau=tau, correct_only=correct_only, scheduler_address=scheduler_address,
+                                  progress=progress)
     return ReduceResult(store_url, statistics=key.to_dict())
 
 
@@ -175,10 +178,11 @@ def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, mod
     model = bundle.model.eval()
     plan = plan_rewiring(detection.layer_detections(), rewire_layers, max_per_layer)
     stats = read_stats(train_store, statistics.statistics_key(), sorted({r.layer for r in plan.rows}))
-    splits, skipped = build_splits(model, plan.rows, stats,
-                                   _class_image_loader(train_store, bundle.transform, rho_max_images,
-                                                       bundle.input_size),
-                                   rho_grid, rho_max_images)
+    with stage_progress(logger.info) as progress:
+        splits, skipped = build_splits(model, plan.rows, stats,
+                                       _class_image_loader(train_store, bundle.transform, rho_max_images,
+                                                           bundle.input_size),
+                                       rho_grid, rho_max_images, progress=progress)
     skipped = plan.skipped + skipped
     out = Path(out_dir)
     result = RewiringResult(splits=[s.to_dict() for s in splits], skipped=skipped)
@@ -229,13 +233,14 @@ def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewirin
     # Evaluate what was saved: the checkpoint round trip is part of what is checked.
     rewired, spec = load_disentangled(rewiring.checkpoint, base_weights=weights)
     splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
-    evaluation, figures = evaluate_run(
-        bundle.model.eval(), rewired, splits, eval_store, bundle.transform,
-        class_names=bundle.class_names, wnids=bundle.wnids, tau=params["tau"],
-        batch_size=params["batch_size"], featvis_steps=params["featvis_steps"],
-        featvis_max_channels=params["featvis_channels"], explain_layers="all",
-        explain_quantile=params.get("explain_quantile"),
-        device=pick_device(device), log=logger.info, mean=bundle.mean, std=bundle.std)
+    with stage_progress(logger.info) as progress:
+        evaluation, figures = evaluate_run(
+            bundle.model.eval(), rewired, splits, eval_store, bundle.transform,
+            class_names=bundle.class_names, wnids=bundle.wnids, tau=params["tau"],
+            batch_size=params["batch_size"], featvis_steps=params["featvis_steps"],
+            featvis_max_channels=params["featvis_channels"], explain_layers="all",
+            explain_quantile=params.get("explain_quantile"),
+            device=pick_device(device), log=logger.info, mean=bundle.mean, std=bundle.std, progress=progress)
     return save_evaluation(Path(out_dir), evaluation, figures)
 
 

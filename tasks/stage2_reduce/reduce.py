@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterator, Mapping, Sequence
 
 import dask
+import dask.callbacks
 import dask.array as da
 import numpy as np
 
@@ -29,6 +30,7 @@ from polysemantic_disentangle.storage.cube import (ACTIVATION_MEAN_ARRAY, CLASS_
                                                   consolidate, cube_layout, has_class_stats, layer_names,
                                                   read_layer_stats, write_layer_stats)
 from polysemantic_disentangle.tasks.json_values import JsonRecord
+from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
 from polysemantic_disentangle.tasks.data.grouping import class_sums, statistics_class
 
 
@@ -186,11 +188,13 @@ def reduce_cube(
     subset: Sequence[int] | np.ndarray | None = None,
     scheduler_address: str | None = None,
     moments_from: str = "auto",
+    progress: Progress = NO_PROGRESS,
 ) -> dict[str, LayerStats]:
     """Class statistics of every layer, computed in one dask pass over the store.
 
     ``moments_from``: "class_sums" (extraction-time partials), "per_image", or "auto" (class
-    sums when the cube has them and no ``subset`` is asked for)."""
+    sums when the cube has them and no ``subset`` is asked for). ``progress``: the cube's
+    images, advanced as the pass's tasks finish (on a distributed cluster, at its end)."""
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     n_classes = CubeReader(store_url).n_classes
@@ -198,8 +202,11 @@ def reduce_cube(
     labels = image_selection(store_url, correct_only=correct_only, subset=subset)
     layers = list(layers) if layers is not None else layer_names(store_url)
     graphs = {layer: layer_stats_graph(store_url, layer, labels, n_classes, tau, source) for layer in layers}
-    with dask_scheduler(scheduler_address):
+    progress.start("reduce", len(labels))
+    with dask_scheduler(scheduler_address), _TaskProgress(progress, len(labels)) as counted:
         (computed,) = dask.compute(graphs)
+    progress.advance(len(labels) - counted.advanced)
+    progress.close()
     count = np.bincount(labels[labels >= 0], minlength=n_classes).astype(np.float32)
     denom = np.maximum(count, 1.0)
     out = {}
@@ -214,6 +221,23 @@ def reduce_cube(
             mean_moments=sums["moments"] / denom.reshape(-1, 1, 1, 1) if sums["moments"] is not None else None,
         )
     return out
+
+
+class _TaskProgress(dask.callbacks.Callback):
+    """``images`` advanced in equal shares as the local scheduler finishes each task of the
+    graph (a distributed scheduler calls no local callbacks: the caller adds what is left)."""
+
+    def __init__(self, progress: Progress, images: int) -> None:
+        super().__init__()
+        self.progress, self.images = progress, images
+        self.share = self.advanced = 0.0
+
+    def _start_state(self, dsk: Any, state: dict[str, Any]) -> None:
+        self.share = self.images / max(len(state["ready"]) + len(state["waiting"]), 1)
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        self.advanced += self.share
+        self.progress.advance(self.share)
 
 
 @dataclass(frozen=True)
@@ -298,6 +322,7 @@ def class_statistics(
     correct_only: bool = False,
     subset: Sequence[int] | np.ndarray | None = None,
     scheduler_address: str | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> tuple[StatisticsKey, dict[str, LayerStats]]:
     """The class statistics these parameters give: read from the store when a set with this
     exact key is there, else computed by ``reduce_cube`` and stored under its key."""
@@ -307,6 +332,6 @@ def class_statistics(
     if has_stats(store_url, key, layers):
         return key, read_stats(store_url, key, layers)
     stats = reduce_cube(store_url, tau=tau, layers=layers, correct_only=correct_only, subset=subset,
-                        scheduler_address=scheduler_address)
+                        scheduler_address=scheduler_address, progress=progress)
     write_stats(store_url, key, stats)
     return key, stats

@@ -16,6 +16,7 @@ from torch import nn
 
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.presets import AUTO_REWIRE
+from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
 from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, PairRow, channels_to_rewire, class_arvs
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, NotApplicable, choose_rho, collect_layer_inputs
@@ -82,10 +83,13 @@ def build_splits(
     class_images: Callable[[int], torch.Tensor],
     grid: Sequence[float] = defaults.RHO_GRID,
     max_images: int = defaults.RHO_MAX_IMAGES_PER_CONCEPT,
+    progress: Progress = NO_PROGRESS,
 ) -> tuple[list[ChannelSplit], list[dict]]:
     """A ``ChannelSplit`` per row, rho chosen on ``class_images(t)`` (detection images of class
-    t). Rows that cannot be split are returned as skipped with the reason."""
+    t). Rows that cannot be split are returned as skipped with the reason. ``progress``: one
+    unit per row."""
     splits, skipped = [], []
+    progress.start("rho selection", len(rows), "channels")
     # A (layer, class)'s inputs are kept from their first use to their last only: at 224 px one
     # concept's inputs of an early layer are up to max_images x C x 112 x 112 floats (hundreds of
     # MB), so keeping every pair for the whole stage grew with the number of rewired layers.
@@ -113,4 +117,6 @@ def build_splits(
             for t in classes:
                 if last_use[(row.layer, t)] == i:
                     inputs.pop((row.layer, t), None)
+            progress.advance()
+    progress.close()
     return splits, skipped

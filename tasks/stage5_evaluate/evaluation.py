@@ -27,6 +27,7 @@ from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.json_values import JsonRecord, jsonable
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from polysemantic_disentangle.tasks.plots import activation_densities, image_grid
+from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import statistics_labels
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, DisentangledConv2d, split_part_names
 from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
@@ -151,6 +152,7 @@ def evaluate_run(
     log: Callable[[str], None] | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    progress: Progress = NO_PROGRESS,
 ) -> tuple[Evaluation, dict[str, bytes]]:
     """Evaluate rewired channels on the images of an evaluation cube.
 
@@ -166,6 +168,7 @@ def evaluate_run(
     are listed best score first. Feature visualisations are made for the
     ``featvis_max_channels`` best-scoring channels only (0 for none), all in one batched
     optimisation of at most ``featvis_steps`` steps (each image stops where its objective converges).
+    ``progress``: the model pass (images) and the feature visualisation (steps), as two phases.
     """
     say = log or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -183,7 +186,7 @@ def evaluate_run(
     if candidates.size == 0:
         raise ValueError(f"{eval_cube_url} has no usable evaluation images")
     images, runs = model_pass(original, rewired, splits, cube, cube_labels, candidates, transform, batch_size,
-                              dev, dataset_root)
+                              dev, dataset_root, progress=progress)
     timings["model_pass"] = time.perf_counter() - t0
     say(f"evaluation pass: {len(images)} images, {len(splits)} channels, {timings['model_pass']:.1f} s")
 
@@ -207,7 +210,7 @@ def evaluate_run(
     t = time.perf_counter()
     figures |= featvis_figures(channels, by_key, original, rewired, images, featvis_steps=featvis_steps,
                                featvis_max_channels=featvis_max_channels, featvis_size=featvis_size,
-                               mean=mean, std=std, device=dev)
+                               mean=mean, std=std, device=dev, progress=progress)
     timings["feature_visualisation"] = time.perf_counter() - t
     if any(c.featvis_steps for c in channels):
         say(f"feature visualisation: {sum(len(c.featvis_steps) for c in channels)} images, "
@@ -254,7 +257,7 @@ def evaluation_candidates(cube: CubeReader, labels: np.ndarray, max_per_class: i
 def model_pass(
     original: nn.Module, rewired: nn.Module, splits: Sequence[ChannelSplit], cube: CubeReader,
     cube_labels: np.ndarray, candidates: np.ndarray, transform: Callable, batch_size: int, device: torch.device,
-    dataset_root: str | None = None,
+    dataset_root: str | None = None, progress: Progress = NO_PROGRESS,
 ) -> tuple[EvaluationImages, ChannelRuns]:
     """One pass of each model over the candidate images (``run_channels``), decoding the next
     batch while the models run; images that fail to decode drop out of every statistic."""
@@ -263,8 +266,10 @@ def model_pass(
     loaded: list[np.ndarray] = []
     input_shape: list[tuple[int, ...]] = []
     stream = _streamed_images(data_root, [str(p) for p in paths[candidates]], transform, batch_size,
-                              loaded, input_shape)
+                              loaded, input_shape, progress)
+    progress.start("evaluate: model pass", len(candidates))
     runs = run_channels(original, rewired, splits, stream, batch_size, device)
+    progress.close()
     rows = candidates[np.concatenate(loaded)] if loaded else np.zeros(0, np.int64)
     images = EvaluationImages(data_root=str(data_root), paths=paths, candidates=candidates, rows=rows,
                               labels=cube_labels[rows],
@@ -393,6 +398,7 @@ def featvis_figures(
     channels: Sequence[ChannelEvaluation], runs: Mapping[tuple[str, int], ChannelRun], original: nn.Module,
     rewired: nn.Module, images: EvaluationImages, *, featvis_steps: int, featvis_max_channels: int | None,
     featvis_size: int | None, mean: Sequence[float], std: Sequence[float], device: torch.device,
+    progress: Progress = NO_PROGRESS,
 ) -> dict[str, bytes]:
     """Feature visualisations of the original channel and each concept channel, for the
     ``featvis_max_channels`` best-ranked channels (None: all), all optimised together
@@ -407,7 +413,7 @@ def featvis_figures(
     splits = [runs[(c.layer, c.channel)].split for c in shown]
     groups = featvis_targets(original, rewired, splits)
     done = visualise_channels([t for g in groups for t in g], size=size, steps=featvis_steps, mean=mean, std=std,
-                              device=device, seed=0)
+                              device=device, seed=0, progress=progress)
     start = 0
     for c, s, group in zip(shown, splits, groups, strict=True):
         pictures = done.images[start:start + len(group)]
@@ -491,11 +497,11 @@ def _to_pixels(batch: Tensor, mean: Sequence[float], std: Sequence[float]) -> li
 
 def _streamed_images(
     dataset_root: str, paths: Sequence[str], transform: Callable, batch_size: int, loaded: list[np.ndarray],
-    shape: list[tuple[int, ...]],
+    shape: list[tuple[int, ...]], progress: Progress = NO_PROGRESS,
 ) -> Iterator[Tensor]:
     """Batches of decoded images, the next one decoded in a thread while the models run; the
     positions (in ``paths``) of the images that decoded go to ``loaded``, the input shape of
-    one image to ``shape``."""
+    one image to ``shape``; a batch counts in ``progress`` once the models are done with it."""
     starts = list(range(0, len(paths), batch_size))
 
     def load(s: int) -> tuple[Tensor | None, np.ndarray, list[str]]:
@@ -512,6 +518,7 @@ def _streamed_images(
                 if not shape:
                     shape.append(tuple(images.shape[1:]))
                 yield images
+            progress.advance(len(paths[s:s + batch_size]))
 
 
 def _first_per_class(labels: np.ndarray, n: int) -> np.ndarray:

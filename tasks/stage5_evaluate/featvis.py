@@ -58,6 +58,7 @@ from polysemantic_disentangle.tasks.defaults import (
 )
 from polysemantic_disentangle.tasks.models.hooks import StopForward, forward_until, hooked
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
 
 # Objective: (model, normalised input batch (N, 3, H, W)) -> scalar to maximise.
 ObjectiveFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -388,6 +389,7 @@ def optimise(
     rotate_degrees: float = FEATVIS_ROTATE_DEGREES,
     window: int = FEATVIS_CONVERGENCE_WINDOW,
     tol: float = FEATVIS_CONVERGENCE_TOL,
+    on_step: Callable[[], None] | None = None,
 ) -> Visualisations:
     """Optimise ``n`` images together, image i to maximise objective i of ``objective_fn``.
 
@@ -398,7 +400,8 @@ def optimise(
     initialisation and transforms come from its own generator. ``models``: the models the
     objectives run, already on ``device``; they run in eval mode (their modes are restored
     after) and their parameters are not touched. With fixed seeds the result is reproducible on
-    the CPU; CUDA's grid_sample backward is not deterministic.
+    the CPU; CUDA's grid_sample backward is not deterministic. ``on_step``: called after each
+    step (progress).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
@@ -460,6 +463,8 @@ def optimise(
                 else:
                     still.append(i)
             active = still
+            if on_step is not None:
+                on_step()
         with torch.no_grad():
             images = [to_uint8(render(params[i:i + 1])) for i in range(n)]
     finally:
@@ -563,10 +568,12 @@ def visualise_channels(
     batch: int = FEATVIS_BATCH,
     budget_bytes: int = FEATVIS_MEMORY_BUDGET_BYTES,
     device: str | torch.device = "cpu",
+    progress: Progress = NO_PROGRESS,
     **options: Any,
 ) -> Visualisations:
     """One image per (model, target), optimised together (``optimise`` with
-    ``channels_objective``).
+    ``channels_objective``). ``progress``: ``steps`` per group, a group that converges early
+    counted whole.
 
     The targets are cut into consecutive groups of ``images_per_pass`` images, one optimisation
     each, so that a large model at 224 px stays within ``budget_bytes``; an image comes out the
@@ -580,14 +587,23 @@ def visualise_channels(
     if not targets:
         return out
     per_pass = images_per_pass(targets, size, batch=batch, budget_bytes=budget_bytes, device=device)
+    progress.start("feature visualisation", steps * math.ceil(len(targets) / per_pass), "steps")
     for start in range(0, len(targets), per_pass):
         group = list(targets[start:start + per_pass])
+        taken = [0]
+
+        def step() -> None:
+            taken[0] += 1
+            progress.advance()
+
         done = optimise(list({id(m): m for m, _ in group}.values()), channels_objective(group, batch), len(group),
                         size=size, steps=steps, seed=seeds[start:start + per_pass], batch=batch, device=device,
-                        **options)
+                        on_step=step, **options)
+        progress.advance(steps - taken[0])
         out.images += done.images
         out.steps += done.steps
         out.history += done.history
+    progress.close()
     return out
 
 
