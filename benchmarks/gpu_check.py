@@ -19,7 +19,9 @@
 
 Without CUDA it exits 2 and says so. ``--device cpu --dry`` runs every part on the CPU at toy
 size (a few classes, tiny batches): what tests/test_gpu_check.py runs, so that the first GPU
-finds no untried code. ``--parts 1,2`` runs some parts only.
+finds no untried code. ``--parts 1,2`` runs some parts only; ``--classes N`` takes the first N
+sample classes. What bf16 changes on the CPU (``check_precision``'s record):
+``--device cpu --dry --parts 4 --classes 250 --models efficientnet_lite0``.
 
     python benchmarks/gpu_check.py [--out /tmp/gpu-check] [--parts 1,2,3,4] [--device cuda]
 """
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="1,2,3,4", help="which parts to run (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="the first N sample classes only (default: all 1,000; 4 with --dry)")
+    parser.add_argument("--models", default="resnet50,efficientnet_lite0", help="part 4's models (default: %(default)s)")
     args = parser.parse_args(argv)
 
     import torch
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     dry = args.dry
     # Toy sizes keep the dry run to the code paths; the real sizes fit the 8-minute budget.
-    n_classes = 4 if dry else None
+    n_classes = args.classes if args.classes is not None else (4 if dry else None)
     data = class_subset(SAMPLES, work / "samples", n_classes)
     figures: dict[str, Any] = {"device": args.device, "dry": dry}
     t_start = time.perf_counter()
@@ -227,11 +232,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def precision() -> Any:
         batch, chunk = (4, 4) if dry else (128, 512)
-        out = [compare_precision_sets("resnet50", "random", data, work / "precision-resnet50", args.device,
-                                      batch, chunk)]
-        out.append(compare_precision_sets("efficientnet_lite0", None, data, work / "precision-lite0", args.device,
-                                          batch, chunk))
-        return out
+        weights = {"resnet50": "random"}  # others: their public weights
+        return [compare_precision_sets(m, weights.get(m), data, work / f"precision-{m}", args.device, batch, chunk)
+                for m in args.models.split(",") if m.strip()]
 
     part(4, "detection sets, bf16 autocast against fp32", precision)
     total = time.perf_counter() - t_start

@@ -52,3 +52,18 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path, assets_dir: Path) -> None:
     for model in got["part4"]:
         assert set(model) >= {"candidates", "pairs", "selected", "identical", "max_cosine_shift"}, model
     assert "extraction images/s" in out.stdout and "bf16 against fp32" in out.stdout
+
+
+def test_a_random_weights_runs_checkpoint_loads_with_its_weights_argument(tmp_path: Path) -> None:
+    """`disentangle run --weights random` (what gpu-check runs) evaluates its rewired checkpoint
+    with base_weights "random": the seeded initialisation, recorded with no weights file."""
+    from polysemantic_disentangle.tasks.models.registry import load_model
+    from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled, save_disentangled
+
+    bundle = load_model("cifar_resnet20", "random", seed=3)
+    path = tmp_path / "disentangled.pt"
+    save_disentangled(path, bundle, bundle.model, [])
+    for weights in ("random", None):
+        model, _ = load_disentangled(path, base_weights=weights)
+        x = torch.rand(2, 3, 32, 32)
+        torch.testing.assert_close(model(x), bundle.model.eval()(x))

@@ -207,7 +207,6 @@ def detect_in_precision(
     from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, plan_cube
     from polysemantic_disentangle.tasks.stage1_extract.feeding import decode_workers_for, for_device
     from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
-    from polysemantic_disentangle.tasks.models.conv_geometry import layer_groups, layer_weight
     from polysemantic_disentangle.tasks.stage3_detect.detect import detect_layer
 
     dev = torch.device(device)
@@ -227,8 +226,13 @@ def detect_in_precision(
     t0 = time.perf_counter()
     modules = dict(model.named_modules())
     no_wnids = [None] * len(bundle.class_names)
+
+    def weight(layer: str) -> torch.Tensor:
+        w = modules[layer].weight.detach()
+        return w[:, :, None, None] if w.dim() == 2 else w  # a Linear layer is a 1x1 conv
+
     # detect_layer itself, not detect_layers: that one drops every pair but the table's rows.
-    detections = [detect_layer(layer, layer_weight(modules[layer]), layer_groups(modules[layer]), s, params,
+    detections = [detect_layer(layer, weight(layer), getattr(modules[layer], "groups", 1), s, params,
                                bundle.class_names, no_wnids) for layer, s in stats.items()]
     seconds["detect"] = time.perf_counter() - t0
     return PrecisionRun(precision, detection_sets(detections, params), seconds, store_url)

@@ -97,6 +97,9 @@ def load_disentangled(
     if base is not None:
         return _rewired_from(path, blob, spec, base)
     record = spec["base"]
+    if base_weights == RANDOM_WEIGHTS:
+        # The seeded initialisation, not a file: its record names no weights file either.
+        base_weights = None
     weights = base_weights if base_weights is not None else record.get("weights_path")
     expected_sha = record.get("weights_sha256")
     if weights is not None and expected_sha is not None:
