@@ -24,6 +24,7 @@ import pytest
 from polysemantic_disentangle.flows.runtime.cluster import stop_process_group
 from polysemantic_disentangle.storage.cube import chunk_writers, completed_chunks, open_store_group
 from tests.conftest import PROJECT_ROOT, cifar_subset
+from tests.test_progress import latest_progress_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +177,9 @@ def test_shards_run_on_both_workers_into_s3(cluster, s3, images, reference_store
     _assert_same_store(reference_store, url)
     # Chunks are objects in the bucket: the data went through the S3 API.
     assert s3.find(f"{BUCKET}/extract/cube.zarr/layers/{LAYERS[1]}/relevance")
+    # Written in the workers' processes, counted by the flow from the chunk markers.
+    progress = latest_progress_artifact("progress-extract-detection-cube")
+    assert float(progress.data) == 100.0 and progress.description.startswith("extract (detection cube): 80 images in ")
 
 
 def test_worker_killed_mid_shard_is_retried_elsewhere(cluster, images, reference_store) -> None:

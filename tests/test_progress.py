@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -146,12 +147,23 @@ def test_rho_selection_opens_and_closes_its_phase() -> None:
                                 "closed": True}]
 
 
+def latest_progress_artifact(key: str) -> Any:
+    """The newest artifact of ``key`` in the test API, checked to be a progress artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key}"
+    latest = max(found, key=lambda a: a.created)
+    assert latest.type == "progress" and latest.flow_run_id is not None
+    return latest
+
+
 def test_prefect_run_keeps_a_progress_artifact_at_100_percent(tmp_path, assets_dir, prefect_api) -> None:
     """Shards on threads (markers counted by the flow) and the reduce stage's dask pass, each
     with its artifact at 100% and the image count in its description."""
     from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from polysemantic_disentangle.flows.extract import extract_relevance_cube
     from polysemantic_disentangle.flows.pipeline import reduce_task
@@ -166,13 +178,39 @@ def test_prefect_run_keeps_a_progress_artifact_at_100_percent(tmp_path, assets_d
         reduce_task(store, 0.03, False, None)
 
     reduce_only()
-    keys = {"progress-extract-detection-cube": "extract (detection cube): 20 images in ",
-            "progress-reduce": "reduce: 20 images in "}
-    with get_client(sync_client=True) as client:
-        for key, text in keys.items():
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-            assert found, f"no artifact {key}"
-            latest = max(found, key=lambda a: a.created)
-            assert latest.type == "progress" and float(latest.data) == pytest.approx(100.0)
-            assert latest.description.startswith(text), latest.description
-            assert latest.flow_run_id is not None
+    for key, text in {"progress-extract-detection-cube": "extract (detection cube): 20 images in ",
+                      "progress-reduce": "reduce: 20 images in "}.items():
+        latest = latest_progress_artifact(key)
+        assert float(latest.data) == pytest.approx(100.0)
+        assert latest.description.startswith(text), latest.description
+
+
+def test_waiting_on_shards_looks_at_the_markers_between_waits() -> None:
+    from polysemantic_disentangle.flows.extract import results_with_progress
+
+    class Slow:
+        """A future that times out ``n`` times before it has its result."""
+
+        def __init__(self, n: int, value: Any) -> None:
+            self.n, self.value, self._final_state = n, value, None
+
+        def result(self, timeout: float | None = None) -> Any:
+            if self.n:
+                self.n -= 1
+                raise TimeoutError
+            if isinstance(self.value, Exception):
+                self._final_state = "failed"
+                raise self.value
+            return self.value
+
+    class Watch:
+        interval, looks = 0.0, 0
+
+        def update(self) -> None:
+            self.looks += 1
+
+    watch = Watch()
+    assert results_with_progress([Slow(2, "a"), Slow(0, "b")], watch) == ["a", "b"]
+    assert watch.looks == 4  # twice while waiting, once after each result
+    with pytest.raises(TimeoutError, match="the task's own"):  # a task that failed with a TimeoutError
+        results_with_progress([Slow(1, TimeoutError("the task's own"))], Watch())
