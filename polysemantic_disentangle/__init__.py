@@ -28,11 +28,11 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what editors and type checkers resolve; at run time ``__getattr__`` imports them
-    from polysemantic_disentangle.api import (ImageFolder, ModelSpec, Rewiring, class_statistics, detect, evaluate,
-                                              explain, extract, load_disentangled, open_cube, rewire)
+    from polysemantic_disentangle.api import (DatasetSource, ImageFolder, ModelSpec, Rewiring, class_statistics,
+                                              detect, evaluate, explain, extract, load_disentangled, open_cube, rewire)
 
-__all__ = ["ImageFolder", "ModelSpec", "Rewiring", "class_statistics", "detect", "evaluate", "explain", "extract",
-           "load_disentangled", "open_cube", "rewire"]
+__all__ = ["DatasetSource", "ImageFolder", "ModelSpec", "Rewiring", "class_statistics", "detect", "evaluate", "explain",
+           "extract", "load_disentangled", "open_cube", "rewire"]
 
 
 def __getattr__(name: str) -> object:

@@ -22,7 +22,7 @@ from torch import nn
 from polysemantic_disentangle.storage.cube import CubeLayout, CubeReader
 from polysemantic_disentangle.storage.cube import open_cube as _open_cube
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.data.images import DatasetSource, ImageSource, load_batch
 from polysemantic_disentangle.tasks.models.spec import ModelSpec
 from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, image_pixel_limit, plan_cube
 from polysemantic_disentangle.tasks.stage2_reduce import reduce as _reduce
@@ -35,10 +35,15 @@ from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, ch
 from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import explain_layer
 from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import Evaluation, evaluate_run
 
-__all__ = ["ImageFolder", "ModelSpec", "Rewiring", "class_statistics", "detect", "evaluate", "explain", "extract",
-           "load_disentangled", "open_cube", "rewire"]
+__all__ = ["DatasetSource", "ImageFolder", "ModelSpec", "Rewiring", "class_statistics", "detect", "evaluate", "explain",
+           "extract", "load_disentangled", "open_cube", "rewire"]
 
 Cube = CubeReader | str
+Images = ImageSource | str | Path  # a source, or a folder path (what the cube records)
+
+# The source each cube of this process was extracted from: a cube records only the keys of a
+# dataset's items, so the later steps read the items through the same source object.
+_SOURCES: dict[str, ImageSource] = {}
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,10 @@ def _reader(cube: Cube) -> CubeReader:
     return cube if isinstance(cube, CubeReader) else CubeReader(str(cube))
 
 
+def _images_of(cube: CubeReader, given: ImageSource | None = None) -> Images:
+    return given if given is not None else _SOURCES.get(cube.url, cube.dataset_root)
+
+
 def open_cube(cube: Cube) -> Any:
     """The cube as an xarray ``DataTree`` (lazy, dask-backed), labelled by image, class and
     channel: ``/`` holds per-image coordinates, ``/layers/<layer>`` the per-layer arrays,
@@ -120,7 +129,7 @@ def open_cube(cube: Cube) -> Any:
 
 def extract(
     spec: ModelSpec,
-    images: ImageFolder | str | Path,
+    images: ImageFolder | ImageSource | str | Path,
     store: str,
     *,
     layers: str | Sequence[str] = "all",
@@ -139,7 +148,9 @@ def extract(
         The model (``ModelSpec``); its identity is the store's, so a store of another network
         is refused (``CubeMismatch``) unless ``overwrite``.
     images:
-        An ``ImageFolder`` (or its root folder).
+        An ``ImageFolder`` (or its root folder), or any ``ImageSource`` such as
+        ``DatasetSource(dataset)`` over a map-style ``torch.utils.data.Dataset`` of
+        (image, class index) items; the later steps read that cube's images through it.
     store:
         The cube's URL: a local path, ``memory://name.zarr``, ``s3://...``. An existing store
         made from the same inputs is resumed.
@@ -162,13 +173,20 @@ def extract(
     >>> cube.layers
     ['layer3.0.conv1', ...]
     """
-    source = images if isinstance(images, ImageFolder) else ImageFolder(images)
-    plan = plan_cube(spec, str(source.root), store, layers, chunk_images, target_mode,  # type: ignore[arg-type]
-                     source.max_per_class, overwrite=overwrite,
-                     layout=CubeLayout.preset(layout, dtype=storage_dtype))
-    extract_chunks(store, spec.model.eval(), spec.transform, str(source.root), range(plan.n_chunks), plan.layers,
-                   batch_size, target_mode, input_size=spec.input_size)  # type: ignore[arg-type]
-    return CubeReader(store)
+    if isinstance(images, ImageSource):
+        data: ImageSource | str = images
+        per_class = None
+    else:
+        folder = images if isinstance(images, ImageFolder) else ImageFolder(images)
+        data, per_class = str(folder.root), folder.max_per_class
+    plan = plan_cube(spec, data, store, layers, chunk_images, target_mode,  # type: ignore[arg-type]
+                     per_class, overwrite=overwrite, layout=CubeLayout.preset(layout, dtype=storage_dtype))
+    extract_chunks(store, spec.model.eval(), spec.transform, data, range(plan.n_chunks),  # type: ignore[arg-type]
+                   plan.layers, batch_size, target_mode, input_size=spec.input_size)  # type: ignore[arg-type]
+    reader = CubeReader(store)
+    if isinstance(data, ImageSource):
+        _SOURCES[reader.url] = data
+    return reader
 
 
 def class_statistics(cube: Cube, *, tau: float = defaults.TAU, correct_only: bool = False,
@@ -236,19 +254,21 @@ def detect(spec: ModelSpec, cube: Cube, stats: Mapping[str, LayerStats] | None =
     return found
 
 
-def _class_images(cube: CubeReader, spec: ModelSpec, max_images: int) -> Callable[[int], torch.Tensor]:
+def _class_images(cube: CubeReader, spec: ModelSpec, max_images: int,
+                  images: ImageSource | None = None) -> Callable[[int], torch.Tensor]:
     labels = statistics_labels(cube)  # the class the statistics (and the ARVs) grouped by
     keep = ~cube.skipped()
     paths = cube.image_paths()
     limit = image_pixel_limit(cube.attrs)
+    root = _images_of(cube, images)
 
     def load(t: int) -> torch.Tensor:
         chosen = paths[(labels == t) & keep][:max_images]
-        images, _, _ = load_batch(cube.dataset_root, list(chosen), spec.transform, input_size=spec.input_size,
-                                  max_image_pixels=limit)
-        if images is None:
+        batch, _, _ = load_batch(root, list(chosen), spec.transform, input_size=spec.input_size,
+                                 max_image_pixels=limit)
+        if batch is None:
             raise ValueError(f"no readable images of class {t} in {cube.url}")
-        return images
+        return batch
 
     return load
 
@@ -266,6 +286,7 @@ def rewire(
     max_images: int = defaults.RHO_MAX_IMAGES_PER_CONCEPT,
     check_cube: Cube | None = None,
     check_images: int = defaults.EQUIVALENCE_CHECK_IMAGES,
+    images: ImageSource | None = None,
 ) -> Rewiring:
     """Split each selected channel into one channel per concept and rewire the next layer, so
     the network computes the same logits; the function is checked on real images.
@@ -288,6 +309,9 @@ def rewire(
         Candidate rho values, and images per concept used to choose among them.
     check_cube, check_images:
         The cube whose images check the logits (default: ``cube``) and how many.
+    images:
+        The source ``cube`` was extracted from, when not by ``extract`` in this process (a
+        cube of a ``DatasetSource`` records only the items' keys).
 
     Raises ``FunctionChanged`` when the rewired logits differ from the original's.
 
@@ -302,7 +326,7 @@ def rewire(
     plan = plan_rewiring(detections, layers, max_per_layer)
     if stats is None:
         stats = class_statistics(reader, tau=tau, layers=sorted({r.layer for r in plan.rows}) or None)
-    splits, skipped = build_splits(model, plan.rows, stats, _class_images(reader, spec, max_images),
+    splits, skipped = build_splits(model, plan.rows, stats, _class_images(reader, spec, max_images, images),
                                    list(rho_grid), max_images)
     rewired = rewire_model(model, splits)
     result = Rewiring(rewired, splits, plan.skipped + skipped)
@@ -310,15 +334,17 @@ def rewire(
         checker = _reader(check_cube) if check_cube is not None else reader
         paths = [str(p) for p in checker.image_paths()[~checker.skipped()]]
         step = max(1, len(paths) // check_images)
-        images, _, _ = load_batch(checker.dataset_root, paths[::step][:check_images], spec.transform,
-                                  input_size=spec.input_size, max_image_pixels=image_pixel_limit(checker.attrs))
-        if images is None:
+        root = _images_of(checker, images if checker is reader else None)
+        batch, _, _ = load_batch(root, paths[::step][:check_images], spec.transform,
+                                 input_size=spec.input_size, max_image_pixels=image_pixel_limit(checker.attrs))
+        if batch is None:
             raise ValueError(f"no readable image in {checker.url} for the function check")
-        result.equivalence = check_equivalence(model, rewired, images)
+        result.equivalence = check_equivalence(model, rewired, batch)
     return result
 
 
-def evaluate(spec: ModelSpec, rewiring: Rewiring, cube: Cube, **options: Any) -> tuple[Evaluation, dict[str, bytes]]:
+def evaluate(spec: ModelSpec, rewiring: Rewiring, cube: Cube, *, images: ImageSource | None = None,
+             **options: Any) -> tuple[Evaluation, dict[str, bytes]]:
     """Table 1 (how well each rewired channel's parts separate their concepts), scores,
     activation densities, exemplars, feature visualisations and explanations before/after.
 
@@ -331,6 +357,8 @@ def evaluate(spec: ModelSpec, rewiring: Rewiring, cube: Cube, **options: Any) ->
     cube:
         An evaluation cube of other images than the detection cube's ("full" or "evaluation"
         layout).
+    images:
+        The source ``cube`` was extracted from, when not by ``extract`` in this process.
     options:
         Passed to the evaluation driver (``tasks/stage5_evaluate/evaluation.evaluate_run``),
         e.g. ``featvis_max_channels=0`` (no feature visualisations), ``explain_layers=[]``,
@@ -344,6 +372,9 @@ def evaluate(spec: ModelSpec, rewiring: Rewiring, cube: Cube, **options: Any) ->
     >>> evaluation.channels[0].table1[0]
     """
     reader = _reader(cube)
+    root = _images_of(reader, images)
+    if isinstance(root, ImageSource):
+        options = {**options, "dataset_root": root}
     return evaluate_run(spec.model.eval(), rewiring.model, rewiring.splits, reader.url, spec.transform,
                         class_names=spec.class_names, wnids=spec.wnids, mean=spec.mean, std=spec.std,
                         **options)

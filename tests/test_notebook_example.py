@@ -46,3 +46,33 @@ def test_readme_notebook_example_runs_verbatim(assets_dir: Path, tmp_path: Path,
         torch.testing.assert_close(rewiring.model(x), original, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(rewired(x), original, rtol=1e-4, atol=1e-4)
     assert namespace["evaluation"].channels[0].table1
+    # The training cube records the dataset's item keys, and was read through the source.
+    train = namespace["train"]
+    assert train.dataset_root == "dataset:my-train" and len(train.image_paths()) == 200
+    assert not train.skipped().any()
+
+
+def test_a_dataset_item_that_cannot_be_read_is_recorded_not_raised(tmp_path: Path) -> None:
+    import numpy as np
+    from torch import nn
+
+    import polysemantic_disentangle as pdis
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int):
+            if i == 4:
+                raise OSError("disk gone")
+            return np.full((8, 8, 3), 40 * i, np.uint8), i % 2
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    spec = pdis.ModelSpec(net, ["a", "b"], trained=False)
+    cube = pdis.extract(spec, pdis.DatasetSource(Items()), "memory://items-test.zarr", layers="2",
+                        chunk_images=3, batch_size=3)
+    assert cube.skipped().tolist() == [False, False, False, False, True, False]
+    assert list(cube.image_paths()) == ["0", "1", "2", "3", "4", "5"]
+    assert cube.dataset_root == "dataset:Items"

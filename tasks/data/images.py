@@ -11,7 +11,7 @@ from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -403,7 +403,7 @@ def _batch_shape(shapes: Sequence[tuple[int, ...]], input_size: Sequence[int] | 
 
 
 def load_batch(
-    root: str | Path, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
+    root: str | Path | ImageSource, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
     executor: Executor | None = None, *, input_size: Sequence[int] | None = None,
     max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor | None, np.ndarray, list[str]]:
@@ -414,11 +414,18 @@ def load_batch(
     with its reason, never raised (``decode_image``); so is an image whose tensor after the
     transform does not have the model's ``input_size`` (height, width), as a transform that
     does not resize leaves it. Without ``input_size`` the batch's most common shape is kept."""
-    root = Path(root)
-    if executor is not None:
-        decoded = list(executor.map(lambda p: decode_image(root / p, transform, max_image_pixels), paths))
+    if isinstance(root, ImageSource):
+        source = root
+
+        def decode(p: str) -> Decoded:
+            return source.decode(p, transform, max_image_pixels)
     else:
-        decoded = [decode_image(root / p, transform, max_image_pixels) for p in paths]
+        folder = Path(root)
+
+        def decode(p: str) -> Decoded:
+            return decode_image(folder / p, transform, max_image_pixels)
+
+    decoded = list(executor.map(decode, paths)) if executor is not None else [decode(p) for p in paths]
     reasons = [d.reason for d in decoded]
     shape = _batch_shape([tuple(d.tensor.shape) for d in decoded if d.tensor is not None], input_size)
     tensors, ok = [], np.zeros(len(paths), dtype=bool)
@@ -432,3 +439,131 @@ def load_batch(
         tensors.append(d.tensor)
         ok[i] = True
     return (torch.stack(tensors) if tensors else None), ok, reasons
+
+
+# ---------------------------------------------------------------------------------------
+# Image sources other than a folder
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """Images by a stable key: where ``load_batch`` (and with it the extraction, the rho
+    selection, the function check and the evaluation) reads when given a source instead of a
+    folder. ``keys`` are recorded in the cube as its image paths; ``identity`` (with a hash of
+    the keys and labels) is the cube's dataset identity."""
+
+    def keys(self) -> Sequence[str]: ...
+
+    def labels(self) -> np.ndarray: ...
+
+    def decode(self, key: str, transform: Callable[[Image.Image], torch.Tensor],
+               max_image_pixels: int = defaults.MAX_IMAGE_PIXELS) -> Decoded: ...
+
+    def identity(self) -> dict[str, Any]: ...
+
+
+def _as_pil(item: Any) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, torch.Tensor):
+        from torchvision.transforms.functional import to_pil_image
+
+        return to_pil_image(item)
+    array = np.asarray(item)
+    if array.dtype != np.uint8:
+        raise TypeError(f"an image array must be uint8 (H, W[, C]), got {array.dtype}")
+    return Image.fromarray(array)
+
+
+class DatasetSource:
+    """Images from any map-style dataset (``torch.utils.data.Dataset`` or anything with
+    ``__len__`` and ``__getitem__``). Its keys are the item indices; an item that cannot be read
+    or converted is recorded as skipped with its reason, as an unreadable file is.
+
+    Parameters
+    ----------
+    dataset:
+        Items (image, label): a PIL image, a uint8 (H, W, C) array or a (C, H, W) tensor, and
+        the model's class index (``dataset.targets``, when present, is read for the labels).
+    name:
+        The dataset's name in the cube's identity (default: its class name); give another name
+        for other contents, since the items themselves are not hashed.
+
+    Example
+    -------
+    >>> train = DatasetSource(my_dataset, name="cifar10-train-2000")
+    >>> cube = extract(spec, train, "memory://train.zarr", layers="layer3.*")
+    """
+
+    def __init__(self, dataset: Any, name: str | None = None) -> None:
+        self.dataset = dataset
+        self.name = name or type(dataset).__name__
+        self._labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def keys(self) -> Sequence[str]:
+        return [str(i) for i in range(len(self))]
+
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            targets = getattr(self.dataset, "targets", None)
+            if targets is not None and len(targets) == len(self):
+                self._labels = np.asarray(targets, dtype=np.int64)
+            else:
+                self._labels = np.asarray([self._label(i) for i in range(len(self))], dtype=np.int64)
+        return self._labels
+
+    def _label(self, i: int) -> int:
+        try:
+            return int(self.dataset[i][1])
+        except Exception:  # the item is unreadable: decode() records why, and -1 counts it in no class
+            return -1
+
+    def decode(self, key: str, transform: Callable[[Image.Image], torch.Tensor],
+               max_image_pixels: int = defaults.MAX_IMAGE_PIXELS) -> Decoded:
+        size = None
+        try:
+            image = _as_pil(self.dataset[int(key)][0])
+            size = image.size
+            if reason := too_many_pixels(size, max_image_pixels):
+                return Decoded(None, reason, size)
+            return Decoded(transform(to_rgb(image)), "", size)
+        except Exception as exc:  # the dataset's own errors too: recorded, like an unreadable file
+            return Decoded(None, f"unreadable item {key}: {type(exc).__name__}: {exc}", size)
+
+    def identity(self) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for k, label in zip(self.keys(), self.labels().tolist()):
+            h.update(f"{k}\t{label}\n".encode())
+        return {"root": str(self), "n_images": len(self), "manifest_sha256": h.hexdigest(), "n_folders": 0}
+
+    def __str__(self) -> str:
+        return f"dataset:{self.name}"
+
+
+@dataclass(frozen=True)
+class SourceManifest(Manifest):
+    """The manifest of an ``ImageSource``: its keys as the paths, its identity as the dataset's."""
+
+    source: Any = None
+
+    def identity(self) -> dict:
+        return self.source.identity()
+
+
+def source_manifest(source: ImageSource, max_per_class: int | None = None) -> Manifest:
+    """The source's items in key order (the first ``max_per_class`` of each class)."""
+    keys, labels = list(source.keys()), np.asarray(source.labels(), dtype=np.int64)
+    if max_per_class is not None:
+        seen: Counter[int] = Counter()
+        chosen = []
+        for i, label in enumerate(labels.tolist()):
+            seen[label] += 1
+            if seen[label] <= max_per_class:
+                chosen.append(i)
+        keys, labels = [keys[i] for i in chosen], labels[chosen]
+    if not keys:
+        raise ValueError(f"{source} holds no images")
+    return SourceManifest(str(source), tuple(keys), labels, (), source)

@@ -16,7 +16,8 @@ from polysemantic_disentangle.storage.cube import (ACTIVATION_MAX_ARRAY, ACTIVAT
                            CubeLayout, CubeReader, CubeWriter, LayerShape, create_cube, store_exists)
 from polysemantic_disentangle.tasks.data.grouping import TargetMode, statistics_class, subset_class_sums
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.data.images import Manifest, load_batch, scan_image_folder
+from polysemantic_disentangle.tasks.data.images import (ImageSource, Manifest, load_batch, scan_image_folder,
+                                                       source_manifest)
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, select_layers
 from polysemantic_disentangle.tasks.stage1_extract.precision import (DEFAULT_PRECISION, autocast, precision_attrs,
                                                                     store_precision)
@@ -61,7 +62,7 @@ class CubePlan:
 
 def plan_cube(
     bundle: ModelBundle,
-    data_dir: str,
+    data_dir: str | ImageSource,
     store_url: str,
     layers: str | Sequence[str],
     chunk_images: int,
@@ -84,8 +85,11 @@ def plan_cube(
     if target_mode not in ("label", "prediction"):
         raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
     selected = select_layers(bundle.model, layers)
-    manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids, max_per_class,
-                                 allow_unmatched=target_mode == "prediction")
+    if isinstance(data_dir, ImageSource):
+        manifest = source_manifest(data_dir, max_per_class)
+    else:
+        manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids, max_per_class,
+                                     allow_unmatched=target_mode == "prediction")
     infos = {info.name: info for info in conv_layers(bundle.model)}
     shapes = {name: LayerShape(infos[name].out_channels, infos[name].in_channels, infos[name].kernel_size,
                                infos[name].groups)

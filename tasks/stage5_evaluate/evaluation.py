@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from polysemantic_disentangle.storage.cube import CubeReader
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.data.images import load_batch
+from polysemantic_disentangle.tasks.data.images import ImageSource, load_batch
 from polysemantic_disentangle.tasks.json_values import JsonRecord, jsonable
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from polysemantic_disentangle.tasks.plots import activation_densities, image_grid
@@ -271,7 +271,9 @@ def model_pass(
     runs = run_channels(original, rewired, splits, stream, batch_size, device)
     progress.close()
     rows = candidates[np.concatenate(loaded)] if loaded else np.zeros(0, np.int64)
-    images = EvaluationImages(data_root=str(data_root), paths=paths, candidates=candidates, rows=rows,
+    # A source (``ImageSource``) stays an object: the exemplars read their images through it too.
+    root = data_root if isinstance(data_root, ImageSource) else str(data_root)
+    images = EvaluationImages(data_root=root, paths=paths, candidates=candidates, rows=rows,
                               labels=cube_labels[rows],
                               input_shape=input_shape[0] if input_shape else None)
     return images, runs
