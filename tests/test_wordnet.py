@@ -78,6 +78,23 @@ def test_wup_check_value(shared_wordnet: Path) -> None:
     assert json.loads(json.dumps(sim)) == sim
 
 
+def test_fast_wu_palmer_is_nltks_on_imagenet_class_pairs(shared_wordnet: Path) -> None:
+    """The per-synset route Figure 3 takes gives nltk's own Wu-Palmer value (the oracle) on
+    random pairs of the 1,000 ImageNet classes, the same class twice, and one class that is a
+    hypernym of another (dog / Chihuahua)."""
+    import random
+
+    from polysemantic_disentangle.tasks.data.classes import imagenet_wnids
+
+    wnids = imagenet_wnids()
+    rng = random.Random(0)
+    pairs = [tuple(rng.sample(wnids, 2)) for _ in range(1500)] + [(w, w) for w in wnids[:20]]
+    pairs += [("n02084071", "n02085620"), ("n02085620", "n02084071"), ("n02084071", "n00007846")]
+    for a, b in pairs:
+        expected = wn.to_synset(a).wup_similarity(wn.to_synset(b))
+        assert wn.wup_similarity(a, b) == expected, (a, b)
+
+
 def test_path_similarity_sanity(shared_wordnet: Path) -> None:
     cat, dog, truck = "n02121620", "n02084071", "n04490091"
     assert wn.pair_similarity(dog, dog)["path"] == 1.0

@@ -468,9 +468,77 @@ def pair_similarity(wnid_a: str | Synset, wnid_b: str | Synset) -> dict[str, Any
 
 def wup_similarity(wnid_a: str, wnid_b: str) -> float | None:
     """Wu-Palmer similarity of two classes alone (what Figure 3 plots for every candidate pair;
-    ``pair_similarity`` also walks paths and hypernyms, several times the cost)."""
-    value = to_synset(wnid_a).wup_similarity(to_synset(wnid_b))
+    ``pair_similarity`` also walks paths and hypernyms, several times the cost).
+
+    Nouns take ``_noun_wup``, nltk's ``Synset.wup_similarity`` over ancestor distances kept per
+    synset: a 1,000-class model has hundreds of thousands of class pairs, and nltk walks both
+    hypernym graphs and re-reads the corpus version from its data file on every call (about
+    1 ms a pair). Other parts of speech (a simulated root) go to nltk."""
+    a, b = _cached_synset(wnid_a), _cached_synset(wnid_b)
+    if a.pos() == b.pos() == "n":
+        return _noun_wup(a, b)
+    value = a.wup_similarity(b)
     return None if value is None else float(value)
+
+
+# Per synset, kept for the process (WordNet 3.0 does not change under a running process; the
+# keys are synsets of the verified reader): resolving a wnid re-checks the provisioned corpus,
+# and nltk recomputes min_depth along every hypernym path on each call.
+_synsets: dict[str, Synset] = {}
+_ancestor_distances: dict[Synset, dict[Synset, int]] = {}
+_min_depths: dict[Synset, int] = {}
+
+
+def _cached_synset(wnid: str) -> Synset:
+    if wnid not in _synsets:
+        _synsets[wnid] = to_synset(wnid)
+    return _synsets[wnid]
+
+
+def _min_depth(s: Synset) -> int:
+    if s not in _min_depths:
+        _min_depths[s] = s.min_depth()
+    return _min_depths[s]
+
+
+def _distances(s: Synset) -> dict[Synset, int]:
+    """Every hypernym of ``s`` (itself included) -> its shortest hypernym-path distance, the
+    breadth-first walk of nltk's ``_shortest_hypernym_paths`` without a simulated root."""
+    if s not in _ancestor_distances:
+        out: dict[Synset, int] = {}
+        frontier, depth = [s], 0
+        while frontier:
+            nxt = []
+            for t in frontier:
+                if t not in out:
+                    out[t] = depth
+                    nxt += _parents(t)
+            frontier, depth = nxt, depth + 1
+        _ancestor_distances[s] = out
+    return _ancestor_distances[s]
+
+
+def _path_distance(da: dict[Synset, int], db: dict[Synset, int]) -> float:
+    return min((d + db[t] for t, d in da.items() if t in db), default=math.inf)
+
+
+def _noun_wup(a: Synset, b: Synset) -> float | None:
+    """nltk 3.9's ``Synset.wup_similarity(other)`` for two nouns of WordNet 3.0 (no simulated
+    root): the lowest common hypernym by minimum depth (``use_min_depth=True``), ties by name
+    with ``a`` itself preferred, its maximum depth + 1 against the paths to it."""
+    da, db = _distances(a), _distances(b)
+    common = [t for t in da if t in db]
+    if not common:
+        return None
+    deepest = max(_min_depth(t) for t in common)
+    lowest = sorted(t for t in common if _min_depth(t) == deepest)
+    subsumer = a if a in lowest else lowest[0]
+    depth = subsumer.max_depth() + 1
+    ds = _distances(subsumer)
+    len1, len2 = _path_distance(da, ds), _path_distance(db, ds)
+    if math.isinf(len1) or math.isinf(len2):
+        return None
+    return (2.0 * depth) / (len1 + depth + len2 + depth)
 
 
 def _lch(a: Synset, b: Synset) -> float | None:
