@@ -4,6 +4,7 @@ run on the CPU at toy size, so that the first GPU it meets finds no untried code
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,14 +30,14 @@ def test_gpu_check_refuses_clearly_without_cuda() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # about 10 minutes on a busy 2-core machine: ResNet-50 in emulated bf16
+@pytest.mark.timeout(1800)  # 15 minutes on a busy 2-core machine: a whole run, ResNet-50 in emulated bf16
 def test_gpu_check_dry_run_on_cpu(tmp_path: Path, assets_dir: Path) -> None:
     """Every part at toy size on the CPU: extraction against the floor in fp32 and bf16, the
     feed, a whole `disentangle run` with its stage times, bf16's detection sets against fp32."""
     figures = tmp_path / "figures.json"
     out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--dry", "--out", str(tmp_path / "work"),
                           "--json", str(figures)], capture_output=True, text=True, cwd=PROJECT_ROOT,
-                         env={**__import__("os").environ, "DISENTANGLE_ASSETS": str(assets_dir)}, timeout=1500)
+                         env={**os.environ, "DISENTANGLE_ASSETS": str(assets_dir)}, timeout=1700)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-6000:]
     got = json.loads(figures.read_text())
     rows = got["part1"]
