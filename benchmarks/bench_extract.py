@@ -14,6 +14,9 @@ the same model on the same batches) <= 1.3 on CPU, both measured in this one run
   (``batch_relevance`` skips parameter gradients), so extract / bare-inputgrad is the cost of
   the hooks, the numpy copies and the writes alone.
 - relevance-only (optional, ``--variants``): ``batch_relevance`` without numpy or writes.
+- extract-convs (optional, ``--variants``): ``extract`` on the conv layers only. With
+  ``--layers all`` (every conv and every Linear layer over channels, e.g. ConvNeXt's pointwise
+  layers) extract / extract-convs is what adding the Linear layers costs in the same one pass.
 
 All variants run on the same chunks in one process, interleaved chunk by chunk with a rotating
 order, so that load from other processes hits all of them alike. The headline ratio is the
@@ -24,6 +27,11 @@ the median pass times.
     python benchmarks/bench_extract.py [--images 2048] [--batch 128] [--chunk 512]
                                        [--repeats 3] [--threads 2] [--profile]
                                        [--variants bare,extract,extract+decode,bare-inputgrad]
+                                       [--layers convs|all]
+
+    # the extraction cost of ConvNeXt-Tiny's Linear layers against its convs alone
+    python benchmarks/bench_extract.py --model convnext_tiny --layers all --images 24 --batch 8 \
+        --chunk 8 --variants bare,extract,extract-convs
 """
 
 from __future__ import annotations
@@ -45,14 +53,15 @@ import polysemantic_disentangle.tasks.stage1_extract.chunks as extract_mod  # no
 from polysemantic_disentangle.storage.cube import LayerShape, create_cube, open_store_group  # noqa: E402
 from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
-from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model  # noqa: E402
+from polysemantic_disentangle.tasks.models.registry import analysable_layers, conv_layers, load_model  # noqa: E402
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance  # noqa: E402
 
-ALL_VARIANTS = ("bare", "extract", "extract+decode", "bare-inputgrad", "relevance-only")
+ALL_VARIANTS = ("bare", "extract", "extract+decode", "bare-inputgrad", "relevance-only", "extract-convs")
 DEFAULT_VARIANTS = "bare,extract,extract+decode,bare-inputgrad"
 NOTES = {"extract": "TARGET <= 1.3", "extract+decode": "info: JPEG decoding included",
          "bare-inputgrad": "info: minimal backward, no parameter gradients",
-         "relevance-only": "info: no numpy, no writes"}
+         "relevance-only": "info: no numpy, no writes",
+         "extract-convs": "info: the conv layers only"}
 
 
 def evenly_spaced(n_total: int, n: int) -> np.ndarray:
@@ -81,6 +90,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="also profile one extraction pass")
+    parser.add_argument("--layers", choices=("convs", "all"), default="convs",
+                        help="convs: every Conv2d; all: every Conv2d and Linear layer over channels "
+                             "(the final classifier left out), as `disentangle run --layers all`")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (bare is always run)")
     args = parser.parse_args()
@@ -95,8 +107,9 @@ def main() -> None:
     cifar = args.model.startswith("cifar_")
     bundle = load_model(args.model, None if cifar else "random")
     model = bundle.model.eval()
-    infos = conv_layers(model)
+    infos = conv_layers(model) if args.layers == "convs" else analysable_layers(model)
     layers = [i.name for i in infos]
+    conv_names = [i.name for i in infos if i.kind == "conv"]
     data_root = cifar10_image_folder("test") if cifar else Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-samples"
     manifest = scan_image_folder(data_root, bundle.class_names, bundle.wnids)
     manifest = manifest.subset(evenly_spaced(len(manifest), args.images))
@@ -115,11 +128,13 @@ def main() -> None:
     n_chunks = -(-n // args.chunk)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    stores = {v: str(tmp / f"{v}.zarr") for v in ("extract", "extract+decode")}
-    shapes = {i.name: LayerShape(i.out_channels, i.in_channels, i.kernel_size, i.groups) for i in infos}
-    for url in stores.values():
+    stores = {v: str(tmp / f"{v}.zarr") for v in ("extract", "extract+decode", "extract-convs")}
+    shapes = {i.name: LayerShape(i.out_channels, i.in_channels, i.kernel_size, i.groups, i.kind) for i in infos}
+    for v, url in stores.items():
         create_cube(url, image_paths=manifest.paths, labels=manifest.labels, class_names=bundle.class_names,
-                    class_wnids=bundle.wnids, layers=shapes, chunk_images=args.chunk,
+                    class_wnids=bundle.wnids,
+                    layers={k: shapes[k] for k in conv_names} if v == "extract-convs" else shapes,
+                    chunk_images=args.chunk,
                     attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": "label"})
 
     params = [p for p in model.parameters()]
@@ -143,11 +158,12 @@ def main() -> None:
         for images, labels in ordered[chunk * per_chunk:(chunk + 1) * per_chunk]:
             batch_relevance(model, images, labels, layers, "label")
 
-    def extract(chunk: int, decode: bool) -> None:
+    def extract(chunk: int, decode: bool, convs_only: bool = False) -> None:
         extract_mod.load_batch = real_load_batch if decode else predecoded
+        store = stores["extract-convs" if convs_only else "extract+decode" if decode else "extract"]
         try:
-            extract_mod.extract_chunks(stores["extract+decode" if decode else "extract"], model, bundle.transform,
-                                       str(data_root), [chunk], layers, args.batch, "label", skip_done=False)
+            extract_mod.extract_chunks(store, model, bundle.transform, str(data_root), [chunk],
+                                       conv_names if convs_only else layers, args.batch, "label", skip_done=False)
         finally:
             extract_mod.load_batch = real_load_batch
 
@@ -157,6 +173,7 @@ def main() -> None:
         "extract+decode": lambda c: extract(c, True),
         "bare-inputgrad": bare_inputgrad,
         "relevance-only": relevance_only,
+        "extract-convs": lambda c: extract(c, False, convs_only=True),
     }
 
     # Warm-up: one chunk of each (allocator, thread pools, first Zarr writes).
@@ -191,7 +208,7 @@ def main() -> None:
     cpu_passes = {v: [sum(r) for r in cpu[v]] for v in variants}
     med = {v: statistics.median(passes[v]) for v in variants}
     cpu_med = {v: statistics.median(cpu_passes[v]) for v in variants}
-    print(f"{args.model} ({'real' if cifar else 'random'} weights) on {'CIFAR-10 test' if cifar else 'ImageNet samples, 224 px'}, {len(layers)} conv layers, {n} images, batch {args.batch}, "
+    print(f"{args.model} ({'real' if cifar else 'random'} weights) on {'CIFAR-10 test' if cifar else 'ImageNet samples, 224 px'}, {len(layers)} layers ({len(conv_names)} conv, {len(layers) - len(conv_names)} Linear), {n} images, batch {args.batch}, "
           f"chunk {args.chunk}, {args.threads} torch threads, {args.repeats} repeats x {n_chunks} chunks, "
           f"variants interleaved chunk by chunk in rotating order")
     print(f"store on disk: {store_bytes / 2**20:.1f} MiB for {n} images ({store_bytes / n / 1024:.1f} KiB/image)")
@@ -209,6 +226,13 @@ def main() -> None:
               f"(medians: {med['extract'] / med['bare-inputgrad']:.3f} wall; "
               f"{cpu_med['extract'] / cpu_med['bare-inputgrad']:.3f} CPU)   "
               "[info: hooks + numpy + writes over the minimal backward]")
+
+    if "extract-convs" in variants and "extract" in variants:
+        print(f"  extract / extract-convs: {paired(times['extract'], times['extract-convs']):.3f}   "
+              f"(medians: {med['extract'] / med['extract-convs']:.3f} wall; "
+              f"{cpu_med['extract'] / cpu_med['extract-convs']:.3f} CPU; "
+              f"per-chunk CPU {paired(cpu['extract'], cpu['extract-convs']):.3f})   "
+              "[info: what the Linear layers add to the one pass]")
 
     if args.profile:
         import cProfile

@@ -181,7 +181,7 @@ def show_run(run_dir: str, examples: int = 3) -> None:
 
     run = Path(run_dir)
     detection = read_run_file(run / "detection.json")
-    print(f"{'layer':<28}{'channels':>9}{'candidates':>11}{'pairs':>9}{'paper':>8}{'selected':>9}"
+    print(f"{'layer':<28}{'kind':>7}{'channels':>9}{'candidates':>11}{'pairs':>9}{'paper':>8}{'selected':>9}"
           f"{'imp/img':>9}{'rel/ch':>8}{'img/cls':>9}  lowest-cosine pairs (channel: classes, cos, Wu-Palmer)")
     warnings = []
     for det, summary in zip(detection["detections"], detection["layers"]):
@@ -191,7 +191,9 @@ def show_run(run_dir: str, examples: int = 3) -> None:
         if not det["applicable"]:
             ex = "not applicable: " + det["reason"]
         diag = det.get("diagnostics") or {}
-        print(f"{det['layer']:<28}{summary['channels']:>9}{summary['candidates']:>11}{summary['pairs']:>9}"
+        # Runs made before Linear layers were analysed record no kind: their layers are convs.
+        kind = "Linear" if summary.get("kind") == "linear" else "conv"
+        print(f"{det['layer']:<28}{kind:>7}{summary['channels']:>9}{summary['candidates']:>11}{summary['pairs']:>9}"
               f"{summary['paper_polysemantic_pairs']:>8}{summary['selected_pairs']:>9}"
               f"{_g(diag.get('important_per_image_median')):>9}{_g(diag.get('relevant_classes_median')):>8}"
               f"{_g(diag.get('images_per_class_median')):>9}  {ex}")

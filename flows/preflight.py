@@ -24,7 +24,7 @@ from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import Manifest, reason_kind, scan_image_folder, screen_images
 from polysemantic_disentangle.tasks.stage4_rewire.plan import resolve_rewire_layers
 from polysemantic_disentangle.tasks.stage5_evaluate.featvis import estimated_seconds
-from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, load_model, select_layers
+from polysemantic_disentangle.tasks.models.registry import ModelBundle, analysable_layers, load_model, select_layers
 from polysemantic_disentangle.tasks.presets import preset_for
 
 __all__ = ["DatasetCheck", "Preflight", "prepare_stores", "run_preflight"]
@@ -106,6 +106,7 @@ class Preflight:
     notes: list[str] = field(default_factory=list)  # what the report says in its first lines
     timed_batches: list[int] = field(default_factory=list)  # batch sizes timed for the estimate
     estimated_featvis_s: float = float("nan")  # at most (tasks/stage5_evaluate/featvis.estimated_seconds)
+    layer_kinds: dict[str, int] = field(default_factory=dict)  # analysed layers per kind ("conv", "linear")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +134,7 @@ class Preflight:
                if self.target_mode == "prediction" else " (dataset folders)"),
             "  " + self.train.line(),
             "  " + self.eval.line(),
-            f"  layers   {self.layers} conv layers ({self.first_layer} .. {self.last_layer}); "
+            f"  layers   {self.layers} {_kinds_text(self.layer_kinds)} ({self.first_layer} .. {self.last_layer}); "
             f"{self.arv_layers} applicable for ARVs",
             f"  rewire   {rewire}; {bound} per layer; gamma {self.gamma:g} "
             f"(model preset: {self.preset})",
@@ -156,12 +157,20 @@ class Preflight:
         return "\n".join(self.lines())
 
 
+def _kinds_text(kinds: dict[str, int]) -> str:
+    """ "conv layers" when every analysed layer is a conv (and in records made before Linear
+    layers were analysed), else the count of each kind."""
+    if not kinds.get("linear"):
+        return "conv layers"
+    return f"layers: {kinds.get('conv', 0)} conv, {kinds['linear']} Linear"
+
+
 def _bytes_per_image(bundle: ModelBundle, layers: list[str], layout: CubeLayout) -> int:
     """Per-image bytes of a cube of ``layout`` before compression. The class sums come on top,
     once per chunk and class present, whatever the number of images."""
     import numpy as np
 
-    infos = {i.name: i for i in conv_layers(bundle.model)}
+    infos = {i.name: i for i in analysable_layers(bundle.model, include_classifier=True)}
     itemsize = np.dtype(layout.dtype).itemsize
     total = 64  # path, label, prediction, target, logit, flags
     for name in layers:
@@ -237,7 +246,7 @@ def _time_extraction(bundle: ModelBundle, manifest: Manifest, layers: list[str],
     from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkSpec, compute_chunk
 
     layout = _layout(params, "train")
-    infos = {i.name: i for i in conv_layers(bundle.model)}
+    infos = {i.name: i for i in analysable_layers(bundle.model, include_classifier=True)}
     moment_layers = tuple(n for n in layers if infos[n].in_channels // infos[n].groups >= 2)
     spec = ChunkSpec(layout, moment_layers if layout.class_sums or layout.per_image_moments else (),
                      len(bundle.class_names))
@@ -328,8 +337,9 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
                                                 allow_unmatched=prediction)
         except ValueError as exc:
             raise ValueError(f"{role}_dir {root}: {exc}") from None
-    infos = {i.name: i for i in conv_layers(bundle.model)}
+    infos = {i.name: i for i in analysable_layers(bundle.model, include_classifier=True)}
     arv_layers = sum(infos[n].in_channels // infos[n].groups >= 2 for n in selected)
+    layer_kinds = {kind: sum(infos[n].kind == kind for n in selected) for kind in ("conv", "linear")}
     with ThreadPoolExecutor(defaults.DECODE_WORKERS) as pool:
         screened = {role: screen_images(m.root, m.paths, bundle.transform, bundle.input_size,
                                         params.max_image_pixels, pool) for role, m in manifests.items()}
@@ -392,7 +402,7 @@ def run_preflight(params: PipelineParams, measure: bool = True, stores: bool = T
                         for role in ("train", "eval")),
         seconds_per_image=per_image,
         estimated_extraction_s=estimated, warnings=warnings, notes=notes, timed_batches=timed_batches,
-        estimated_featvis_s=featvis_s)
+        estimated_featvis_s=featvis_s, layer_kinds=layer_kinds)
 
 
 def _layout(params: PipelineParams, role: str) -> CubeLayout:

@@ -192,6 +192,9 @@ class LayerShape:
     in_channels: int
     kernel_size: tuple[int, int]
     groups: int = 1
+    # "conv", or "linear": a Linear layer over a channel axis, stored as a 1x1 conv (its moments
+    # are per-position sums of the input features, (C_in, 1, 1) per image).
+    kind: str = "conv"
 
     @property
     def arv_applicable(self) -> bool:
@@ -199,13 +202,18 @@ class LayerShape:
         return self.in_channels // self.groups >= 2
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out_channels": self.out_channels, "in_channels": self.in_channels,
-                "kernel_size": list(self.kernel_size), "groups": self.groups}
+        out = {"out_channels": self.out_channels, "in_channels": self.in_channels,
+               "kernel_size": list(self.kernel_size), "groups": self.groups}
+        # Written only for Linear layers: a conv layer's record (and with it the fingerprint of
+        # every store made before Linear layers were analysed) stays as it was.
+        if self.kind != "conv":
+            out["kind"] = self.kind
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerShape":
         return cls(int(d["out_channels"]), int(d["in_channels"]), tuple(d["kernel_size"]),  # type: ignore[arg-type]
-                   int(d.get("groups", 1)))
+                   int(d.get("groups", 1)), str(d.get("kind", "conv")))
 
 
 @dataclass(frozen=True)

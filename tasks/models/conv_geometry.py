@@ -1,18 +1,72 @@
-"""Where a conv's zero padding sits, as its forward hook sees the input.
+"""Where a conv's zero padding sits, as its forward hook sees the input, and how a Linear layer
+over a channel axis reads as a conv.
 
 Relevance needs the padded input's geometry (a conv row's receptive field starts ``top``
 rows above the unpadded image); the registry needs the kernel and stride pairs. Both read
 them here, so a model whose padding cannot be modelled fails in one place.
+
+An ``nn.Linear`` applied over the last axis of an (N, ..., C) tensor (ConvNeXt's channels-last
+pointwise layers, a transformer's MLP over tokens, or a plain (N, C) layer) is a 1x1 conv over
+its positions. ``channels_first`` shows its tensors as (N, C, positions, 1) and ``layer_weight``
+its weight as (C_out, C_in, 1, 1), so every formula written for convs (relevance summed over
+space, input moments, ARVs, row splits) applies to it unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
+import torch
 from torch import nn
 
-__all__ = ["conv_input_padding", "conv_padding", "pair"]
+__all__ = ["LayerKind", "channels_first", "conv_input_padding", "conv_padding", "layer_groups", "layer_kind",
+           "layer_weight", "linear_as_conv", "pair"]
+
+LayerKind = Literal["conv", "linear"]
+
+
+def layer_kind(module: nn.Module) -> LayerKind:
+    """"conv" for an ``nn.Conv2d``, "linear" for an ``nn.Linear`` (subclasses included)."""
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    raise TypeError(f"{type(module).__name__} is neither a Conv2d nor a Linear layer")
+
+
+def channels_first(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A layer's input or output as (N, C, H, W): unchanged for convs; for a Linear, its
+    (N, ..., C) tensor as (N, C, positions, 1), a view wherever the memory allows."""
+    if not isinstance(module, nn.Linear):
+        return t
+    if t.dim() < 2:
+        raise ValueError(f"a Linear layer's tensor needs a batch axis and a channel axis, got {tuple(t.shape)}")
+    return t.reshape(t.shape[0], -1, t.shape[-1]).transpose(1, 2).unsqueeze(-1)
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as a conv's (C_out, C_in / groups, kh, kw); a Linear's as (C_out, C_in, 1, 1)."""
+    if isinstance(module, nn.Linear):
+        return module.weight[:, :, None, None]
+    return module.weight
+
+
+def layer_groups(module: nn.Module) -> int:
+    return int(getattr(module, "groups", 1)) if isinstance(module, nn.Conv2d) else 1
+
+
+def linear_as_conv(linear: nn.Linear) -> nn.Conv2d:
+    """The 1x1 conv that computes ``linear`` on ``channels_first`` inputs (weights copied)."""
+    conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight[:, :, None, None])
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+    conv.weight.requires_grad_(linear.weight.requires_grad)
+    return conv
 
 
 def pair(value: int | Sequence[int]) -> tuple[int, int]:

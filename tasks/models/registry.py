@@ -38,7 +38,9 @@ __all__ = [
     "ModelBundle",
     "ModelSpec",
     "RANDOM_WEIGHTS",
+    "analysable_layers",
     "available_models",
+    "classifier_layer",
     "conv_layers",
     "Weights",
     "load_model",
@@ -65,6 +67,8 @@ class ConvLayerInfo:
     padding: tuple[int, int] | str
     dilation: tuple[int, int]
     groups: int
+    # "conv" (nn.Conv2d) or "linear" (nn.Linear over the last axis, described as a 1x1 conv)
+    kind: str = "conv"
 
 
 # The name the registry's result had before it could be built around any module.
@@ -419,42 +423,94 @@ def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: 
 
 
 # ---------------------------------------------------------------------------------------
-# Conv layers
+# Analysed layers: convs and Linear layers over a channel axis
 
 
 def conv_layers(model: nn.Module) -> list[ConvLayerInfo]:
     """Every ``nn.Conv2d`` (subclasses included) by qualified name, in module order."""
+    return [info for info in analysable_layers(model) if info.kind == "conv"]
+
+
+def _conv_info(name: str, module: nn.Conv2d) -> ConvLayerInfo:
+    padding = module.padding if isinstance(module.padding, str) else _pair(module.padding)
+    return ConvLayerInfo(
+        name=name,
+        in_channels=module.in_channels,
+        out_channels=module.out_channels,
+        kernel_size=_pair(module.kernel_size),
+        stride=_pair(module.stride),
+        padding=padding,
+        dilation=_pair(module.dilation),
+        groups=module.groups,
+    )
+
+
+def _linear_info(name: str, module: nn.Linear) -> ConvLayerInfo:
+    # A Linear over the last axis is a 1x1 conv over its positions (conv_geometry.channels_first).
+    return ConvLayerInfo(name=name, in_channels=module.in_features, out_channels=module.out_features,
+                         kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                         kind="linear")
+
+
+def classifier_layer(model: nn.Module) -> str | None:
+    """The name of the output layer when it is a Linear (the last Conv2d or Linear in module
+    order), else None: its units are the logits, not channels of a feature map."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            last = (name, module)
+    return last[0] if last is not None and isinstance(last[1], nn.Linear) else None
+
+
+# Attention modules that read their Linear children's weights in a functional call instead of
+# calling them (no hook sees those layers); torchvision Swin V2's also holds an MLP over the
+# relative-position table, which has no batch axis.
+_FUNCTIONAL_ATTENTION = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2"}
+
+
+def _functional_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__ in _FUNCTIONAL_ATTENTION
+
+
+def analysable_layers(model: nn.Module, include_classifier: bool = False) -> list[ConvLayerInfo]:
+    """Every ``nn.Conv2d`` and every ``nn.Linear`` (subclasses included) by qualified name, in
+    module order, ``kind`` telling which. Left out: the Linear layers inside attention modules
+    that never call them (``nn.MultiheadAttention``, torchvision Swin's window attention) and,
+    unless ``include_classifier``, the final classifier (``classifier_layer``)."""
+    skip = {f"{name}.{child}" if name else child
+            for name, module in model.named_modules() if _functional_attention(module)
+            for child, sub in module.named_modules() if child and isinstance(sub, nn.Linear)}
+    if not include_classifier:
+        skip.add(classifier_layer(model) or "")
     layers = []
     for name, module in model.named_modules():
+        if name in skip:
+            continue
         if isinstance(module, nn.Conv2d):
-            padding = module.padding if isinstance(module.padding, str) else _pair(module.padding)
-            layers.append(
-                ConvLayerInfo(
-                    name=name,
-                    in_channels=module.in_channels,
-                    out_channels=module.out_channels,
-                    kernel_size=_pair(module.kernel_size),
-                    stride=_pair(module.stride),
-                    padding=padding,
-                    dilation=_pair(module.dilation),
-                    groups=module.groups,
-                )
-            )
+            layers.append(_conv_info(name, module))
+        elif isinstance(module, nn.Linear):
+            layers.append(_linear_info(name, module))
     return layers
 
 
 def select_layers(model: nn.Module, selector: str | Sequence[str] = "all") -> list[str]:
-    """Conv layer names chosen by "all", a name, a glob pattern, or a list of those."""
-    names = [info.name for info in conv_layers(model)]
+    """Analysed layer names (convs and Linear layers, ``analysable_layers``) chosen by "all", a
+    name, a glob pattern, or a list of those. "all" and patterns leave the final classifier out;
+    naming it exactly selects it."""
+    names = [info.name for info in analysable_layers(model)]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no Conv2d layers")
+        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layers to analyse")
     if isinstance(selector, str):
         if selector == "all":
             return names
         selector = [selector]
+    classifier = classifier_layer(model)
     chosen: set[str] = set()
     for item in selector:
         if item in names:
+            chosen.add(item)
+            continue
+        if item == classifier:
             chosen.add(item)
             continue
         hits = [n for n in names if fnmatch.fnmatchcase(n, item)]
@@ -462,8 +518,9 @@ def select_layers(model: nn.Module, selector: str | Sequence[str] = "all") -> li
             shown = names if len(names) <= 6 else names[:5] + ["..."] + names[-1:]
             preview = ", ".join(shown)
             raise ValueError(
-                f"no conv layer matches {item!r} ({len(names)} conv layers: {preview}); "
+                f"no conv or Linear layer matches {item!r} ({len(names)} layers: {preview}); "
                 "use a name, a glob pattern such as 'layer3.*', or 'all'"
             )
         chosen.update(hits)
-    return [n for n in names if n in chosen]
+    order = [info.name for info in analysable_layers(model, include_classifier=True)]
+    return [n for n in order if n in chosen]

@@ -18,7 +18,7 @@ from polysemantic_disentangle.tasks.data.grouping import TargetMode, statistics_
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import (ImageSource, Manifest, load_batch, scan_image_folder,
                                                        source_manifest)
-from polysemantic_disentangle.tasks.models.registry import ModelBundle, conv_layers, select_layers
+from polysemantic_disentangle.tasks.models.registry import ModelBundle, analysable_layers, select_layers
 from polysemantic_disentangle.tasks.stage1_extract.precision import (DEFAULT_PRECISION, autocast, precision_attrs,
                                                                     store_precision)
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
@@ -90,9 +90,9 @@ def plan_cube(
     else:
         manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids, max_per_class,
                                      allow_unmatched=target_mode == "prediction")
-    infos = {info.name: info for info in conv_layers(bundle.model)}
+    infos = {info.name: info for info in analysable_layers(bundle.model, include_classifier=True)}
     shapes = {name: LayerShape(infos[name].out_channels, infos[name].in_channels, infos[name].kernel_size,
-                               infos[name].groups)
+                               infos[name].groups, infos[name].kind)
               for name in selected}
     create_cube(
         store_url,

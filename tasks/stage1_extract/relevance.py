@@ -8,6 +8,11 @@ linear in the input, so its Gradient x Input attribution on input channel k equa
 sum_{u,v} W[c, k, u, v] * M[k, u, v], where M[k, u, v] sums input channel k over the positions
 that kernel offset (u, v) touches. Storing M per image makes every ARV of every channel, for any
 image subset, a closed-form contraction with the weights: no further model pass.
+
+A Linear layer over the last axis of an (N, ..., C) tensor is a 1x1 conv over its positions: its
+relevance sums act x grad over the positions (tokens, or the H x W of a channels-last map), and
+its moments M[k, 0, 0] are the per-position sums of input feature k (a plain (N, C) layer has one
+position). Both kinds are tapped in the same forward and backward pass.
 """
 
 from __future__ import annotations
@@ -104,16 +109,22 @@ class BatchRelevance:
     activation_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, C_out)
 
 
+def _positions_last(t: torch.Tensor) -> torch.Tensor:
+    """A Linear layer's (N, ..., C) tensor as (N, positions, C)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision tensors (autocast), unchanged otherwise (float64 oracles)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class _LayerTap:
-    """Forward hook on one conv: reduces input and output on the spot, and registers a tensor
-    hook so that the gradient is reduced to act x grad the moment autograd produces it."""
+    """Forward hook on one conv or Linear layer: reduces input and output on the spot, and
+    registers a tensor hook so that the gradient is reduced to act x grad the moment autograd
+    produces it."""
 
-    def __init__(self, name: str, module: nn.Conv2d, result: BatchRelevance, shield: bool,
+    def __init__(self, name: str, module: nn.Conv2d | nn.Linear, result: BatchRelevance, shield: bool,
                  moments: bool = True, activations: bool | frozenset[str] = True) -> None:
         self.name = name
         self.shield = shield
@@ -122,9 +133,11 @@ class _LayerTap:
             activations = frozenset({"max", "mean"} if activations else ())
         self.activations = activations
         self.module = module
+        self.linear = isinstance(module, nn.Linear)
         self.result = result
         self.output: torch.Tensor | None = None
         self.calls = 0
+        self.batch = -1
 
     def release(self) -> None:
         """Drop the batch's output (and with it the autograd graph its gradient hook holds)."""
@@ -134,9 +147,11 @@ class _LayerTap:
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError(
-                f"conv {self.name!r} ran more than once in one forward pass; shared convs have "
+                f"layer {self.name!r} ran more than once in one forward pass; shared layers have "
                 "no single relevance per channel"
             )
+        if self.linear:
+            return self._linear(inputs, output)
         with torch.no_grad():
             if self.moments:
                 # float32 whatever the autocast dtype: sums of inputs overflow float16.
@@ -162,6 +177,33 @@ class _LayerTap:
         # we multiply with the gradient: hand the rest of the network a copy instead.
         return output.clone() if self.shield else None
 
+    def _linear(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if output.dim() < 2 or output.shape[0] != self.batch:
+            # A Linear over something other than the images' features (e.g. a table of relative
+            # positions) has no per-image channels.
+            raise ValueError(
+                f"Linear layer {self.name!r} produced {tuple(output.shape)}, which has no batch axis of "
+                f"{self.batch} images: only Linear layers over (N, ..., C) features can be analysed")
+        with torch.no_grad():
+            if self.moments:
+                # (N, C_in, 1, 1): the 1x1 conv's moments are the per-position sums.
+                x = _positions_last(_wide(inputs[0].detach()))
+                self.result.input_moments[self.name] = x.sum(1)[:, :, None, None]
+            out = _positions_last(output.detach())
+            if "max" in self.activations:
+                self.result.activation_max[self.name] = _wide(out.amax(dim=1))
+            if "mean" in self.activations:
+                self.result.activation_mean[self.name] = _wide(out).mean(dim=1)
+        if output.requires_grad:
+            detached = output.detach()
+
+            def reduce_grad(grad: torch.Tensor) -> None:
+                self.result.relevance[self.name] = _positions_last(_wide(detached) * _wide(grad)).sum(dim=1)
+
+            output.register_hook(reduce_grad)
+        self.output = output
+        return output.clone() if self.shield else None
+
 
 @contextmanager
 def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
@@ -173,8 +215,8 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
     with hooked() as handles:
         for name in layers:
             module = modules.get(name)
-            if not isinstance(module, nn.Conv2d):
-                raise ValueError(f"{name!r} is not a conv layer of this model")
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                raise ValueError(f"{name!r} is not a conv or Linear layer of this model")
             tap = _LayerTap(name, module, result, shield,
                             moments=moment_layers is None or name in moment_layers, activations=activations)
             taps.append(tap)
@@ -216,6 +258,8 @@ def batch_relevance(
     with torch.enable_grad(), _taps(model, layers, result, moment_layers, activations) as taps:
         # Gradients must flow even when the caller froze the parameters.
         images = images.detach().requires_grad_(True)
+        for tap in taps:
+            tap.batch = images.shape[0]
         logits = model(images)
         prediction = logits.argmax(dim=1)
         if target_mode == "label":
@@ -227,12 +271,12 @@ def batch_relevance(
         target_logit = logits.gather(1, target[:, None].long()).squeeze(1)
         missing = [t.name for t in taps if t.output is None]
         if missing:
-            raise RuntimeError(f"conv layers never ran in the forward pass: {missing}")
+            raise RuntimeError(f"layers never ran in the forward pass: {missing}")
         # Summing is exact: in eval mode the images do not interact.
         torch.autograd.grad(target_logit.sum(), inputs=[images])
     if set(result.relevance) != set(layers):
         lost = sorted(set(layers) - set(result.relevance))
-        raise RuntimeError(f"no gradient reached conv layers {lost}: is their output used?")
+        raise RuntimeError(f"no gradient reached layers {lost}: is their output used?")
     # Reduced values stay on the device until the backward is done: one transfer per batch
     # instead of a synchronising copy inside every hook.
     for values in (result.relevance, result.input_moments, result.activation_max, result.activation_mean):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from polysemantic_disentangle.tasks.models.conv_geometry import channels_first
 from polysemantic_disentangle.tasks.models.hooks import hooked
 
 
@@ -27,8 +28,10 @@ def autograd_class_arv(model: nn.Module, layer: str, images: torch.Tensor, chann
         with hooked([(module, capture)]), torch.enable_grad():
             batch = images[start:start + batch_size].detach().requires_grad_(True)
             model(batch)
-            (grad,) = torch.autograd.grad(kept["output"][:, channel].sum(), kept["input"])
-        part = (kept["input"].detach() * grad).sum(dim=(2, 3)).sum(dim=0)
+            (grad,) = torch.autograd.grad(channels_first(module, kept["output"])[:, channel].sum(), kept["input"])
+        # A Linear layer's channels are its last axis, its positions everything between.
+        x, g = channels_first(module, kept["input"].detach()), channels_first(module, grad)
+        part = (x * g).sum(dim=(2, 3)).sum(dim=0)
         total = part if total is None else total + part
     assert total is not None
     return total / len(images)

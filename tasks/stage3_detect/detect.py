@@ -22,6 +22,7 @@ from torch import nn
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, class_sums, important_mask
+from polysemantic_disentangle.tasks.models.conv_geometry import layer_groups, layer_kind, layer_weight
 from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments
 
 @dataclass
@@ -71,6 +72,7 @@ class LayerDetection:
     # Why detection found what it found (``layer_diagnostics``): important channels per image,
     # relevant classes per channel, images per class, cosine quantiles, warnings.
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    kind: str = "conv"  # "conv" or "linear" (an nn.Linear over a channel axis)
     # Every candidate pair (channel, class1, class2, cosine arrays) before the table's cut; held
     # in memory for Figure 3 only, never written (it can be millions of rows). ``detect_layers``
     # turns it into ``figure3`` layer by layer and drops it, so memory holds one layer's pairs.
@@ -83,7 +85,7 @@ class LayerDetection:
 
     def summary(self) -> dict[str, Any]:
         n_pairs = self.counts.get("pairs", len(self.pairs))
-        return {"layer": self.layer, "channels": self.channels, "applicable": self.applicable,
+        return {"layer": self.layer, "kind": self.kind, "channels": self.channels, "applicable": self.applicable,
                 "reason": self.reason, "candidates": len(self.candidates), "pairs": n_pairs,
                 "paper_polysemantic_pairs": self.counts.get(
                     "paper_polysemantic_pairs", sum(r.paper_polysemantic for r in self.pairs)),
@@ -358,9 +360,10 @@ def detect_layers(model: nn.Module, store_url: str, stats: Mapping[str, LayerSta
     out = []
     cache: dict[tuple[str, str], float | None] = {}
     for layer, layer_stats in stats.items():
-        conv = modules[layer]
-        sample = read_relevance_sample(store_url, layer) if conv.weight.shape[1] >= 2 else None
-        det = detect_layer(layer, conv.weight, conv.groups, layer_stats, params, class_names, wnids, sample)
+        weight, groups = layer_weight(modules[layer]), layer_groups(modules[layer])
+        sample = read_relevance_sample(store_url, layer) if weight.shape[1] >= 2 else None
+        det = detect_layer(layer, weight, groups, layer_stats, params, class_names, wnids, sample)
+        det.kind = layer_kind(modules[layer])
         if wnids is not None:
             det.figure3 = figure3_data(det, wnids, cache)
             det.all_pairs = None
@@ -448,7 +451,7 @@ def detection_record(det: LayerDetection, stats: LayerStats, p: float) -> dict[s
     every channel with at least one (candidates have two or more)."""
     rel = relevant_classes(stats, p)
     relevant_all = {str(c): np.flatnonzero(rel[:, c]).tolist() for c in range(rel.shape[1]) if rel[:, c].any()}
-    return {"layer": det.layer, "channels": det.channels, "applicable": det.applicable,
+    return {"layer": det.layer, "kind": det.kind, "channels": det.channels, "applicable": det.applicable,
             "reason": det.reason, "candidates": det.candidates,
             "relevant": {str(k): v for k, v in det.relevant.items()},
             "relevant_all": relevant_all,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.models.conv_geometry import layer_groups, layer_weight
 from polysemantic_disentangle.tasks.presets import AUTO_REWIRE
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
 from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, PairRow, channels_to_rewire, class_arvs
@@ -103,8 +104,8 @@ def build_splits(
             for t in classes:
                 if (row.layer, t) not in inputs:
                     inputs[(row.layer, t)] = collect_layer_inputs(model, row.layer, class_images(t)[:max_images])
-            arvs = torch.as_tensor(class_arvs(conv.weight, stats[row.layer].mean_moments, row.channel,
-                                              classes, conv.groups), dtype=conv.weight.dtype)
+            arvs = torch.as_tensor(class_arvs(layer_weight(conv), stats[row.layer].mean_moments, row.channel,
+                                              classes, layer_groups(conv)), dtype=conv.weight.dtype)
             try:
                 choice = choose_rho(conv, row.channel, arvs, [inputs[(row.layer, t)] for t in classes], grid,
                                     max_images=max_images)

@@ -16,6 +16,10 @@ call whose extra rows scale with the number of split channels, and merges the pa
 network computes the same function. The parts (pre-merge activations) are exposed through the
 ``parts`` tap of each such module and named ``"<layer>/<channel>/concept-<j>"`` (j = 1..k) and
 ``"<layer>/<channel>/residual"``; ``capture_parts`` collects them by name.
+
+``DisentangledLinear`` does the same for an ``nn.Linear`` over the last axis of an (N, ..., C)
+tensor (a 1x1 conv over its positions): the same row split, the same merge, and a ``parts`` tap
+that shows the parts as a conv's, (N, parts, positions, 1).
 """
 
 from __future__ import annotations
@@ -34,12 +38,15 @@ from torch import Tensor, nn
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.defaults import (RHO_GRID, RHO_MAX_IMAGES_PER_CONCEPT, RHO_SCORE_EPS,
                                                     RHO_SCORE_MIN_DENOMINATOR)
+from polysemantic_disentangle.tasks.models.conv_geometry import channels_first, linear_as_conv
 from polysemantic_disentangle.tasks.stage1_extract.relevance import channel_group_slice
 from polysemantic_disentangle.tasks.models.hooks import forward_until, hooked
 
 __all__ = [
     "ChannelSplit",
+    "DISENTANGLED_LAYERS",
     "DisentangledConv2d",
+    "DisentangledLinear",
     "FunctionChanged",
     "NotApplicable",
     "RhoChoice",
@@ -227,7 +234,7 @@ def _check_splittable(conv: nn.Conv2d, channel: int) -> None:
 
 
 def choose_rho(
-    conv: nn.Conv2d,
+    conv: nn.Conv2d | nn.Linear,
     channel: int,
     arvs: Tensor,
     concept_inputs: Sequence[Tensor],
@@ -253,7 +260,12 @@ def choose_rho(
     channel is the residual and separates nothing), and the score must not be decided by its
     guard (``score_dominated_by_eps``). When no grid value is eligible the channel is refused
     with ``NotApplicable`` and the reason.
+
+    A Linear layer is scored as the 1x1 conv it is over its positions, on inputs (N, ..., C_in).
     """
+    if isinstance(conv, nn.Linear):
+        concept_inputs = [channels_first(conv, x) for x in concept_inputs]
+        conv = linear_as_conv(conv)
     _check_splittable(conv, channel)
     k, K = arvs.shape
     if len(concept_inputs) != k:
@@ -515,25 +527,128 @@ class DisentangledConv2d(nn.Module):
         return f"layer={self.layer!r}, split_channels={self.channels.tolist()}"
 
 
+def _linear_shell(linear: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    shell = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    shell.weight = nn.Parameter(weight.detach().clone(), requires_grad=linear.weight.requires_grad)
+    shell.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+    return shell
+
+
+class DisentangledLinear(nn.Module):
+    """A Linear layer over the last axis with some output units split into concept units plus a
+    residual: ``DisentangledConv2d`` for a 1x1 conv over positions (tokens, the pixels of a
+    channels-last map, or the single position of an (N, C) input).
+
+    One Linear call computes the original rows (each split unit's row replaced by its d_1), a
+    second the extra rows d_2..d_k and r of every split unit. The parts, in ``part_names`` order,
+    go through the ``parts`` tap as (N, parts, positions, 1), the layout of a conv's parts, so
+    every reader of conv parts reads these alike; the output replaces each split unit by
+    d_1 + ... + d_k - (k - 1) r computed from the tapped parts, which equals the original output.
+    """
+
+    def __init__(self, linear: nn.Linear, splits: Sequence[ChannelSplit], layer: str = "") -> None:
+        super().__init__()
+        if not splits:
+            raise ValueError("no channel to split")
+        channels = [s.channel for s in splits]
+        if len(set(channels)) != len(channels):
+            raise ValueError(f"{layer}: a channel is split twice")
+        self.layer = layer
+        self.out_channels = linear.out_features
+        self.splits = [copy.deepcopy(s) for s in splits]
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach()
+        main = weight.clone()
+        extra_rows: list[Tensor] = []
+        extra_channel: list[int] = []
+        part_rows: list[int] = []
+        part_slot: list[int] = []
+        part_coef: list[float] = []
+        names: list[str] = []
+        for slot, s in enumerate(self.splits):
+            if not 0 <= s.channel < linear.out_features:
+                raise ValueError(f"channel {s.channel} out of range(0, {linear.out_features})")
+            if linear.in_features < 2:
+                raise NotApplicable(f"channel {s.channel} reads a single input feature: nothing to split")
+            d, r = split_row(weight[s.channel], s.sources, s.shared)
+            main[s.channel] = d[0]
+            part_rows.append(s.channel)
+            for j in range(1, s.k):
+                extra_rows.append(d[j])
+                extra_channel.append(s.channel)
+                part_rows.append(linear.out_features + len(extra_rows) - 1)
+            extra_rows.append(r)
+            extra_channel.append(s.channel)
+            part_rows.append(linear.out_features + len(extra_rows) - 1)
+            part_slot += [slot] * (s.k + 1)
+            part_coef += [1.0] * s.k + [-(s.k - 1.0)]
+            names += split_part_names(s)
+        self.part_names = names
+        extra = torch.stack(extra_rows)
+        self.linear = _linear_shell(linear, main, bias)
+        self.extra = _linear_shell(linear, extra, None if bias is None else bias[torch.tensor(extra_channel)])
+        self.parts = nn.Identity()
+        self.register_buffer("channels", torch.tensor(channels), persistent=False)
+        self.register_buffer("part_rows", torch.tensor(part_rows), persistent=False)
+        n_split = len(channels)
+        order = [slot if row < linear.out_features else n_split + row - linear.out_features
+                 for slot, row in zip(part_slot, part_rows)]
+        self.register_buffer("part_order", torch.tensor(order), persistent=False)
+        self.register_buffer("part_slot", torch.tensor(part_slot), persistent=False)
+        self.register_buffer("part_coef", torch.tensor(part_coef, dtype=weight.dtype), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.linear(x)
+        parts = torch.cat([y.index_select(-1, self.channels), self.extra(x)], -1).index_select(-1, self.part_order)
+        flat = parts.reshape(parts.shape[0], -1, parts.shape[-1])  # (N, positions, parts)
+        tapped = self.parts(flat.transpose(1, 2).unsqueeze(-1))  # (N, parts, positions, 1)
+        weighted = tapped * self.part_coef.to(tapped.dtype).view(1, -1, 1, 1)
+        merged = weighted.new_zeros((weighted.shape[0], self.channels.numel()) + weighted.shape[2:]
+                                    ).index_add_(1, self.part_slot, weighted)
+        merged = merged.squeeze(-1).transpose(1, 2).reshape(y.shape[:-1] + (self.channels.numel(),))
+        # In place, as in DisentangledConv2d: the Linear does not save its output for backward.
+        return y.index_copy_(-1, self.channels, merged)
+
+    @torch.no_grad()
+    def merged_weight(self) -> tuple[Tensor, Tensor | None]:
+        """The (weight, bias) of the equivalent plain Linear, rebuilt from the part rows."""
+        w = self.linear.weight.clone()
+        b = None if self.linear.bias is None else self.linear.bias.clone()
+        rows = torch.cat([self.linear.weight, self.extra.weight])
+        for slot, c in enumerate(self.channels.tolist()):
+            sel = self.part_slot == slot
+            w[c] = (rows[self.part_rows[sel]] * self.part_coef[sel].to(w.dtype).view(-1, 1)).sum(0)
+        return w, b
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}, split_channels={self.channels.tolist()}"
+
+
+# The modules ``rewire_model`` puts in place of a split layer.
+DISENTANGLED_LAYERS = (DisentangledConv2d, DisentangledLinear)
+
+
 def part_names(model: nn.Module) -> list[str]:
     """Names of every pre-merge activation of a rewired model."""
-    return [n for m in model.modules() if isinstance(m, DisentangledConv2d) for n in m.part_names]
+    return [n for m in model.modules() if isinstance(m, DISENTANGLED_LAYERS) for n in m.part_names]
 
 
 def rewire_model(model: nn.Module, splits: Sequence[ChannelSplit]) -> nn.Module:
-    """A deep copy of ``model`` with each split's layer replaced by a ``DisentangledConv2d``.
-    The original is untouched."""
+    """A deep copy of ``model`` with each split's layer replaced by a ``DisentangledConv2d``
+    (a conv) or a ``DisentangledLinear`` (a Linear layer). The original is untouched."""
     by_layer: dict[str, list[ChannelSplit]] = {}
     for s in splits:
         by_layer.setdefault(s.layer, []).append(s)
     rewired = copy.deepcopy(model)
     for layer, layer_splits in by_layer.items():
         conv = rewired.get_submodule(layer)
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"{layer} is a {type(conv).__name__}, not a Conv2d")
+        if not isinstance(conv, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"{layer} is a {type(conv).__name__}, not a Conv2d or Linear layer")
         parent_name, _, child = layer.rpartition(".")
         parent = rewired.get_submodule(parent_name) if parent_name else rewired
-        new = DisentangledConv2d(conv, layer_splits, layer=layer)
+        new: nn.Module = (DisentangledLinear(conv, layer_splits, layer=layer) if isinstance(conv, nn.Linear)
+                          else DisentangledConv2d(conv, layer_splits, layer=layer))
         new.train(conv.training)
         setattr(parent, child, new)
     return rewired
@@ -547,9 +662,9 @@ def capture_parts(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, 
     (N, H, W) tensor of all images seen so far in the block (batches concatenated).
     """
     wanted = set(names)
-    taps: dict[DisentangledConv2d, list[tuple[str, int]]] = {}
+    taps: dict[nn.Module, list[tuple[str, int]]] = {}
     for module in model.modules():
-        if isinstance(module, DisentangledConv2d):
+        if isinstance(module, DISENTANGLED_LAYERS):
             for i, n in enumerate(module.part_names):
                 if n in wanted:
                     taps.setdefault(module, []).append((n, i))

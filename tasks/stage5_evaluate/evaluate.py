@@ -40,8 +40,9 @@ from polysemantic_disentangle.tasks.stage5_evaluate.explain import (
     present_quantile,
 )
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, statistics_labels
+from polysemantic_disentangle.tasks.models.conv_geometry import channels_first
 from polysemantic_disentangle.tasks.models.hooks import hooked
-from polysemantic_disentangle.tasks.stage4_rewire.rewire import (ChannelSplit, DisentangledConv2d, capture_parts, logit_agreement,
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import (DISENTANGLED_LAYERS, ChannelSplit, capture_parts, logit_agreement,
                                                            split_part_names)
 
 __all__ = [
@@ -138,15 +139,16 @@ def run_channels(
     for s in splits:
         by_layer.setdefault(s.layer, []).append(s.channel)
     for layer in by_layer:
-        if not isinstance(rewired.get_submodule(layer), DisentangledConv2d):
+        if not isinstance(rewired.get_submodule(layer), DISENTANGLED_LAYERS):
             raise ValueError(f"{layer} is not rewired in the rewired model")
     orig_out: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {layer: [] for layer in by_layer}
 
     def make_hook(layer: str) -> Callable:
         channels = torch.tensor(by_layer[layer])
 
-        def hook(_m: nn.Module, _a: tuple, out: Tensor) -> None:
-            orig_out[layer].append(_reduce(out.index_select(1, channels.to(out.device))))
+        def hook(m: nn.Module, _a: tuple, out: Tensor) -> None:
+            # A Linear layer's output read as its parts are: (N, C, positions, 1).
+            orig_out[layer].append(_reduce(channels_first(m, out).index_select(1, channels.to(out.device))))
 
         return hook
 

@@ -29,7 +29,7 @@ from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGEN
 from polysemantic_disentangle.tasks.plots import activation_densities, image_grid
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import statistics_labels
-from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, DisentangledConv2d, split_part_names
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import DISENTANGLED_LAYERS, ChannelSplit, split_part_names
 from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     ChannelRun,
     ChannelRuns,
@@ -440,7 +440,7 @@ def featvis_targets(original: nn.Module, rewired: nn.Module,
     groups = []
     for s in splits:
         module = rewired.get_submodule(s.layer)
-        assert isinstance(module, DisentangledConv2d)
+        assert isinstance(module, DISENTANGLED_LAYERS)
         groups.append([(original, ChannelTarget(s.layer, s.channel))] + [
             (rewired, ChannelTarget(f"{s.layer}.parts", module.part_names.index(name)))
             for name in split_part_names(s)[:-1]])

@@ -56,6 +56,7 @@ from polysemantic_disentangle.tasks.defaults import (
     FEATVIS_SIZE,
     FEATVIS_STEPS,
 )
+from polysemantic_disentangle.tasks.models.conv_geometry import channels_first
 from polysemantic_disentangle.tasks.models.hooks import StopForward, forward_until, hooked
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
@@ -284,7 +285,7 @@ def channel_objective(
     def objective(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         # The rest of the network is not needed: stopping after the layer makes each step cheaper.
         module = net.get_submodule(layer_name)
-        act = forward_until(net, module, batch, name=layer_name)[:, channel]
+        act = channels_first(module, forward_until(net, module, batch, name=layer_name))[:, channel]
         return _reduce(act, reduce)
 
     return objective
@@ -311,8 +312,9 @@ def _outputs_of(model: nn.Module, layers: Sequence[str], batch: torch.Tensor) ->
     seen: dict[str, torch.Tensor] = {}
 
     def tap(layer: str) -> Callable:
-        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            seen.setdefault(layer, out)
+        def hook(m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            # A Linear layer's units are its last axis: read as (N, C, positions, 1) like a conv's.
+            seen.setdefault(layer, channels_first(m, out))
             if len(seen) == len(layers):
                 raise StopForward
 

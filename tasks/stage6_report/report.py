@@ -307,12 +307,23 @@ def detection_figures(summary: Mapping[str, Any]) -> dict[str, bytes]:
     return {COSINE_FIGURE: cosine_quantiles_by_layer(layers, gamma, defaults.GAMMA)}
 
 
+def _kind_name(kind: str | None) -> str:
+    """The layer kind as the report names it; records made before Linear layers were analysed
+    have none and are convs."""
+    return "Linear" if kind == "linear" else "conv"
+
+
+def _kinds_count(det: Sequence[Mapping[str, Any]]) -> str:
+    linear = sum(d.get("kind") == "linear" for d in det)
+    return f"{len(det) - linear} conv, {linear} Linear" if linear else "conv"
+
+
 def _section_detection(summary: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
     det = summary.get("detection") or []
     if not det:
         return ""
     tau = (summary.get("params") or {}).get("tau")
-    header = ["layer", "channels", "applicable", "candidates", "candidate pairs", f"paper-default pairs (gamma {defaults.GAMMA})",
+    header = ["layer", "kind", "channels", "applicable", "candidates", "candidate pairs", f"paper-default pairs (gamma {defaults.GAMMA})",
               "selected pairs", "selected channels", "important channels per image, median (max; n images)",
               "relevant classes per channel, median (max)", "images per class, median (min)", "note"]
 
@@ -328,11 +339,11 @@ def _section_detection(summary: Mapping[str, Any], figures: Mapping[str, bytes])
                f"{fmt(d['images_per_class_median'])} ({fmt(d.get('images_per_class_min'))})")
         return imp, rel, img
 
-    rows = [(d.get("layer"), d.get("channels"), d.get("applicable"), d.get("candidates"), d.get("pairs"),
+    rows = [(d.get("layer"), _kind_name(d.get("kind")), d.get("channels"), d.get("applicable"), d.get("candidates"), d.get("pairs"),
              d.get("paper_polysemantic_pairs"), d.get("selected_pairs"), d.get("selected_channels"), *diag(d),
              "; ".join([d.get("reason") or "", *(d.get("warnings") or [])]).strip("; ")) for d in det]
     t = _totals(det)
-    tot = ("all layers", t["channels"], "", t["candidates"], t["pairs"], t["paper_polysemantic_pairs"],
+    tot = ("all layers", _kinds_count(det), t["channels"], "", t["candidates"], t["pairs"], t["paper_polysemantic_pairs"],
            t["selected_pairs"], t["selected_channels"], "", "", "", "")
     out = ["<h2 id='detection'>Detection per layer</h2>",
            "<p class='lead'>Candidates: channels relevant (important for at least a fraction p of the "
