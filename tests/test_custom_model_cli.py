@@ -91,3 +91,21 @@ def test_load_disentangled_with_the_users_spec_gives_the_same_logits(custom_run)
     other = load_model(FACTORY + f"?classes={custom_run['classes']}", "random")
     with pytest.raises(BaseModelMismatch, match="not the ones"):
         load_disentangled(ckpt, base=other)
+
+
+@pytest.mark.slow
+def test_the_face_finds_the_clis_detection_table(custom_run) -> None:
+    """The same model, images and parameters through the Python API give the command line's
+    detection table (candidates, pairs, cosines, selection)."""
+    import polysemantic_disentangle as pdis
+
+    spec = load_model(f"{FACTORY}?classes={custom_run['classes']}", custom_run["weights"])
+    train = custom_run["out"].parent / "train"
+    cube = pdis.extract(spec, pdis.ImageFolder(train), "memory://face-vs-cli.zarr", layers="backbone.layer3.2.conv2",
+                        layout="detection", chunk_images=50, batch_size=50)
+    (face,) = pdis.detect(spec, cube, p=0.5, rule="lowest-k", k=1)
+    (cli,) = json.loads((custom_run["out"] / "detection.json").read_text())["detections"]
+    assert face.candidates == cli["candidates"]
+    rows = [(r.channel, r.class1, r.class2, r.selected) for r in face.pairs]
+    assert rows == [(p["channel"], p["class1"], p["class2"], p["selected"]) for p in cli["pairs"]]
+    assert [r.cosine for r in face.pairs] == pytest.approx([p["cosine"] for p in cli["pairs"]], abs=1e-6)
