@@ -1,6 +1,6 @@
 """The relevance cube: the one module that knows the Zarr v3 layout.
 
-Layout (``LAYOUT_VERSION`` 2)::
+Layout (``LAYOUT_VERSION`` 3)::
 
     <root>/                       attrs: layout_version, fingerprint, model, dataset, target_mode,
                                          relevance_definition, chunk_images, layers, layout,
@@ -14,19 +14,21 @@ Layout (``LAYOUT_VERSION`` 2)::
       skipped      (image)        bool, unreadable image, left out of every statistic
       skip_reason  (image)        str
       chunk_done   (chunk)        uint8, completion marker, written after the chunk's data
-      chunk_checksum (chunk)      str, JSON {digest, class blocks} of the chunk's stored values,
+      chunk_checksum (chunk)      str, JSON {digest, sum_rows} of the chunk's stored values,
                                   written just before the marker and verified on resume
       class        (class)        str, class name (dimension coordinate: ``.sel({"class": "cat"})``)
       class_name   (class)        str, the same names (kept for stores and readers that use it)
       class_wnid   (class)        str, WordNet id or ""
+      sum_row_class   (chunk, sum_row) int32, statistics class of each stored class-sum row, -1 unused
+      sum_row_subsets (chunk, sum_row) uint8, bit s set: the row is the sum of subset s's images
       layers/<conv name>/          per-image arrays: only those the layout names (see CubeLayout)
         relevance       (image, channel)                       act x grad summed over space
         activation_max  (image, channel)                       spatial max of the conv output
         activation_mean (image, channel)                       spatial mean of the conv output
         input_moments   (image, in_channel, kernel_y, kernel_x) float32 (sums overflow float16)
-                                   class sums, one slab per chunk (layout.class_sums):
-        moment_sums     (chunk, subset, class, in_channel, kernel_y, kernel_x) float32
-        activation_sums (chunk, subset, class, channel)                          float32
+                                   class sums, sparse rows per chunk (layout.class_sums):
+        moment_sums     (chunk, sum_row, in_channel, kernel_y, kernel_x) float32
+        activation_sums (chunk, sum_row, channel)                          float32
       stats/<subset>/<conv name>/ class-level reductions (``STATS_ARRAY_DIMS``), written by
                                   ``write_layer_stats``, with their own class / class_wnid
                                   coordinates
@@ -34,12 +36,19 @@ Layout (``LAYOUT_VERSION`` 2)::
         chunk_writer (chunk)      str, host/pid[/dask worker] that wrote the chunk (provenance)
 
 Every per-image array is chunked along ``image`` only, with the same chunk length, so one
-writer owns each chunk and a chunk is complete exactly when its marker is set. The class-sum
-arrays are chunked per image chunk and per block of ``CLASS_BLOCK`` classes, written by that
-image chunk's writer before its marker (only the blocks of the classes it holds; the others stay
-missing and read as zeros), so a resumed chunk overwrites (never adds to) its own partial sums. ``subset`` 0 sums
-every usable image, 1 only the correctly classified ones; ``class`` is the image's statistics
-class (``polysemantic_disentangle.tasks.data.grouping.statistics_class``). Layers whose channels read one input channel each
+writer owns each chunk and a chunk is complete exactly when its marker is set.
+
+Class sums are stored sparse: image chunk k keeps one row per (statistics class, subset) that
+has images in it, in ``sum_row_class[k]`` / ``sum_row_subsets[k]`` order, packed from row 0, so
+a reader reads only the rows a chunk wrote (one or two classes in a class-ordered dataset, a
+few hundred when shuffled), never a dense class slab of zeros. ``subset`` 0 sums every usable
+image, 1 only the correctly classified ones; a class whose images in the chunk are all correct
+has one row serving both subsets (the two sums are the same bytes, checked at write time), and
+a class without correct images has no subset-1 row (its sum is zero). The rows are chunked in
+blocks of about ``SUM_BLOCK_BYTES`` along ``sum_row``, written whole by that image chunk's writer before
+its marker, so a resumed chunk overwrites (never adds to) its own partial sums; rows after the
+chunk's last used one are never read. ``class`` is the image's statistics class
+(``polysemantic_disentangle.tasks.data.grouping.statistics_class``). Layers whose channels read one input channel each
 (depthwise) have no moments at all: ARVs are not applicable there. Missing per-image data is
 NaN (the fill value), never zero; class sums start at zero.
 
@@ -47,24 +56,25 @@ Every array carries ``long_name`` and ``description`` attributes (``VARIABLE_ATT
 from relevance also its definition), so a plain ``xr.open_datatree(url, engine="zarr")`` is
 self-describing. Other modules read and write through ``CubeReader`` / ``CubeWriter`` and the
 functions below; only this module names an array or group (``STORE_ARRAYS``, ``STORE_GROUPS``).
-The ``image`` and ``class`` coordinate arrays are additions within layout version 2: stores
-made before them lack them and stay readable by every reader here.
+Stores of an older layout version are refused with what changed (``LAYOUT_CHANGES``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numcodecs.blosc
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, BytesCodec
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 LAYERS_GROUP = "layers"
 STATS_GROUP = "stats"
 EXTRACTION_GROUP = "extraction"
@@ -81,10 +91,14 @@ ACTIVATION_SUMS_ARRAY = "activation_sums"
 # Subsets of the class sums: index 0 every usable image, 1 the correctly classified ones.
 CLASS_SUM_SUBSETS = ("all", "correct")
 STORAGE_DTYPES = ("float16", "float32")
-# Classes per Zarr chunk of the class-sum arrays: a chunk of a class-sorted dataset touches one
-# or two classes, so only their blocks are compressed and written (a dense 1,000-class slab of
-# ResNet-50 is 635 MB raw per image chunk); the rest stay missing and read as zeros.
-CLASS_BLOCK = 16
+# Raw bytes of one Zarr chunk of class-sum rows (its row count follows from the layer's row
+# size). A class-sorted image chunk has one to four rows and reads one whole block, mostly
+# zeros; a shuffled one has hundreds of rows and pays a fixed cost per block (a file or object,
+# a call): 256 kB keeps both small against decompressing the rows themselves.
+SUM_BLOCK_BYTES = 256 * 1024
+# Per image chunk: which statistics class and which subsets each stored class-sum row holds.
+SUM_ROW_CLASS_ARRAY = "sum_row_class"
+SUM_ROW_SUBSETS_ARRAY = "sum_row_subsets"
 # Root arrays, one entry per image (or per chunk / class); "image" and "class" are the
 # dimension coordinates a plain ``xr.open_datatree(url, engine="zarr")`` indexes by.
 IMAGE_ARRAYS = ("image", "image_path", "label", "prediction", "target", "target_logit", "skipped", "skip_reason")
@@ -95,6 +109,7 @@ CHUNK_DONE_ARRAY = "chunk_done"
 # is found on resume and the chunk is extracted again.
 CHUNK_CHECKSUM_ARRAY = "chunk_checksum"
 CHUNK_WRITER_ARRAY = "chunk_writer"
+SUM_ROW_ARRAYS = (SUM_ROW_CLASS_ARRAY, SUM_ROW_SUBSETS_ARRAY)
 # Class statistics of one layer under stats/<subset>/<layer>: name -> dimensions.
 STATS_ARRAY_DIMS: dict[str, tuple[str, ...]] = {
     "count": ("class",),
@@ -123,7 +138,7 @@ VARIABLE_ATTRS: dict[str, tuple[str, str]] = {
     "skip_reason": ("skip reason", "why the image was skipped (empty when it was not)"),
     "chunk_done": ("chunk completion marker", "1 once every array of the image chunk is written"),
     CHUNK_CHECKSUM_ARRAY: ("chunk checksum", "JSON: digest of every value the chunk's writer stored and "
-                                             "the class blocks of its class sums (verified on resume)"),
+                                             "how many class-sum rows it wrote (verified on resume)"),
     "class": ("class name", "name of the class (dimension coordinate: select with .sel)"),
     "class_name": ("class name", "name of the class"),
     "class_wnid": ("WordNet id", "WordNet synset id of the class, empty where unknown"),
@@ -131,15 +146,20 @@ VARIABLE_ATTRS: dict[str, tuple[str, str]] = {
     "channel": ("output channel", "output channel of the convolution"),
     "in_channel": ("input channel", "input channel of the convolution"),
     "subset": ("image subset", "all: every usable image; correct: the correctly classified ones"),
+    SUM_ROW_CLASS_ARRAY: ("class of a class-sum row", "per image chunk: the statistics class each stored "
+                                                      "row of moment_sums / activation_sums sums; -1: unused"),
+    SUM_ROW_SUBSETS_ARRAY: ("subsets of a class-sum row", "per image chunk: bit s set when the row is the "
+                                                          "sum over subset s (0 all usable images, 1 correct)"),
     RELEVANCE_ARRAY: ("channel relevance", "act x grad of the conv output summed over space, per image"),
     ACTIVATION_MAX_ARRAY: ("activation maximum", "spatial maximum of the conv output, per image"),
     ACTIVATION_MEAN_ARRAY: ("activation mean", "spatial mean of the conv output, per image"),
     MOMENTS_ARRAY: ("input moments", "per image: sum of input channel k over the positions kernel "
                                      "offset (u, v) reads, zero padding excluded"),
-    MOMENT_SUMS_ARRAY: ("class sums of input moments", "per image chunk, subset and statistics "
-                                                        "class: sum of the images' input moments"),
-    ACTIVATION_SUMS_ARRAY: ("class sums of activation means", "per image chunk, subset and "
-                                                               "statistics class: sum of activation means"),
+    MOMENT_SUMS_ARRAY: ("class sums of input moments", "per image chunk, rows named by sum_row_class and "
+                                                        "sum_row_subsets: sum of the images' input moments"),
+    ACTIVATION_SUMS_ARRAY: ("class sums of activation means", "per image chunk, rows named by "
+                                                               "sum_row_class and sum_row_subsets: sum of "
+                                                               "activation means"),
     CHUNK_WRITER_ARRAY: ("chunk writer", "host/pid[/dask worker] that wrote the chunk (provenance)"),
     "count": ("image count", "usable images of the statistics class"),
     "mean_relevance": ("mean relevance", "class mean of the channel relevance"),
@@ -152,7 +172,7 @@ VARIABLE_ATTRS: dict[str, tuple[str, str]] = {
 RELEVANCE_VARIABLES = frozenset({RELEVANCE_ARRAY, MOMENTS_ARRAY, MOMENT_SUMS_ARRAY, "mean_relevance",
                                  "important_fraction", "mean_moments"})
 # Every array and group name of the layout: only this package may name them.
-STORE_ARRAYS = frozenset({*IMAGE_ARRAYS, *CLASS_ARRAYS, CHUNK_DONE_ARRAY, CHUNK_CHECKSUM_ARRAY,
+STORE_ARRAYS = frozenset({*IMAGE_ARRAYS, *CLASS_ARRAYS, CHUNK_DONE_ARRAY, CHUNK_CHECKSUM_ARRAY, *SUM_ROW_ARRAYS,
                           *PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY,
                           MOMENT_SUMS_ARRAY, ACTIVATION_SUMS_ARRAY, CHUNK_WRITER_ARRAY, *STATS_ARRAY_DIMS})
 STORE_GROUPS = frozenset({LAYERS_GROUP, STATS_GROUP, EXTRACTION_GROUP})
@@ -275,6 +295,13 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
+def _sums_compressor() -> BloscCodec:
+    # The float32 class sums' low mantissa bits are noise: after a bit shuffle lz4 compresses
+    # them as well as zstd with a byte shuffle does (about 1.2x) and decompresses them three
+    # times faster (about 2.7 GB/s a core against 0.9), and the reduce stage reads every byte.
+    return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
+
+
 def open_store_group(url: str | Path, mode: str = "r", live: bool = False) -> zarr.Group:
     """Open the cube's root group from a local path or any fsspec URL (memory://, s3://, ...).
 
@@ -370,10 +397,17 @@ def create_cube(
                                 dimension_names=["chunk"]), CHUNK_DONE_ARRAY)
     _create_checksum_array(root, n_chunks)
     _write_class_coords(root, class_names, class_wnids, with_name=True)
+    n_sub = len(CLASS_SUM_SUBSETS)
+    # Every image of a chunk has one class, so it can hold at most this many (class, subset) sums.
+    sum_rows = n_sub * min(chunk_images, nclass)
+    if layout.class_sums:
+        for arr, dtype, fill in ((SUM_ROW_CLASS_ARRAY, "int32", -1), (SUM_ROW_SUBSETS_ARRAY, "uint8", 0)):
+            _describe(root.create_array(arr, shape=(n_chunks, sum_rows), chunks=(1, sum_rows), dtype=dtype,
+                                        fill_value=fill, compressors=_compressor(),
+                                        dimension_names=["chunk", "sum_row"]), arr)
 
     layers_group = root.create_group(LAYERS_GROUP)
     moment_dims = ["in_channel", "kernel_y", "kernel_x"]
-    n_sub = len(CLASS_SUM_SUBSETS)
     for name, shape in layers.items():
         g = layers_group.create_group(name)
         for arr in PER_LAYER_IMAGE_ARRAYS:
@@ -387,11 +421,11 @@ def create_cube(
             if shape.arv_applicable:
                 sums.append((MOMENT_SUMS_ARRAY, moment_shape, moment_dims))
             for arr, extra, dims in sums:
-                # One slab per image chunk: the chunk's writer owns it.
-                _describe(g.create_array(arr, shape=(n_chunks, n_sub, nclass, *extra),
-                                         chunks=(1, n_sub, min(nclass, CLASS_BLOCK), *extra),
-                                         dtype="float32", fill_value=0.0, compressors=_compressor(),
-                                         dimension_names=["chunk", "subset", "class", *dims]), arr)
+                # Row blocks of one image chunk: the chunk's writer owns them.
+                block = max(1, min(sum_rows, SUM_BLOCK_BYTES // (4 * int(np.prod(extra)))))
+                _describe(g.create_array(arr, shape=(n_chunks, sum_rows, *extra), chunks=(1, block, *extra),
+                                         dtype="float32", fill_value=0.0, compressors=_sums_compressor(),
+                                         dimension_names=["chunk", "sum_row", *dims]), arr)
     root.attrs.update({
         **attrs,
         "layout_version": LAYOUT_VERSION,
@@ -422,13 +456,21 @@ def _write_class_coords(group: zarr.Group, names: Sequence[str], wnids: Sequence
                                      dimension_names=["class"]), name)[:] = values
 
 
+# What each layout version changed, for the message that refuses an older store.
+LAYOUT_CHANGES = {
+    2: "per-image moments became per-chunk class sums",
+    3: "per-chunk class sums became sparse rows, one per class and subset a chunk holds",
+}
+
+
 def check_layout_version(attrs: Mapping[str, Any], url: str | Path) -> None:
     found = attrs.get("layout_version")
     if found != LAYOUT_VERSION:
+        since = [why for v, why in sorted(LAYOUT_CHANGES.items()) if not isinstance(found, int) or v > found]
         raise LayoutVersionError(
             f"{url} has cube layout version {found}, this version of the project reads version "
-            f"{LAYOUT_VERSION} (per-image moments became per-chunk class sums); extract it again "
-            "into a new store URL, or pass overwrite=True"
+            f"{LAYOUT_VERSION} ({'; '.join(since) or 'a newer layout'}); extract it again into a new store URL, or "
+            "pass overwrite=True"
         )
 
 
@@ -504,12 +546,20 @@ def content_digest(root: zarr.Group) -> str:
 _CHUNK_ROOT_ARRAYS = ("prediction", "target", "target_logit", "skipped", "skip_reason")
 
 
-def _chunk_parts(root: zarr.Group, chunk: int, blocks: Sequence[int]) -> list[tuple[str, zarr.Array, tuple]]:
+def _padded_rows(arr: zarr.Array, rows: int) -> int:
+    """``rows`` rounded up to whole row blocks of ``arr``: what a chunk's writer writes."""
+    block = int(arr.chunks[1])
+    return min(int(arr.shape[1]), -(-rows // block) * block)
+
+
+def _chunk_parts(root: zarr.Group, chunk: int, sum_rows: int) -> list[tuple[str, zarr.Array, tuple]]:
     """Every (name, array, selection) a chunk's writer stores, in one fixed order: what the
-    checksum covers. Class sums: only the class blocks the writer wrote."""
+    checksum covers. Class sums: the row blocks that hold rows ``0:sum_rows`` (what the writer
+    wrote)."""
     start, stop = chunk_bounds(root, chunk)
     rows = slice(start, stop)
     parts: list[tuple[str, zarr.Array, tuple]] = [(name, root[name], (rows,)) for name in _CHUNK_ROOT_ARRAYS]
+    parts += [(name, root[name], (chunk, slice(None))) for name in SUM_ROW_ARRAYS if name in root]
     layers = root[LAYERS_GROUP]
     for layer in sorted(layers.group_keys()):
         g = layers[layer]
@@ -518,12 +568,8 @@ def _chunk_parts(root: zarr.Group, chunk: int, blocks: Sequence[int]) -> list[tu
             if name in names:
                 parts.append((f"{layer}/{name}", g[name], (rows,)))
         for name in (ACTIVATION_SUMS_ARRAY, MOMENT_SUMS_ARRAY):
-            if name in names:
-                arr = g[name]
-                block = arr.chunks[2]
-                for b in blocks:
-                    sl = slice(int(b) * block, min((int(b) + 1) * block, arr.shape[2]))
-                    parts.append((f"{layer}/{name}/{b}", arr, (chunk, slice(None), sl)))
+            if name in names and sum_rows:
+                parts.append((f"{layer}/{name}", g[name], (chunk, slice(0, _padded_rows(g[name], sum_rows)))))
     return parts
 
 
@@ -539,7 +585,7 @@ def _chunk_matches(root: zarr.Group, chunk: int, record: str) -> bool:
     try:
         rec = json.loads(record)
         h = hashlib.blake2b(digest_size=16)
-        for name, arr, sel in _chunk_parts(root, chunk, rec["blocks"]):
+        for name, arr, sel in _chunk_parts(root, chunk, int(rec["sum_rows"])):
             _hash_values(h, name, np.asarray(arr[sel]))
         return h.hexdigest() == rec["digest"]
     except Exception:  # undecodable bytes, a missing array, a damaged record: not a match
@@ -562,6 +608,23 @@ class ChunkData:
     sum_classes: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class SumRows:
+    """Which class sums one image chunk stores, row by row: ``classes[i]`` is the statistics
+    class of row i and bit s of ``subsets[i]`` says that the row is subset s's sum."""
+
+    classes: np.ndarray  # (rows,) int64
+    subsets: np.ndarray  # (rows,) uint8
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def of_subset(self, subset: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices, their classes) of the rows that hold ``subset``'s sums."""
+        rows = np.flatnonzero(self.subsets & np.uint8(1 << subset))
+        return rows, self.classes[rows]
+
+
 def write_chunk(root: zarr.Group, chunk: int, data: ChunkData) -> None:
     """Write one chunk's arrays, then its checksum, then its completion marker (last, so a
     kill mid-way leaves the marker unset and the chunk is redone on resume).
@@ -575,17 +638,28 @@ def write_chunk(root: zarr.Group, chunk: int, data: ChunkData) -> None:
     for layer, arrays in data.layers.items():
         for name, values in arrays.items():
             given[f"{layer}/{name}"] = values
-    blocks = _class_blocks(root, data)
-    for layer, arrays in data.class_sums.items():
-        for name, values in arrays.items():
-            g = root[LAYERS_GROUP][layer]
-            if name not in g:
-                continue
-            block = g[name].chunks[2]
-            for b in blocks:
-                given[f"{layer}/{name}/{b}"] = values[:, int(b) * block:min((int(b) + 1) * block, values.shape[1])]
+    n_rows = 0
+    if SUM_ROW_CLASS_ARRAY in root:
+        rows, source = sum_rows_of(data)
+        capacity = int(root[SUM_ROW_CLASS_ARRAY].shape[1])
+        if len(rows) > capacity:
+            raise ValueError(f"chunk {chunk} has {len(rows)} class-sum rows, the store room for {capacity}")
+        n_rows = len(rows)
+        given[SUM_ROW_CLASS_ARRAY] = np.pad(rows.classes.astype(np.int32), (0, capacity - len(rows)),
+                                            constant_values=-1)
+        given[SUM_ROW_SUBSETS_ARRAY] = np.pad(rows.subsets, (0, capacity - len(rows)))
+        for layer, arrays in data.class_sums.items():
+            for name, values in arrays.items():
+                if name not in root[LAYERS_GROUP][layer]:
+                    continue
+                # Whole row blocks: a block is written in one piece (no read-back of what a
+                # killed earlier attempt left in it), the padding reads back as these zeros.
+                out = np.zeros((_padded_rows(root[LAYERS_GROUP][layer][name], n_rows), *values.shape[2:]),
+                               dtype=np.float32)
+                out[:len(rows)] = values[source, rows.classes]
+                given[f"{layer}/{name}"] = out
     h = hashlib.blake2b(digest_size=16)
-    for name, arr, sel in _chunk_parts(root, chunk, blocks):
+    for name, arr, sel in _chunk_parts(root, chunk, n_rows):
         if name in given:
             values = np.asarray(given[name])
             values = as_str(values) if arr.dtype.kind in "UOT" else values.astype(arr.dtype, copy=False)
@@ -595,7 +669,7 @@ def write_chunk(root: zarr.Group, chunk: int, data: ChunkData) -> None:
                              dtype=arr.dtype if arr.dtype.kind not in "UOT" else str)
         _hash_values(h, name, values)
     if CHUNK_CHECKSUM_ARRAY in root:
-        root[CHUNK_CHECKSUM_ARRAY][chunk] = json.dumps({"digest": h.hexdigest(), "blocks": [int(b) for b in blocks]})
+        root[CHUNK_CHECKSUM_ARRAY][chunk] = json.dumps({"digest": h.hexdigest(), "sum_rows": n_rows})
     root[CHUNK_DONE_ARRAY][chunk] = 1
 
 
@@ -608,21 +682,55 @@ def _selection_shape(shape: tuple[int, ...], sel: tuple) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _class_blocks(root: zarr.Group, data: ChunkData) -> list[int]:
-    """The class blocks of the class-sum arrays that hold this chunk's data: those of the
-    classes it has images of (found from the sums when not given), the same for every layer."""
-    present = data.sum_classes
-    if present is None:
-        found: set[int] = set()
-        for arrays in data.class_sums.values():
-            for values in arrays.values():
-                found.update(np.flatnonzero(values.reshape(values.shape[0], values.shape[1], -1).any(axis=(0, 2))).tolist())
-        present = np.asarray(sorted(found), dtype=np.int64)
-    if not data.class_sums or len(present) == 0:
-        return []
-    nclass = int(root["class_name"].shape[0])
-    block = min(nclass, CLASS_BLOCK)
-    return sorted({int(c) // block for c in np.asarray(present, dtype=np.int64)})
+def sum_rows_of(data: ChunkData) -> tuple[SumRows, np.ndarray]:
+    """The class-sum rows a chunk stores, and for each the subset its values come from.
+
+    Subset 0 has a row for every class with images in the chunk (``data.sum_classes``, else the
+    classes whose sums are not all zero). Every other subset shares that row where its sums are
+    the same bytes in every layer and array (a class whose images are all correct), has a row of
+    its own where they differ and are not all zero, and none where they are zero (what a missing
+    row reads as)."""
+    values = [np.asarray(v, dtype=np.float32) for arrays in data.class_sums.values() for v in arrays.values()]
+    if not values:
+        return SumRows(np.zeros(0, np.int64), np.zeros(0, np.uint8)), np.zeros(0, np.int64)
+    n_sub = values[0].shape[0]
+
+    def flat(v: np.ndarray, s: int, classes: np.ndarray) -> np.ndarray:
+        return v[s, classes].reshape(len(classes), -1)
+
+    if data.sum_classes is not None:
+        candidates = np.unique(np.asarray(data.sum_classes, dtype=np.int64))
+        has = [np.ones(len(candidates), bool)]
+    else:
+        every = np.arange(values[0].shape[1])
+        nonzero = np.zeros((n_sub, len(every)), bool)
+        for v in values:
+            nonzero |= v.reshape(n_sub, len(every), -1).any(axis=2)
+        candidates = np.flatnonzero(nonzero.any(axis=0))
+        has = [nonzero[0, candidates]]
+    shared, own = [], []
+    for s in range(1, n_sub):
+        same = has[0].copy()
+        nonzero_s = np.zeros(len(candidates), bool)
+        for v in values:
+            a, b = flat(v, s, candidates), flat(v, 0, candidates)
+            same &= (a.view(np.uint32) == b.view(np.uint32)).all(axis=1)
+            nonzero_s |= a.any(axis=1)
+        shared.append(same)
+        own.append(~same & nonzero_s)
+    classes, subsets, source = [], [], []
+    for i, c in enumerate(candidates.tolist()):
+        if has[0][i]:
+            classes.append(c)
+            subsets.append(1 | sum(1 << s for s in range(1, n_sub) if shared[s - 1][i]))
+            source.append(0)
+        for s in range(1, n_sub):
+            if own[s - 1][i]:
+                classes.append(c)
+                subsets.append(1 << s)
+                source.append(s)
+    return (SumRows(np.asarray(classes, np.int64), np.asarray(subsets, np.uint8)),
+            np.asarray(source, np.int64))
 
 
 def prepare_chunk_writers(url: str | Path) -> None:
@@ -845,6 +953,65 @@ def read_class_stats(url: str | Path, subset: str, layer: str) -> xr.Dataset:
         return xr.open_zarr(url, group=f"{STATS_GROUP}/{subset}/{layer}", consolidated=False).load()
 
 
+class _WholeChunks:
+    """Whole Zarr chunks of one array, read straight from a local store: file bytes, Blosc,
+    array. Zarr's own read path costs about 0.5 ms a chunk and 1 to 2 ms a call in Python, more
+    than decompressing the chunk, and the reduce stage reads tens of thousands of chunks. Any
+    other store, or codecs other than the bytes + Blosc this module writes, reads through Zarr."""
+
+    def __init__(self, arr: zarr.Array) -> None:
+        self.arr = arr
+        self.chunks = tuple(int(n) for n in arr.chunks)
+        self.dtype = np.dtype(arr.dtype)
+        self.base: str | None = None
+        store = arr.store_path.store
+        codecs = tuple(getattr(arr.metadata, "codecs", ()))
+        if (isinstance(store, zarr.storage.LocalStore) and len(codecs) == 2 and isinstance(codecs[0], BytesCodec)
+                and (codecs[0].endian is None or codecs[0].endian.value == "little" or self.dtype.itemsize == 1)
+                and isinstance(codecs[1], BloscCodec) and self.dtype.kind in "biuf"
+                and np.little_endian):
+            self.base = os.path.join(str(store.root), arr.store_path.path)
+
+    def _block(self, coords: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
+        """One whole chunk, decompressed into ``out`` (C-contiguous, the chunk's shape) if given."""
+        assert self.base is not None
+        if out is None:
+            out = np.empty(self.chunks, self.dtype)
+        path = os.path.join(self.base, self.arr.metadata.encode_chunk_key(coords))  # type: ignore[union-attr]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:  # never written: the fill value, as Zarr reads it
+            out.fill(self.arr.fill_value)
+            return out
+        numcodecs.blosc.decompress(data, out)
+        return out
+
+    def leading(self, start: int, stop: int) -> np.ndarray:
+        """``arr[start:stop]``, one chunk along the first axis when the rows are one chunk's."""
+        n = self.chunks[0]
+        if self.base is None or start % n or stop - start > n or any(c != s for c, s in
+                                                                    zip(self.chunks[1:], self.arr.shape[1:])):
+            return self.arr[start:stop]
+        stop = min(stop, self.arr.shape[0])
+        return self._block((start // n, *([0] * (len(self.chunks) - 1))))[:stop - start]
+
+    def rows(self, index: int, rows: int) -> np.ndarray:
+        """``arr[index, :rows]``: only the blocks along the second axis that hold those rows."""
+        n = self.chunks[1]
+        if self.base is None or self.chunks[0] != 1 or any(c != s for c, s in zip(self.chunks[2:], self.arr.shape[2:])):
+            return self.arr[index, :rows]
+        rest = [0] * (len(self.chunks) - 2)
+        out = np.empty((rows, *self.chunks[2:]), self.dtype)
+        for b in range(-(-rows // n)):
+            lo, hi = b * n, min(rows, (b + 1) * n)
+            if hi - lo == n:  # a whole block decompresses in place
+                self._block((index, b, *rest), out[lo:hi].reshape(self.chunks))
+            else:
+                out[lo:hi] = self._block((index, b, *rest))[0, :hi - lo]
+        return out
+
+
 class CubeReader:
     """Typed read access to one cube: the per-image, per-class and per-layer arrays by meaning,
     never by array name (the names are this module's business).
@@ -859,6 +1026,12 @@ class CubeReader:
         self.url = str(url)
         self._root = open_store_group(url, mode=self._mode, live=live)
         self.attrs: dict[str, Any] = dict(self._root.attrs)
+        self._fast: dict[str, _WholeChunks] = {}
+
+    def _whole_chunks(self, path: str) -> _WholeChunks:
+        if path not in self._fast:
+            self._fast[path] = _WholeChunks(self._root[path])
+        return self._fast[path]
 
     # -- root attributes ------------------------------------------------------------------
     def check_layout_version(self) -> None:
@@ -968,7 +1141,18 @@ class CubeReader:
 
     def relevance(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """(image, channel) relevance of ``layer`` as float32, rows ``start:stop``."""
+        if start is not None and stop is not None:
+            rows = self._whole_chunks(f"{LAYERS_GROUP}/{layer}/{RELEVANCE_ARRAY}").leading(start, stop)
+            return np.asarray(rows, np.float32)
         return np.asarray(self._layer_array(layer, RELEVANCE_ARRAY)[start:stop], np.float32)
+
+    def activation_mean(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """(image, channel) per-image spatial mean of the conv output as float32, rows ``start:stop``."""
+        return np.asarray(self._layer_array(layer, ACTIVATION_MEAN_ARRAY)[start:stop], np.float32)
+
+    def input_moments(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """(image, in_channel, kernel_y, kernel_x) per-image input moments, rows ``start:stop``."""
+        return np.asarray(self._layer_array(layer, MOMENTS_ARRAY)[start:stop], np.float32)
 
     def activation_max(self, layer: str) -> np.ndarray:
         """(image, channel) spatial max of the conv output as float32."""
@@ -992,20 +1176,54 @@ class CubeReader:
 
         return da.from_zarr(self._layer_array(layer, MOMENTS_ARRAY))
 
-    def _class_sums_dask(self, layer: str, name: str, subset: int) -> Any:
+    def sum_rows(self, chunk: int) -> SumRows:
+        """Which class sums image chunk ``chunk`` stores, row by row (no rows where the cube has
+        no class sums or the chunk wrote none)."""
+        if SUM_ROW_CLASS_ARRAY not in self._root:
+            return SumRows(np.zeros(0, np.int64), np.zeros(0, np.uint8))
+        capacity = int(self._root[SUM_ROW_CLASS_ARRAY].shape[1])
+        classes = np.asarray(self._whole_chunks(SUM_ROW_CLASS_ARRAY).rows(chunk, capacity), dtype=np.int64)
+        n = int((classes >= 0).sum())  # rows are packed from row 0
+        subsets = self._whole_chunks(SUM_ROW_SUBSETS_ARRAY).rows(chunk, capacity)[:n]
+        return SumRows(classes[:n], np.asarray(subsets, dtype=np.uint8))
+
+    def activation_sum_rows(self, layer: str, chunk: int, rows: int) -> np.ndarray:
+        """(rows, channel) float32: the first ``rows`` stored class sums of activation means of an
+        image chunk (``sum_rows`` says which class and subset each is); reads only their blocks."""
+        return self._whole_chunks(f"{LAYERS_GROUP}/{layer}/{ACTIVATION_SUMS_ARRAY}").rows(chunk, rows)
+
+    def moment_sum_rows(self, layer: str, chunk: int, rows: int) -> np.ndarray:
+        """(rows, in_channel, kernel_y, kernel_x) float32: the first ``rows`` stored class sums
+        of input moments of an image chunk."""
+        return self._whole_chunks(f"{LAYERS_GROUP}/{layer}/{MOMENT_SUMS_ARRAY}").rows(chunk, rows)
+
+    def _dense_class_sums(self, layer: str, name: str, subset: int) -> Any:
+        import dask
         import dask.array as da
 
         arr = self._layer_array(layer, name)
-        # Every class block of a chunk in one dask block; missing blocks read as zeros.
-        return da.from_zarr(arr, chunks=(1, *arr.shape[1:]))[:, subset]
+        shape = (1, self.n_classes, *arr.shape[2:])
+
+        def one(chunk: int) -> np.ndarray:
+            rows = self.sum_rows(chunk)
+            out = np.zeros(shape, dtype=np.float32)
+            if len(rows):
+                picked, classes = rows.of_subset(subset)
+                out[0, classes] = arr[chunk, :len(rows)][picked]
+            return out
+
+        return da.concatenate([da.from_delayed(dask.delayed(one, pure=False)(c), shape, np.float32)
+                               for c in range(arr.shape[0])])
 
     def activation_sums_dask(self, layer: str, subset: int) -> Any:
-        """(chunk, class, channel) class sums of activation means extraction wrote, lazy."""
-        return self._class_sums_dask(layer, ACTIVATION_SUMS_ARRAY, subset)
+        """(chunk, class, channel) class sums of activation means, lazy and dense (zero where a
+        chunk has no image of the class): for inspection; the reduce stage reads the rows."""
+        return self._dense_class_sums(layer, ACTIVATION_SUMS_ARRAY, subset)
 
     def moment_sums_dask(self, layer: str, subset: int) -> Any:
-        """(chunk, class, in_channel, kernel_y, kernel_x) class sums of input moments, lazy."""
-        return self._class_sums_dask(layer, MOMENT_SUMS_ARRAY, subset)
+        """(chunk, class, in_channel, kernel_y, kernel_x) class sums of input moments, lazy and
+        dense (zero where a chunk has no image of the class)."""
+        return self._dense_class_sums(layer, MOMENT_SUMS_ARRAY, subset)
 
 
 class CubeWriter(CubeReader):

@@ -1,4 +1,4 @@
-"""Cube layout 2: class sums written at extraction against the per-image route and the autograd
+"""Cube layout 3: sparse class-sum rows written at extraction against the per-image route and the autograd
 oracle, depthwise layers without moments, float16 storage, old stores refused clearly."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from polysemantic_disentangle.storage.cube import (MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, CubeLayout, LayoutVersionError, cube_info,
-                          open_store_group)
+from polysemantic_disentangle.storage.cube import (MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, CubeLayout, CubeReader,
+                                                  LayoutVersionError, cube_info, open_store_group)
 from polysemantic_disentangle.tasks.stage2_reduce.arv_reference import autograd_class_arv
 from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.stage3_detect.detect import DetectionParams, class_arvs, detect_layer, pairs_table
@@ -36,13 +36,22 @@ def test_class_sums_give_bitwise_the_per_image_route(small_cube) -> None:
     # Direct numpy check of one chunk's stored partial against its per-image rows.
     m = root[f"layers/layer2.0.conv1/{MOMENTS_ARRAY}"][:48].astype(np.float64)
     cls = statistics_class(root["label"][:48], root["prediction"][:48], root["skipped"][:48], "label")
-    stored = root[f"layers/layer2.0.conv1/{MOMENT_SUMS_ARRAY}"][0]
+    cube = CubeReader(url)
+    stored = [cube.moment_sums_dask("layer2.0.conv1", s)[0].compute() for s in (0, 1)]
     for t in np.unique(cls[cls >= 0]):
-        np.testing.assert_allclose(stored[0, t], m[cls == t].sum(0), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(stored[0][t], m[cls == t].sum(0), rtol=1e-5, atol=1e-4)
     correct = cls >= 0
     correct &= root["prediction"][:48] == root["label"][:48]
     for t in np.unique(cls[correct]):
-        np.testing.assert_allclose(stored[1, t], m[correct & (cls == t)].sum(0), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(stored[1][t], m[correct & (cls == t)].sum(0), rtol=1e-5, atol=1e-4)
+    for t in np.setdiff1d(np.arange(10), cls[correct]):
+        assert not stored[1][t].any()
+    # Only the classes the chunk holds are stored: one row per class, a second where some of
+    # its images are wrong.
+    rows = cube.sum_rows(0)
+    mixed = {t for t in np.unique(cls[cls >= 0]) if 0 < (correct & (cls == t)).sum() < (cls == t).sum()}
+    assert len(rows) == len(np.unique(cls[cls >= 0])) + len(mixed)
+    assert cube.moment_sum_rows("layer2.0.conv1", 0, len(rows)).shape == (len(rows), *stored[0].shape[1:])
 
 
 def test_statistics_class_follows_target_mode() -> None:

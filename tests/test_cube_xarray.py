@@ -15,6 +15,7 @@ import zarr
 
 from polysemantic_disentangle.storage.cube import (RELEVANCE_DEFINITION, CubeReader, CubeWriter, chunk_writers, open_cube,
                                                     open_store_group, prepare_chunk_writers, write_layer_stats)
+from polysemantic_disentangle.tasks.data.grouping import class_sums, statistics_class
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import read_stats, reduce_cube, statistics_key, write_stats
 
 LAYERS = ["layer1.0.conv1", "layer3.2.conv2"]
@@ -124,8 +125,15 @@ def test_reader_gives_what_raw_zarr_holds(small_cube):
         assert lazy.chunks[0] == (48,) * 5
         np.testing.assert_array_equal(lazy.compute(), raw[:])
         np.testing.assert_array_equal(cube.moments_dask(layer).compute(), root[f"layers/{layer}/input_moments"][:])
-        np.testing.assert_array_equal(cube.moment_sums_dask(layer, 1).compute(),
-                                      root[f"layers/{layer}/moment_sums"][:, 1])
+        # The dense view of the sparse class-sum rows: per chunk, the sums of the correctly
+        # classified images' stored moments, zero for classes the chunk has none of.
+        dense = cube.moment_sums_dask(layer, 1).compute()
+        moments = root[f"layers/{layer}/input_moments"][:]
+        right = statistics_class(root["label"][:], root["prediction"][:], root["skipped"][:], "label",
+                                 correct_only=True)
+        for c in range(cube.n_chunks):
+            lo, hi = cube.chunk_bounds(c)
+            np.testing.assert_array_equal(dense[c], class_sums(right[lo:hi], moments[lo:hi], cube.n_classes))
     assert not cube.has_activation_max("layer3.2.conv2") or cube.activation_max("layer3.2.conv2").shape == (240, 64)
 
 

@@ -2,15 +2,22 @@
 
 Per layer and class: image count, mean relevance, fraction of images for which each channel is
 important (R >= tau * P, P = sum_c max(R, 0); an image with P = 0 marks nothing), mean
-activation, and mean input moments (which give every ARV in closed form). Each chunk is turned
-into per-class partial sums (sorted segment sums) and the partials are summed by dask's tree
-reduction, so memory stays flat in the number of images. Everything accumulates in float32
-whatever the storage dtype.
+activation, and mean input moments (which give every ARV in closed form). Everything
+accumulates in float32 whatever the storage dtype.
+
+Each task folds a run of ``GROUP_CHUNKS`` image chunks of one layer into one (class, ...)
+accumulator, touching only the classes each chunk holds: each image's relevance row (and its
+important-channel mask) added at its class in row order, and the class-sum rows extraction
+stored for the chunk (one or two in a class-ordered dataset, hundreds when shuffled), added at
+their classes.
+No task builds a dense per-chunk class slab, and the accumulators of a layer's runs are summed in
+a tree of fixed fan-in, so memory stays flat in the number of images and the float32 order of
+additions depends only on the cube's chunking (never on the number of workers).
 
 Moments and activation means come from the per-chunk class sums that extraction wrote (the
 default layout), or from per-image arrays when the cube keeps them (needed for arbitrary image
-subsets). Both routes build the same per-chunk partials with the same function and sum them with
-the same dask tree, so their results are bitwise identical.
+subsets). Both routes sum a chunk's rows with the same function and fold the chunks in the same
+order, so their results are bitwise identical.
 """
 
 from __future__ import annotations
@@ -19,19 +26,27 @@ import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import dask
 import dask.callbacks
-import dask.array as da
 import numpy as np
+import torch
 
-from polysemantic_disentangle.storage.cube import (ACTIVATION_MEAN_ARRAY, CLASS_SUM_SUBSETS, CubeReader, class_stats_sets,
-                                                  consolidate, cube_layout, has_class_stats, layer_names,
-                                                  read_layer_stats, write_layer_stats)
+from polysemantic_disentangle.storage.cube import (ACTIVATION_MEAN_ARRAY, CLASS_SUM_SUBSETS, CubeReader, SumRows,
+                                                  class_stats_sets,
+                                                  consolidate, has_class_stats, read_layer_stats, write_layer_stats)
 from polysemantic_disentangle.tasks.json_values import JsonRecord
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
-from polysemantic_disentangle.tasks.data.grouping import class_sums, statistics_class
+# class_sums is re-exported: detection sums the same way.
+from polysemantic_disentangle.tasks.data.grouping import class_sums, present_class_sums, statistics_class  # noqa: F401
+
+# Image chunks one task folds (16,384 images at 512 per chunk): enough to make its accumulator's
+# allocation and the tree's additions a small share, few enough to give every worker tasks.
+GROUP_CHUNKS = 32
+# Accumulators summed per tree node.
+FAN_IN = 8
 
 
 @dataclass
@@ -57,22 +72,9 @@ def important_mask(relevance: np.ndarray, tau: float) -> np.ndarray:
     return (relevance >= tau * positive) & (positive > 0)
 
 
-def _block_labels(labels: np.ndarray, block_info: dict | None) -> np.ndarray:
-    start, stop = block_info[0]["array-location"][0]
-    return labels[start:stop]
-
-
-def _relevance_block(r: np.ndarray, labels: np.ndarray, n_classes: int, tau: float,
-                     block_info: dict | None = None) -> np.ndarray:
-    lab = _block_labels(labels, block_info)
-    # NaN rows (skipped images) carry label -1 and are never summed.
-    important = important_mask(np.nan_to_num(r.astype(np.float32)), tau).astype(np.float32)
-    return np.stack([class_sums(lab, r, n_classes), class_sums(lab, important, n_classes)])[None]
-
-
-def _sum_block(x: np.ndarray, labels: np.ndarray, n_classes: int, block_info: dict | None = None) -> np.ndarray:
-    lab = _block_labels(labels, block_info)
-    return class_sums(lab, x, n_classes)[None]
+def as_cube(cube: CubeReader | str | Path) -> CubeReader:
+    """The cube opened for reading (a reader passes through: stages open a store once)."""
+    return cube if isinstance(cube, CubeReader) else CubeReader(cube)
 
 
 def statistics_labels(cube: CubeReader | str) -> np.ndarray:
@@ -82,12 +84,12 @@ def statistics_labels(cube: CubeReader | str) -> np.ndarray:
     dataset label, or the model's prediction in prediction mode. Every class statistic
     (reduction, rho choice, evaluation, explanations) groups by this.
     """
-    cube = CubeReader(cube) if isinstance(cube, str) else cube
+    cube = as_cube(cube)
     return statistics_class(cube.labels(), cube.predictions(), cube.skipped(), cube.target_mode)
 
 
 def image_selection(
-    store_url: str,
+    cube: CubeReader | str,
     *,
     correct_only: bool = False,
     subset: Sequence[int] | np.ndarray | None = None,
@@ -95,7 +97,7 @@ def image_selection(
     """Statistics class per image (``polysemantic_disentangle.tasks.data.grouping.statistics_class``) with excluded images set
     to -1: skipped images always, optionally those the model got wrong, optionally everything
     outside ``subset`` (indices or a boolean mask)."""
-    cube = CubeReader(store_url)
+    cube = as_cube(cube)
     cube.check_layout_version()
     labels = statistics_class(cube.labels(), cube.predictions(), cube.skipped(), cube.target_mode,
                               correct_only=correct_only)
@@ -109,58 +111,126 @@ def image_selection(
     return np.where(keep, labels, -1)
 
 
-def _per_image_partials(x: da.Array, labels: np.ndarray, n_classes: int) -> da.Array:
-    """(chunk, class, ...) dask array of per-chunk class sums of a per-image array (one dask
-    block per image chunk)."""
-    one_per_block = (1,) * x.numblocks[0]
-    return da.map_blocks(_sum_block, x, labels, n_classes, dtype=np.float32, new_axis=[1],
-                         chunks=(one_per_block, (n_classes,), *[(s,) for s in x.shape[1:]]))
+def _add_at(acc: np.ndarray, classes: np.ndarray, values: np.ndarray) -> None:
+    """``acc[classes[i]] += values[i]`` for every i in order (a repeated class gets its rows one
+    after another), in place. torch's ``index_add_`` on the shared memory: about four times
+    faster than numpy's fancy-index add, which gathers, adds and scatters through a temporary."""
+    torch.from_numpy(acc).index_add_(0, torch.from_numpy(np.asarray(classes, dtype=np.int64)),
+                                     torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)))
 
 
-def layer_stats_graph(store_url: str, layer: str, labels: np.ndarray, n_classes: int, tau: float,
-                      sums_subset: int | None = None) -> dict[str, Any]:
-    """Lazy dask graph of one layer's class sums.
+def _add_relevance(rel: np.ndarray, important: np.ndarray, r: np.ndarray, labels: np.ndarray, tau: float) -> None:
+    """Add each labelled image's relevance row, and its important-channel mask, at its class."""
+    keep = labels >= 0
+    if not keep.all():
+        r, labels = r[keep], labels[keep]
+    if len(labels) == 0:
+        return
+    # The importance test sees NaN as 0 (a row with NaNs is one extraction could not fill).
+    clean = np.nan_to_num(r) if np.isnan(r).any() else r
+    _add_at(rel, labels, r)
+    _add_at(important, labels, important_mask(clean, tau).astype(np.float32))
+
+
+def _fold_chunks(cube: CubeReader, layer: str, chunks: Sequence[int], labels: np.ndarray, first_row: int,
+                 n_classes: int, tau: float, sums_subset: int | None,
+                 sum_rows: Sequence[SumRows] = ()) -> dict[str, np.ndarray | None]:
+    """One layer's class sums over ``chunks`` (in order), each chunk added at its own classes.
+
+    ``labels``: statistics class of the rows from ``first_row`` on; ``sums_subset``: read
+    moments and activation means from the stored class-sum rows of that subset (``sum_rows``:
+    which rows each of ``chunks`` stores), None: from the per-image arrays."""
+    shape = cube.layer_shapes[layer]
+    with_moments = (cube.has_per_image_moments(layer) if sums_subset is None else cube.has_moment_sums(layer))
+    acc: dict[str, np.ndarray | None] = {name: np.zeros((n_classes, shape.out_channels), np.float32)
+                                         for name in ("rel", "important", "activation")}
+    acc["moments"] = (np.zeros((n_classes, shape.in_channels, *shape.kernel_size), np.float32)
+                      if with_moments else None)
+    for i, chunk in enumerate(chunks):
+        start, stop = cube.chunk_bounds(chunk)
+        lab = labels[start - first_row:stop - first_row]
+        if (lab >= 0).any():
+            _add_relevance(acc["rel"], acc["important"], cube.relevance(layer, start, stop), lab, tau)  # type: ignore[arg-type]
+        if sums_subset is None:
+            if not (lab >= 0).any():
+                continue
+            parts = [("activation", cube.activation_mean(layer, start, stop))]
+            if with_moments:
+                parts.append(("moments", cube.input_moments(layer, start, stop)))
+            for name, x in parts:
+                classes, sums = present_class_sums(lab, x)
+                _add_at(acc[name], classes, sums)  # type: ignore[arg-type]
+            continue
+        rows = sum_rows[i]
+        picked, classes = rows.of_subset(sums_subset)
+        if len(picked) == 0:
+            continue
+        every = len(picked) == len(rows)
+        parts = [("activation", cube.activation_sum_rows(layer, chunk, len(rows)))]
+        if with_moments:
+            parts.append(("moments", cube.moment_sum_rows(layer, chunk, len(rows))))
+        for name, values in parts:
+            _add_at(acc[name], classes, values if every else values[picked])  # type: ignore[arg-type]
+    return acc
+
+
+def _combine(*parts: dict[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
+    """Sum of accumulators, left to right (inputs are not modified)."""
+    out: dict[str, np.ndarray | None] = {}
+    for name in parts[0]:
+        present = [p[name] for p in parts if p[name] is not None]
+        if not present:
+            out[name] = None
+            continue
+        total = present[0].copy()
+        for p in present[1:]:
+            total += p
+        out[name] = total
+    return out
+
+
+def layer_sums_graph(cube: CubeReader, layer: str, labels: np.ndarray, n_classes: int, tau: float,
+                     sums_subset: int | None = None, sum_rows: Sequence[SumRows] | None = None) -> Any:
+    """Lazy (dask delayed) class sums of one layer: {rel, important, activation, moments}
+    (class, ...) float32 arrays; moments None where the layer has none.
 
     ``sums_subset``: read moments and activation means from the stored class sums of that subset
-    (0 all usable images, 1 correct ones); None: from the per-image arrays.
-    """
-    cube = CubeReader(store_url)
-    rel = cube.relevance_dask(layer)
-    n_ch = rel.shape[1]
-    one_per_block = (1,) * rel.numblocks[0]
-    # Labels travel as a numpy closure; each block slices its own rows via block_info.
-    rel_sums = da.map_blocks(_relevance_block, rel, labels, n_classes, tau, dtype=np.float32,
-                             drop_axis=1, new_axis=[1, 2, 3],
-                             chunks=(one_per_block, (2,), (n_classes,), (n_ch,))).sum(axis=0)
-    # Same partials, same tree: a sum over chunks of (class, ...) blocks, one block per chunk.
-    if sums_subset is None:
-        act = _per_image_partials(cube.activation_mean_dask(layer), labels, n_classes)
-        mom = (_per_image_partials(cube.moments_dask(layer), labels, n_classes)
-               if cube.has_per_image_moments(layer) else None)
-    else:
-        # Stored partials: one dask block per chunk, summed by the same tree.
-        act = cube.activation_sums_dask(layer, sums_subset)
-        mom = cube.moment_sums_dask(layer, sums_subset) if cube.has_moment_sums(layer) else None
-    return {"relevance_sums": rel_sums, "activation": act.sum(axis=0),
-            "moments": mom.sum(axis=0) if mom is not None else None}
+    (0 all usable images, 1 correct ones); None: from the per-image arrays. ``sum_rows``: every
+    chunk's ``CubeReader.sum_rows`` (read here when not given; shared by all layers)."""
+    n_chunks = cube.n_chunks
+    if sums_subset is not None and sum_rows is None:
+        sum_rows = [cube.sum_rows(c) for c in range(n_chunks)]
+    leaves = []
+    for first in range(0, n_chunks, GROUP_CHUNKS):
+        chunks = list(range(first, min(n_chunks, first + GROUP_CHUNKS)))
+        lo, hi = cube.chunk_bounds(chunks[0])[0], cube.chunk_bounds(chunks[-1])[1]
+        # Each task carries only its own rows' labels; the reader is shared, never reopened.
+        rows = [sum_rows[c] for c in chunks] if sum_rows is not None else []
+        leaves.append(dask.delayed(_fold_chunks, pure=False)(cube, layer, chunks, labels[lo:hi], lo,
+                                                             n_classes, tau, sums_subset, rows))
+    while len(leaves) > 1:
+        leaves = [dask.delayed(_combine, pure=False)(*leaves[i:i + FAN_IN]) for i in range(0, len(leaves), FAN_IN)]
+    return leaves[0]
 
 
-def moments_source(store_url: str, *, correct_only: bool, subset: Any, prefer: str = "auto") -> int | None:
+def moments_source(cube: CubeReader | str, *, correct_only: bool, subset: Any, prefer: str = "auto") -> int | None:
     """Which route gives moments and activation means: a class-sum subset index, or None for
     the per-image arrays. Arbitrary subsets need per-image arrays."""
     if prefer not in ("auto", "class_sums", "per_image"):
         raise ValueError(f"moments_from must be 'auto', 'class_sums' or 'per_image', got {prefer!r}")
-    layout = cube_layout(store_url)
+    cube = as_cube(cube)
+    cube.check_layout_version()
+    layout = cube.layout
     has_per_image = layout.per_image_moments and ACTIVATION_MEAN_ARRAY in layout.per_image
     if prefer == "per_image" or (subset is not None) or (prefer == "auto" and not layout.class_sums):
         if not has_per_image:
             why = "an image subset needs" if subset is not None else "moments_from='per_image' needs"
             raise ValueError(
-                f"{store_url} keeps moments and activation means only as per-chunk class sums; {why} "
+                f"{cube.url} keeps moments and activation means only as per-chunk class sums; {why} "
                 "per-image moments: extract with per_image_moments=True (layout 'full')")
         return None
     if not layout.class_sums:
-        raise ValueError(f"{store_url} has no class sums (layout {layout.per_image}); extract with the "
+        raise ValueError(f"{cube.url} has no class sums (layout {layout.per_image}); extract with the "
                          "detection layout")
     return CLASS_SUM_SUBSETS.index("correct" if correct_only else "all")
 
@@ -180,7 +250,7 @@ def dask_scheduler(address: str | None = None) -> Iterator[None]:
 
 
 def reduce_cube(
-    store_url: str,
+    cube: CubeReader | str,
     *,
     tau: float,
     layers: Sequence[str] | None = None,
@@ -192,35 +262,41 @@ def reduce_cube(
 ) -> dict[str, LayerStats]:
     """Class statistics of every layer, computed in one dask pass over the store.
 
+    ``cube``: an opened ``CubeReader`` (read through as it is) or a store URL (opened once).
     ``moments_from``: "class_sums" (extraction-time partials), "per_image", or "auto" (class
     sums when the cube has them and no ``subset`` is asked for). ``progress``: the cube's
     images, advanced as the pass's tasks finish (on a distributed cluster, at its end)."""
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
-    n_classes = CubeReader(store_url).n_classes
-    source = moments_source(store_url, correct_only=correct_only, subset=subset, prefer=moments_from)
-    labels = image_selection(store_url, correct_only=correct_only, subset=subset)
-    layers = list(layers) if layers is not None else layer_names(store_url)
-    graphs = {layer: layer_stats_graph(store_url, layer, labels, n_classes, tau, source) for layer in layers}
+    cube = as_cube(cube)
+    n_classes = cube.n_classes
+    source = moments_source(cube, correct_only=correct_only, subset=subset, prefer=moments_from)
+    labels = image_selection(cube, correct_only=correct_only, subset=subset)
+    layers = list(layers) if layers is not None else cube.layers
+    rows = [cube.sum_rows(c) for c in range(cube.n_chunks)] if source is not None else None
+    graphs = {layer: layer_sums_graph(cube, layer, labels, n_classes, tau, source, rows) for layer in layers}
     progress.start("reduce", len(labels))
     with dask_scheduler(scheduler_address), _TaskProgress(progress, len(labels)) as counted:
         (computed,) = dask.compute(graphs)
     progress.advance(len(labels) - counted.advanced)
     progress.close()
     count = np.bincount(labels[labels >= 0], minlength=n_classes).astype(np.float32)
-    denom = np.maximum(count, 1.0)
-    out = {}
-    for layer, sums in computed.items():
-        rel, imp = sums["relevance_sums"]
-        out[layer] = LayerStats(
-            layer=layer,
-            count=count,
-            mean_relevance=rel / denom[:, None],
-            important_fraction=imp / denom[:, None],
-            mean_activation=sums["activation"] / denom[:, None],
-            mean_moments=sums["moments"] / denom.reshape(-1, 1, 1, 1) if sums["moments"] is not None else None,
-        )
-    return out
+    # Classes without images keep their zero sums: dividing only the others (in place, in
+    # runs of consecutive classes) never touches the untouched pages of a 1,000-class result.
+    present = np.flatnonzero(count > 0)
+    runs = np.split(present, np.flatnonzero(np.diff(present) > 1) + 1) if len(present) else []
+    spans = [(int(r[0]), int(r[-1]) + 1) for r in runs]
+
+    def mean(sums: np.ndarray | None) -> np.ndarray | None:
+        if sums is not None:
+            for lo, hi in spans:
+                sums[lo:hi] /= count[lo:hi].reshape(-1, *[1] * (sums.ndim - 1))
+        return sums
+
+    return {layer: LayerStats(layer=layer, count=count, mean_relevance=mean(sums["rel"]),
+                              important_fraction=mean(sums["important"]), mean_activation=mean(sums["activation"]),
+                              mean_moments=mean(sums["moments"]))
+            for layer, sums in computed.items()}
 
 
 class _TaskProgress(dask.callbacks.Callback):
@@ -269,7 +345,7 @@ class StatisticsKey(JsonRecord):
 def statistics_key(cube: CubeReader | str, *, tau: float, correct_only: bool = False,
                    subset: Sequence[int] | np.ndarray | None = None) -> StatisticsKey:
     """The key of the statistics ``reduce_cube`` computes from ``cube`` with these parameters."""
-    cube = CubeReader(cube) if isinstance(cube, str) else cube
+    cube = as_cube(cube)
     mask = None
     if subset is not None:
         sub = np.asarray(subset)
@@ -331,7 +407,7 @@ def class_statistics(
     layers = list(layers) if layers is not None else cube.layers
     if has_stats(store_url, key, layers):
         return key, read_stats(store_url, key, layers)
-    stats = reduce_cube(store_url, tau=tau, layers=layers, correct_only=correct_only, subset=subset,
+    stats = reduce_cube(cube, tau=tau, layers=layers, correct_only=correct_only, subset=subset,
                         scheduler_address=scheduler_address, progress=progress)
     write_stats(store_url, key, stats)
     return key, stats

@@ -1,0 +1,163 @@
+"""The reduce stage over sparse class-sum rows: a chunk stores one row per class it holds (two
+where it mixes right and wrong images of the class), the reduction reads only those rows and
+equals a float64 oracle in folder and shuffled order, a local store (read around Zarr) and a
+memory store (read through it) give the same bytes, and a reduce_cube call opens its store once."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import zarr
+
+from polysemantic_disentangle.storage.cube import (ChunkData, CubeLayout, CubeReader, LayerShape, LayoutVersionError,
+                                                  completed_chunks, create_cube, cube_info, open_store_group,
+                                                  write_chunk)
+from polysemantic_disentangle.tasks.data.grouping import statistics_class, subset_class_sums
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, reduce_cube
+
+SHAPES = {"a": LayerShape(6, 4, (3, 3)), "b": LayerShape(5, 3, (1, 1)), "dw": LayerShape(4, 4, (3, 3), groups=4)}
+N_CLASSES = 40
+CHUNK = 24
+N = 100  # the last chunk is partial
+TAU = 0.1
+
+
+def _make_cube(url: str, order: str) -> dict:
+    rng = np.random.default_rng(0 if order == "folder" else 1)
+    labels = np.sort(rng.integers(0, N_CLASSES, N)) if order == "folder" else rng.integers(0, N_CLASSES, N)
+    pred = np.where(rng.random(N) < 0.6, labels, (labels + 1) % N_CLASSES)
+    skipped = np.zeros(N, bool)
+    skipped[[5, 50]] = True
+    create_cube(url, image_paths=[f"img/{i}" for i in range(N)], labels=labels,
+                class_names=[f"c{i}" for i in range(N_CLASSES)], class_wnids=[None] * N_CLASSES, layers=SHAPES,
+                chunk_images=CHUNK, attrs={"test": order}, layout=CubeLayout.preset("detection"))
+    root = open_store_group(url, mode="r+")
+    act = {name: np.full((N, s.out_channels), np.nan, np.float32) for name, s in SHAPES.items()}
+    mom = {name: np.full((N, s.in_channels, *s.kernel_size), np.nan, np.float32) for name, s in SHAPES.items()}
+    for c in range(-(-N // CHUNK)):
+        rows = slice(c * CHUNK, min(N, (c + 1) * CHUNK))
+        n = rows.stop - rows.start
+        ok = ~skipped[rows]
+        groups = [statistics_class(labels[rows], pred[rows], skipped[rows], "label", correct_only=k)
+                  for k in (False, True)]
+        layers, sums = {}, {}
+        for name, s in SHAPES.items():
+            rel = np.full((n, s.out_channels), np.nan, np.float32)
+            rel[ok] = rng.standard_normal((ok.sum(), s.out_channels))
+            act[name][rows][ok] = rng.standard_normal((ok.sum(), s.out_channels))
+            mom[name][rows][ok] = rng.exponential(3.0, (ok.sum(), s.in_channels, *s.kernel_size))
+            layers[name] = {"relevance": rel}
+            sums[name] = {"activation_sums": subset_class_sums(act[name][rows], *groups, N_CLASSES)}
+            if s.arv_applicable:
+                sums[name]["moment_sums"] = subset_class_sums(mom[name][rows], *groups, N_CLASSES)
+        write_chunk(root, c, ChunkData(pred[rows].astype(np.int32), labels[rows].astype(np.int32),
+                                       np.zeros(n, np.float32), skipped[rows], np.full(n, "", dtype=str), layers,
+                                       sums, np.unique(groups[0][groups[0] >= 0])))
+    return {"labels": labels, "pred": pred, "skipped": skipped, "act": act, "mom": mom}
+
+
+@pytest.fixture(scope="module", params=["folder", "shuffled"])
+def cube(request, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("rows") / f"{request.param}.zarr")
+    return url, request.param, _make_cube(url, request.param)
+
+
+def test_chunks_store_one_row_per_class_and_a_second_only_where_right_and_wrong_mix(cube) -> None:
+    url, _, truth = cube
+    reader = CubeReader(url)
+    assert completed_chunks(url, verify=True).all()
+    for c in range(reader.n_chunks):
+        lo, hi = reader.chunk_bounds(c)
+        cls = statistics_class(truth["labels"][lo:hi], truth["pred"][lo:hi], truth["skipped"][lo:hi], "label")
+        right = cls >= 0
+        right &= truth["pred"][lo:hi] == truth["labels"][lo:hi]
+        present = np.unique(cls[cls >= 0])
+        mixed = [t for t in present if 0 < (right & (cls == t)).sum() < (cls == t).sum()]
+        rows = reader.sum_rows(c)
+        assert len(rows) == len(present) + len(mixed)
+        np.testing.assert_array_equal(rows.of_subset(0)[1], present)
+        np.testing.assert_array_equal(rows.of_subset(1)[1], np.unique(cls[right]))
+
+
+@pytest.mark.parametrize("correct_only", [False, True])
+def test_reduction_equals_a_float64_oracle(cube, correct_only) -> None:
+    url, _, truth = cube
+    stats = reduce_cube(url, tau=TAU, correct_only=correct_only)
+    root = open_store_group(url)
+    cls = statistics_class(truth["labels"], truth["pred"], truth["skipped"], "label", correct_only=correct_only)
+    for name, s in SHAPES.items():
+        got = stats[name]
+        rel = root[f"layers/{name}/relevance"][:].astype(np.float32)  # as stored (float16)
+        important = important_mask(np.nan_to_num(rel), TAU)
+        assert (got.mean_moments is None) == (not s.arv_applicable)
+        for t in range(N_CLASSES):
+            sel = cls == t
+            assert got.count[t] == sel.sum()
+            if not sel.any():
+                assert not got.mean_relevance[t].any() and not got.mean_activation[t].any()
+                continue
+            np.testing.assert_allclose(got.mean_relevance[t], rel[sel].astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(got.important_fraction[t], important[sel].mean(0).astype(np.float32))
+            np.testing.assert_allclose(got.mean_activation[t], truth["act"][name][sel].astype(np.float64).mean(0),
+                                       rtol=1e-5, atol=1e-6)
+            if s.arv_applicable:
+                np.testing.assert_allclose(got.mean_moments[t], truth["mom"][name][sel].astype(np.float64).mean(0),
+                                           rtol=1e-5)
+
+
+def test_reads_around_zarr_give_the_bytes_zarr_reads(cube) -> None:
+    url, order, _ = cube
+    reader = CubeReader(url)
+    root = open_store_group(url)
+    for c in range(reader.n_chunks):
+        lo, hi = reader.chunk_bounds(c)
+        n = len(reader.sum_rows(c))
+        for name, s in SHAPES.items():
+            np.testing.assert_array_equal(reader.relevance(name, lo, hi), root[f"layers/{name}/relevance"][lo:hi])
+            np.testing.assert_array_equal(reader.activation_sum_rows(name, c, n),
+                                          root[f"layers/{name}/activation_sums"][c, :n])
+            if s.arv_applicable:
+                np.testing.assert_array_equal(reader.moment_sum_rows(name, c, n),
+                                              root[f"layers/{name}/moment_sums"][c, :n])
+    # A store Zarr reads for us (memory://) gives the same statistics, bit for bit.
+    memory = f"memory://rows-{uuid.uuid4().hex}.zarr"
+    _make_cube(memory, order)
+    local, remote = reduce_cube(url, tau=TAU), reduce_cube(memory, tau=TAU)
+    for name in SHAPES:
+        for field in ("count", "mean_relevance", "important_fraction", "mean_activation"):
+            np.testing.assert_array_equal(getattr(local[name], field), getattr(remote[name], field))
+
+
+def test_a_reduce_call_opens_its_store_once(cube, monkeypatch) -> None:
+    url, _, _ = cube
+    opened: list[str] = []
+    for name in ("open_group", "open", "open_array", "open_consolidated"):
+        real = getattr(zarr, name)
+
+        def counting(*args, _real=real, **kwargs):
+            opened.append(str(args[0] if args else kwargs.get("store")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(zarr, name, counting)
+    one_layer = reduce_cube(url, tau=TAU, layers=["a"])
+    assert len(opened) == 1, opened
+    opened.clear()
+    reader = CubeReader(url)
+    assert len(opened) == 1
+    opened.clear()
+    for correct_only in (False, True):
+        reduce_cube(reader, tau=TAU, correct_only=correct_only)
+    assert opened == []  # an opened cube is read as it is
+    np.testing.assert_array_equal(reduce_cube(reader, tau=TAU)["a"].mean_relevance, one_layer["a"].mean_relevance)
+
+
+def test_a_store_of_the_dense_class_sum_layout_is_refused_clearly(tmp_path) -> None:
+    url = str(tmp_path / "v2.zarr")
+    _make_cube(url, "folder")
+    open_store_group(url, mode="r+").attrs["layout_version"] = 2
+    with pytest.raises(LayoutVersionError, match="layout version 2.*sparse rows.*extract it again"):
+        cube_info(url)
+    with pytest.raises(LayoutVersionError, match="layout version 2"):
+        reduce_cube(url, tau=TAU)
