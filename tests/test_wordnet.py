@@ -82,6 +82,7 @@ def test_fast_wu_palmer_is_nltks_on_imagenet_class_pairs(shared_wordnet: Path) -
     """The per-synset route Figure 3 takes gives nltk's own Wu-Palmer value (the oracle) on
     random pairs of the 1,000 ImageNet classes, the same class twice, and one class that is a
     hypernym of another (dog / Chihuahua)."""
+    import math
     import random
 
     from polysemantic_disentangle.tasks.data.classes import imagenet_wnids
@@ -91,8 +92,15 @@ def test_fast_wu_palmer_is_nltks_on_imagenet_class_pairs(shared_wordnet: Path) -
     pairs = [tuple(rng.sample(wnids, 2)) for _ in range(1500)] + [(w, w) for w in wnids[:20]]
     pairs += [("n02084071", "n02085620"), ("n02085620", "n02084071"), ("n02084071", "n00007846")]
     for a, b in pairs:
-        expected = wn.to_synset(a).wup_similarity(wn.to_synset(b))
-        assert wn.wup_similarity(a, b) == expected, (a, b)
+        sa, sb = wn.to_synset(a), wn.to_synset(b)
+        assert wn.wup_similarity(a, b) == sa.wup_similarity(sb), (a, b)
+    for a, b in pairs[::5]:  # every similarity of the detection table's rows, against nltk's
+        sa, sb = wn.to_synset(a), wn.to_synset(b)
+        distance = sa.shortest_path_distance(sb)
+        expected = {"a": sa.name(), "b": sb.name(), "wup": sa.wup_similarity(sb), "path": sa.path_similarity(sb),
+                    "lch": -math.log((distance + 1) / 38.0),
+                    "lowest_common_hypernyms": sorted(s.name() for s in sa.lowest_common_hypernyms(sb))}
+        assert wn.pair_similarity(a, b) == expected, (a, b)
 
 
 def test_path_similarity_sanity(shared_wordnet: Path) -> None:

@@ -451,11 +451,27 @@ def pair_similarity(wnid_a: str | Synset, wnid_b: str | Synset) -> dict[str, Any
     Keys: ``a``, ``b`` (synset names), ``wup`` (Wu-Palmer), ``path``, ``lch``
     (Leacock-Chodorow; None across parts of speech) and ``lowest_common_hypernyms``.
     """
-    a, b = to_synset(wnid_a), to_synset(wnid_b)
+    a = wnid_a if isinstance(wnid_a, Synset) else _cached_synset(wnid_a)
+    b = wnid_b if isinstance(wnid_b, Synset) else _cached_synset(wnid_b)
 
     def num(x: Any) -> float | None:
         return None if x is None else float(x)
 
+    if a.pos() == b.pos() == "n":
+        # From the ancestor distances kept per synset (see ``wup_similarity``): the detection
+        # table of a 1,000-class model names tens of thousands of class pairs.
+        da, db = _distances(a), _distances(b)
+        distance = _path_distance(da, db)
+        common = [t for t in da if t in db]
+        deepest = max((_max_depth(t) for t in common), default=None)
+        return {
+            "a": a.name(),
+            "b": b.name(),
+            "wup": _noun_wup(a, b),
+            "path": None if math.isinf(distance) else 1.0 / (distance + 1),
+            "lch": None if math.isinf(distance) else -math.log((distance + 1) / (2.0 * _NOUN_MAX_DEPTH)),
+            "lowest_common_hypernyms": sorted(t.name() for t in common if _max_depth(t) == deepest),
+        }
     return {
         "a": a.name(),
         "b": b.name(),
@@ -501,6 +517,15 @@ def _min_depth(s: Synset) -> int:
     return _min_depths[s]
 
 
+_max_depths: dict[Synset, int] = {}
+
+
+def _max_depth(s: Synset) -> int:
+    if s not in _max_depths:
+        _max_depths[s] = s.max_depth()
+    return _max_depths[s]
+
+
 def _distances(s: Synset) -> dict[Synset, int]:
     """Every hypernym of ``s`` (itself included) -> its shortest hypernym-path distance, the
     breadth-first walk of nltk's ``_shortest_hypernym_paths`` without a simulated root."""
@@ -533,7 +558,7 @@ def _noun_wup(a: Synset, b: Synset) -> float | None:
     deepest = max(_min_depth(t) for t in common)
     lowest = sorted(t for t in common if _min_depth(t) == deepest)
     subsumer = a if a in lowest else lowest[0]
-    depth = subsumer.max_depth() + 1
+    depth = _max_depth(subsumer) + 1
     ds = _distances(subsumer)
     len1, len2 = _path_distance(da, ds), _path_distance(db, ds)
     if math.isinf(len1) or math.isinf(len2):
