@@ -7,7 +7,8 @@ import pytest
 import torch
 import zarr
 
-from polysemantic_disentangle.storage.cube import CubeMismatch, completed_chunks, consolidate, open_cube, open_store_group
+from polysemantic_disentangle.storage.cube import (LAYOUT_VERSION, CubeMismatch, completed_chunks, consolidate, open_cube,
+                                                  open_store_group)
 from polysemantic_disentangle.tasks.data.images import load_batch, plan_shards, scan_image_folder
 from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, plan_cube
 from polysemantic_disentangle.tasks.models.registry import load_model
@@ -18,7 +19,7 @@ from tests.conftest import add_bad_images, cifar_subset
 def test_cube_layout_and_values_match_direct_computation(small_cube) -> None:
     url, bundle, data = small_cube
     root = open_store_group(url)
-    assert root.attrs["layout_version"] == 2
+    assert root.attrs["layout_version"] == LAYOUT_VERSION == 3
     assert root.attrs["model"]["weights_sha256"].startswith("12fca82f")
     assert len(root.attrs["layers"]) == 19
     assert completed_chunks(url).all()
