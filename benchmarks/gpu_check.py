@@ -119,8 +119,10 @@ def time_run(command: list[str], log_path: Path, log: Callable[[str], None] = pr
 
     log("  " + " ".join(command))
     t0 = time.perf_counter()
+    # The stages are cut where the run's INFO lines say they finished, whatever the caller's level.
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}
     with open(log_path, "w") as tee:
-        monitor = TreeMonitor(command, tee=tee).run()
+        monitor = TreeMonitor(command, env=env, tee=tee).run()
     wall = time.perf_counter() - t0
     evaluation = Path(command[command.index("--out-dir") + 1]) / "evaluation.json"
     timings = json.loads(evaluation.read_text()).get("timings_s") if evaluation.exists() else None
