@@ -12,7 +12,7 @@
    sample images for detection and evaluation, one GPU worker (``--workers 1``): wall and CPU
    seconds of every stage (``bench_memory.stage_table``). Random weights may leave nothing to
    rewire (exit status 4): the stages still run and are timed.
-4. bf16 against fp32 (``tasks/stage1_extract/precision.compare_precisions``): the same images
+4. bf16 against fp32 (``tasks/stage3_detect/precision_check.compare_precisions``): the same images
    extracted, reduced and detected in both precisions, ResNet-50 (random weights) and
    EfficientNet-Lite0 (real weights): candidates, candidate pairs and selected pairs, lost and
    gained.
@@ -144,7 +144,7 @@ def compare_precision_sets(model: str, weights: str | None, data_dir: Path, work
     """Part 4 for one model: ``compare_precisions`` and one line of what bf16 changed."""
     from polysemantic_disentangle.tasks.models.registry import load_model
     from polysemantic_disentangle.tasks.presets import preset_for
-    from polysemantic_disentangle.tasks.stage1_extract.precision import compare_precisions, describe
+    from polysemantic_disentangle.tasks.stage3_detect.precision_check import compare_precisions, describe
     from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
 
     bundle = load_model(model, weights)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from polysemantic_disentangle.tasks.stage1_extract import precision as prec
+from polysemantic_disentangle.tasks.stage3_detect import precision_check as check
 from tests.conftest import cifar_subset
 
 
@@ -25,37 +26,37 @@ def test_bf16_detection_sets_against_fp32_on_cifar(tmp_path: Path, assets_dir: P
     data = cifar_subset(assets_dir, tmp_path / "data", "test", per_class=20)
     bundle = load_model("cifar_resnet20")
     params = DetectionParams(gamma=preset_for("cifar_resnet20").gamma)
-    comparison, runs = prec.compare_precisions(bundle, data, tmp_path / "work", params, batch_size=100,
+    comparison, runs = check.compare_precisions(bundle, data, tmp_path / "work", params, batch_size=100,
                                                chunk_images=200)
-    print("bf16 against fp32, ResNet-20, 200 CIFAR-10 test images:", prec.describe(comparison))
+    print("bf16 against fp32, ResNet-20, 200 CIFAR-10 test images:", check.describe(comparison))
     assert runs["fp32"].sets.counts()["candidates"] > 0 and runs["fp32"].sets.counts()["pairs"] > 0
     # bf16 moved the ARVs, but only a little: the taps sum in float32.
     assert 0 < comparison["max_cosine_shift"] < 0.05
     if comparison["identical"]:
         assert prec.check_precision("bf16") == "bf16"
     else:
-        assert prec.BF16_MEASURED, f"bf16 changes the detection sets ({prec.describe(comparison)}) but is accepted"
+        assert prec.BF16_MEASURED, f"bf16 changes the detection sets ({check.describe(comparison)}) but is accepted"
         with pytest.raises(prec.PrecisionRefused, match="Measured against float32"):
             prec.check_precision("bf16")
 
 
 def test_compare_sets_counts_what_is_lost_and_gained() -> None:
-    def sets(cands: list[int], pairs: list[tuple[int, int, int, float]], chosen: list[int]) -> prec.DetectionSets:
-        keys = prec.pair_key(*(np.asarray([p[i] for p in pairs], dtype=np.int64) for i in range(3)))
+    def sets(cands: list[int], pairs: list[tuple[int, int, int, float]], chosen: list[int]) -> check.DetectionSets:
+        keys = check.pair_key(*(np.asarray([p[i] for p in pairs], dtype=np.int64) for i in range(3)))
         order = np.argsort(keys)
-        return prec.DetectionSets(candidates={"l": np.asarray(cands)}, pairs={"l": keys[order]},
+        return check.DetectionSets(candidates={"l": np.asarray(cands)}, pairs={"l": keys[order]},
                                   cosines={"l": np.asarray([p[3] for p in pairs])[order]},
                                   selected={"l": np.sort(keys[chosen])})
 
     a = sets([1, 2], [(1, 0, 1, 0.2), (2, 0, 3, 0.9)], [0])
     b = sets([1, 3], [(1, 0, 1, 0.25), (3, 2, 4, 0.4)], [0, 1])
-    c = prec.compare_sets(a, b)
+    c = check.compare_sets(a, b)
     assert c["candidates"] == {"reference": 2, "other": 2, "lost": 1, "gained": 1}
     assert c["pairs"] == {"reference": 2, "other": 2, "lost": 1, "gained": 1}
     assert c["selected"] == {"reference": 1, "other": 2, "lost": 0, "gained": 1}
     assert c["max_cosine_shift"] == pytest.approx(0.05)
     assert c["layers_differing"] == ["l"] and not c["identical"]
-    assert prec.compare_sets(a, a)["identical"]
+    assert check.compare_sets(a, a)["identical"]
 
 
 def test_precision_is_part_of_the_store_identity(small_cube, tmp_path: Path) -> None:
