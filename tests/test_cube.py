@@ -97,7 +97,7 @@ def test_store_refuses_other_inputs_and_fsspec_memory_urls(tmp_path, assets_dir)
     plan_cube(bundle, str(data), url, "layer3.*", chunk_images=10, target_mode="label")
     with pytest.raises(CubeMismatch):
         plan_cube(bundle, str(data), url, "layer3.*", chunk_images=10, target_mode="prediction")
-    with pytest.raises(ValueError, match="no conv layer matches"):
+    with pytest.raises(ValueError, match="no conv or Linear layer matches"):
         plan_cube(bundle, str(data), "memory://cubes/x.zarr", "layer9.*", chunk_images=10, target_mode="label")
 
 
