@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from polysemantic_disentangle.flows.runtime.cluster import ClusterInfo, cluster_address, inspect_cluster, worker_identity
 from polysemantic_disentangle.flows.runtime.faults import stop_point
 from polysemantic_disentangle.flows.runtime.progress import stage_progress
-from polysemantic_disentangle.storage.cube import (CubeLayout, CubeWriter, chunk_bounds, completed_chunks, consolidate,
-                                                  cube_info, open_store_group, prepare_chunk_writers)
+from polysemantic_disentangle.storage.cube import (CubeLayout, CubeReader, CubeWriter, completed_chunks, consolidate,
+                                                  cube_info, prepare_chunk_writers)
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import plan_shards
 from polysemantic_disentangle.tasks.stage1_extract.chunks import (ChunkStats, auto_batch_size, extract_chunks, pick_device,
@@ -173,8 +173,8 @@ class ChunkWatch:
 
     def __init__(self, store_url: str, chunks: Sequence[int], progress: Progress, label: str) -> None:
         self.store_url, self.progress = store_url, progress
-        root = open_store_group(store_url, mode="r")
-        self.pending = {int(c): chunk_bounds(root, int(c)) for c in chunks}
+        cube = CubeReader(store_url)
+        self.pending = {int(c): cube.chunk_bounds(int(c)) for c in chunks}
         progress.start(label, sum(hi - lo for lo, hi in self.pending.values()))
         self.interval = PROGRESS_POLL_S
 
