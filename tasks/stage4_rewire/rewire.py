@@ -411,6 +411,41 @@ def split_part_names(split: ChannelSplit) -> list[str]:
         part_name(split.layer, split.channel, None)]
 
 
+@dataclass
+class PartRows:
+    """Where the parts of a layer's splits live: ``main`` is the weight with each split row
+    replaced by its d_1, ``extra_rows`` the other parts (d_2..d_k, then r) in split order, and
+    per part its row in [main ; extra] (``part_rows``), the split it merges into
+    (``part_slot``), its merge coefficient (``part_coef``: 1 for each d_j, -(k - 1) for r) and
+    its name."""
+
+    main: Tensor
+    extra_rows: list[Tensor]
+    extra_channel: list[int]  # the split channel of each extra row
+    part_rows: list[int]
+    part_slot: list[int]
+    part_coef: list[float]
+    names: list[str]
+
+
+def plan_part_rows(weight: Tensor, splits: Sequence[ChannelSplit]) -> PartRows:
+    """``PartRows`` of ``splits`` over ``weight`` (out rows first: a conv's or a Linear's)."""
+    n_out = weight.shape[0]
+    rows = PartRows(weight.clone(), [], [], [], [], [], [])
+    for slot, s in enumerate(splits):
+        d, r = split_row(weight[s.channel], s.sources, s.shared)
+        rows.main[s.channel] = d[0]
+        rows.part_rows.append(s.channel)
+        for part in [*d[1:], r]:
+            rows.extra_rows.append(part)
+            rows.extra_channel.append(s.channel)
+            rows.part_rows.append(n_out + len(rows.extra_rows) - 1)
+        rows.part_slot += [slot] * (s.k + 1)
+        rows.part_coef += [1.0] * s.k + [-(s.k - 1.0)]
+        rows.names += split_part_names(s)
+    return rows
+
+
 class DisentangledConv2d(nn.Module):
     """A conv layer with some output channels split into concept channels plus a residual.
 
@@ -442,29 +477,12 @@ class DisentangledConv2d(nn.Module):
         rows_per_group = conv.out_channels // conv.groups
         per_group_in = conv.in_channels // conv.groups
 
-        main = weight.clone()
-        extra_rows: list[Tensor] = []
-        extra_channel: list[int] = []
-        part_rows: list[int] = []  # row of each part in [main ; extra]
-        part_slot: list[int] = []  # which split channel the part merges into
-        part_coef: list[float] = []
-        names: list[str] = []
-        for slot, s in enumerate(self.splits):
+        for s in self.splits:
             _check_splittable(conv, s.channel)
-            d, r = split_row(weight[s.channel], s.sources, s.shared)
-            main[s.channel] = d[0]
-            part_rows.append(s.channel)
-            for j in range(1, s.k):
-                extra_rows.append(d[j])
-                extra_channel.append(s.channel)
-                part_rows.append(conv.out_channels + len(extra_rows) - 1)
-            extra_rows.append(r)
-            extra_channel.append(s.channel)
-            part_rows.append(conv.out_channels + len(extra_rows) - 1)
-            part_slot += [slot] * (s.k + 1)
-            part_coef += [1.0] * s.k + [-(s.k - 1.0)]
-            names += split_part_names(s)
-        self.part_names = names
+        rows = plan_part_rows(weight, self.splits)
+        main, extra_rows, extra_channel = rows.main, rows.extra_rows, rows.extra_channel
+        part_rows, part_slot, part_coef = rows.part_rows, rows.part_slot, rows.part_coef
+        self.part_names = rows.names
 
         extra = torch.stack(extra_rows)
         extra_bias = None if bias is None else bias[torch.tensor(extra_channel)]
@@ -559,31 +577,15 @@ class DisentangledLinear(nn.Module):
         self.splits = [copy.deepcopy(s) for s in splits]
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
-        main = weight.clone()
-        extra_rows: list[Tensor] = []
-        extra_channel: list[int] = []
-        part_rows: list[int] = []
-        part_slot: list[int] = []
-        part_coef: list[float] = []
-        names: list[str] = []
-        for slot, s in enumerate(self.splits):
+        for s in self.splits:
             if not 0 <= s.channel < linear.out_features:
                 raise ValueError(f"channel {s.channel} out of range(0, {linear.out_features})")
             if linear.in_features < 2:
                 raise NotApplicable(f"channel {s.channel} reads a single input feature: nothing to split")
-            d, r = split_row(weight[s.channel], s.sources, s.shared)
-            main[s.channel] = d[0]
-            part_rows.append(s.channel)
-            for j in range(1, s.k):
-                extra_rows.append(d[j])
-                extra_channel.append(s.channel)
-                part_rows.append(linear.out_features + len(extra_rows) - 1)
-            extra_rows.append(r)
-            extra_channel.append(s.channel)
-            part_rows.append(linear.out_features + len(extra_rows) - 1)
-            part_slot += [slot] * (s.k + 1)
-            part_coef += [1.0] * s.k + [-(s.k - 1.0)]
-            names += split_part_names(s)
+        rows = plan_part_rows(weight, self.splits)
+        main, extra_rows, extra_channel = rows.main, rows.extra_rows, rows.extra_channel
+        part_rows, part_slot, part_coef = rows.part_rows, rows.part_slot, rows.part_coef
+        names = rows.names
         self.part_names = names
         extra = torch.stack(extra_rows)
         self.linear = _linear_shell(linear, main, bias)
