@@ -428,6 +428,16 @@ class PartRows:
     names: list[str]
 
 
+def split_channels(splits: Sequence[ChannelSplit], layer: str) -> list[int]:
+    """The channels ``splits`` split in one layer; refuses none and a channel split twice."""
+    if not splits:
+        raise ValueError("no channel to split")
+    channels = [s.channel for s in splits]
+    if len(set(channels)) != len(channels):
+        raise ValueError(f"{layer}: a channel is split twice")
+    return channels
+
+
 def plan_part_rows(weight: Tensor, splits: Sequence[ChannelSplit]) -> PartRows:
     """``PartRows`` of ``splits`` over ``weight`` (out rows first: a conv's or a Linear's)."""
     n_out = weight.shape[0]
@@ -463,11 +473,7 @@ class DisentangledConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, splits: Sequence[ChannelSplit], layer: str = "") -> None:
         super().__init__()
-        if not splits:
-            raise ValueError("no channel to split")
-        channels = [s.channel for s in splits]
-        if len(set(channels)) != len(channels):
-            raise ValueError(f"{layer}: a channel is split twice")
+        channels = split_channels(splits, layer)
         self.layer = layer
         self.out_channels = conv.out_channels
         self.groups = conv.groups
@@ -567,11 +573,7 @@ class DisentangledLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, splits: Sequence[ChannelSplit], layer: str = "") -> None:
         super().__init__()
-        if not splits:
-            raise ValueError("no channel to split")
-        channels = [s.channel for s in splits]
-        if len(set(channels)) != len(channels):
-            raise ValueError(f"{layer}: a channel is split twice")
+        channels = split_channels(splits, layer)
         self.layer = layer
         self.out_channels = linear.out_features
         self.splits = [copy.deepcopy(s) for s in splits]
