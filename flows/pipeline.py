@@ -371,7 +371,7 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
     logger = get_run_logger()
     validate_extraction(params.chunk_images, params.shard_chunks, params.batch_size)
     detection_params = params.detection()
-    from polysemantic_disentangle.tasks.data.wordnet import ensure_wordnet
+    from polysemantic_disentangle.tasks.data.wordnet_corpus import ensure_wordnet
 
     ensure_wordnet()  # fail before any model pass if WordNet cannot be provisioned
     if preflight is None:

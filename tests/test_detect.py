@@ -135,7 +135,8 @@ def test_counts_stay_exact_when_rows_are_capped(small_cube) -> None:
 def test_figure3_uses_every_pair_when_the_table_is_cut(small_cube) -> None:
     """Figure 3 and its Spearman come from every candidate pair, not from the rows the table
     keeps (selected, lowest-cosine rows first); the statistics say the table was cut."""
-    from polysemantic_disentangle.tasks.data.wordnet import ensure_wordnet, pair_similarity
+    from polysemantic_disentangle.tasks.data.wordnet import pair_similarity
+    from polysemantic_disentangle.tasks.data.wordnet_corpus import ensure_wordnet
     from polysemantic_disentangle.tasks.plots import spearman
     from polysemantic_disentangle.tasks.stage6_report.report import figure3
 
@@ -204,7 +205,8 @@ def test_pair_cosines_in_blocks_are_the_cosines_of_every_pair(monkeypatch) -> No
 def test_figure3_data_keeps_the_statistics_of_every_pair_and_draws_a_sample() -> None:
     """A layer's Figure 3 is reduced as soon as it is detected (its pair arrays dropped): the
     Spearman correlation and count are those of every pair, the drawing an even sample."""
-    from polysemantic_disentangle.tasks.data.wordnet import ensure_wordnet, wup_similarity
+    from polysemantic_disentangle.tasks.data.wordnet import wup_similarity
+    from polysemantic_disentangle.tasks.data.wordnet_corpus import ensure_wordnet
     from polysemantic_disentangle.tasks.plots import spearman
     from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, figure3_data
 

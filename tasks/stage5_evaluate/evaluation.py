@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from polysemantic_disentangle.storage.cube import CubeReader
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import ImageSource, load_batch
-from polysemantic_disentangle.tasks.json_values import JsonRecord, jsonable
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from polysemantic_disentangle.tasks.plots import activation_densities, image_grid
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
@@ -48,63 +47,10 @@ from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
     top_k,
 )
 from polysemantic_disentangle.tasks.stage5_evaluate.explain import present_quantile
+from polysemantic_disentangle.tasks.stage5_evaluate.records import ChannelEvaluation, Evaluation
 from polysemantic_disentangle.tasks.stage5_evaluate.featvis import ChannelTarget, ModelTarget, visualise_channels
 
 __all__ = ["ChannelEvaluation", "Evaluation", "EvaluationImages", "evaluate_run"]
-
-
-class _EvaluationRecord(JsonRecord):
-    def to_dict(self) -> dict[str, Any]:
-        return jsonable(super().to_dict())  # numpy numbers and NaN from the maths: plain JSON
-
-
-@dataclass
-class ChannelEvaluation(_EvaluationRecord):
-    """One rewired channel on the evaluation images: Table 1, score, explanations, figures."""
-
-    layer: str
-    channel: int
-    k: int
-    concepts: list[list[int]]
-    concept_names: list[str]
-    rho: float | None
-    n_sources: list[int]  # inputs kept by each concept channel d_j
-    n_shared: int  # inputs of the residual r
-    score: float | None  # None without evaluation images of every concept
-    score_per_concept: list[float | None]
-    selection: str  # which images Table 1 and the score use
-    table1: list[dict[str, Any]]  # one row per concept (``channel_table1``)
-    summary: dict[str, Any]  # ``channel_summary`` of the rows
-    invariant: dict[str, Any]  # ``invariant_deviation``
-    explanations: dict[str, dict[str, Any]]  # "orig", "d1".."dk", "r"
-    warnings: list[str]
-    figures: dict[str, str] = field(default_factory=dict)  # "fig2" / "exemplars" / "featvis" -> figure key
-    exemplars: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # "orig" / "dj" -> top images
-    rank: int | None = None  # 1 = best score
-    featvis_steps: list[int] = field(default_factory=list)  # steps each feature visualisation took
-
-
-@dataclass
-class Evaluation(_EvaluationRecord):
-    """What the evaluate stage found, channels best score first."""
-
-    eval_cube: str
-    dataset_root: str
-    n_images: int
-    n_not_decoded: int
-    n_classes: int
-    params: dict[str, Any]
-    accuracy: dict[str, Any]  # ``accuracy_check``: both models' accuracy and the logit check
-    channels: list[ChannelEvaluation]
-    table1_aggregate: dict[str, Any]  # ``aggregate_table1``: per layer and for the model
-    layer_explanations: dict[str, list[dict[str, Any]]]  # layer -> one explanation per channel
-    timings_s: dict[str, float]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Evaluation:
-        kw = cls.known_fields(data)
-        kw["channels"] = [ChannelEvaluation.from_dict(c) for c in kw.get("channels", [])]
-        return cls(**kw)
 
 
 @dataclass
