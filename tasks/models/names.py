@@ -1,7 +1,8 @@
 """The registry's model names, without importing torch or torchvision.
 
 ``disentangle models`` and the parameter check of ``disentangle run`` need the names only; the
-registry (``tasks/models/registry.py``) builds the models. ``TORCHVISION_CLASSIFIERS`` is
+registry (``tasks/models/registry.py``) builds the models. The one exception is ``timm/<name>``:
+only timm knows its own names, so checking one imports timm (and with it torch). ``TORCHVISION_CLASSIFIERS`` is
 torchvision 0.28.0's ``list_models(module=torchvision.models)``; a test compares it with the
 installed torchvision, so an upgrade that adds or drops a classifier fails there, not here.
 """
@@ -13,9 +14,10 @@ from typing import NamedTuple
 
 from polysemantic_disentangle.tasks.data.assets import CIFAR_RESNET_CHECKPOINTS
 
-__all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "RANDOM_WEIGHTS", "TORCHVISION_CLASSIFIERS", "ModelReference",
-           "available_models", "check_model_name", "close_model_names", "is_model_reference", "is_weight_enum",
-           "model_reference", "names_no_file", "with_classes"]
+__all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "RANDOM_WEIGHTS", "TIMM_PREFIX", "TORCHVISION_CLASSIFIERS",
+           "ModelReference", "TimmName", "available_models", "check_model_name", "close_model_names",
+           "is_model_reference", "is_timm_name", "is_weight_enum", "model_reference", "names_no_file", "timm_name",
+           "with_classes"]
 
 # Pass as ``weights`` to get a randomly initialised model of any registered architecture.
 RANDOM_WEIGHTS = "random"
@@ -63,7 +65,43 @@ class ModelReference(NamedTuple):
 
 def is_model_reference(model: str) -> bool:
     """Is ``model`` a ``package.module:callable`` reference rather than a registry name?"""
-    return ":" in model and "://" not in model
+    return ":" in model and "://" not in model and not is_timm_name(model)
+
+
+# "timm/<architecture>[.<pretrained tag>]" (the name timm.create_model takes; the tag picks the
+# preprocessing of those weights), then "?classes=<file>". Read like the Hugging Face Hub's
+# "timm/<name>" repositories, but nothing is downloaded: the weights are random or a file.
+TIMM_PREFIX = "timm/"
+_TIMM = re.compile(r"^timm/(?P<name>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)?)(?:\?classes=(?P<classes>.+))?$")
+
+
+class TimmName(NamedTuple):
+    """A timm model by name (``timm/resnet18``, ``timm/resnet18.a1_in1k``); ``classes``: the
+    absolute path of a class-name file, whose line count sets the classifier's width."""
+
+    name: str
+    classes: str | None = None
+
+    def __str__(self) -> str:
+        return f"{TIMM_PREFIX}{self.name}" + (f"{_CLASSES}{self.classes}" if self.classes else "")
+
+
+def is_timm_name(model: str) -> bool:
+    """Is ``model`` a timm model by name (``timm/<name>``)?"""
+    return model.startswith(TIMM_PREFIX)
+
+
+def timm_name(model: str, classes: str | None = None) -> TimmName:
+    """The parsed ``timm/<name>``, with ``classes`` (made absolute) replacing any class file it
+    names. Only the syntax is checked here; ``timm_models.check_timm_name`` asks timm."""
+    import os
+
+    m = _TIMM.match(model.strip())
+    if m is None:
+        raise ValueError(f"model {model!r}: expected timm/<name> with a name of timm.list_models(), "
+                         "optionally with a pretrained tag (timm/resnet18, timm/resnet18.a1_in1k)")
+    found = classes if classes is not None else m.group("classes")
+    return TimmName(m.group("name"), os.path.abspath(found) if found else None)
 
 
 def model_reference(model: str, classes: str | None = None) -> ModelReference:
@@ -86,10 +124,13 @@ def with_classes(model: str, classes: str | None) -> str:
 
     if classes is None:
         return model
-    if not is_model_reference(model):
-        raise ValueError("--classes applies to a package.module:callable model; registry models know their classes")
+    if not (is_model_reference(model) or is_timm_name(model)):
+        raise ValueError("--classes applies to a package.module:callable or timm/<name> model; "
+                         "registry models know their classes")
     if not Path(classes).is_file():
         raise ValueError(f"--classes {classes} not found")
+    if is_timm_name(model):
+        return str(timm_name(model, classes))
     return str(model_reference(model, classes))
 
 
@@ -136,8 +177,13 @@ def close_model_names(name: str, names: list[str] | None = None, n: int = 3) -> 
 
 
 def check_model_name(name: str) -> str:
-    """``name`` when the registry has it (a reference: its canonical form), else a ValueError
-    that suggests the close names."""
+    """``name`` when the registry has it (a reference or a timm name: its canonical form), else a
+    ValueError that suggests the close names. A timm name is checked by timm itself (imported
+    here): unknown names and a missing timm fail before any work."""
+    if is_timm_name(name):
+        from polysemantic_disentangle.tasks.models.timm_models import check_timm_name
+
+        return check_timm_name(name)
     if is_model_reference(name):
         return str(model_reference(name))
     names = available_models()

@@ -1,4 +1,5 @@
-"""Model registry: CIFAR-10 ResNets, torchvision classifiers and EfficientNet-Lite0.
+"""Model registry: CIFAR-10 ResNets, torchvision classifiers and EfficientNet-Lite0 (and, through
+``timm_models``, any timm model by name).
 
 Each registered architecture is a builder plus a weight record (``Weights``, in the style of
 torchvision's: where the published weights live, their sha256, the input transform, the
@@ -29,7 +30,7 @@ from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES, CIFAR10
 from polysemantic_disentangle.tasks.models.conv_geometry import pair as _pair
 from polysemantic_disentangle.tasks.models.names import (CIFAR_RESNET_DEPTHS, EFFICIENTNET_LITE0, RANDOM_WEIGHTS,
                                                        TORCHVISION_CLASSIFIERS, close_model_names, is_model_reference,
-                                                       is_weight_enum, model_reference)
+                                                       is_timm_name, is_weight_enum, model_reference)
 from polysemantic_disentangle.tasks.models.spec import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Transform,
                                                       ensure_rgb, state_dict_sha256, tensor_transform)
 
@@ -245,8 +246,13 @@ def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> M
     same network, and the caller's random state is left alone.
 
     ``name`` may also be a reference ``package.module:callable`` (``names.model_reference``)
-    to a callable that returns an ``nn.Module`` or a ``ModelSpec``: see ``load_reference``.
+    to a callable that returns an ``nn.Module`` or a ``ModelSpec``: see ``load_reference``; or
+    a timm model by name, ``timm/<name>``: see ``timm_models.load_timm``.
     """
+    if is_timm_name(name):
+        from polysemantic_disentangle.tasks.models.timm_models import load_timm
+
+        return load_timm(name, weights, seed)
     if is_model_reference(name):
         return load_reference(name, weights, seed)
     entry = registered_model(name)

@@ -90,7 +90,11 @@ class ModelSpec:
     seed:
         The seed of randomly initialised weights.
     source:
-        How to build the module again without this process: ``"package.module:callable"``.
+        How to build the module again without this process: ``"package.module:callable"``,
+        or ``"timm/<name>"``.
+    library:
+        The library that built the module from a name, with its version (``"timm 1.0.31"``):
+        another version may build another function from the same name and tensors.
 
     The identity (``identity()``) hashes every tensor of ``model`` when the spec is made: two
     specs around differently initialised or trained modules never have equal identities, so a
@@ -118,6 +122,7 @@ class ModelSpec:
     weights_sha256: str | None = None
     seed: int | None = None
     source: str | None = None
+    library: str | None = None
     # Content hash of every tensor the model holds: two specs with equal hashes compute the same
     # function, whatever file (or seed) the tensors came from. Computed when the spec is made.
     state_sha256: str = ""
@@ -178,6 +183,8 @@ class ModelSpec:
         # Only when set, so registry models keep the identities (and store fingerprints) they had.
         if self.source is not None:
             out["source"] = self.source
+        if self.library is not None:
+            out["library"] = self.library
         return out
 
     def weights_description(self) -> str:
