@@ -211,3 +211,76 @@ def test_batch_graph_is_freed_without_waiting_for_gc(resnet20_batch) -> None:
     finally:
         gc.enable()
         handle.remove()
+
+
+
+def test_late_layer_alone_gives_the_same_bytes_and_its_backward_stops_there(resnet20_batch) -> None:
+    """The backward ends at the earliest selected layer: nothing below it records a graph, the
+    images get no gradient, and a layer's relevance is the same bytes alone or with every conv."""
+    bundle, images, labels = resnet20_batch
+    model = bundle.model.eval()
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    every = batch_relevance(model, images, labels, layers)
+    late = "layer3.2.conv2"
+    modules = dict(model.named_modules())
+    below = ("conv1", "bn1", "layer1.0.conv1", "layer2.2", "layer3.1", "layer3.2.conv1", "layer3.2.bn1")
+    graph: dict[str, bool] = {}
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: graph.update({n: o.requires_grad}))
+               for n in below]
+    after = {}
+    handles.append(modules["layer3.2.bn2"].register_forward_pre_hook(lambda m, i: after.update(x=i[0])))
+    x = images.clone()
+    try:
+        alone = batch_relevance(model, x, labels, [late])
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(graph) == set(below) and not any(graph.values()), graph  # no graph below the layer
+    assert after["x"].requires_grad and after["x"].grad_fn is None  # the layer's output is the leaf
+    assert not x.requires_grad and x.grad is None
+    assert torch.equal(alone.relevance[late], every.relevance[late])
+    assert torch.equal(alone.input_moments[late], every.input_moments[late])
+    two = batch_relevance(model, images, labels, ["layer2.0.conv1", late])
+    for name in two.relevance:
+        assert torch.equal(two.relevance[name], every.relevance[name]), name
+
+
+def test_parallel_taps_frozen_parameters_and_their_flags() -> None:
+    """Two selected convs on parallel branches (neither upstream of the other) each end the
+    backward; relevance matches autograd whether the caller froze parameters or not, and the
+    parameters' flags are what they were."""
+    torch.manual_seed(0)
+
+    class Fork(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.a = nn.Conv2d(4, 5, 3, padding=1)
+            self.b = nn.Conv2d(4, 5, 1)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.stem(x))
+            return self.head((torch.relu(self.a(h)) * self.b(h)).mean(dim=(2, 3)))
+
+    model = Fork().double().eval()
+    model.stem.weight.requires_grad_(False)  # one frozen by the caller
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    x = torch.randn(4, 3, 6, 7, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0])
+    got = batch_relevance(model, x, labels, ["a", "b"])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    for p in model.parameters():
+        p.requires_grad_(False)
+    frozen = batch_relevance(model, x, labels, ["a", "b"])
+    assert not any(p.requires_grad for p in model.parameters())
+    for name in ("a", "b"):
+        kept = {}
+        handle = getattr(model, name).register_forward_hook(lambda m, i, o: kept.update(out=o))
+        with torch.enable_grad():
+            logits = model(x.requires_grad_(True))
+        handle.remove()
+        (grad,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), kept["out"])
+        oracle = (kept["out"] * grad).sum(dim=(2, 3)).detach()
+        torch.testing.assert_close(got.relevance[name], oracle, rtol=1e-10, atol=1e-12)
+        assert torch.equal(frozen.relevance[name], got.relevance[name])

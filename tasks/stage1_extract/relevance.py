@@ -138,6 +138,7 @@ class _LayerTap:
         self.output: torch.Tensor | None = None
         self.calls = 0
         self.batch = -1
+        self.leaf = False  # the output is a gradient leaf (no tapped layer upstream of it)
 
     def release(self) -> None:
         """Drop the batch's output (and with it the autograd graph its gradient hook holds)."""
@@ -165,17 +166,28 @@ class _LayerTap:
                 self.result.activation_max[self.name] = _wide(output.detach().amax(dim=(2, 3)))
             if "mean" in self.activations:
                 self.result.activation_mean[self.name] = _wide(output.detach()).mean(dim=(2, 3))
-        if output.requires_grad:
-            detached = output.detach()
+        output, replaced = self._track(output)
+        detached = output.detach()
 
-            def reduce_grad(grad: torch.Tensor) -> None:
-                self.result.relevance[self.name] = (_wide(detached) * _wide(grad)).sum(dim=(2, 3))
+        def reduce_grad(grad: torch.Tensor) -> None:
+            self.result.relevance[self.name] = (_wide(detached) * _wide(grad)).sum(dim=(2, 3))
 
-            output.register_hook(reduce_grad)
+        output.register_hook(reduce_grad)
         self.output = output
         # An in-place op after the conv (VGG's ReLU(inplace=True)) would overwrite the output
         # we multiply with the gradient: hand the rest of the network a copy instead.
-        return output.clone() if self.shield else None
+        return output.clone() if self.shield else output if replaced else None
+
+    def _track(self, output: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The output whose gradient is wanted, and whether it replaces the module's.
+
+        Nothing upstream of the first tapped layers requires grad (``_frozen``), so an output
+        that does not is a gradient leaf: the backward ends there, and no layer below it
+        (nor the input) gets a gradient. An output downstream of another tap keeps its graph."""
+        if output.requires_grad:
+            return output, False
+        self.leaf = True
+        return output.detach().requires_grad_(True), True
 
     def _linear(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         if output.dim() < 2 or output.shape[0] != self.batch:
@@ -194,15 +206,15 @@ class _LayerTap:
                 self.result.activation_max[self.name] = _wide(out.amax(dim=1))
             if "mean" in self.activations:
                 self.result.activation_mean[self.name] = _wide(out).mean(dim=1)
-        if output.requires_grad:
-            detached = output.detach()
+        output, replaced = self._track(output)
+        detached = output.detach()
 
-            def reduce_grad(grad: torch.Tensor) -> None:
-                self.result.relevance[self.name] = _positions_last(_wide(detached) * _wide(grad)).sum(dim=1)
+        def reduce_grad(grad: torch.Tensor) -> None:
+            self.result.relevance[self.name] = _positions_last(_wide(detached) * _wide(grad)).sum(dim=1)
 
-            output.register_hook(reduce_grad)
+        output.register_hook(reduce_grad)
         self.output = output
-        return output.clone() if self.shield else None
+        return output.clone() if self.shield else output if replaced else None
 
 
 @contextmanager
@@ -227,6 +239,19 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
         yield taps
 
 
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The model's parameters without ``requires_grad`` for the pass, restored after it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def batch_relevance(
     model: nn.Module,
     images: torch.Tensor,
@@ -243,9 +268,13 @@ def batch_relevance(
     whether the spatial max and mean of the outputs are (or a set of "max", "mean"). What a cube
     does not store is not computed.
 
-    The backward asks autograd only for the gradient of the input images (an ancestor of every
-    conv, whatever the branching), so no parameter gradients are computed, and each layer's
-    gradient is reduced inside its hook.
+    Neither the images nor the parameters require grad during the pass (``_frozen``): the
+    output of each tapped layer with no tapped layer upstream of it becomes a gradient leaf, so
+    the forward records a graph only from the earliest selected layers on, and the backward
+    ends at them: no gradient below them, none of the input, no parameter gradients. A later
+    layer alone costs a backward through the layers after it only. Each layer's gradient is
+    reduced inside its hook. The gradient of a layer's output is the same whether the backward
+    goes on below it or not.
     The model must be in eval mode (BatchNorm batch statistics would couple images).
     """
     if model.training:
@@ -255,9 +284,8 @@ def batch_relevance(
     result = BatchRelevance(
         logits=torch.empty(0), prediction=torch.empty(0), target=torch.empty(0), target_logit=torch.empty(0)
     )
-    with torch.enable_grad(), _taps(model, layers, result, moment_layers, activations) as taps:
-        # Gradients must flow even when the caller froze the parameters.
-        images = images.detach().requires_grad_(True)
+    with torch.enable_grad(), _frozen(model), _taps(model, layers, result, moment_layers, activations) as taps:
+        images = images.detach()
         for tap in taps:
             tap.batch = images.shape[0]
         logits = model(images)
@@ -272,8 +300,11 @@ def batch_relevance(
         missing = [t.name for t in taps if t.output is None]
         if missing:
             raise RuntimeError(f"layers never ran in the forward pass: {missing}")
-        # Summing is exact: in eval mode the images do not interact.
-        torch.autograd.grad(target_logit.sum(), inputs=[images])
+        leaves = [t.output for t in taps if t.leaf]
+        # Summing is exact: in eval mode the images do not interact. A leaf the target does not
+        # depend on gets no gradient and is named below.
+        if target_logit.requires_grad:
+            torch.autograd.grad(target_logit.sum(), inputs=leaves, allow_unused=True)
     if set(result.relevance) != set(layers):
         lost = sorted(set(layers) - set(result.relevance))
         raise RuntimeError(f"no gradient reached layers {lost}: is their output used?")
