@@ -159,6 +159,8 @@ def print_stage_table(rows: list[dict[str, Any]], n_runs: int) -> None:
 
 
 def run_stages(run_args: str, out: Path, repeats: int, save: str | None) -> None:
+    from polysemantic_disentangle.tasks.run_folder import RunFolder
+
     runs = []
     for i in range(repeats):
         out_dir = out / str(i)
@@ -167,7 +169,7 @@ def run_stages(run_args: str, out: Path, repeats: int, save: str | None) -> None
         print("running:", " ".join(shlex.quote(c) for c in command), flush=True)
         with open(out / f"{i}.log", "w") as tee:
             monitor = TreeMonitor(command, tee=tee).run()
-        evaluation = out_dir / "evaluation.json"
+        evaluation = RunFolder(out_dir).evaluation_json
         timings = json.loads(evaluation.read_text()).get("timings_s") if evaluation.exists() else None
         runs.append({"returncode": monitor.returncode, "lines": monitor.lines,
                      "samples": [vars(s) for s in monitor.samples], "timings": timings})

@@ -116,6 +116,7 @@ def time_run(command: list[str], log_path: Path, log: Callable[[str], None] = pr
     """Run ``command`` with its process tree followed; per-stage wall and CPU seconds."""
     from benchmarks.bench_memory import print_stage_table, stage_table
     from benchmarks.process_memory import TreeMonitor
+    from polysemantic_disentangle.tasks.run_folder import RunFolder
 
     log("  " + " ".join(command))
     t0 = time.perf_counter()
@@ -124,7 +125,7 @@ def time_run(command: list[str], log_path: Path, log: Callable[[str], None] = pr
     with open(log_path, "w") as tee:
         monitor = TreeMonitor(command, env=env, tee=tee).run()
     wall = time.perf_counter() - t0
-    evaluation = Path(command[command.index("--out-dir") + 1]) / "evaluation.json"
+    evaluation = RunFolder(command[command.index("--out-dir") + 1]).evaluation_json
     timings = json.loads(evaluation.read_text()).get("timings_s") if evaluation.exists() else None
     run = {"returncode": monitor.returncode, "lines": monitor.lines,
            "samples": [vars(s) for s in monitor.samples], "timings": timings}

@@ -177,41 +177,42 @@ def read_run_file(path: "Path") -> typing.Any:
 def show_run(run_dir: str, examples: int = 3) -> None:
     """Plain-text digest of detection.json and summary.json of a run. Every statistic that
     rests on few images is marked with "!" and its n."""
-    from pathlib import Path
+    from polysemantic_disentangle.tasks.run_folder import RunFolder
+    from polysemantic_disentangle.tasks.stage3_detect.records import DetectionResult
+    from polysemantic_disentangle.tasks.stage5_evaluate.records import Evaluation
 
-    run = Path(run_dir)
-    detection = read_run_file(run / "detection.json")
+    folder = RunFolder(run_dir)
+    detection = DetectionResult.from_dict(read_run_file(folder.detection_json))
     print(f"{'layer':<28}{'kind':>7}{'channels':>9}{'candidates':>11}{'pairs':>9}{'paper':>8}{'selected':>9}"
           f"{'imp/img':>9}{'rel/ch':>8}{'img/cls':>9}  lowest-cosine pairs (channel: classes, cos, Wu-Palmer)")
     warnings = []
-    for det, summary in zip(detection["detections"], detection["layers"]):
-        pairs = sorted(det["pairs"], key=lambda r: r["cosine"])[:examples]
-        ex = "; ".join(f"{r['channel']}: {r['name1']}/{r['name2']} {r['cosine']:.3f} "
-                       f"{r['wup'] if r['wup'] is None else round(r['wup'], 3)}" for r in pairs)
-        if not det["applicable"]:
-            ex = "not applicable: " + det["reason"]
-        diag = det.get("diagnostics") or {}
+    for det, summary in zip(detection.detections, detection.layers):
+        pairs = sorted(det.pairs, key=lambda r: r.cosine)[:examples]
+        ex = "; ".join(f"{r.channel}: {r.name1}/{r.name2} {r.cosine:.3f} "
+                       f"{r.wup if r.wup is None else round(r.wup, 3)}" for r in pairs)
+        if not det.applicable:
+            ex = "not applicable: " + det.reason
+        diag = det.diagnostics
         # Runs made before Linear layers were analysed record no kind: their layers are convs.
-        kind = "Linear" if summary.get("kind") == "linear" else "conv"
-        print(f"{det['layer']:<28}{kind:>7}{summary['channels']:>9}{summary['candidates']:>11}{summary['pairs']:>9}"
-              f"{summary['paper_polysemantic_pairs']:>8}{summary['selected_pairs']:>9}"
+        kind = "Linear" if summary.kind == "linear" else "conv"
+        print(f"{det.layer:<28}{kind:>7}{summary.channels:>9}{summary.candidates:>11}{summary.pairs:>9}"
+              f"{summary.paper_polysemantic_pairs:>8}{summary.selected_pairs:>9}"
               f"{_g(diag.get('important_per_image_median')):>9}{_g(diag.get('relevant_classes_median')):>8}"
               f"{_g(diag.get('images_per_class_median')):>9}  {ex}")
-        warnings += [f"{det['layer']}: {w}" for w in diag.get("warnings", [])]
+        warnings += [f"{det.layer}: {w}" for w in diag.get("warnings", [])]
     print("imp/img: median important channels per image at tau (over diagnostic_images); rel/ch: median "
           "relevant classes per channel; img/cls: median images per class")
-    last = detection.get("figure3_last_layer")
+    last = detection.figure3_last_layer
     if last:
-        print(f"Figure 3 ({last}): Spearman {detection['figure3'][last]['spearman']:.3f} over "
-              f"{detection['figure3'][last]['n_pairs']} pairs")
-    summary_path = run / "summary.json"
-    if summary_path.is_file():
-        ev = read_run_file(summary_path).get("evaluation") or {}
-        acc = ev.get("accuracy") or {}
+        print(f"Figure 3 ({last}): Spearman {detection.last_figure3['spearman']:.3f} over "
+              f"{detection.last_figure3['n_pairs']} pairs")
+    if folder.summary_json.is_file():
+        ev = Evaluation.from_dict(read_run_file(folder.summary_json).get("evaluation") or {})
+        acc = ev.accuracy
         if acc:
             print(f"accuracy original {acc['accuracy_original']:.4f}, rewired {acc['accuracy_rewired']:.4f} on "
                   f"{acc['n']} images; max |logit diff| {acc['max_abs_logit_diff']:.2e}")
-        aggregate = ev.get("table1_aggregate") or {}
+        aggregate = ev.table1_aggregate
         keys = ("own_median", "other_median", "own_mass", "other_mass", "residual_median", "score_mean",
                 "invariant_max_abs_error")
         for agg in [*aggregate.get("layers", []), {"layer": "model", **(aggregate.get("model") or {})}]:
@@ -222,15 +223,14 @@ def show_run(run_dir: str, examples: int = 3) -> None:
                       + ", ".join(f"{k} {agg.get(k):.4g}" for k in keys if agg.get(k) is not None))
                 if agg.get("without_data"):
                     print(f"  channels without evaluation images of their concepts: {', '.join(agg['without_data'])}")
-        for c in ev.get("channels", []):
-            ex = c.get("explanations", {})
+        for c in ev.channels:
             parts = ", ".join(f"{k}: {v['formula']} ({v['iou']:.3f}, {v.get('n_active')} active)"
-                              for k, v in ex.items() if v and v.get("formula"))
-            n = [r["n"] for r in c.get("table1", [])]
-            print(f"{c['layer']}/{c['channel']} {' / '.join(c['concept_names'])} rho {c['rho']} "
-                  f"score {c['score'] if c['score'] is None else round(c['score'], 3)} (n {n}): {parts}")
-            warnings += [f"{c['layer']}/{c['channel']}: {w}" for w in c.get("warnings", [])]
-        for layer, rows in (ev.get("layer_explanations") or {}).items():
+                              for k, v in c.explanations.items() if v and v.get("formula"))
+            n = [r["n"] for r in c.table1]
+            print(f"{c.layer}/{c.channel} {' / '.join(c.concept_names)} rho {c.rho} "
+                  f"score {c.score if c.score is None else round(c.score, 3)} (n {n}): {parts}")
+            warnings += [f"{c.layer}/{c.channel}: {w}" for w in c.warnings]
+        for layer, rows in ev.layer_explanations.items():
             few = sum(1 for r in rows if r.get("few_active"))
             if few:
                 warnings.append(f"{layer}: {few} of {len(rows)} explanations rest on fewer than "

@@ -15,7 +15,7 @@ from polysemantic_disentangle.flows.runtime.cluster import ClusterInfo, cluster_
 from polysemantic_disentangle.flows.runtime.faults import stop_point
 from polysemantic_disentangle.flows.runtime.progress import stage_progress
 from polysemantic_disentangle.storage.cube import (CubeLayout, CubeReader, CubeWriter, completed_chunks, consolidate,
-                                                  cube_info, prepare_chunk_writers)
+                                                  prepare_chunk_writers)
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import plan_shards
 from polysemantic_disentangle.tasks.stage1_extract.chunks import (ChunkStats, auto_batch_size, extract_chunks, pick_device,
@@ -66,7 +66,7 @@ def extract_shard(
     bundle = load_model(model_name, weights, seed=seed)
     model = for_device(bundle.model, dev)
     if batch_size is None:
-        batch_size = auto_batch_size(model, bundle.image_shape(), int(cube_info(store_url)["chunk_images"]))
+        batch_size = auto_batch_size(model, bundle.image_shape(), CubeReader(store_url).chunk_images)
         logger.info("batch size %d, chosen from the free memory of %s", batch_size, dev)
     cube = CubeWriter(store_url)
 

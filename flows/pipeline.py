@@ -10,10 +10,8 @@ in the UI as a Cached task run.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -34,9 +32,11 @@ from polysemantic_disentangle.flows.runtime.stage_cache import StageCache
 from polysemantic_disentangle.flows.stage_results import (DetectionResult, EvaluationResult, ReduceResult, ReportResult,
                                                            RewiringResult)
 from polysemantic_disentangle.storage.cube import CubeReader
+from polysemantic_disentangle.tasks.run_folder import RunFolder
 from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import save_disentangled
 from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.stage1_extract.chunks import image_pixel_limit
+from polysemantic_disentangle.tasks.stage3_detect.records import LayerSummary
 from polysemantic_disentangle.tasks.stage3_detect.detect import (DetectionParams, add_wordnet_similarities, detect_layers,
                                                                  detection_record, write_pairs_csv)
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
@@ -92,25 +92,24 @@ def detect_task(store_url: str, statistics: ReduceResult, model_name: str, weigh
     stats = read_stats(store_url, statistics.statistics_key(), layers)
     detections = detect_layers(bundle.model, store_url, stats, detection_params, bundle.class_names, bundle.wnids)
     add_wordnet_similarities(detections)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out_dir)
+    folder.root.mkdir(parents=True, exist_ok=True)
     # what a comparison over checkpoints needs: the training step and the whole architecture
-    checkpoint_record = write_checkpoint_record(out, checkpoint_info(model_name, weights, bundle.model))
-    write_pairs_csv(out / "detection.csv", detections)
-    fig3_stats, last = save_figure3(out / "figures", detections,
+    write_checkpoint_record(folder.root, checkpoint_info(model_name, weights, bundle.model))
+    write_pairs_csv(folder.detection_csv, detections)
+    fig3_stats, last = save_figure3(folder, detections,
                                     detection_params.gamma if detection_params.rule == "gamma" else None,
                                     bundle.wnids)
     result = DetectionResult(
         params=detection_params.to_dict(),
-        layers=[d.summary() for d in detections],
+        layers=[LayerSummary.of(d) for d in detections],
         detections=[detection_record(d, stats[d.layer], detection_params.p) for d in detections],
         figure3=fig3_stats,
         figure3_last_layer=last,
         class_names=list(bundle.class_names),
-        files={"detection.csv": str(out / "detection.csv"), "detection.json": str(out / "detection.json"),
-               "checkpoint.json": str(checkpoint_record)},
+        files=folder.detection_files(),
     )
-    (out / "detection.json").write_text(json.dumps(result.to_dict(), indent=1))
+    folder.write_detection(result)
     publish_detection_artifacts(result)
     return result
 
@@ -127,17 +126,19 @@ def publish_detection_artifacts(result: DetectionResult) -> None:
             Path(st["png"]).read_bytes()))
 
 
-def nothing_to_rewire_reason(layers: Sequence[dict[str, Any]], planned: list[Any], skipped: list[Any]) -> str:
+def nothing_to_rewire_reason(layers: Sequence[LayerSummary | Mapping[str, Any]], planned: list[Any],
+                             skipped: list[Any]) -> str:
     """One sentence on why no channel was rewired, from the per-layer detection summaries."""
-    cands = sum(d.get("candidates") or 0 for d in layers)
-    pairs = sum(d.get("pairs") or 0 for d in layers)
-    sel = sum(d.get("selected_pairs") or 0 for d in layers)
+    layers = [d if isinstance(d, LayerSummary) else LayerSummary.from_dict(d) for d in layers]
+    cands = sum(d.candidates or 0 for d in layers)
+    pairs = sum(d.pairs or 0 for d in layers)
+    sel = sum(d.selected_pairs or 0 for d in layers)
     text = f"{cands} candidate channels, {pairs} candidate pairs, {sel} selected pairs in {len(layers)} layers"
     if sel and not planned:
         text += "; none of the selected pairs is in the rewired layers (rewire_layers)"
     elif planned:
         text += f"; {len(skipped)} planned channel(s) could not be split"
-    few = [d["layer"] for d in layers if any("important channels per image" in w for w in d.get("warnings", []))]
+    few = [d.layer for d in layers if any("important channels per image" in w for w in d.warnings)]
     if few:
         text += f"; (almost) no important channels at this tau in {', '.join(few[:5])}" + (
             f" and {len(few) - 5} more" if len(few) > 5 else "") + " (the report shows smaller taus)"
@@ -185,7 +186,7 @@ def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, mod
                                        rho_grid, rho_max_images, progress=progress)
     skipped = plan.skipped + skipped
     out = Path(out_dir)
-    result = RewiringResult(splits=[s.to_dict() for s in splits], skipped=skipped)
+    result = RewiringResult(splits=list(splits), skipped=skipped)
     if not splits:
         result.nothing_to_rewire = nothing_to_rewire_reason(detection.layers, plan.rows, skipped)
         logger.warning("nothing to rewire: %s", result.nothing_to_rewire)
@@ -200,11 +201,11 @@ def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, mod
         raise ValueError(f"no readable evaluation image in {eval_store} for the function check")
     # Refuses (raises FunctionChanged) before anything is saved if the function changed.
     equivalence = check_equivalence(model, rewired, images)
-    ckpt = out / "disentangled.pt"
+    ckpt = RunFolder(out).checkpoint
     save_disentangled(ckpt, bundle, rewired, splits, extra={"equivalence": equivalence})
     result.checkpoint, result.equivalence = str(ckpt), equivalence
     try:
-        result.export = str(export_model(rewired, images[:2], out / "disentangled.pt2"))
+        result.export = str(export_model(rewired, images[:2], RunFolder(out).export))
     except Exception as exc:  # torch.export cannot trace every model; the checkpoint stands
         logger.warning("standalone export failed (%s: %s); the checkpoint is saved", type(exc).__name__, exc)
     rows = [{"layer": s.layer, "channel": s.channel, "concepts": " | ".join(s.concept_names),
@@ -247,18 +248,15 @@ def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewirin
 def save_evaluation(out: Path, evaluation: Evaluation, figures: dict[str, bytes]) -> EvaluationResult:
     """The evaluation's result as files, so that the report stage (or a rerun of it) reads them
     back instead of evaluating again: ``evaluation.json`` and one PNG per figure."""
-    fig_dir = out / "figures" / "evaluation"
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out)
+    folder.evaluation_figures.mkdir(parents=True, exist_ok=True)
     paths = {}
     for i, (name, png) in enumerate(figures.items()):
-        path = fig_dir / f"{i:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png"
+        path = folder.evaluation_figure(i, name)
         path.write_bytes(png)
         paths[name] = str(path)
-    target = out / "evaluation.json"
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(evaluation.to_dict()))
-    os.replace(tmp, target)  # a kill never leaves a half-written result behind
-    return EvaluationResult(evaluation=str(target), figures=paths)
+    # written through a rename: a kill never leaves a half-written result behind
+    return EvaluationResult(evaluation=str(folder.write_evaluation(evaluation)), figures=paths)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -266,15 +264,17 @@ def report_task(eval_store: str, train_store: str, evaluated: EvaluationResult, 
                 detection: DetectionResult, params: dict[str, Any], out_dir: str,
                 preflight: dict[str, Any] | None = None) -> ReportResult:
     """report.html + summary.json (and its CSV tables) from the stages' saved results."""
+    from polysemantic_disentangle.tasks.stage5_evaluate.records import Evaluation
+
     detections = detection.layer_detections()
-    evaluation = json.loads(Path(evaluated.evaluation).read_text()) if evaluated.evaluation else None
+    evaluation = RunFolder.read(evaluated.evaluation, Evaluation) if evaluated.evaluation else None
     figures = {name: Path(path).read_bytes() for name, path in evaluated.figures.items()}
     # Figure 3 was drawn by the detect stage; reuse its files rather than redraw every layer.
     fig3_stats = {layer: {k: v for k, v in st.items() if k != "png"} for layer, st in detection.figure3.items()}
     fig3_pngs = {st["figure"]: Path(detection.figure3[layer]["png"]).read_bytes()
                  for layer, st in fig3_stats.items()}
     links = {"detection cube": train_store, "evaluation cube": eval_store,
-             "detection table": str(Path(out_dir) / "detection.csv")}
+             "detection table": str(RunFolder(out_dir).detection_csv)}
     if rewiring.checkpoint:
         links["rewired checkpoint"] = rewiring.checkpoint
     if rewiring.export:
@@ -384,7 +384,8 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
     outputs.pull()
     out = outputs.local
     out.mkdir(parents=True, exist_ok=True)
-    (out / "preflight.json").write_text(json.dumps(preflight, indent=1, default=str))
+    folder = RunFolder(out)
+    folder.write_preflight(preflight)
     cache = StageCache(out, warn=logger.warning)
     # One cluster (or none) for both extractions and the reduction.
     with cluster_address(params.dask_address, params.dask_workers) as address, _pushed(outputs):
@@ -397,7 +398,7 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
         "summary_json": outputs.url_of(report.summary),
         "train_store": train_store,
         "eval_store": eval_store,
-        "figure3": detection.figure3.get(detection.figure3_last_layer or "", {}),
+        "figure3": detection.last_figure3,
         "rewired_channels": len(rewiring.splits),
         # Visible in the run's result (and the CLI's exit status), not only as a warning line.
         "outcome": (f"rewired {len(rewiring.splits)} channels" if rewiring.splits
@@ -405,7 +406,7 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
                                                   or nothing_to_rewire_reason(detection.layers, [], []))),
         "checkpoint": outputs.url_of(rewiring.checkpoint),
         "export": outputs.url_of(rewiring.export),
-        "preflight": outputs.url_of(str(out / "preflight.json")),
+        "preflight": outputs.url_of(str(folder.preflight)),
         "equivalence": rewiring.equivalence,
     }
     publish_links(summary)
@@ -417,7 +418,7 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
 def publish_links(summary: dict[str, Any]) -> None:
     """Link artifacts to the report and both stores, where the run left them (a local path
     becomes a file:// URL; an object-store URL stays as it is)."""
-    for key, text, where in (("report-link", "report.html", summary.get("report")),
+    for key, text, where in (("report-link", "report", summary.get("report")),
                              ("detection-cube-link", "detection cube", summary.get("train_store")),
                              ("evaluation-cube-link", "evaluation cube", summary.get("eval_store"))):
         if where:
@@ -452,7 +453,7 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
                                         **params.store_layouts()["eval"], **common)
     stop_point("eval-extracted")
     train_cube, eval_cube = CubeReader(train_store), CubeReader(eval_store)
-    keys = stage_keys(params, checked.model_identity, train_cube.attrs["fingerprint"], eval_cube.attrs["fingerprint"],
+    keys = stage_keys(params, checked.model_identity, train_cube.fingerprint, eval_cube.fingerprint,
                       train_cube.content_digest(), eval_cube.content_digest())
 
     statistics = run_stage(cache, "reduce", keys["reduce"], result_type=ReduceResult, stop="reduced",

@@ -8,13 +8,16 @@ its default).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from polysemantic_disentangle.tasks.json_values import JsonRecord
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import StatisticsKey
-from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, PairRow
+# detection.json's record is stage 3's: the report, `disentangle show` and the trend read it too.
+from polysemantic_disentangle.tasks.stage3_detect.records import DetectionResult
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
+
+__all__ = ["DetectionResult", "EvaluationResult", "ReduceResult", "ReportResult", "RewiringResult"]
 
 
 @dataclass
@@ -33,46 +36,22 @@ class ReduceResult(JsonRecord):
 
 
 @dataclass
-class DetectionResult(JsonRecord):
-    """``detection.json``: every layer's summary and detection, Figure 3's statistics and files."""
-
-    params: dict[str, Any]
-    layers: list[dict[str, Any]]  # one summary per layer (LayerDetection.summary())
-    detections: list[dict[str, Any]]  # one LayerDetection per layer, plus relevant_all
-    figure3: dict[str, dict[str, Any]]  # layer -> Spearman, pair count, figure key, png path
-    figure3_last_layer: str | None
-    class_names: list[str]
-    files: dict[str, str] = field(default_factory=dict)  # detection.csv, detection.json, ... by name
-
-    def output_files(self) -> list[str]:
-        return [*self.files.values(), *(st["png"] for st in self.figure3.values() if st.get("png"))]
-
-    def layer_detections(self) -> list[LayerDetection]:
-        """The LayerDetections back, field by field."""
-        names = {f.name for f in dataclasses.fields(LayerDetection)}
-        out = []
-        for d in self.detections:
-            kw = {k: v for k, v in d.items() if k in names}
-            kw["relevant"] = {int(k): v for k, v in d.get("relevant", {}).items()}
-            kw["pairs"] = [PairRow(**r) for r in d.get("pairs", [])]
-            out.append(LayerDetection(**kw))
-        return out
-
-    def totals(self) -> dict[str, int]:
-        """Candidates, candidate pairs and selected pairs over all layers."""
-        return {k: sum(d.get(k) or 0 for d in self.layers) for k in ("candidates", "pairs", "selected_pairs")}
-
-
-@dataclass
 class RewiringResult(JsonRecord):
     """The splits made, those planned but skipped, the saved checkpoint and its check."""
 
-    splits: list[dict[str, Any]] = field(default_factory=list)  # ChannelSplit.to_dict()
+    splits: list[ChannelSplit] = field(default_factory=list)
     skipped: list[Any] = field(default_factory=list)
     checkpoint: str | None = None
     equivalence: dict[str, Any] | None = None
     export: str | None = None
     nothing_to_rewire: str | None = None
+
+    def __post_init__(self) -> None:
+        # from_dict hands the stored dicts; the stage hands ChannelSplits
+        self.splits = [s if isinstance(s, ChannelSplit) else ChannelSplit.from_dict(s) for s in self.splits]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "splits": [s.to_dict() for s in self.splits]}
 
     def output_files(self) -> list[str]:
         from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import spec_path

@@ -1058,6 +1058,12 @@ class CubeReader:
         return str(self.attrs.get("target_mode", "label"))
 
     @property
+    def fingerprint(self) -> str:
+        """The fingerprint recorded when the cube was planned (stage keys and statistics keys
+        hold it; empty for a cube without one)."""
+        return str(self.attrs.get("fingerprint", ""))
+
+    @property
     def dataset_root(self) -> str:
         return str(self.attrs["dataset"]["root"])
 

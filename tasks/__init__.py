@@ -12,9 +12,9 @@ The stages, in the order a run takes them:
 
 What they stand on: ``models`` (architectures, weights, safe loading, conv geometry, hooks),
 ``data`` (images, classes, assets, WordNet, the statistics class of an image), ``defaults``
-(the method's defaults), ``presets`` (per-model values beside them), ``plots`` (figures) and
-``json_values`` (plain JSON records). The store is ``storage``. A stage imports earlier stages
-and these, never a later stage.
+(the method's defaults), ``presets`` (per-model values beside them), ``plots`` (figures),
+``json_values`` (plain JSON records) and ``run_folder`` (the names of a run folder's files).
+The store is ``storage``. A stage imports earlier stages and these, never a later stage.
 """
 
 if __name__ != "polysemantic_disentangle.tasks":

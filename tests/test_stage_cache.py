@@ -182,24 +182,39 @@ def test_stage_results_round_trip_through_json() -> None:
 
     from polysemantic_disentangle.flows.stage_results import (DetectionResult, ReduceResult, ReportResult,
                                                                RewiringResult)
-    from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, PairRow
+    from polysemantic_disentangle.tasks.stage3_detect.records import LayerDetection, LayerRecord, LayerSummary, PairRow
+    from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 
-    pair = dict.fromkeys(PairRow.__dataclass_fields__)
-    pair.update(layer="l", channel=3, class1=0, class2=1, cosine=0.1)
+    pair = PairRow(layer="l", channel=3, class1=0, class2=1, name1="a", name2="b", wnid1="n1", wnid2="n2",
+                   cosine=0.1, fraction1=0.5, fraction2=0.25, paper_polysemantic=True, selected=True, wup=0.3)
     detection = DetectionResult(
-        params={"tau": 0.03}, layers=[{"layer": "l", "candidates": 1, "pairs": 1, "selected_pairs": 1}],
-        detections=[{"layer": "l", "channels": 8, "applicable": True, "reason": "", "candidates": [3],
-                     "relevant": {"3": [0, 1]}, "relevant_all": {"3": [0, 1]}, "counts": {"pairs": 1},
-                     "diagnostics": {}, "pairs": [pair]}],
+        params={"tau": 0.03},
+        layers=[LayerSummary(layer="l", channels=8, candidates=1, pairs=1, selected_pairs=1,
+                             diagnostics={"images_per_class_median": 3.0, "warnings": []})],
+        detections=[LayerRecord(layer="l", channels=8, candidates=[3], relevant={3: [0, 1]},
+                                relevant_all={3: [0, 1], 5: [1]}, counts={"pairs": 1}, pairs=[pair])],
         figure3={}, figure3_last_layer=None, class_names=["a", "b"])
+    split = ChannelSplit(layer="l", channel=3, concepts=[[0], [1]], concept_names=["a", "b"], rho=0.5,
+                         sources=[[0, 2], [1]], shared=[3], scores={0.5: 0.9, 0.25: 0.7})
     results = [ReduceResult("s3://b/train.zarr"), detection,
-               RewiringResult(splits=[{"layer": "l", "channel": 3}], checkpoint="x.pt", equivalence={"n": 4}),
+               RewiringResult(splits=[split], checkpoint="x.pt", equivalence={"n": 4}),
                EvaluationResult("e.json", {"fig": "f.png"}), ReportResult("r.html", "s.json", {"table1": "t.csv"})]
     for result in results:
         back = type(result).from_dict(json.loads(json.dumps(result.to_dict())))
         assert back == result
+    # read back typed, not as dicts
+    back = DetectionResult.from_dict(json.loads(json.dumps(detection.to_dict())))
+    assert isinstance(back.layers[0], LayerSummary) and isinstance(back.detections[0], LayerRecord)
+    assert isinstance(back.detections[0].pairs[0], PairRow) and back.detections[0].relevant_all == {3: [0, 1], 5: [1]}
+    assert back.layers[0].diagnostics == {"images_per_class_median": 3.0, "warnings": []}
+    rewiring = RewiringResult.from_dict(json.loads(json.dumps(results[2].to_dict())))
+    assert rewiring.splits == [split] and rewiring.splits[0].scores == {0.5: 0.9, 0.25: 0.7}
     det = detection.layer_detections()[0]
     assert isinstance(det, LayerDetection) and det.relevant == {3: [0, 1]} and det.pairs[0].channel == 3
     assert detection.totals() == {"candidates": 1, "pairs": 1, "selected_pairs": 1}
+    # the summary keeps its diagnostics flat, beside the counts, as detection.json always had them
+    assert list(detection.to_dict()["layers"][0]) == [
+        "layer", "kind", "channels", "applicable", "reason", "candidates", "pairs", "paper_polysemantic_pairs",
+        "selected_pairs", "selected_channels", "rows_kept", "images_per_class_median", "warnings"]
     # a record from before a field existed still loads, the field at its default
     assert RewiringResult.from_dict({"splits": [], "skipped": []}).export is None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from polysemantic_disentangle.tasks.data.assets import sha256_file
+from polysemantic_disentangle.tasks.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def key_hash(key: Any) -> str:
 
 class StageCache:
     def __init__(self, run_dir: str | Path, warn: Callable[[str], None] | None = None) -> None:
-        self.dir = Path(run_dir) / ".stages"
+        self.dir = RunFolder(run_dir).stage_records
         self._warn = warn or log.warning
 
     def _path(self, stage: str) -> Path:

@@ -116,6 +116,7 @@ def update_trends(entries: Sequence[dict[str, Any]], completed_out_dirs: dict[st
     "unchanged", "refused", "too-few"), trend paths, message, seconds."""
     from polysemantic_disentangle.tasks.stage7_trend.trend import ArchitectureMismatch, IncompleteRun, compare_runs, input_fingerprint, read_trend
     from polysemantic_disentangle.tasks.stage7_trend.page import write_trend
+    from polysemantic_disentangle.tasks.run_folder import TrendFolder
 
     groups: dict[str, list[str]] = {}
     for e in entries:
@@ -137,8 +138,9 @@ def update_trends(entries: Sequence[dict[str, Any]], completed_out_dirs: dict[st
             continue
         existing = read_trend(out)
         if existing is not None and existing.fingerprint == input_fingerprint(runs):
-            rows.append({**row, "status": "unchanged", "trend_html": str(out / "trend.html"),
-                         "trend_json": str(out / "trend.json"), "seconds": round(time.perf_counter() - t0, 3)})
+            rows.append({**row, "status": "unchanged", "trend_html": str(TrendFolder(out).trend_html),
+                         "trend_json": str(TrendFolder(out).trend_json),
+                         "seconds": round(time.perf_counter() - t0, 3)})
             continue
         try:
             trend = compare_runs(runs, warn=False)

@@ -351,7 +351,7 @@ def statistics_key(cube: CubeReader | str, *, tau: float, correct_only: bool = F
         sub = np.asarray(subset)
         mask = sub if sub.dtype == bool else np.isin(np.arange(cube.n_images), sub)
     return StatisticsKey(
-        cube=str(cube.attrs.get("fingerprint", "")), content=cube.content_digest(), tau=float(tau),
+        cube=cube.fingerprint, content=cube.content_digest(), tau=float(tau),
         correct_only=bool(correct_only), target_mode=cube.target_mode,
         subset=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest() if mask is not None else None)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,74 +24,8 @@ from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, class_sums, important_mask
 from polysemantic_disentangle.tasks.models.conv_geometry import layer_groups, layer_kind, layer_weight
 from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments
-
-@dataclass
-class PairRow:
-    """One pair of relevant classes of one candidate channel."""
-
-    layer: str
-    channel: int
-    class1: int
-    class2: int
-    name1: str
-    name2: str
-    wnid1: str
-    wnid2: str
-    cosine: float
-    fraction1: float
-    fraction2: float
-    paper_polysemantic: bool  # what the paper's rule finds (defaults.GAMMA, COSINE_LOWER_BOUND)
-    selected: bool  # what the chosen rule finds
-    wup: float | None = None
-    path: float | None = None
-    lowest_common_hypernym: str | None = None
-
-
-@dataclass
-class Figure3Data:
-    """One layer's Figure 3: the Spearman correlation and count over every candidate pair with a
-    finite cosine and a WordNet similarity, and at most ``defaults.FIGURE3_MAX_DRAWN`` of them
-    (an even, seeded sample, in pair order) to draw."""
-
-    spearman: float
-    n_pairs: int
-    cosines: np.ndarray
-    similarities: np.ndarray
-
-
-@dataclass
-class LayerDetection:
-    layer: str
-    channels: int
-    applicable: bool
-    reason: str = ""
-    candidates: list[int] = field(default_factory=list)
-    relevant: dict[int, list[int]] = field(default_factory=dict)  # channel -> relevant classes
-    pairs: list[PairRow] = field(default_factory=list)  # rows kept (see max_pairs_per_layer)
-    counts: dict[str, int] = field(default_factory=dict)  # exact, over all pairs
-    # Why detection found what it found (``layer_diagnostics``): important channels per image,
-    # relevant classes per channel, images per class, cosine quantiles, warnings.
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-    kind: str = "conv"  # "conv" or "linear" (an nn.Linear over a channel axis)
-    # Every candidate pair (channel, class1, class2, cosine arrays) before the table's cut; held
-    # in memory for Figure 3 only, never written (it can be millions of rows). ``detect_layers``
-    # turns it into ``figure3`` layer by layer and drops it, so memory holds one layer's pairs.
-    all_pairs: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
-    figure3: Figure3Data | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def selected(self) -> list[PairRow]:
-        return [r for r in self.pairs if r.selected]
-
-    def summary(self) -> dict[str, Any]:
-        n_pairs = self.counts.get("pairs", len(self.pairs))
-        return {"layer": self.layer, "kind": self.kind, "channels": self.channels, "applicable": self.applicable,
-                "reason": self.reason, "candidates": len(self.candidates), "pairs": n_pairs,
-                "paper_polysemantic_pairs": self.counts.get(
-                    "paper_polysemantic_pairs", sum(r.paper_polysemantic for r in self.pairs)),
-                "selected_pairs": self.counts.get("selected_pairs", len(self.selected)),
-                "selected_channels": self.counts.get("selected_channels", len({r.channel for r in self.selected})),
-                "rows_kept": len(self.pairs), **self.diagnostics}
+# The records live in records.py (detection.json's types); detect.py keeps their old names.
+from polysemantic_disentangle.tasks.stage3_detect.records import Figure3Data, LayerDetection, LayerRecord, PairRow
 
 
 def relevant_classes(stats: LayerStats, p: float) -> np.ndarray:
@@ -446,14 +380,8 @@ def write_pairs_csv(path: str | Path, detections: Sequence[LayerDetection]) -> N
         writer.writerows(pairs_table(detections))
 
 
-def detection_record(det: LayerDetection, stats: LayerStats, p: float) -> dict[str, Any]:
+def detection_record(det: LayerDetection, stats: LayerStats, p: float) -> LayerRecord:
     """One layer's entry of ``detection.json``: the detection, plus the relevant classes of
     every channel with at least one (candidates have two or more)."""
     rel = relevant_classes(stats, p)
-    relevant_all = {str(c): np.flatnonzero(rel[:, c]).tolist() for c in range(rel.shape[1]) if rel[:, c].any()}
-    return {"layer": det.layer, "kind": det.kind, "channels": det.channels, "applicable": det.applicable,
-            "reason": det.reason, "candidates": det.candidates,
-            "relevant": {str(k): v for k, v in det.relevant.items()},
-            "relevant_all": relevant_all,
-            "counts": det.counts, "diagnostics": det.diagnostics,
-            "pairs": [asdict(r) for r in det.pairs]}
+    return det.record({c: np.flatnonzero(rel[:, c]).tolist() for c in range(rel.shape[1]) if rel[:, c].any()})

@@ -15,8 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from polysemantic_disentangle.tasks.run_folder import RunFolder, write_json
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.json_values import jsonable
+from polysemantic_disentangle.tasks.stage3_detect.records import LayerSummary
+from polysemantic_disentangle.tasks.stage5_evaluate.records import Evaluation
 from polysemantic_disentangle.tasks.stage6_report.html_parts import (CSS, Raw, data_uri, embedded_figure, escape, file_link, fmt,
                                                                  html_table, image_type, kv_table, md_table)
 
@@ -98,7 +101,7 @@ def skipped_images(paths: Sequence[str], skipped: Sequence[bool], reasons: Seque
 def build_summary(
     *,
     params: Mapping[str, Any],
-    evaluation: Mapping[str, Any] | None = None,
+    evaluation: Evaluation | Mapping[str, Any] | None = None,
     detections: Sequence[Any] = (),
     figure3_stats: Mapping[str, Mapping[str, Any]] | None = None,
     links: Mapping[str, str] | None = None,
@@ -106,11 +109,14 @@ def build_summary(
     extra: Mapping[str, Any] | None = None,
     skipped: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The report's data: run ``params``, per-layer detection summaries (``LayerDetection``
-    objects or their ``.summary()`` dicts), Figure 3 statistics, the evaluation (``Evaluation.to_dict()``),
+    """The report's data: run ``params``, per-layer detection summaries (``LayerDetection`` or
+    ``LayerSummary`` records, or their dicts), Figure 3 statistics, the evaluation (an ``Evaluation``),
     ``links`` (label -> path or URL of stores, checkpoint, ...), the images each cube skipped
     (``skipped``: cube name, e.g. "detection", -> ``skipped_images(...)``) and anything ``extra``."""
-    det = [d.summary() if hasattr(d, "summary") else dict(d) for d in detections]
+    det = [d.summary() if hasattr(d, "summary") else d.to_dict() if isinstance(d, LayerSummary) else dict(d)
+           for d in detections]
+    if isinstance(evaluation, Evaluation):
+        evaluation = evaluation.to_dict()
     return jsonable({
         "title": title,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -126,10 +132,7 @@ def build_summary(
 
 def write_summary_json(path: str | Path, summary: Mapping[str, Any]) -> Path:
     """Write ``summary`` as strict JSON (NaN written as null); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    return path
+    return write_json(path, jsonable(summary), indent=1, newline=True, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -637,35 +640,36 @@ def _embedded_keys(summary: Mapping[str, Any], figures: Mapping[str, bytes],
 
 
 def write_report(out_dir: str | Path, summary: Mapping[str, Any], figures: Mapping[str, bytes],
-                 name: str = "report.html", embed_channels: int = defaults.REPORT_EMBED_CHANNELS,
+                 name: str | None = None, embed_channels: int = defaults.REPORT_EMBED_CHANNELS,
                  max_bytes: int = defaults.REPORT_MAX_BYTES) -> dict[str, str]:
-    """Write ``<out_dir>/<name>``, ``<out_dir>/summary.json`` (every number), ``table1.csv``
+    """Write ``<out_dir>/<name>`` (default ``report.html``), ``<out_dir>/summary.json`` (every number), ``table1.csv``
     (one row per channel and concept) and ``explanations.csv`` (every explained channel);
     returns their paths.
 
     The page embeds the figures of the ``embed_channels`` best channels (as long as it stays
     under ``max_bytes``); the other channels' figures are written to ``figures/`` beside it and
     linked, so a run with hundreds of rewired channels still opens in a browser."""
-    out = Path(out_dir)
+    folder = RunFolder(out_dir)
+    out = folder.root
     out.mkdir(parents=True, exist_ok=True)
     figures = {**detection_figures(summary), **figures}
     embedded = _embedded_keys(summary, figures, embed_channels, max_bytes)
     linked: dict[str, str] = {}
     for key in sorted(set(figures) - embedded):
-        path = out / "figures" / f"{_slug(key)}.{'jpg' if image_type(figures[key]) == 'jpeg' else 'png'}"
+        path = folder.linked_figure(_slug(key), "jpg" if image_type(figures[key]) == "jpeg" else "png")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(figures[key])
         linked[key] = path.relative_to(out).as_posix()
     ev = summary.get("evaluation") or {}
-    paths = {"table1": write_csv(out / "table1.csv", table1_rows(ev.get("channels") or [])),
-             "explanations": write_csv(out / "explanations.csv", explanation_rows(ev))}
+    paths = {"table1": write_csv(folder.table1_csv, table1_rows(ev.get("channels") or [])),
+             "explanations": write_csv(folder.explanations_csv, explanation_rows(ev))}
     links = dict(summary.get("links") or {})
-    links.update({"summary (every number)": str((out / "summary.json").resolve()),
+    links.update({"summary (every number)": str(folder.summary_json.resolve()),
                   "Table 1 per channel (CSV)": str(Path(paths["table1"]).resolve()),
                   "explanations of every channel (CSV)": str(Path(paths["explanations"]).resolve())})
-    page = out / name
+    page = out / name if name else folder.report_html
     page.write_text(render_report({**summary, "links": links}, figures, out, linked=linked), encoding="utf-8")
-    js = write_summary_json(out / "summary.json", summary)
+    js = write_summary_json(folder.summary_json, summary)
     return {"report": str(page), "summary": str(js), **paths}
 
 
@@ -735,25 +739,25 @@ def _fit_rows(rows: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]
     return rows[:lo]
 
 
-def save_figure3(fig_dir: str | Path, detections: Sequence[Any], gamma: float | None,
+def save_figure3(folder: RunFolder, detections: Sequence[Any], gamma: float | None,
                  wnids: Sequence[str | None] | None = None) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """Figure 3 of every layer that has one (from every candidate pair, ``figure3``), as
-    ``figure3_<layer>.png`` under ``fig_dir``: per layer its statistics with the file's path
-    ("png"), and the last such layer."""
+    """Figure 3 of every layer that has one (from every candidate pair, ``figure3``), as a PNG
+    in the run folder's figures: per layer its statistics with the file's path ("png"), and the
+    last such layer."""
     pngs, stats = figure3(detections, gamma, wnids)
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    folder.figures.mkdir(parents=True, exist_ok=True)
     for layer, st in stats.items():
-        path = fig_dir / f"figure3_{layer}.png"
+        path = folder.figure3_png(layer)
         path.write_bytes(pngs[st["figure"]])
         st["png"] = str(path)
     last = next((d.layer for d in reversed(detections) if d.layer in stats), None)
     return stats, last
 
 
-def detection_rows(layer_summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def detection_rows(layer_summaries: Sequence[LayerSummary | Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The per-layer detection table's rows: each layer summary's scalar fields."""
-    return [{k: v for k, v in d.items() if not isinstance(v, (list, dict))} for d in layer_summaries]
+    dicts = [d.to_dict() if isinstance(d, LayerSummary) else d for d in layer_summaries]
+    return [{k: v for k, v in d.items() if not isinstance(v, (list, dict))} for d in dicts]
 
 
 def markdown_artifacts(summary: Mapping[str, Any], figures: Mapping[str, bytes], max_channels: int = 5,

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from polysemantic_disentangle.tasks.run_folder import TrendFolder
 from polysemantic_disentangle.tasks.plots import plt, to_png
 from polysemantic_disentangle.tasks.stage6_report.html_parts import (CSS, Raw, data_uri, embedded_figure, escape, file_link, fmt,
                                                                  html_table, md_table)
@@ -236,14 +237,15 @@ def trend_artifacts(trend: Trend, figures: Mapping[str, bytes], max_bytes: int =
 def write_trend(trend: Trend, out_dir: str | Path, figures: Mapping[str, bytes] | None = None) -> dict[str, str]:
     """Write ``trend.json`` and the self-contained ``trend.html`` into ``out_dir``
     (``figures``: those of ``trend_figures``, drawn here when not given)."""
-    out = Path(out_dir)
+    folder = TrendFolder(out_dir)
+    out = folder.root
     out.mkdir(parents=True, exist_ok=True)
     figures = trend_figures(trend) if figures is None else figures
-    page = out / "trend.html"
-    tmp_json, tmp_page = out / ".trend.json.tmp", out / ".trend.html.tmp"
+    page, record = folder.trend_html, folder.trend_json
+    tmp_json, tmp_page = folder.staging(record), folder.staging(page)
     tmp_json.write_text(trend.to_json() + "\n", encoding="utf-8")
     tmp_page.write_text(render_trend(trend, figures, out), encoding="utf-8")
     # readers never see a half-written pair
     os.replace(tmp_page, page)
-    os.replace(tmp_json, out / "trend.json")
-    return {"trend_json": str(out / "trend.json"), "trend_html": str(page)}
+    os.replace(tmp_json, record)
+    return {"trend_json": str(record), "trend_html": str(page)}

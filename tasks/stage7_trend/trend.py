@@ -27,8 +27,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from polysemantic_disentangle.tasks.run_folder import RunFolder, TrendFolder
+from polysemantic_disentangle.tasks.stage3_detect.records import DetectionResult, PairRow
+from polysemantic_disentangle.tasks.stage5_evaluate.records import Evaluation
+
 TREND_FORMAT = "disentangle-trend/1"
-CHECKPOINT_RECORD = "checkpoint.json"
 # Keys of a saved training checkpoint that give its position in training.
 STEP_KEYS = ("step", "global_step")
 EPOCH_KEYS = ("epoch",)
@@ -131,9 +134,7 @@ def checkpoint_info(model_name: str, weights: str | None, model: Any) -> Checkpo
 
 
 def write_checkpoint_record(out_dir: str | Path, info: CheckpointInfo) -> Path:
-    path = Path(out_dir) / CHECKPOINT_RECORD
-    path.write_text(json.dumps(info.to_dict(), indent=1) + "\n", encoding="utf-8")
-    return path
+    return RunFolder(out_dir).write_checkpoint_record(info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,13 +292,14 @@ class RunFiles:
     """The parsed files of one analysed run directory."""
 
     run_dir: Path
-    detection: dict[str, Any]
-    summary: dict[str, Any]
+    detection: DetectionResult
+    summary: dict[str, Any]  # the report's data (summary.json); its evaluation is ``evaluation``
     checkpoint: CheckpointInfo
+    evaluation: Evaluation | None = None  # None when nothing was rewired
 
     @property
     def params(self) -> dict[str, Any]:
-        return {**(self.summary.get("params") or {}), **(self.detection.get("params") or {})}
+        return {**(self.summary.get("params") or {}), **(self.detection.params or {})}
 
     @property
     def model(self) -> str | None:
@@ -305,28 +307,28 @@ class RunFiles:
 
     @property
     def layer_shapes(self) -> list[tuple[str, int]]:
-        return [(d["layer"], int(d["channels"])) for d in self.detection["layers"]]
+        return [(s.layer, int(s.channels)) for s in self.detection.layers]
 
 
 def read_run(run_dir: str | Path) -> RunFiles:
     """The files of one finished analysis; IncompleteRun names what is missing."""
     run = Path(run_dir)
-    missing = [n for n in ("detection.json", "summary.json") if not (run / n).is_file()]
+    folder = RunFolder(run)
+    missing = folder.has_analysis()
     if missing:
         raise IncompleteRun(f"{run} is not a finished analysis: no {', '.join(missing)}")
-    detection = json.loads((run / "detection.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    record = run / CHECKPOINT_RECORD
-    if record.is_file():
-        info = CheckpointInfo.from_dict(json.loads(record.read_text()))
-    else:
+    detection = folder.read_detection(DetectionResult)
+    summary = folder.read_summary()
+    evaluation = Evaluation.from_dict(summary["evaluation"]) if summary.get("evaluation") else None
+    info = folder.read_checkpoint_record(CheckpointInfo)
+    if info is None:
         # an analysis made before checkpoint records: what summary.json and the file still tell
         weights = (summary.get("params") or {}).get("weights")
         info = CheckpointInfo(path=weights, model=(summary.get("params") or {}).get("model"))
         if weights and Path(weights).is_file():
             info.mtime = Path(weights).stat().st_mtime
             info.step, info.epoch = training_position(weights)
-    return RunFiles(run, detection, summary, info)
+    return RunFiles(run, detection, summary, info, evaluation)
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
@@ -338,56 +340,55 @@ def _quartiles(values: Sequence[float]) -> tuple[float | None, float | None, flo
 
 
 def _layer_points(run: RunFiles) -> dict[str, LayerPoint]:
-    ev = run.summary.get("evaluation") or {}
-    agg = {a["layer"]: a for a in (ev.get("table1_aggregate") or {}).get("layers", [])}
+    aggregate = run.evaluation.table1_aggregate if run.evaluation else {}
+    agg = {a["layer"]: a for a in aggregate.get("layers", [])}
     out = {}
-    for summ, det in zip(run.detection["layers"], run.detection["detections"], strict=True):
-        cosines = [r["cosine"] for r in det["pairs"]]
+    for summ, det in zip(run.detection.layers, run.detection.detections, strict=True):
+        cosines = [r.cosine for r in det.pairs]
         q1, med, q3 = _quartiles(cosines)
-        a = agg.get(det["layer"]) or {}
-        out[det["layer"]] = LayerPoint(
-            channels=int(summ["channels"]), applicable=bool(summ["applicable"]),
-            candidates=int(summ["candidates"]), candidate_pairs=int(summ["pairs"]),
-            paper_pairs=int(summ["paper_polysemantic_pairs"]), selected_pairs=int(summ["selected_pairs"]),
-            selected_channels=int(summ["selected_channels"]), cosine_q1=q1, cosine_median=med,
+        a = agg.get(det.layer) or {}
+        out[det.layer] = LayerPoint(
+            channels=int(summ.channels), applicable=bool(summ.applicable),
+            candidates=int(summ.candidates), candidate_pairs=int(summ.pairs),
+            paper_pairs=int(summ.paper_polysemantic_pairs), selected_pairs=int(summ.selected_pairs),
+            selected_channels=int(summ.selected_channels), cosine_q1=q1, cosine_median=med,
             cosine_q3=q3, cosine_rows=len([c for c in cosines if c is not None and math.isfinite(c)]),
-            cosines_complete=len(det["pairs"]) == int(summ["pairs"]),
+            cosines_complete=len(det.pairs) == int(summ.pairs),
             rewired_channels=int(a.get("channels") or 0), score_mean=a.get("score_mean"))
     return out
 
 
 def _class_names(run: RunFiles) -> dict[int, str]:
     names: dict[int, str] = {}
-    for det in run.detection["detections"]:
-        for r in det["pairs"]:
-            names[r["class1"]], names[r["class2"]] = r["name1"], r["name2"]
-    names.update(enumerate(run.detection.get("class_names") or []))
+    for det in run.detection.detections:
+        for r in det.pairs:
+            names[r.class1], names[r.class2] = r.name1, r.name2
+    names.update(enumerate(run.detection.class_names or []))
     return names
 
 
 def _channel_points(run: RunFiles) -> dict[tuple[str, int], ChannelPoint]:
     names = _class_names(run)
     out: dict[tuple[str, int], ChannelPoint] = {}
-    for det in run.detection["detections"]:
+    for det in run.detection.detections:
         # every channel's relevant classes where the run recorded them, else the candidates'
-        relevant = det.get("relevant_all") or det.get("relevant") or {}
-        by_channel: dict[int, list[dict[str, Any]]] = {}
-        for r in det["pairs"]:
-            by_channel.setdefault(int(r["channel"]), []).append(r)
-        candidates = set(det.get("candidates") or [])
-        for c in sorted({int(k) for k in relevant} | candidates | set(by_channel)):
-            rows = [r for r in by_channel.get(c, []) if r["cosine"] is not None and math.isfinite(r["cosine"])]
-            low = min(rows, key=lambda r: r["cosine"]) if rows else None
-            sel = [r for r in rows if r["selected"]]
-            best = min(sel, key=lambda r: r["cosine"]) if sel else None
-            classes = relevant.get(str(c), relevant.get(c, []))
-            out[(det["layer"], c)] = ChannelPoint(
-                relevant=[names.get(int(t), str(t)) for t in classes], candidate=c in candidates,
-                polysemantic=best is not None, pair=[best["name1"], best["name2"]] if best else None,
-                pair_cosine=best["cosine"] if best else None,
-                paper_polysemantic=any(r["paper_polysemantic"] for r in rows),
-                lowest_cosine=low["cosine"] if low else None,
-                lowest_pair=[low["name1"], low["name2"]] if low else None)
+        relevant = det.relevant_all or det.relevant
+        by_channel: dict[int, list[PairRow]] = {}
+        for r in det.pairs:
+            by_channel.setdefault(int(r.channel), []).append(r)
+        candidates = set(det.candidates)
+        for c in sorted(set(relevant) | candidates | set(by_channel)):
+            rows = [r for r in by_channel.get(c, []) if r.cosine is not None and math.isfinite(r.cosine)]
+            low = min(rows, key=lambda r: r.cosine) if rows else None
+            sel = [r for r in rows if r.selected]
+            best = min(sel, key=lambda r: r.cosine) if sel else None
+            out[(det.layer, c)] = ChannelPoint(
+                relevant=[names.get(int(t), str(t)) for t in relevant.get(c, [])], candidate=c in candidates,
+                polysemantic=best is not None, pair=[best.name1, best.name2] if best else None,
+                pair_cosine=best.cosine if best else None,
+                paper_polysemantic=any(r.paper_polysemantic for r in rows),
+                lowest_cosine=low.cosine if low else None,
+                lowest_pair=[low.name1, low.name2] if low else None)
     return out
 
 
@@ -395,9 +396,9 @@ def run_accuracy(run: RunFiles) -> tuple[float | None, int | None, str | None]:
     """Top-1 accuracy of the analysed checkpoint on the evaluation images: the evaluation
     stage's number when it ran (rewired channels), else from the evaluation cube's labels and
     predictions (images that failed to decode left out)."""
-    acc = ((run.summary.get("evaluation") or {}).get("accuracy") or {})
+    acc = run.evaluation.accuracy if run.evaluation else {}
     if acc.get("accuracy_original") is not None:
-        return float(acc["accuracy_original"]), int(acc["n"]), "summary.json"
+        return float(acc["accuracy_original"]), int(acc["n"]), RunFolder(run.run_dir).summary_json.name
     store = (run.summary.get("params") or {}).get("eval_store")
     if not store:
         return None, None, None
@@ -481,10 +482,9 @@ def input_fingerprint(run_dirs: Sequence[str | Path]) -> str:
 
     parts = []
     for d in sorted(str(Path(x).resolve()) for x in run_dirs):
-        for name in ("detection.json", "summary.json", CHECKPOINT_RECORD):
-            p = Path(d) / name
+        for p in RunFolder(d).inputs_of_trend():
             st = p.stat() if p.is_file() else None
-            parts.append(f"{d}/{name}:{st.st_size if st else '-'}:{st.st_mtime_ns if st else '-'}")
+            parts.append(f"{d}/{p.name}:{st.st_size if st else '-'}:{st.st_mtime_ns if st else '-'}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -531,7 +531,7 @@ def compare_runs(run_dirs: Sequence[str | Path], *, warn: bool = True) -> Trend:
     entries = []
     for i, r in enumerate(runs):
         acc, n, source = run_accuracy(r)
-        report = r.run_dir / "report.html"
+        report = RunFolder(r.run_dir).report_html
         entries.append(CheckpointEntry(
             index=i, label=_label(r), run_dir=str(r.run_dir.resolve()), checkpoint=r.checkpoint.path,
             sha256=r.checkpoint.sha256, step=r.checkpoint.step, epoch=r.checkpoint.epoch,
@@ -554,7 +554,7 @@ def compare_runs(run_dirs: Sequence[str | Path], *, warn: bool = True) -> Trend:
 
 
 def read_trend(out_dir: str | Path) -> Trend | None:
-    path = Path(out_dir) / "trend.json"
+    path = TrendFolder(out_dir).trend_json
     if not path.is_file():
         return None
     try:
