@@ -133,14 +133,14 @@ def watched(tmp_path: Path, secret: Path):
 def test_watcher_refuses_a_private_file_once_and_keeps_it_out_of_every_record(
         watched: Path, tmp_path: Path, prefect_api, capfd, caplog, monkeypatch) -> None:
     from polysemantic_disentangle.flows.watch import flow as watch_flow
-    from polysemantic_disentangle.flows.watch import scan
+    from polysemantic_disentangle.flows.watch import scan, steps
     from polysemantic_disentangle.flows.watch.registry import Registry
 
     reads: list[str] = []
     loads: list[str] = []
-    real_check, real_load = scan.not_a_checkpoint_file, watch_flow.load_problem
+    real_check, real_load = scan.not_a_checkpoint_file, steps.load_problem
     monkeypatch.setattr(scan, "not_a_checkpoint_file", lambda fs, p, local: reads.append(p) or real_check(fs, p, local))
-    monkeypatch.setattr(watch_flow, "load_problem", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
+    monkeypatch.setattr(steps, "load_problem", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
     registry = tmp_path / "watch" / "registry.sqlite"
     scan_args = dict(location=str(watched), patterns=["*.pt"], registry=str(registry), trends="none")
 
@@ -179,7 +179,7 @@ def test_watcher_checks_a_refused_file_again_once_it_changes(tmp_path: Path, ass
     """A refused file is not read again while its size and stamp stay; rewritten, it is
     checked again (and, now a checkpoint, no longer refused)."""
     from polysemantic_disentangle.flows.watch import flow as watch_flow
-    from polysemantic_disentangle.flows.watch import scan
+    from polysemantic_disentangle.flows.watch import scan, steps
     from polysemantic_disentangle.flows.watch.registry import Registry
 
     folder = tmp_path / "ckpts"
@@ -191,7 +191,7 @@ def test_watcher_checks_a_refused_file_again_once_it_changes(tmp_path: Path, ass
     real_check = scan.not_a_checkpoint_file
     monkeypatch.setattr(scan, "not_a_checkpoint_file", lambda fs, p, local: reads.append(p) or real_check(fs, p, local))
     # The analysis itself is not what this test is about: it is replaced by its recorded outcome.
-    monkeypatch.setattr(watch_flow, "_analyse_in_process", lambda params, name: ("completed", None, {}, None))
+    monkeypatch.setattr(steps, "analyse_in_process", lambda params, name: ("completed", None, {}, None))
     registry = tmp_path / "registry.sqlite"
     scan_args = dict(location=str(folder), patterns=["*.pt"], registry=str(registry), trends="none")
 

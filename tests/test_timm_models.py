@@ -156,6 +156,23 @@ def test_weights_file_is_loaded_and_recorded(tmp_path: Path, mobilenet) -> None:
     assert any("not downloaded" in str(w.message) for w in caught)
 
 
+def test_safetensors_weights_load_like_a_state_dict(tmp_path: Path, mobilenet) -> None:
+    """timm publishes its weights as safetensors: such a file is read (tensors only, no pickle)."""
+    from safetensors.torch import save_file
+
+    from polysemantic_disentangle.tasks.models.safe_load import CheckpointError
+
+    other = _random(SMALL, seed=6)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(path))
+    spec = load_model(SMALL, path)
+    assert spec.state_sha256 == other.state_sha256 and spec.trained and spec.weights_path == str(path)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"found a safetensors file \(\d+ bytes\) that cannot be read: truncated"):
+        load_model(SMALL, tmp_path / "cut.safetensors")
+
+
 # --- analysable layers ------------------------------------------------------------------------------
 
 

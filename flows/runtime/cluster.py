@@ -202,6 +202,10 @@ def cluster_address(address: str | None, workers: int | None) -> Iterator[str | 
 def worker_identity() -> str:
     """``host/pid`` of this process, plus the Dask worker address when running in one."""
     ident = f"{socket.gethostname()}/{os.getpid()}"
+    if "distributed" not in sys.modules:
+        # A Dask worker has imported it already; importing it here would only cost a run
+        # without workers a few CPU seconds (once per process) to learn that it is not one.
+        return ident
     try:
         from distributed import get_worker
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from polysemantic_disentangle.flows.params import PipelineParams
 
-def _flow_run_state(flow_run_id: str | None) -> Any | None:
+def flow_run_state(flow_run_id: str | None) -> Any | None:
     """The state of a flow run, or None when unknown (no id, API unreachable)."""
     if not flow_run_id:
         return None
@@ -20,7 +20,7 @@ def _flow_run_state(flow_run_id: str | None) -> Any | None:
         return None
 
 
-def _analyse_in_process(params: PipelineParams, name: str) -> tuple[str, str | None, Any, str | None]:
+def analyse_in_process(params: PipelineParams, name: str) -> tuple[str, str | None, Any, str | None]:
     """Run `disentangle-all-layers` as a subflow: (status, flow run id, result, error)."""
     from polysemantic_disentangle.flows.pipeline import disentangle_all_layers
 
@@ -36,7 +36,7 @@ def _analyse_in_process(params: PipelineParams, name: str) -> tuple[str, str | N
     return "failed", run_id, None, error or state.name
 
 
-def _wait_for(flow_run_ids: list[str], poll_s: float, timeout_s: float | None = None) -> dict[str, Any]:
+def wait_for(flow_run_ids: list[str], poll_s: float, timeout_s: float | None = None) -> dict[str, Any]:
     """Final states of the runs that finished within ``timeout_s`` (None: no deadline); the
     others are left out: a pool without a worker must not hold the scan forever."""
     from prefect.client.orchestration import get_client

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from polysemantic_disentangle.flows.params import PipelineParams
-from polysemantic_disentangle.flows.watch.deployment_runs import _flow_run_state
+from polysemantic_disentangle.flows.watch.deployment_runs import flow_run_state
 
 # Set per checkpoint by the watcher; an override of these would make analyses collide.
 WATCHER_OWNED = ("weights", "out_dir", "train_store", "eval_store")
@@ -258,17 +258,17 @@ class Registry:
         return rows
 
 
-def _abandoned(row: dict[str, Any], stale_after_s: float, current_run: str | None) -> tuple[bool, str | None]:
+def abandoned(row: dict[str, Any], stale_after_s: float, current_run: str | None) -> tuple[bool, str | None]:
     """Is a ``running`` row dead? Returns (take over, status to record first when the flow run
     it names has in fact completed)."""
     if row.get("flow_run_id"):
-        state = _flow_run_state(row["flow_run_id"])
+        state = flow_run_state(row["flow_run_id"])
         if state is not None and state.is_final():
             return (False, "completed") if state.is_completed() else (True, None)
         if state is not None:
             return False, None  # scheduled, pending or running somewhere
     elif row.get("watcher_run_id") and row["watcher_run_id"] != current_run:
-        state = _flow_run_state(row["watcher_run_id"])
+        state = flow_run_state(row["watcher_run_id"])
         if state is not None and state.is_final():
             return True, None  # the watcher that ran it in-process is gone
     return _age_s(row.get("started_at")) > stale_after_s, None

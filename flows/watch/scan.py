@@ -174,7 +174,7 @@ def hash_checkpoints(location: str, patterns: list[str], registry_path: str, cac
     return out
 
 
-def _local_weights(entry: dict[str, Any], fs_location: str, storage_options: dict[str, Any] | None,
+def local_weights(entry: dict[str, Any], fs_location: str, storage_options: dict[str, Any] | None,
                    cache_dir: Path) -> str:
     """A local file with the entry's content, fetching remote files that were hashed earlier."""
     if entry["weights"] and Path(entry["weights"]).is_file():

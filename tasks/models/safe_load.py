@@ -3,7 +3,9 @@
 A path given as weights can point anywhere (a typo, a symlink dropped into a watched folder), so
 it is checked before anything reads it: it must resolve to a regular file (not a directory, a
 device or a FIFO, which would block or never end) that starts like a torch checkpoint, i.e. the
-zip archive of ``torch.save`` or the pickle of its legacy format. Anything else is refused with
+zip archive of ``torch.save`` or the pickle of its legacy format, or like a safetensors file (the
+format timm's published weights come in: tensors and a JSON header, nothing that can run code;
+read by the ``safetensors`` package, which the timm extra installs). Anything else is refused with
 what it is ("a text file (2,310 bytes)"), never with what it holds: its bytes are not ours to
 repeat in a terminal, a log or a database.
 
@@ -31,7 +33,7 @@ from typing import Any
 __all__ = ["CHECKPOINT_FORMATS", "CheckpointError", "check_checkpoint_file", "describe_file", "load_checkpoint",
            "not_a_checkpoint"]
 
-CHECKPOINT_FORMATS = "torch.save's zip archive or its legacy pickle format"
+CHECKPOINT_FORMATS = "torch.save's zip archive or its legacy pickle format, or safetensors"
 _ZIP_MAGIC = b"PK\x03\x04"
 # Pickle protocols 2..5 start with PROTO n; torch.save's legacy format writes protocol 2.
 _PICKLE_PROTOCOLS = range(2, 6)
@@ -60,8 +62,9 @@ def _kind_of_mode(mode: int) -> str:
     return "not a regular file"
 
 
-def _looks_like_checkpoint(head: bytes) -> bool:
-    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS)
+def _looks_like_checkpoint(head: bytes, size: int) -> bool:
+    return (head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS)
+            or _is_safetensors(head, size))
 
 
 def not_a_checkpoint(head: bytes, size: int) -> str | None:
@@ -69,7 +72,7 @@ def not_a_checkpoint(head: bytes, size: int) -> str | None:
     it) can be a torch checkpoint, else what it is, in words that repeat none of its bytes."""
     if size == 0:
         return "an empty file (0 bytes)"
-    return None if _looks_like_checkpoint(head) else _what_else(head, size)
+    return None if _looks_like_checkpoint(head, size) else _what_else(head, size)
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:
@@ -81,9 +84,6 @@ def _is_safetensors(head: bytes, size: int) -> bool:
 
 
 def _what_else(head: bytes, size: int) -> str:
-    if _is_safetensors(head, size):
-        return (f"a safetensors file ({size} bytes); only {CHECKPOINT_FORMATS} is read "
-                "(save the state dict with torch.save)")
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -152,17 +152,24 @@ def describe_file(path: Path) -> str:
         return f"a zip archive ({size} bytes)"
     if head[:1] == b"\x80":
         return f"a pickle ({size} bytes)"
+    if _is_safetensors(head, size):
+        return f"a safetensors file ({size} bytes)"
     return _what_else(head, size)
 
 
 def load_checkpoint(path: str | Path, expected: str) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` of a file that passed
-    ``check_checkpoint_file``; any failure becomes a ``CheckpointError`` naming the file,
-    ``expected`` (e.g. "a state dict for cifar_resnet20") and what the file holds. A missing
-    file is a ``FileNotFoundError``."""
+    ``check_checkpoint_file`` (a safetensors file: ``safetensors.torch.load_file``, its dict of
+    tensors); any failure becomes a ``CheckpointError`` naming the file, ``expected`` (e.g. "a
+    state dict for cifar_resnet20") and what the file holds. A missing file is a
+    ``FileNotFoundError``."""
     import torch
 
     path = check_checkpoint_file(path, expected)
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    if _is_safetensors(head, path.stat().st_size):
+        return _load_safetensors(path, expected)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises EOFError, KeyError, RuntimeError, UnpicklingError, ...
@@ -179,3 +186,16 @@ def load_checkpoint(path: str | Path, expected: str) -> Any:
             found += " that ends early: truncated or corrupted"
         raise CheckpointError(f"{path}: expected {expected}, found {found} "
                               f"(torch: {type(exc).__name__})") from None
+
+
+def _load_safetensors(path: Path, expected: str) -> dict[str, Any]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path}: expected {expected}, found a safetensors file, and reading one needs the "
+                              "safetensors package (pip install safetensors; the timm extra installs it)") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError for a bad header or a truncated file, OSError
+        raise CheckpointError(f"{path}: expected {expected}, found {describe_file(path)} that cannot be read: "
+                              f"truncated or corrupted (safetensors: {type(exc).__name__})") from None
