@@ -42,13 +42,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-_CLASSES_HELP = ("class-name file of a package.module:callable model that returns a bare nn.Module: one "
-                 "class per line in logit order, optionally followed by its WordNet id; recorded in the model reference")
+_CLASSES_HELP = ("class-name file of a package.module:callable model that returns a bare nn.Module, or of a "
+                 "timm/<name> model without ImageNet classes: one class per line in logit order, optionally "
+                 "followed by its WordNet id; recorded in the model reference")
 
 
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEMO_MODEL, help="registry name (see `disentangle models`; default: %(default)s), "
-                   "or package.module:callable returning an nn.Module or a ModelSpec")
+                   "package.module:callable returning an nn.Module or a ModelSpec, or timm/<name> (the timm extra)")
     p.add_argument("--classes", default=None, help=_CLASSES_HELP)
     p.add_argument("--weights", default=None, help="checkpoint path (state dict, loaded weights_only; default: the model's public weights)")
     p.add_argument("--layers", default="all", help="'all', a name, or comma-separated names/globs (default: %(default)s)")

@@ -35,8 +35,8 @@ class PipelineParams(BaseModel):
     # A misspelt parameter (say, in `prefect deployment run -p`) must fail, not be ignored.
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(DEMO_MODEL, description="registry name (`disentangle models` lists them): cifar_resnet20/32/44/56, efficientnet_lite0, a torchvision classifier; or package.module:callable, a callable returning an nn.Module or a ModelSpec (a bare module's class names: append ?classes=<file>, or --classes)")
-    weights: str | None = Field(None, description="checkpoint path (state dict, loaded with weights_only=True); default: the model's public weights")
+    model: str = Field(DEMO_MODEL, description="registry name (`disentangle models` lists them): cifar_resnet20/32/44/56, efficientnet_lite0, a torchvision classifier; or package.module:callable, a callable returning an nn.Module or a ModelSpec (a bare module's class names: append ?classes=<file>, or --classes); or timm/<name>, a timm model (the timm extra; random weights or --weights)")
+    weights: str | None = Field(None, description="checkpoint path (state dict, loaded with weights_only=True, or safetensors); default: the model's public weights")
     train_dir: str | None = Field(None, description="ImageFolder used for detection (default for CIFAR models: CIFAR-10 train)")
     eval_dir: str | None = Field(None, description="ImageFolder used for evaluation (default for CIFAR models: CIFAR-10 test)")
     layers: str | list[str] = Field("all", description="conv layers to analyse: 'all', names or glob patterns")
