@@ -61,6 +61,7 @@ Stores of an older layout version are refused with what changed (``LAYOUT_CHANGE
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -73,6 +74,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec
+from zarr.core.sync import sync as zarr_sync
 
 LAYOUT_VERSION = 3
 LAYERS_GROUP = "layers"
@@ -552,24 +554,33 @@ def _padded_rows(arr: zarr.Array, rows: int) -> int:
     return min(int(arr.shape[1]), -(-rows // block) * block)
 
 
-def _chunk_parts(root: zarr.Group, chunk: int, sum_rows: int) -> list[tuple[str, zarr.Array, tuple]]:
+def _store_arrays(root: zarr.Group) -> dict[str, zarr.Array]:
+    """Every array of the store by its path, opened in one listing (one event-loop round trip,
+    not one metadata read per ``group[name]``)."""
+    return {path: arr for path, arr in root.members(max_depth=None) if isinstance(arr, zarr.Array)}
+
+
+def _chunk_parts(root: zarr.Group, chunk: int, sum_rows: int,
+                 arrays: Mapping[str, zarr.Array] | None = None) -> list[tuple[str, zarr.Array, tuple]]:
     """Every (name, array, selection) a chunk's writer stores, in one fixed order: what the
     checksum covers. Class sums: the row blocks that hold rows ``0:sum_rows`` (what the writer
-    wrote)."""
+    wrote). ``arrays``: the store's arrays by path (``_store_arrays``), listed here if not given."""
+    arrays = _store_arrays(root) if arrays is None else arrays
     start, stop = chunk_bounds(root, chunk)
     rows = slice(start, stop)
-    parts: list[tuple[str, zarr.Array, tuple]] = [(name, root[name], (rows,)) for name in _CHUNK_ROOT_ARRAYS]
-    parts += [(name, root[name], (chunk, slice(None))) for name in SUM_ROW_ARRAYS if name in root]
-    layers = root[LAYERS_GROUP]
-    for layer in sorted(layers.group_keys()):
-        g = layers[layer]
-        names = set(g.array_keys())
+    parts: list[tuple[str, zarr.Array, tuple]] = [(name, arrays[name], (rows,)) for name in _CHUNK_ROOT_ARRAYS]
+    parts += [(name, arrays[name], (chunk, slice(None))) for name in SUM_ROW_ARRAYS if name in arrays]
+    prefix = LAYERS_GROUP + "/"
+    layers = sorted({path[len(prefix):].rsplit("/", 1)[0] for path in arrays if path.startswith(prefix)})
+    for layer in layers:
         for name in (*PER_LAYER_IMAGE_ARRAYS, MOMENTS_ARRAY):
-            if name in names:
-                parts.append((f"{layer}/{name}", g[name], (rows,)))
+            arr = arrays.get(f"{prefix}{layer}/{name}")
+            if arr is not None:
+                parts.append((f"{layer}/{name}", arr, (rows,)))
         for name in (ACTIVATION_SUMS_ARRAY, MOMENT_SUMS_ARRAY):
-            if name in names and sum_rows:
-                parts.append((f"{layer}/{name}", g[name], (chunk, slice(0, _padded_rows(g[name], sum_rows)))))
+            arr = arrays.get(f"{prefix}{layer}/{name}")
+            if arr is not None and sum_rows:
+                parts.append((f"{layer}/{name}", arr, (chunk, slice(0, _padded_rows(arr, sum_rows)))))
     return parts
 
 
@@ -602,10 +613,13 @@ class ChunkData:
     skipped: np.ndarray
     skip_reason: np.ndarray
     layers: dict[str, dict[str, np.ndarray]]  # layer -> array name -> (n_chunk, ...)
-    # layer -> class-sum array name -> (subset, class, ...), float32
-    class_sums: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # layer -> class-sum array name -> (subset, class, ...) float32 dense sums, or with
+    # ``subset_classes`` a tuple of compact sums, one (len(subset_classes[s]), ...) array per subset
+    class_sums: dict[str, dict[str, np.ndarray | tuple[np.ndarray, ...]]] = field(default_factory=dict)
     # classes with at least one image in the sums (None: found by scanning the sums)
     sum_classes: np.ndarray | None = None
+    # per subset, the sorted classes whose rows the compact ``class_sums`` hold (None: dense sums)
+    subset_classes: tuple[np.ndarray, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -638,39 +652,56 @@ def write_chunk(root: zarr.Group, chunk: int, data: ChunkData) -> None:
     for layer, arrays in data.layers.items():
         for name, values in arrays.items():
             given[f"{layer}/{name}"] = values
+    stored = _store_arrays(root)
     n_rows = 0
-    if SUM_ROW_CLASS_ARRAY in root:
-        rows, source = sum_rows_of(data)
-        capacity = int(root[SUM_ROW_CLASS_ARRAY].shape[1])
+    if SUM_ROW_CLASS_ARRAY in stored:
+        classes, compact = _compact_sums(data)
+        rows, source, index = _plan_sum_rows(classes, compact)
+        capacity = int(stored[SUM_ROW_CLASS_ARRAY].shape[1])
         if len(rows) > capacity:
             raise ValueError(f"chunk {chunk} has {len(rows)} class-sum rows, the store room for {capacity}")
         n_rows = len(rows)
         given[SUM_ROW_CLASS_ARRAY] = np.pad(rows.classes.astype(np.int32), (0, capacity - len(rows)),
                                             constant_values=-1)
         given[SUM_ROW_SUBSETS_ARRAY] = np.pad(rows.subsets, (0, capacity - len(rows)))
-        for layer, arrays in data.class_sums.items():
-            for name, values in arrays.items():
-                if name not in root[LAYERS_GROUP][layer]:
+        by_source = [(s, np.flatnonzero(source == s)) for s in range(len(classes))]
+        prefix = LAYERS_GROUP + "/"
+        store_layers = {path[len(prefix):].rsplit("/", 1)[0] for path in stored if path.startswith(prefix)}
+        for layer, arrays in compact.items():
+            if layer not in store_layers:
+                raise KeyError(f"class sums of {layer!r}, which the store has no group for")
+            for name, per_subset in arrays.items():
+                arr = stored.get(f"{LAYERS_GROUP}/{layer}/{name}")
+                if arr is None:
                     continue
                 # Whole row blocks: a block is written in one piece (no read-back of what a
                 # killed earlier attempt left in it), the padding reads back as these zeros.
-                out = np.zeros((_padded_rows(root[LAYERS_GROUP][layer][name], n_rows), *values.shape[2:]),
-                               dtype=np.float32)
-                out[:len(rows)] = values[source, rows.classes]
+                out = np.zeros((_padded_rows(arr, n_rows), *per_subset[0].shape[1:]), dtype=np.float32)
+                for s, at in by_source:
+                    if len(at):
+                        out[at] = per_subset[s][index[at]]
                 given[f"{layer}/{name}"] = out
     h = hashlib.blake2b(digest_size=16)
-    for name, arr, sel in _chunk_parts(root, chunk, n_rows):
+    writes: list[tuple[zarr.Array, tuple, np.ndarray]] = []
+    for name, arr, sel in _chunk_parts(root, chunk, n_rows, stored):
         if name in given:
             values = np.asarray(given[name])
             values = as_str(values) if arr.dtype.kind in "UOT" else values.astype(arr.dtype, copy=False)
-            arr[sel] = values
+            writes.append((arr, sel, values))
         else:  # not computed by this writer: reads back as the fill value
             values = np.full(_selection_shape(arr.shape, sel), arr.fill_value,
                              dtype=arr.dtype if arr.dtype.kind not in "UOT" else str)
         _hash_values(h, name, values)
-    if CHUNK_CHECKSUM_ARRAY in root:
-        root[CHUNK_CHECKSUM_ARRAY][chunk] = json.dumps({"digest": h.hexdigest(), "sum_rows": n_rows})
-    root[CHUNK_DONE_ARRAY][chunk] = 1
+    # All of the chunk's arrays in one event-loop round trip: Zarr encodes and stores them
+    # concurrently instead of one blocking call (and thread hand-off) per array.
+    zarr_sync(_set_all(writes))
+    if CHUNK_CHECKSUM_ARRAY in stored:
+        stored[CHUNK_CHECKSUM_ARRAY][chunk] = json.dumps({"digest": h.hexdigest(), "sum_rows": n_rows})
+    stored[CHUNK_DONE_ARRAY][chunk] = 1
+
+
+async def _set_all(writes: Sequence[tuple[zarr.Array, tuple, np.ndarray]]) -> None:
+    await asyncio.gather(*(arr._async_array.setitem(sel, values) for arr, sel, values in writes))
 
 
 def _selection_shape(shape: tuple[int, ...], sel: tuple) -> tuple[int, ...]:
@@ -690,47 +721,87 @@ def sum_rows_of(data: ChunkData) -> tuple[SumRows, np.ndarray]:
     the same bytes in every layer and array (a class whose images are all correct), has a row of
     its own where they differ and are not all zero, and none where they are zero (what a missing
     row reads as)."""
+    rows, source, _ = _plan_sum_rows(*_compact_sums(data))
+    return rows, source
+
+
+_Compact = dict[str, dict[str, tuple[np.ndarray, ...]]]
+
+
+def _compact_sums(data: ChunkData) -> tuple[tuple[np.ndarray, ...], _Compact]:
+    """Per subset, the classes of its candidate rows and their float32 sums in every layer and
+    array: the chunk's own compact sums, or the rows of its dense sums that can hold a row
+    (``data.sum_classes`` for subset 0 where given, else the classes not all zero in some
+    subset; every such class for the other subsets)."""
+    if data.subset_classes is not None:
+        classes = tuple(np.asarray(c, dtype=np.int64) for c in data.subset_classes)
+        return classes, {layer: {name: tuple(np.asarray(v, dtype=np.float32) for v in per_subset)
+                                 for name, per_subset in arrays.items()}
+                         for layer, arrays in data.class_sums.items()}
     values = [np.asarray(v, dtype=np.float32) for arrays in data.class_sums.values() for v in arrays.values()]
     if not values:
-        return SumRows(np.zeros(0, np.int64), np.zeros(0, np.uint8)), np.zeros(0, np.int64)
+        return (), {}
     n_sub = values[0].shape[0]
-
-    def flat(v: np.ndarray, s: int, classes: np.ndarray) -> np.ndarray:
-        return v[s, classes].reshape(len(classes), -1)
-
     if data.sum_classes is not None:
         candidates = np.unique(np.asarray(data.sum_classes, dtype=np.int64))
-        has = [np.ones(len(candidates), bool)]
+        first = candidates
     else:
-        every = np.arange(values[0].shape[1])
-        nonzero = np.zeros((n_sub, len(every)), bool)
+        nonzero = np.zeros((n_sub, values[0].shape[1]), bool)
         for v in values:
-            nonzero |= v.reshape(n_sub, len(every), -1).any(axis=2)
+            nonzero |= v.reshape(n_sub, v.shape[1], -1).any(axis=2)
         candidates = np.flatnonzero(nonzero.any(axis=0))
-        has = [nonzero[0, candidates]]
-    shared, own = [], []
+        first = candidates[nonzero[0, candidates]]
+    classes = (first, *([candidates] * (n_sub - 1)))
+    return classes, {layer: {name: tuple(np.asarray(v, dtype=np.float32)[s, classes[s]] for s in range(n_sub))
+                             for name, v in arrays.items()}
+                     for layer, arrays in data.class_sums.items()}
+
+
+def _plan_sum_rows(classes: tuple[np.ndarray, ...], compact: _Compact) -> tuple[SumRows, np.ndarray, np.ndarray]:
+    """(rows, the subset each row's values come from, the row's position in that subset's
+    compact sums), by the rule ``sum_rows_of`` states. A class a subset has no compact row for
+    sums to zero there."""
+    if not classes or not compact:
+        empty = np.zeros(0, np.int64)
+        return SumRows(empty, np.zeros(0, np.uint8)), empty, empty
+    n_sub = len(classes)
+    candidates = np.unique(np.concatenate(classes))
+    has0 = np.isin(candidates, classes[0])
+    pos0 = np.searchsorted(classes[0], candidates)
+    per_subset = [per for arrays in compact.values() for per in arrays.values()]
+    shared, own, positions = [], [], [pos0]
     for s in range(1, n_sub):
-        same = has[0].copy()
+        pos = np.searchsorted(classes[s], candidates)
+        present = np.isin(candidates, classes[s])
+        same = has0.copy()
         nonzero_s = np.zeros(len(candidates), bool)
-        for v in values:
-            a, b = flat(v, s, candidates), flat(v, 0, candidates)
-            same &= (a.view(np.uint32) == b.view(np.uint32)).all(axis=1)
-            nonzero_s |= a.any(axis=1)
+        for per in per_subset:
+            width = int(np.prod(per[0].shape[1:], dtype=np.int64))
+            mine = np.zeros((len(candidates), width), np.uint32)
+            base = (per[0][np.minimum(pos0, len(per[0]) - 1)].reshape(len(candidates), width).view(np.uint32)
+                    if len(per[0]) else mine)
+            mine[present] = per[s][pos[present]].reshape(int(present.sum()), width).view(np.uint32)
+            same &= (mine == base).all(axis=1)
+            # Any set bit but the sign's: -0.0 is a zero sum, as in ``a.any()`` on floats.
+            nonzero_s |= (mine & np.uint32(0x7FFFFFFF)).any(axis=1)
         shared.append(same)
         own.append(~same & nonzero_s)
-    classes, subsets, source = [], [], []
+        positions.append(pos)
+    out_classes, subsets, source, index = [], [], [], []
     for i, c in enumerate(candidates.tolist()):
-        if has[0][i]:
-            classes.append(c)
+        if has0[i]:
+            out_classes.append(c)
             subsets.append(1 | sum(1 << s for s in range(1, n_sub) if shared[s - 1][i]))
             source.append(0)
+            index.append(int(pos0[i]))
         for s in range(1, n_sub):
             if own[s - 1][i]:
-                classes.append(c)
+                out_classes.append(c)
                 subsets.append(1 << s)
                 source.append(s)
-    return (SumRows(np.asarray(classes, np.int64), np.asarray(subsets, np.uint8)),
-            np.asarray(source, np.int64))
+                index.append(int(positions[s][i]))
+    return (SumRows(np.asarray(out_classes, np.int64), np.asarray(subsets, np.uint8)),
+            np.asarray(source, np.int64), np.asarray(index, np.int64))
 
 
 def prepare_chunk_writers(url: str | Path) -> None:

@@ -12,9 +12,10 @@ import pytest
 import zarr
 
 from polysemantic_disentangle.storage.cube import (ChunkData, CubeLayout, CubeReader, LayerShape, LayoutVersionError,
-                                                  completed_chunks, create_cube, cube_info, open_store_group,
-                                                  write_chunk)
-from polysemantic_disentangle.tasks.data.grouping import statistics_class, subset_class_sums
+                                                  completed_chunks, content_digest, create_cube, cube_info,
+                                                  open_store_group, sum_rows_of, write_chunk)
+from polysemantic_disentangle.tasks.data.grouping import (class_order, statistics_class, subset_class_rows,
+                                                          subset_class_sums)
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, reduce_cube
 
 SHAPES = {"a": LayerShape(6, 4, (3, 3)), "b": LayerShape(5, 3, (1, 1)), "dw": LayerShape(4, 4, (3, 3), groups=4)}
@@ -24,7 +25,7 @@ N = 100  # the last chunk is partial
 TAU = 0.1
 
 
-def _make_cube(url: str, order: str) -> dict:
+def _make_cube(url: str, order: str, compact: bool = False) -> dict:
     rng = np.random.default_rng(0 if order == "folder" else 1)
     labels = np.sort(rng.integers(0, N_CLASSES, N)) if order == "folder" else rng.integers(0, N_CLASSES, N)
     pred = np.where(rng.random(N) < 0.6, labels, (labels + 1) % N_CLASSES)
@@ -42,6 +43,7 @@ def _make_cube(url: str, order: str) -> dict:
         ok = ~skipped[rows]
         groups = [statistics_class(labels[rows], pred[rows], skipped[rows], "label", correct_only=k)
                   for k in (False, True)]
+        orders = [class_order(g) for g in groups]
         layers, sums = {}, {}
         for name, s in SHAPES.items():
             rel = np.full((n, s.out_channels), np.nan, np.float32)
@@ -49,12 +51,17 @@ def _make_cube(url: str, order: str) -> dict:
             act[name][rows][ok] = rng.standard_normal((ok.sum(), s.out_channels))
             mom[name][rows][ok] = rng.exponential(3.0, (ok.sum(), s.in_channels, *s.kernel_size))
             layers[name] = {"relevance": rel}
-            sums[name] = {"activation_sums": subset_class_sums(act[name][rows], *groups, N_CLASSES)}
+            # Dense (subset, class, ...) slabs, or the compact rows extraction hands the writer.
+            def summed(x: np.ndarray):
+                return subset_class_rows(x, orders) if compact else subset_class_sums(x, *groups, N_CLASSES)
+
+            sums[name] = {"activation_sums": summed(act[name][rows])}
             if s.arv_applicable:
-                sums[name]["moment_sums"] = subset_class_sums(mom[name][rows], *groups, N_CLASSES)
+                sums[name]["moment_sums"] = summed(mom[name][rows])
         write_chunk(root, c, ChunkData(pred[rows].astype(np.int32), labels[rows].astype(np.int32),
                                        np.zeros(n, np.float32), skipped[rows], np.full(n, "", dtype=str), layers,
-                                       sums, np.unique(groups[0][groups[0] >= 0])))
+                                       sums, np.unique(groups[0][groups[0] >= 0]),
+                                       tuple(classes for _, classes, _ in orders) if compact else None))
     return {"labels": labels, "pred": pred, "skipped": skipped, "act": act, "mom": mom}
 
 
@@ -105,6 +112,46 @@ def test_reduction_equals_a_float64_oracle(cube, correct_only) -> None:
             if s.arv_applicable:
                 np.testing.assert_allclose(got.mean_moments[t], truth["mom"][name][sel].astype(np.float64).mean(0),
                                            rtol=1e-5)
+
+
+def test_compact_class_rows_store_the_bytes_of_dense_class_slabs(cube, tmp_path) -> None:
+    """Extraction hands the writer compact rows (only the classes a chunk holds); the store is
+    the same bytes as from dense (subset, class, ...) slabs of the same sums."""
+    url, order, _ = cube
+    compact = str(tmp_path / "compact.zarr")
+    _make_cube(compact, order, compact=True)
+    assert completed_chunks(compact, verify=True).all()
+    assert content_digest(open_store_group(compact)) == content_digest(open_store_group(url))
+    reader, other = CubeReader(url), CubeReader(compact)
+    for c in range(reader.n_chunks):
+        a, b = reader.sum_rows(c), other.sum_rows(c)
+        np.testing.assert_array_equal(a.classes, b.classes)
+        np.testing.assert_array_equal(a.subsets, b.subsets)
+
+
+def test_a_class_whose_sums_are_zero_bytes_shares_its_row_in_both_forms() -> None:
+    """A class whose correct subset is missing from the compact rows sums to zero there: where
+    its every-image sum is +0.0 too, both forms share one row; -0.0 is a zero sum (no own row)."""
+    def data(dense: dict, compact: tuple | None, subset_classes: tuple | None) -> ChunkData:
+        return ChunkData(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, bool),
+                         np.zeros(0, str), {}, compact if compact is not None else dense, np.array([1, 3]),
+                         subset_classes)
+
+    slab = np.zeros((2, 5, 2), np.float32)
+    slab[0, 1] = [1.0, 2.0]
+    slab[1, 3] = [-0.0, 0.0]  # class 3: every-image sum +0.0, correct sum -0.0 bits
+    dense = {"l": {"activation_sums": slab}}
+    compact = {"l": {"activation_sums": (slab[0, [1, 3]], slab[1, [3]])}}
+    for form in (data(dense, None, None), data(dense, compact, (np.array([1, 3]), np.array([3])))):
+        rows, source = sum_rows_of(form)
+        np.testing.assert_array_equal(rows.classes, [1, 3])
+        np.testing.assert_array_equal(rows.subsets, [1, 1])  # no correct row: -0.0 != +0.0, but zero
+        np.testing.assert_array_equal(source, [0, 0])
+    slab[1, 3] = 0.0
+    compact = {"l": {"activation_sums": (slab[0, [1, 3]], np.zeros((0, 2), np.float32))}}
+    for form in (data(dense, None, None), data(dense, compact, (np.array([1, 3]), np.array([], np.int64)))):
+        rows, _ = sum_rows_of(form)
+        np.testing.assert_array_equal(rows.subsets, [1, 3])  # class 3's zero row serves both subsets
 
 
 def test_reads_around_zarr_give_the_bytes_zarr_reads(cube) -> None:

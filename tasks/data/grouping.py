@@ -8,7 +8,7 @@ prediction when it is the predicted class's (target_mode="prediction").
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -125,3 +125,11 @@ def subset_class_sums(x: np.ndarray, all_classes: np.ndarray, correct_classes: n
     class_sums(all_classes, x, n_classes, out[0])
     class_sums(correct_classes, x, n_classes, out[1])
     return out
+
+
+def subset_class_rows(x: np.ndarray, orders: Sequence[tuple[np.ndarray | None, np.ndarray, np.ndarray]]
+                      ) -> tuple[np.ndarray, ...]:
+    """Per subset, the (present classes, ...) float32 sums of the rows of ``x``: the compact rows
+    of ``subset_class_sums`` without its dense (class, ...) slab. ``orders``: ``class_order`` of
+    each subset's classes, found once for all the arrays of a chunk."""
+    return tuple(segment_sums(x if order is None else x[order], starts) for order, _, starts in orders)

@@ -14,7 +14,8 @@ import torch.nn as nn
 from polysemantic_disentangle.storage.cube import (ACTIVATION_MAX_ARRAY, ACTIVATION_MEAN_ARRAY, ACTIVATION_SUMS_ARRAY,
                            DEFAULT_LAYOUT, MOMENT_SUMS_ARRAY, MOMENTS_ARRAY, RELEVANCE_ARRAY, ChunkData,
                            CubeLayout, CubeReader, CubeWriter, LayerShape, create_cube, store_exists)
-from polysemantic_disentangle.tasks.data.grouping import TargetMode, statistics_class, subset_class_sums
+from polysemantic_disentangle.tasks.data.grouping import (TargetMode, class_order, statistics_class, subset_class_rows,
+                                                          subset_class_sums)
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import (ImageSource, Manifest, load_batch, scan_image_folder,
                                                        source_manifest)
@@ -240,15 +241,33 @@ def compute_chunk(
                 arrays[name][good] = values
     data = ChunkData(prediction, target, target_logit, skipped, reasons.astype(str), out_layers)
     if spec is not None and spec.layout.class_sums:
-        data.class_sums = chunk_class_sums(data, labels, layers, spec, target_mode)
-        classes = statistics_class(labels, data.prediction, data.skipped, target_mode)
-        data.sum_classes = np.unique(classes[classes >= 0])
+        data.subset_classes, data.class_sums = chunk_class_rows(data, labels, layers, target_mode)
+        data.sum_classes = data.subset_classes[0]
         keep = set(spec.layout.per_image)
         # What only fed the sums is dropped here: it is neither written nor kept in memory.
         for arrays in out_layers.values():
             for name in [a for a in arrays if a not in keep]:
                 del arrays[name]
     return data
+
+
+def chunk_class_rows(data: ChunkData, labels: np.ndarray, layers: Sequence[str], target_mode: TargetMode
+                     ) -> tuple[tuple[np.ndarray, ...], dict[str, dict[str, tuple[np.ndarray, ...]]]]:
+    """Per subset (every usable image, the correct ones), the classes present in one chunk and
+    the float32 sums of its moments and activation means over each, compact rows in class order:
+    no dense class slab. The same grouping, row order and summation as ``chunk_class_sums`` and
+    the reduce stage's per-image route, so the same bytes; the class order of each subset is
+    found once for every layer and array."""
+    orders = [class_order(statistics_class(labels, data.prediction, data.skipped, target_mode, correct_only=c))
+              for c in (False, True)]
+    out: dict[str, dict[str, tuple[np.ndarray, ...]]] = {}
+    for layer in layers:
+        arrays = data.layers.get(layer, {})
+        sums = out.setdefault(layer, {})
+        for name, sum_name in ((ACTIVATION_MEAN_ARRAY, ACTIVATION_SUMS_ARRAY), (MOMENTS_ARRAY, MOMENT_SUMS_ARRAY)):
+            if name in arrays:
+                sums[sum_name] = subset_class_rows(arrays[name], orders)
+    return tuple(classes for _, classes, _ in orders), out
 
 
 def chunk_class_sums(data: ChunkData, labels: np.ndarray, layers: Sequence[str], spec: ChunkSpec,
