@@ -11,6 +11,7 @@ import torch.nn as nn
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder
 from polysemantic_disentangle.tasks.models.conv_geometry import conv_input_padding
 from polysemantic_disentangle.tasks.models.registry import load_model
+import polysemantic_disentangle.tasks.stage1_extract.relevance as relevance_module
 from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments, batch_relevance, input_moments
 
 
@@ -192,6 +193,22 @@ def test_relevance_survives_inplace_relu_after_conv() -> None:
         # Activations are the conv's own (pre-ReLU) values.
         torch.testing.assert_close(got.activation_mean[name], kept["out"].mean(dim=(2, 3)).detach())
         assert (got.activation_mean[name] < 0).any()
+    # The overwrite was found by the output's version counter ("0" is the gradient leaf, which
+    # is always handed on as a copy); later passes copy it from the start, with the same bytes.
+    assert relevance_module._OVERWRITTEN[inplace_net] == {"2"}
+    again = batch_relevance(inplace_net, x, labels, ["0", "2"])
+    for name in ("0", "2"):
+        assert torch.equal(again.relevance[name], got.relevance[name])
+    assert "0" not in relevance_module._OVERWRITTEN.get(plain, set())
+
+
+def test_layers_followed_by_batchnorm_hand_on_their_output_uncopied(resnet20_batch) -> None:
+    """ResNet's in-place ReLUs come after BatchNorm: no conv output is overwritten or copied."""
+    bundle, images, labels = resnet20_batch
+    model = bundle.model.eval()
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    batch_relevance(model, images[:2], labels[:2], layers)
+    assert not relevance_module._OVERWRITTEN.get(model)
 
 
 def test_batch_graph_is_freed_without_waiting_for_gc(resnet20_batch) -> None:

@@ -17,6 +17,7 @@ position). Both kinds are tapped in the same forward and backward pass.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -125,9 +126,11 @@ class _LayerTap:
     produces it."""
 
     def __init__(self, name: str, module: nn.Conv2d | nn.Linear, result: BatchRelevance, shield: bool,
-                 moments: bool = True, activations: bool | frozenset[str] = True) -> None:
+                 moments: bool = True, activations: bool | frozenset[str] = True, inplace_ops: bool = True) -> None:
         self.name = name
         self.shield = shield
+        self.inplace_ops = inplace_ops  # the model has modules that may write into their input
+        self.overwritten = False  # an in-place op changed the output before its gradient came
         self.moments = moments
         if isinstance(activations, bool):
             activations = frozenset({"max", "mean"} if activations else ())
@@ -168,15 +171,27 @@ class _LayerTap:
                 self.result.activation_mean[self.name] = _wide(output.detach()).mean(dim=(2, 3))
         output, replaced = self._track(output)
         detached = output.detach()
+        version = detached._version
 
         def reduce_grad(grad: torch.Tensor) -> None:
+            if detached._version != version:
+                self.overwritten = True
+                return
             self.result.relevance[self.name] = (_wide(detached) * _wide(grad)).sum(dim=(2, 3))
 
         output.register_hook(reduce_grad)
         self.output = output
-        # An in-place op after the conv (VGG's ReLU(inplace=True)) would overwrite the output
-        # we multiply with the gradient: hand the rest of the network a copy instead.
-        return output.clone() if self.shield else output if replaced else None
+        return self._handed_on(output, replaced)
+
+    def _handed_on(self, output: torch.Tensor, replaced: bool) -> torch.Tensor | None:
+        """What the rest of the network gets. An in-place op after the layer (VGG's
+        ReLU(inplace=True)) would overwrite the output we multiply with the gradient: a layer
+        known to be overwritten hands on a copy, and so does a leaf (an in-place op on a leaf
+        that requires grad is an error). Others hand on the output itself; their gradient hook
+        finds an overwrite by the output's version counter (``overwritten``)."""
+        if self.shield or (replaced and self.inplace_ops):
+            return output.clone()
+        return output if replaced else None
 
     def _track(self, output: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The output whose gradient is wanted, and whether it replaces the module's.
@@ -208,13 +223,23 @@ class _LayerTap:
                 self.result.activation_mean[self.name] = _wide(out).mean(dim=1)
         output, replaced = self._track(output)
         detached = output.detach()
+        version = detached._version
 
         def reduce_grad(grad: torch.Tensor) -> None:
+            if detached._version != version:
+                self.overwritten = True
+                return
             self.result.relevance[self.name] = _positions_last(_wide(detached) * _wide(grad)).sum(dim=1)
 
         output.register_hook(reduce_grad)
         self.output = output
-        return output.clone() if self.shield else output if replaced else None
+        return self._handed_on(output, replaced)
+
+
+# Per model, the layers whose output an in-place op overwrites (found by a pass whose gradient
+# hooks saw the output's version change): they hand the network a copy from then on, the
+# others none, which spares a copy of every output in models that merely contain in-place ops.
+_OVERWRITTEN: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -222,15 +247,17 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
           moment_layers: Sequence[str] | None = None,
           activations: bool | frozenset[str] = True) -> Iterator[list[_LayerTap]]:
     modules = dict(model.named_modules())
-    shield = any(getattr(m, "inplace", False) for m in modules.values())
+    inplace_ops = any(getattr(m, "inplace", False) for m in modules.values())
+    overwritten = _OVERWRITTEN.get(model, set())
     taps: list[_LayerTap] = []
     with hooked() as handles:
         for name in layers:
             module = modules.get(name)
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
                 raise ValueError(f"{name!r} is not a conv or Linear layer of this model")
-            tap = _LayerTap(name, module, result, shield,
-                            moments=moment_layers is None or name in moment_layers, activations=activations)
+            tap = _LayerTap(name, module, result, name in overwritten,
+                            moments=moment_layers is None or name in moment_layers, activations=activations,
+                            inplace_ops=inplace_ops)
             taps.append(tap)
             handles.register(module, tap)
             # output -> its grad hook -> tap -> output is a reference cycle that would keep every
@@ -305,6 +332,12 @@ def batch_relevance(
         # depend on gets no gradient and is named below.
         if target_logit.requires_grad:
             torch.autograd.grad(target_logit.sum(), inputs=leaves, allow_unused=True)
+        overwritten = {t.name for t in taps if t.overwritten}
+    if overwritten:
+        # Found once per model and layer: the pass is redone with those outputs copied.
+        _OVERWRITTEN.setdefault(model, set()).update(overwritten)
+        return batch_relevance(model, images, labels, layers, target_mode, moment_layers=moment_layers,
+                               activations=activations)
     if set(result.relevance) != set(layers):
         lost = sorted(set(layers) - set(result.relevance))
         raise RuntimeError(f"no gradient reached layers {lost}: is their output used?")
