@@ -292,6 +292,16 @@ def test_run_with_a_weights_file_is_found_again_and_refuses_other_weights(
         assert identity["weights_path"] == str(mine) and identity["trained"] is True
     spec = json.loads((out / "disentangled.pt.json").read_text())
     assert spec["base"]["source"] == SMALL and spec["splits"]
+    # The checkpoint rebuilds its base from the recorded name and weights file: the rewired
+    # network gives the base network's logits.
+    from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled
+
+    base = load_model(SMALL, mine)
+    photos = sorted(evaluation.glob("*/*.JPEG"))[:3]
+    x = torch.stack([base.transform(Image.open(f)) for f in photos])
+    rewired, _ = load_disentangled(out / "disentangled.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(rewired(x), base.model(x), rtol=1e-4, atol=1e-4)
 
     rc = main([*argv, "--weights", str(mine)])
     captured = capsys.readouterr()
