@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.models.names import check_model_name, names_no_file
 from polysemantic_disentangle.tasks.presets import DEMO_MODEL, preset_for
+from polysemantic_disentangle.tasks.run_folder import EVAL_CUBE, TRAIN_CUBE
 from polysemantic_disentangle.tasks.stage1_extract.precision import DEFAULT_PRECISION, Precision, check_precision
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams, SelectionRule
 
@@ -57,8 +58,8 @@ class PipelineParams(BaseModel):
     rho_max_images: int = Field(defaults.RHO_MAX_IMAGES_PER_CONCEPT, description="images per concept used to choose rho")
     check_images: int = Field(defaults.EQUIVALENCE_CHECK_IMAGES, description="evaluation images of the check that the rewired network keeps the original logits")
     out_dir: str = Field("runs/default", description="output folder (local path or fsspec URL): report, tables, stores")
-    train_store: str | None = Field(None, description="Zarr store URL (local path or fsspec URL); default <out_dir>/cube-train.zarr")
-    eval_store: str | None = Field(None, description="Zarr store URL of the evaluation cube; default <out_dir>/cube-eval.zarr")
+    train_store: str | None = Field(None, description=f"Zarr store URL (local path or fsspec URL); default <out_dir>/{TRAIN_CUBE}")
+    eval_store: str | None = Field(None, description=f"Zarr store URL of the evaluation cube; default <out_dir>/{EVAL_CUBE}")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     precision: Precision = Field(DEFAULT_PRECISION, description="fp32, or bf16 autocast (refused while it changes what detection finds)")
     chunk_images: int = Field(defaults.CHUNK_IMAGES, description="images per Zarr chunk (and per completion marker)")
@@ -168,6 +169,6 @@ class PipelineParams(BaseModel):
             check_checkpoint_file(self.weights, f"a state dict for {self.model}")
         from polysemantic_disentangle.flows.runtime.outputs import join
 
-        updates["train_store"] = self.train_store or join(self.out_dir, "cube-train.zarr")
-        updates["eval_store"] = self.eval_store or join(self.out_dir, "cube-eval.zarr")
+        updates["train_store"] = self.train_store or join(self.out_dir, TRAIN_CUBE)
+        updates["eval_store"] = self.eval_store or join(self.out_dir, EVAL_CUBE)
         return self.model_copy(update=updates)

@@ -10,8 +10,8 @@ in the UI as a Cached task run.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -88,9 +88,9 @@ def detect_task(store_url: str, statistics: ReduceResult, model_name: str, weigh
         raise ValueError(f"statistics made at tau {statistics.statistics_key().tau}, detection asks for "
                          f"tau {detection_params.tau}")
     bundle = load_model(model_name, weights, seed=seed)
-    layers = CubeReader(store_url).layers
-    stats = read_stats(store_url, statistics.statistics_key(), layers)
-    detections = detect_layers(bundle.model, store_url, stats, detection_params, bundle.class_names, bundle.wnids)
+    cube = CubeReader(store_url)
+    stats = read_stats(store_url, statistics.statistics_key(), cube.layers)
+    detections = detect_layers(bundle.model, cube, stats, detection_params, bundle.class_names, bundle.wnids)
     add_wordnet_similarities(detections)
     folder = RunFolder(out_dir)
     folder.root.mkdir(parents=True, exist_ok=True)

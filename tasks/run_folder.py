@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, TypeVar
 
-__all__ = ["RUN_FILE_NAMES", "Record", "RunFolder", "TrendFolder", "read_json", "write_json"]
+__all__ = ["EVAL_CUBE", "RUN_FILE_NAMES", "Record", "RunFolder", "TRAIN_CUBE", "TrendFolder", "read_json", "write_json"]
 
 # The files directly in a run folder, by role.
 PREFLIGHT = "preflight.json"
@@ -35,13 +35,17 @@ EXPLANATIONS_CSV = "explanations.csv"
 FIGURES = "figures"
 EVALUATION_FIGURES = "evaluation"  # under FIGURES
 STAGE_RECORDS = ".stages"
+# The two cubes, where a run puts them unless told otherwise (a URL joins these names).
+TRAIN_CUBE = "cube-train.zarr"
+EVAL_CUBE = "cube-eval.zarr"
 # A trend's folder.
 TREND_JSON = "trend.json"
 TREND_HTML = "trend.html"
 
 # Every file name above: the layering test checks that no other module spells one.
 RUN_FILE_NAMES = (PREFLIGHT, CHECKPOINT_RECORD, DETECTION_CSV, DETECTION_JSON, CHECKPOINT, EXPORT, EVALUATION_JSON,
-                  REPORT_HTML, SUMMARY_JSON, TABLE1_CSV, EXPLANATIONS_CSV, TREND_JSON, TREND_HTML)
+                  REPORT_HTML, SUMMARY_JSON, TABLE1_CSV, EXPLANATIONS_CSV, TRAIN_CUBE, EVAL_CUBE, TREND_JSON,
+                  TREND_HTML)
 
 
 class Record(Protocol):
@@ -148,6 +152,16 @@ class RunFolder:
     def linked_figure(self, slug: str, suffix: str) -> Path:
         """A report figure written beside the page rather than embedded in it."""
         return self.figures / f"{slug}.{suffix}"
+
+    @property
+    def train_cube(self) -> Path:
+        """The detection cube's default place."""
+        return self.root / TRAIN_CUBE
+
+    @property
+    def eval_cube(self) -> Path:
+        """The evaluation cube's default place."""
+        return self.root / EVAL_CUBE
 
     @property
     def stage_records(self) -> Path:

@@ -21,7 +21,8 @@ from torch import nn
 
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
-from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, class_sums, important_mask
+from polysemantic_disentangle.storage.cube import CubeReader
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, as_cube, class_sums, important_mask
 from polysemantic_disentangle.tasks.models.conv_geometry import layer_groups, layer_kind, layer_weight
 from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments
 # The records live in records.py (detection.json's types); detect.py keeps their old names.
@@ -191,14 +192,12 @@ def layer_diagnostics(
     return out
 
 
-def read_relevance_sample(store_url: str, layer: str,
+def read_relevance_sample(cube: CubeReader | str, layer: str,
                           max_images: int = defaults.DETECT_DIAGNOSTIC_IMAGES) -> tuple[np.ndarray, np.ndarray]:
     """(relevance rows, labels) of up to ``max_images`` images: whole chunks spread evenly over
     the cube (images are stored in class order, so the first rows would be the first classes
     only); skipped images are left out."""
-    from polysemantic_disentangle.storage.cube import CubeReader
-
-    cube = CubeReader(store_url)
+    cube = as_cube(cube)
     n, step = cube.n_images, cube.chunk_images
     n_chunks = -(-n // step)
     take = max(1, min(n_chunks, max_images // max(1, step)))
@@ -286,16 +285,17 @@ def pairs_table(detections: Sequence[LayerDetection]) -> list[dict[str, Any]]:
     return [asdict(r) for det in detections for r in det.pairs]
 
 
-def detect_layers(model: nn.Module, store_url: str, stats: Mapping[str, LayerStats], params: DetectionParams,
+def detect_layers(model: nn.Module, cube: CubeReader | str, stats: Mapping[str, LayerStats], params: DetectionParams,
                   class_names: Sequence[str], wnids: Sequence[str | None] | None) -> list[LayerDetection]:
     """`detect_layer` on every layer of ``stats``, in order, with the cube's relevance sample
     for the diagnostics (layers whose rows read one input channel have no ARVs and need none)."""
+    cube = as_cube(cube)  # opened once for every layer's sample
     modules = dict(model.named_modules())
     out = []
     cache: dict[tuple[str, str], float | None] = {}
     for layer, layer_stats in stats.items():
         weight, groups = layer_weight(modules[layer]), layer_groups(modules[layer])
-        sample = read_relevance_sample(store_url, layer) if weight.shape[1] >= 2 else None
+        sample = read_relevance_sample(cube, layer) if weight.shape[1] >= 2 else None
         det = detect_layer(layer, weight, groups, layer_stats, params, class_names, wnids, sample)
         det.kind = layer_kind(modules[layer])
         if wnids is not None:

@@ -97,14 +97,8 @@ class LayerDetection:
         return [r for r in self.pairs if r.selected]
 
     def summary(self) -> dict[str, Any]:
-        n_pairs = self.counts.get("pairs", len(self.pairs))
-        return {"layer": self.layer, "kind": self.kind, "channels": self.channels, "applicable": self.applicable,
-                "reason": self.reason, "candidates": len(self.candidates), "pairs": n_pairs,
-                "paper_polysemantic_pairs": self.counts.get(
-                    "paper_polysemantic_pairs", sum(r.paper_polysemantic for r in self.pairs)),
-                "selected_pairs": self.counts.get("selected_pairs", len(self.selected)),
-                "selected_channels": self.counts.get("selected_channels", len({r.channel for r in self.selected})),
-                "rows_kept": len(self.pairs), **self.diagnostics}
+        """``LayerSummary.of(self)`` as ``detection.json`` keeps it."""
+        return LayerSummary.of(self).to_dict()
 
     def record(self, relevant_all: Mapping[int, list[int]] | None = None) -> LayerRecord:
         """This detection as ``detection.json`` keeps it (``relevant_all``: the relevant classes
@@ -113,6 +107,7 @@ class LayerDetection:
                            reason=self.reason, candidates=list(self.candidates), relevant=dict(self.relevant),
                            relevant_all=dict(relevant_all or {}), counts=dict(self.counts),
                            diagnostics=dict(self.diagnostics), pairs=list(self.pairs))
+
 
 # The scalar fields of a layer's summary, in the order ``detection.json`` keeps them; every
 # other key of a summary is one of the layer's diagnostics.
@@ -153,7 +148,17 @@ class LayerSummary:
 
     @classmethod
     def of(cls, det: LayerDetection) -> LayerSummary:
-        return cls.from_dict(det.summary())
+        """The summary of a detection: its counts are exact over every pair (``counts``) where
+        the detection recorded them, else over the rows it kept."""
+        selected = det.selected
+        return cls(layer=det.layer, kind=det.kind, channels=det.channels, applicable=det.applicable,
+                   reason=det.reason, candidates=len(det.candidates),
+                   pairs=det.counts.get("pairs", len(det.pairs)),
+                   paper_polysemantic_pairs=det.counts.get("paper_polysemantic_pairs",
+                                                           sum(r.paper_polysemantic for r in det.pairs)),
+                   selected_pairs=det.counts.get("selected_pairs", len(selected)),
+                   selected_channels=det.counts.get("selected_channels", len({r.channel for r in selected})),
+                   rows_kept=len(det.pairs), diagnostics=copy.deepcopy(det.diagnostics))
 
 
 @dataclass
