@@ -173,8 +173,8 @@ class RunFolder:
         return {DETECTION_CSV: str(self.detection_csv), DETECTION_JSON: str(self.detection_json),
                 CHECKPOINT_RECORD: str(self.checkpoint_record)}
 
-    def has_analysis(self) -> list[str]:
-        """The names of the files a finished analysis has and this folder lacks (empty: finished)."""
+    def missing_analysis_files(self) -> list[str]:
+        """The names of the files a finished analysis has and this folder lacks (none: finished)."""
         return [p.name for p in (self.detection_json, self.summary_json) if not p.is_file()]
 
     def inputs_of_trend(self) -> list[Path]:

@@ -215,3 +215,14 @@ def test_the_trend_reads_the_typed_records(tmp_path: Path) -> None:
     assert isinstance(run.detection, DetectionResult) and run.evaluation == _evaluation()
     assert run.layer_shapes == [("layer3.0.conv1", 16)]
     assert run_accuracy(run) == (0.9, 40, "summary.json")
+
+
+def test_the_trend_names_what_an_unfinished_run_lacks(tmp_path: Path) -> None:
+    from polysemantic_disentangle.tasks.stage7_trend.trend import IncompleteRun, read_run
+
+    with pytest.raises(IncompleteRun, match="no detection.json, summary.json"):
+        read_run(tmp_path)
+    _write_run(tmp_path)
+    (tmp_path / "summary.json").unlink()
+    with pytest.raises(IncompleteRun, match=r"no summary.json$"):
+        read_run(tmp_path)

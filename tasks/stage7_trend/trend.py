@@ -314,7 +314,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
     """The files of one finished analysis; IncompleteRun names what is missing."""
     run = Path(run_dir)
     folder = RunFolder(run)
-    missing = folder.has_analysis()
+    missing = folder.missing_analysis_files()
     if missing:
         raise IncompleteRun(f"{run} is not a finished analysis: no {', '.join(missing)}")
     detection = folder.read_detection(DetectionResult)
