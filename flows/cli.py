@@ -347,6 +347,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from polysemantic_disentangle.tasks.models.names import available_models
 
         print("\n".join(available_models()))
+        # On stderr: stdout stays one name per line. timm's names are not listed: only an import
+        # of timm (seconds) could, and `models` answers at once.
+        print("also: timm/<name>, any name of timm.list_models() (pip install 'polysemantic-disentangle[timm]')",
+              file=sys.stderr)
         return 0
     if args.command == "show":
         show_run(args.run_dir, args.examples)
