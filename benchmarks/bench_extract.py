@@ -1,44 +1,63 @@
-"""Cube extraction cost against a bare forward + backward pass: ResNet-20 on CIFAR-10, all convs.
+"""Cube extraction cost against the floor: one forward plus one backward to the input only.
 
-Target: (extraction of every conv layer, Zarr writes included) / (bare forward + backward of
-the same model on the same batches) <= 1.3 on CPU, both measured in this one run.
+Headline: (extraction of every conv layer, class sums and the chunk write included) / floor,
+CPU time and wall time, on ResNet-20 (CIFAR-10, real weights) or an ImageNet model such as
+ResNet-50 (random weights, ImageNet sample images at 224 px), with the chunk's images in class
+order or shuffled. Targets: about 1.1 x the floor on ResNet-20, 1.2 x on ResNet-50, below both
+peers; one late layer alone no dearer than Captum's one-layer route.
 
-- bare: ``loss = logits.gather(1, labels).sum(); loss.backward()`` with parameter gradients
-  (the usual full backward), ``zero_grad`` between batches.
-- extraction: ``polysemantic_disentangle.tasks.stage1_extract.chunks.extract_chunks`` itself (``compute_chunk`` -> ``batch_relevance``
-  on all 19 convs -> numpy -> ``write_chunk`` into a Zarr store on local disk), with the image
-  decoder swapped for a lookup of the same pre-decoded batches the bare side uses.
-- extraction + decode (for information): ``extract_chunks`` unmodified, decoding the JPEGs.
-- bare-inputgrad (for information): forward + ``torch.autograd.grad`` of the same sum with
-  respect to the input images only, no hooks: the least backward that extraction needs
-  (``batch_relevance`` skips parameter gradients), so extract / bare-inputgrad is the cost of
-  the hooks, the numpy copies and the writes alone.
-- relevance-only (optional, ``--variants``): ``batch_relevance`` without numpy or writes.
-- extract-convs (optional, ``--variants``): ``extract`` on the conv layers only. With
-  ``--layers all`` (every conv and every Linear layer over channels, e.g. ConvNeXt's pointwise
-  layers) extract / extract-convs is what adding the Linear layers costs in the same one pass.
+- floor: forward + ``torch.autograd.grad`` of the target logits' sum with respect to the input
+  images only, on a copy of the model whose parameters do not require grad (no parameter
+  gradient is recorded or computed), no hooks.
+- extract: ``polysemantic_disentangle.tasks.stage1_extract.chunks.extract_chunks`` itself
+  (``compute_chunk`` -> ``batch_relevance`` -> numpy -> class sums -> ``write_chunk`` into a
+  Zarr store on local disk), the image decoder swapped for a lookup of the same pre-decoded
+  batches every variant uses.
+- extract-nowrite (info): ``compute_chunk`` with the store's spec (class sums included), no
+  write: extract - extract-nowrite is the chunk write.
+- relevance-only (info): ``batch_relevance`` alone, no numpy, no class sums, no write.
+- extract-late: ``extract`` of the last selected layer alone (its own store).
+- captum, captum-late (when ``captum`` imports): ``LayerGradientXActivation`` on every selected
+  layer (one call, a list of layers), or on the last one, summed over space per channel.
+- zennit-crp (when ``crp`` imports): ``CondAttribution`` without a composite (gradient x
+  activation), ``init_rel=1`` on the target logit, recording every selected layer, on a copy of
+  the model (it freezes the parameters of the model it is given).
+- bare (info): the usual full backward with parameter gradients.
+- extract+decode (info): ``extract_chunks`` unmodified, decoding the JPEGs.
+- extract-convs (info, with ``--layers all``): ``extract`` on the conv layers only.
 
-All variants run on the same chunks in one process, interleaved chunk by chunk with a rotating
-order, so that load from other processes hits all of them alike. The headline ratio is the
-median over (repeat, chunk) of the per-chunk time ratio, each chunk's variants having run back to
-back; also reported: median per-pass wall and CPU (process) times, images/s, and the ratios of
-the median pass times.
+Every peer's relevance is checked against ``batch_relevance``'s on the first batch before any
+timing (float32, relative max difference printed; the run stops above 1e-4).
 
-    python benchmarks/bench_extract.py [--images 2048] [--batch 128] [--chunk 512]
-                                       [--repeats 3] [--threads 2] [--profile]
-                                       [--variants bare,extract,extract+decode,bare-inputgrad]
-                                       [--layers convs|all]
+All variants run on the same chunks in one process, interleaved chunk by chunk in a rotating
+order, so that load from other processes hits them alike. Ratios: the median over (repeat,
+chunk) of the per-chunk ratio to the floor (each chunk's variants ran back to back), CPU time
+(``time.process_time``: this process, every thread) beside wall time. ``--memory`` measures
+each variant's peak resident memory above the set-up process in a fresh process per variant
+(``VmHWM`` after resetting it, minus ``VmRSS`` before the chunk: torch's allocations included).
+``--profile`` adds a cProfile and a torch.profiler table of one extraction pass.
 
-    # the extraction cost of ConvNeXt-Tiny's Linear layers against its convs alone
-    python benchmarks/bench_extract.py --model convnext_tiny --layers all --images 24 --batch 8 \
-        --chunk 8 --variants bare,extract,extract-convs
+    python benchmarks/bench_extract.py [--model cifar_resnet20] [--images 2048] [--batch 128]
+        [--chunk 512] [--repeats 3] [--threads 1] [--order class|shuffled]
+        [--variants floor,extract,...] [--layers convs|all] [--memory] [--profile]
+
+    # the peers need only be importable, e.g. installed beside the project for measuring:
+    uv pip install --target /tmp/peers --no-deps captum zennit zennit-crp
+    PYTHONPATH=/tmp/peers python benchmarks/bench_extract.py --order shuffled
+    PYTHONPATH=/tmp/peers python benchmarks/bench_extract.py --model resnet50 --images 48 \\
+        --batch 16 --chunk 16 --order shuffled
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
+import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,17 +69,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polysemantic_disentangle.tasks.stage1_extract.chunks as extract_mod  # noqa: E402
-from polysemantic_disentangle.storage.cube import LayerShape, create_cube, open_store_group  # noqa: E402
+from polysemantic_disentangle.storage.cube import (ChunkData, CubeReader, LayerShape, create_cube,  # noqa: E402
+                                                  open_store_group)
 from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.models.registry import analysable_layers, conv_layers, load_model  # noqa: E402
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance  # noqa: E402
 
-ALL_VARIANTS = ("bare", "extract", "extract+decode", "bare-inputgrad", "relevance-only", "extract-convs")
-DEFAULT_VARIANTS = "bare,extract,extract+decode,bare-inputgrad"
-NOTES = {"extract": "TARGET <= 1.3", "extract+decode": "info: JPEG decoding included",
-         "bare-inputgrad": "info: minimal backward, no parameter gradients",
-         "relevance-only": "info: no numpy, no writes",
+PEERS = {"captum": "captum", "captum-late": "captum", "zennit-crp": "crp"}
+ALL_VARIANTS = ("floor", "extract", "extract-nowrite", "relevance-only", "extract-late", "captum", "captum-late",
+                "zennit-crp", "bare", "extract+decode", "extract-convs")
+DEFAULT_VARIANTS = "floor,extract,extract-nowrite,relevance-only,extract-late,captum,captum-late,zennit-crp"
+NOTES = {"extract": "HEADLINE: the product, chunk write included",
+         "extract-nowrite": "info: no chunk write",
+         "relevance-only": "info: batch_relevance alone",
+         "extract-late": "the product on the last layer alone",
+         "captum": "peer: Captum LayerGradientXActivation, all layers",
+         "captum-late": "peer: Captum, the last layer alone",
+         "zennit-crp": "peer: zennit-crp CondAttribution, all layers",
+         "bare": "info: full backward with parameter gradients",
+         "extract+decode": "info: JPEG decoding included",
          "extract-convs": "info: the conv layers only"}
 
 
@@ -69,7 +97,7 @@ def evenly_spaced(n_total: int, n: int) -> np.ndarray:
 
 
 class PreDecoded:
-    """Stand-in for ``polysemantic_disentangle.tasks.data.images.load_batch``: returns batches decoded once before timing."""
+    """Stand-in for ``load_batch``: returns batches decoded once before timing."""
 
     def __init__(self, batches: dict[tuple[str, ...], torch.Tensor]) -> None:
         self.batches = batches
@@ -77,6 +105,19 @@ class PreDecoded:
     def __call__(self, root, paths, transform, executor=None):
         images = self.batches[tuple(paths)]
         return images, np.ones(len(paths), dtype=bool), [""] * len(paths)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) -> (N, C); an (N, ..., C) Linear output is summed over its positions."""
+    return t.sum(dim=(2, 3)) if t.dim() == 4 else t.reshape(t.shape[0], -1, t.shape[-1]).sum(1)
 
 
 def main() -> None:
@@ -88,20 +129,31 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=512, help="images per Zarr chunk (multiple of --batch)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--order", choices=("class", "shuffled"), default="class",
+                        help="class: the dataset's class order (a chunk holds few classes); shuffled: a fixed "
+                             "random permutation (a chunk holds about as many classes as images)")
     parser.add_argument("--profile", action="store_true", help="also profile one extraction pass")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak resident memory of one chunk per variant, each in a fresh process")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--layers", choices=("convs", "all"), default="convs",
                         help="convs: every Conv2d; all: every Conv2d and Linear layer over channels "
                              "(the final classifier left out), as `disentangle run --layers all`")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (bare is always run)")
+                        help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (floor is always run); "
+                             "a peer that does not import is left out with a note")
     args = parser.parse_args()
-    variants = tuple(dict.fromkeys(["bare", *[v.strip() for v in args.variants.split(",") if v.strip()]]))
-    unknown = set(variants) - set(ALL_VARIANTS)
+    asked = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(asked) - set(ALL_VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
     if args.chunk % args.batch:
         parser.error("--chunk must be a multiple of --batch")
+    missing = [v for v in asked if v in PEERS and importlib.util.find_spec(PEERS[v]) is None]
+    for v in missing:
+        print(f"note: {v} left out: the module {PEERS[v]!r} does not import (it is not a dependency)")
+    variants = tuple(dict.fromkeys(["floor", *[v for v in asked if v not in missing]]))
     torch.set_num_threads(args.threads)
 
     cifar = args.model.startswith("cifar_")
@@ -110,12 +162,20 @@ def main() -> None:
     infos = conv_layers(model) if args.layers == "convs" else analysable_layers(model)
     layers = [i.name for i in infos]
     conv_names = [i.name for i in infos if i.kind == "conv"]
-    data_root = cifar10_image_folder("test") if cifar else Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-samples"
+    late = layers[-1]
+    data_root = (cifar10_image_folder("test") if cifar
+                 else Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-samples")
     manifest = scan_image_folder(data_root, bundle.class_names, bundle.wnids)
     manifest = manifest.subset(evenly_spaced(len(manifest), args.images))
+    if args.order == "shuffled":
+        manifest = manifest.subset(np.random.default_rng(0).permutation(len(manifest)))
     n = len(manifest)
+    per_chunk = args.chunk // args.batch
+    n_chunks = -(-n // args.chunk)
+    classes_per_chunk = [len(np.unique(manifest.labels[c * args.chunk:(c + 1) * args.chunk]))
+                         for c in range(n_chunks)]
 
-    # Decode once, outside timing; both sides see these very tensors.
+    # Decode once, outside timing; every variant sees these very tensors.
     batches: dict[tuple[str, ...], torch.Tensor] = {}
     ordered: list[tuple[torch.Tensor, torch.Tensor]] = []
     for s in range(0, n, args.batch):
@@ -124,57 +184,136 @@ def main() -> None:
         assert images is not None and ok.all()
         batches[tuple(paths)] = images
         ordered.append((images, torch.as_tensor(manifest.labels[s:s + args.batch])))
-    per_chunk = args.chunk // args.batch
-    n_chunks = -(-n // args.chunk)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    stores = {v: str(tmp / f"{v}.zarr") for v in ("extract", "extract+decode", "extract-convs")}
+    store_layers = {"extract": layers, "extract-nowrite": layers, "extract+decode": layers,
+                    "extract-late": [late], "extract-convs": conv_names}
+    stores = {v: str(tmp / f"{v}.zarr") for v in store_layers}
     shapes = {i.name: LayerShape(i.out_channels, i.in_channels, i.kernel_size, i.groups, i.kind) for i in infos}
     for v, url in stores.items():
         create_cube(url, image_paths=manifest.paths, labels=manifest.labels, class_names=bundle.class_names,
-                    class_wnids=bundle.wnids,
-                    layers={k: shapes[k] for k in conv_names} if v == "extract-convs" else shapes,
+                    class_wnids=bundle.wnids, layers={k: shapes[k] for k in store_layers[v]},
                     chunk_images=args.chunk,
                     attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": "label"})
+    nowrite_spec = extract_mod.ChunkSpec.for_store(stores["extract-nowrite"], layers)
 
-    params = [p for p in model.parameters()]
+    floor_model = copy.deepcopy(model).requires_grad_(False)
+    params = list(model.parameters())
     real_load_batch = extract_mod.load_batch
     predecoded = PreDecoded(batches)
 
+    def chunk_batches(chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return ordered[chunk * per_chunk:(chunk + 1) * per_chunk]
+
+    def floor(chunk: int) -> None:
+        for images, labels in chunk_batches(chunk):
+            x = images.detach().requires_grad_(True)
+            logits = floor_model(x)
+            torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), inputs=[x])
+
     def bare(chunk: int) -> None:
-        for images, labels in ordered[chunk * per_chunk:(chunk + 1) * per_chunk]:
+        for images, labels in chunk_batches(chunk):
             for p in params:
                 p.grad = None
             logits = model(images)
             logits.gather(1, labels[:, None]).sum().backward()
 
-    def bare_inputgrad(chunk: int) -> None:
-        for images, labels in ordered[chunk * per_chunk:(chunk + 1) * per_chunk]:
-            x = images.detach().requires_grad_(True)
-            logits = model(x)
-            torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), inputs=[x])
-
     def relevance_only(chunk: int) -> None:
-        for images, labels in ordered[chunk * per_chunk:(chunk + 1) * per_chunk]:
+        for images, labels in chunk_batches(chunk):
             batch_relevance(model, images, labels, layers, "label")
 
-    def extract(chunk: int, decode: bool, convs_only: bool = False) -> None:
-        extract_mod.load_batch = real_load_batch if decode else predecoded
-        store = stores["extract-convs" if convs_only else "extract+decode" if decode else "extract"]
+    def extract(chunk: int, variant: str) -> None:
+        extract_mod.load_batch = real_load_batch if variant == "extract+decode" else predecoded
         try:
-            extract_mod.extract_chunks(store, model, bundle.transform, str(data_root), [chunk],
-                                       conv_names if convs_only else layers, args.batch, "label", skip_done=False)
+            extract_mod.extract_chunks(stores[variant], model, bundle.transform, str(data_root), [chunk],
+                                       store_layers[variant], args.batch, "label", skip_done=False)
         finally:
             extract_mod.load_batch = real_load_batch
 
-    run = {
-        "bare": bare,
-        "extract": lambda c: extract(c, False),
-        "extract+decode": lambda c: extract(c, True),
-        "bare-inputgrad": bare_inputgrad,
-        "relevance-only": relevance_only,
-        "extract-convs": lambda c: extract(c, False, convs_only=True),
-    }
+    def extract_nowrite(chunk: int) -> ChunkData:
+        extract_mod.load_batch = predecoded
+        try:
+            lo, hi = chunk * args.chunk, min(n, (chunk + 1) * args.chunk)
+            return extract_mod.compute_chunk(model, bundle.transform, str(data_root), list(manifest.paths[lo:hi]),
+                                             manifest.labels[lo:hi], layers, args.batch, "label",
+                                             spec=nowrite_spec)
+        finally:
+            extract_mod.load_batch = real_load_batch
+
+    run = {"floor": floor, "bare": bare, "relevance-only": relevance_only, "extract-nowrite": extract_nowrite,
+           **{v: (lambda c, v=v: extract(c, v)) for v in ("extract", "extract+decode", "extract-late", "extract-convs")}}
+    modules = dict(model.named_modules())
+    peer_relevance = {}
+    if {"captum", "captum-late"} & set(variants):
+        from captum.attr import LayerGradientXActivation
+
+        captum_all = LayerGradientXActivation(model, [modules[name] for name in layers])
+        captum_late = LayerGradientXActivation(model, modules[late])
+
+        def captum(chunk: int, late_only: bool = False) -> dict[str, torch.Tensor]:
+            out = {}
+            for images, labels in chunk_batches(chunk):
+                if late_only:
+                    out = {late: _spatial_sum(captum_late.attribute(images, target=labels).detach())}
+                else:
+                    attrs = captum_all.attribute(images, target=labels)
+                    out = {name: _spatial_sum(a.detach()) for name, a in zip(layers, attrs)}
+            return out
+
+        run["captum"] = captum
+        run["captum-late"] = lambda c: captum(c, True)
+        peer_relevance["captum"] = run["captum"]
+        peer_relevance["captum-late"] = run["captum-late"]
+    if "zennit-crp" in variants:
+        from crp.attribution import CondAttribution
+
+        crp_model = copy.deepcopy(model)
+        crp_attribution = CondAttribution(crp_model, no_param_grad=True)
+
+        def zennit_crp(chunk: int) -> dict[str, torch.Tensor]:
+            out = {}
+            for images, labels in chunk_batches(chunk):
+                x = images.detach().clone().requires_grad_(True)
+                attr = crp_attribution(x, [{"y": [int(y)]} for y in labels], composite=None,
+                                       record_layer=layers, init_rel=1)
+                out = {name: _spatial_sum(attr.activations[name] * attr.relevances[name]) for name in layers}
+            return out
+
+        run["zennit-crp"] = zennit_crp
+        peer_relevance["zennit-crp"] = zennit_crp
+
+    if args.memory_of:
+        # One chunk of one variant in this fresh process: peak RSS above the set-up process.
+        v = args.memory_of
+        base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        run[v](0)
+        print(f"MEMORY {v} {(_status_kib('VmHWM') - base) / 1024:.1f}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+
+    print(f"{args.model} ({'real' if cifar else 'random'} weights) on "
+          f"{'CIFAR-10 test' if cifar else 'ImageNet samples, 224 px'}, {len(layers)} layers "
+          f"({len(conv_names)} conv, {len(layers) - len(conv_names)} Linear; late layer {late}), {n} images in "
+          f"{args.order} order ({statistics.mean(classes_per_chunk):.1f} classes per chunk), batch {args.batch}, "
+          f"chunk {args.chunk}, {args.threads} torch threads, {args.repeats} repeats x {n_chunks} chunks, "
+          f"load average {os.getloadavg()[0]:.1f}")
+
+    # The peers compute the same float32 relevance (first chunk's last batch, as each returns it).
+    if peer_relevance:
+        images, labels = chunk_batches(0)[-1]
+        ours = batch_relevance(model, images, labels, layers, "label").relevance
+        for v, fn in peer_relevance.items():
+            theirs = fn(0)
+            worst, equal = 0.0, True
+            for name, t in theirs.items():
+                scale = float(ours[name].abs().max()) or 1.0
+                worst = max(worst, float((t - ours[name]).abs().max()) / scale)
+                equal &= torch.equal(t, ours[name])
+            print(f"relevance of {v} vs the product's: {'bit-equal' if equal else f'max diff {worst:.1e} of the largest'}"
+                  f" over {len(theirs)} layers")
+            assert worst <= 1e-4, (v, worst)
 
     # Warm-up: one chunk of each (allocator, thread pools, first Zarr writes).
     for v in variants:
@@ -193,46 +332,33 @@ def main() -> None:
                 times[v][rep][chunk] = time.perf_counter() - t0
                 cpu[v][rep][chunk] = time.process_time() - c0
 
-    # Sanity: the store holds finite values for every image.
-    written = stores["extract" if "extract" in variants else "extract+decode"]
-    if {"extract", "extract+decode"} & set(variants):
-        root = open_store_group(written)
-        assert root["chunk_done"][:].all()
-        assert np.isfinite(root[f"layers/{layers[-1]}/relevance"][:]).all()
-    store_bytes = sum(f.stat().st_size for f in Path(written).rglob("*") if f.is_file())
+    if "extract" in variants:
+        cube = CubeReader(stores["extract"])
+        assert cube.chunk_done().all()
+        assert np.isfinite(cube.relevance(late)).all()
+        written = Path(stores["extract"])
+        print(f"store on disk: {sum(f.stat().st_size for f in written.rglob('*') if f.is_file()) / 2**20:.1f} MiB")
 
     def paired(a: list[list[float]], b: list[list[float]]) -> float:
         return statistics.median(x / y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
-    passes = {v: [sum(r) for r in times[v]] for v in variants}
-    cpu_passes = {v: [sum(r) for r in cpu[v]] for v in variants}
-    med = {v: statistics.median(passes[v]) for v in variants}
-    cpu_med = {v: statistics.median(cpu_passes[v]) for v in variants}
-    print(f"{args.model} ({'real' if cifar else 'random'} weights) on {'CIFAR-10 test' if cifar else 'ImageNet samples, 224 px'}, {len(layers)} layers ({len(conv_names)} conv, {len(layers) - len(conv_names)} Linear), {n} images, batch {args.batch}, "
-          f"chunk {args.chunk}, {args.threads} torch threads, {args.repeats} repeats x {n_chunks} chunks, "
-          f"variants interleaved chunk by chunk in rotating order")
-    print(f"store on disk: {store_bytes / 2**20:.1f} MiB for {n} images ({store_bytes / n / 1024:.1f} KiB/image)")
+    med = {v: statistics.median(sum(r) for r in times[v]) for v in variants}
+    cpu_med = {v: statistics.median(sum(r) for r in cpu[v]) for v in variants}
+    print(f"{'variant':>15}  {'CPU/floor':>9}  {'wall/floor':>10}  {'CPU s/pass':>10}  {'wall s/pass':>11}  images/s")
     for v in variants:
-        print(f"{v:>15}: median pass {med[v]:.2f} s wall ({n / med[v]:.0f} images/s), {cpu_med[v]:.2f} s CPU;  "
-              f"wall per pass: {' '.join(f'{t:.2f}' for t in passes[v])}")
-    print("ratios to bare: median of the per-chunk ratios (each chunk's variants ran back to back), "
-          "then ratio of the median pass times (wall; CPU):")
-    for v in variants[1:]:
-        print(f"  {v} / bare: {paired(times[v], times['bare']):.3f}   "
-              f"(medians: {med[v] / med['bare']:.3f} wall; {cpu_med[v] / cpu_med['bare']:.3f} CPU; "
-              f"per-chunk CPU {paired(cpu[v], cpu['bare']):.3f})   [{NOTES[v]}]")
-    if "bare-inputgrad" in variants and "extract" in variants:
-        print(f"  extract / bare-inputgrad: {paired(times['extract'], times['bare-inputgrad']):.3f}   "
-              f"(medians: {med['extract'] / med['bare-inputgrad']:.3f} wall; "
-              f"{cpu_med['extract'] / cpu_med['bare-inputgrad']:.3f} CPU)   "
-              "[info: hooks + numpy + writes over the minimal backward]")
+        print(f"{v:>15}  {paired(cpu[v], cpu['floor']):9.3f}  {paired(times[v], times['floor']):10.3f}  "
+              f"{cpu_med[v]:10.2f}  {med[v]:11.2f}  {n / med[v]:8.1f}   {NOTES.get(v, 'the floor')}")
+    print(f"(ratios: median over {args.repeats} repeats x {n_chunks} chunks of the per-chunk ratio to the floor; "
+          f"load average now {os.getloadavg()[0]:.1f})")
 
-    if "extract-convs" in variants and "extract" in variants:
-        print(f"  extract / extract-convs: {paired(times['extract'], times['extract-convs']):.3f}   "
-              f"(medians: {med['extract'] / med['extract-convs']:.3f} wall; "
-              f"{cpu_med['extract'] / cpu_med['extract-convs']:.3f} CPU; "
-              f"per-chunk CPU {paired(cpu['extract'], cpu['extract-convs']):.3f})   "
-              "[info: what the Linear layers add to the one pass]")
+    if args.memory:
+        print("peak resident memory of one chunk above the set-up process, each variant in a fresh process:")
+        argv = [a for a in sys.argv[1:] if a not in ("--memory", "--profile")]
+        for v in variants:
+            proc = subprocess.run([sys.executable, __file__, *argv, "--memory-of", v, "--repeats", "1"],
+                                  capture_output=True, text=True, check=True)
+            found = re.search(rf"^MEMORY {re.escape(v)} ([0-9.]+)$", proc.stdout, re.M)
+            print(f"{v:>15}: {found.group(1) if found else '?'} MiB")
 
     if args.profile:
         import cProfile
@@ -241,20 +367,18 @@ def main() -> None:
         prof = cProfile.Profile()
         prof.enable()
         for chunk in range(n_chunks):
-            extract(chunk, False)
+            extract(chunk, "extract")
         prof.disable()
-        print("\ncProfile of one extraction pass (cumulative, top 25):")
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+        print("\ncProfile of one extraction pass (cumulative, top 40):")
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        print("cProfile of one extraction pass (own time, top 25):")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as tprof:
             relevance_only(0)
-        print("torch.profiler of batch_relevance on one chunk (self CPU time, top 20):")
-        print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-        with profile(activities=[ProfilerActivity.CPU]) as tprof:
-            bare(0)
-        print("torch.profiler of the bare pass on one chunk (self CPU time, top 20):")
-        print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        print("torch.profiler of batch_relevance on one chunk (self CPU time, top 25):")
+        print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
     shutil.rmtree(tmp, ignore_errors=True)
 
