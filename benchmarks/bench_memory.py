@@ -16,7 +16,8 @@ process before the pass (model loaded) beside it.
 
 ``--run "ARGS"``: ``disentangle run ARGS --out-dir OUT/<i>`` ``--repeats`` times, each in a fresh
 folder, its whole process tree followed by ``process_memory.TreeMonitor``; the stages are cut
-where the run's log says they finished (the evaluate stage further by its own ``timings_s``),
+where the run's log says they finished (the rewire stage further by its own log lines after the
+rho selection and the function check, the evaluate stage by its own ``timings_s``),
 and per stage it prints wall and CPU seconds (every process of the tree: the run, the temporary
 Prefect server, Dask workers) and peak RSS (of the run's own process, and the sum over the
 tree), medians over the repeats. ``--analyse FILE``: the same table from a saved ``--save`` file.
@@ -117,8 +118,16 @@ def stage_windows(lines: list[tuple[float, str]], end: float, timings: dict[str,
             marks.append((m.group(1), t))
         if "evaluation pass:" in line:
             marks.append(("evaluate: load, model pass", t))
+        # The rewire stage's own lines (flows/pipeline.py rewire_task) cut it into its steps.
+        if "rewire: rho chosen for" in line:
+            marks.append(("rewire: load, rho selection", t))
+        if "rewire: function check passed" in line:
+            marks.append(("rewire: function check", t))
     windows, start = [], 0.0
+    steps = {stage for stage, _ in marks}
     for stage, t in marks:
+        if stage == "rewire" and "rewire: function check" in steps:
+            stage = "rewire: checkpoint, export"
         if stage == "evaluate" and timings:
             # Between the model pass and the end of the stage: its own steps, in order, then saving.
             for step in _EVAL_STEPS:

@@ -32,6 +32,7 @@ from polysemantic_disentangle.flows.runtime.stage_cache import StageCache
 from polysemantic_disentangle.flows.stage_results import (DetectionResult, EvaluationResult, ReduceResult, ReportResult,
                                                            RewiringResult)
 from polysemantic_disentangle.storage.cube import CubeReader
+from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.run_folder import RunFolder
 from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import save_disentangled
 from polysemantic_disentangle.tasks.data.images import load_batch
@@ -45,7 +46,7 @@ from polysemantic_disentangle.tasks.stage6_report.report import (build_summary, 
                                                                  skipped_images, write_report)
 from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import class_statistics, has_stats, read_stats, statistics_labels
-from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, rewire_model
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, check_image_batches, rewire_model
 from polysemantic_disentangle.tasks.stage7_trend.trend import checkpoint_info, write_checkpoint_record
 
 if TYPE_CHECKING:
@@ -169,9 +170,10 @@ def _class_image_loader(store_url: str, transform: Any, max_images: int, input_s
 def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, model_name: str,
                 weights: str | None, detection: DetectionResult, rewire_layers: str | list[str], max_per_layer: int | None,
                 rho_grid: list[float], rho_max_images: int, out_dir: str, check_images: int,
-                seed: int = 0) -> RewiringResult:
+                seed: int = 0, batch_size: int = defaults.BATCH_SIZE) -> RewiringResult:
     """Split every selected channel, check the function is unchanged, save the checkpoint and
-    a standalone export (``disentangled.pt2``, plain torch)."""
+    a standalone export (``disentangled.pt2``, plain torch). The check decodes and runs its
+    images ``batch_size`` at a time."""
     from polysemantic_disentangle.tasks.stage4_rewire.export import export_model
 
     logger = get_run_logger()
@@ -185,6 +187,7 @@ def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, mod
                                                            bundle.input_size),
                                        rho_grid, rho_max_images, progress=progress)
     skipped = plan.skipped + skipped
+    logger.info("rewire: rho chosen for %d channels (%d skipped)", len(splits), len(skipped))
     out = Path(out_dir)
     result = RewiringResult(splits=list(splits), skipped=skipped)
     if not splits:
@@ -195,12 +198,15 @@ def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, mod
     eval_cube = CubeReader(eval_store)
     paths = [str(p) for p in eval_cube.image_paths()[~eval_cube.skipped()]]
     step = max(1, len(paths) // check_images)
-    images, _, _ = load_batch(eval_cube.dataset_root, paths[::step][:check_images], bundle.transform,
-                              input_size=bundle.input_size, max_image_pixels=image_pixel_limit(eval_cube.attrs))
-    if images is None:
-        raise ValueError(f"no readable evaluation image in {eval_store} for the function check")
+    first: list[torch.Tensor] = []
+    batches = check_image_batches(eval_cube.dataset_root, paths[::step][:check_images], bundle.transform,
+                                  batch_size, input_size=bundle.input_size,
+                                  max_image_pixels=image_pixel_limit(eval_cube.attrs), first=first,
+                                  where=eval_store)
     # Refuses (raises FunctionChanged) before anything is saved if the function changed.
-    equivalence = check_equivalence(model, rewired, images)
+    equivalence = check_equivalence(model, rewired, batches)
+    logger.info("rewire: function check passed on %d images, %d at a time", equivalence["n"], batch_size)
+    images = torch.stack(first)  # the first two check images: the export's example input
     ckpt = RunFolder(out).checkpoint
     save_disentangled(ckpt, bundle, rewired, splits, extra={"equivalence": equivalence})
     result.checkpoint, result.equivalence = str(ckpt), equivalence
@@ -467,7 +473,7 @@ def _stages(params: PipelineParams, detection_params: DetectionParams, out: Path
                                                  detection, params.rewire_layers,
                                                  params.max_rewired_per_layer, list(params.rho_grid),
                                                  params.rho_max_images, str(out), params.check_images,
-                                                 params.seed))
+                                                 params.seed, params.batch_size))
     evaluated = run_stage(cache, "evaluate", keys["evaluate"], result_type=EvaluationResult, stop="evaluated",
                           run=lambda: evaluate_task(eval_store, params.model, params.weights, rewiring,
                                                     params.model_dump(), str(out), params.device,

@@ -31,7 +31,8 @@ from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, 
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
 from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled, save_disentangled
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
-from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, check_equivalence, rewire_model
+from polysemantic_disentangle.tasks.stage4_rewire.rewire import (ChannelSplit, check_equivalence, check_image_batches,
+                                                                 rewire_model)
 from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import explain_layer
 from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import Evaluation, evaluate_run
 
@@ -335,11 +336,10 @@ def rewire(
         paths = [str(p) for p in checker.image_paths()[~checker.skipped()]]
         step = max(1, len(paths) // check_images)
         root = _images_of(checker, images if checker is reader else None)
-        batch, _, _ = load_batch(root, paths[::step][:check_images], spec.transform,
-                                 input_size=spec.input_size, max_image_pixels=image_pixel_limit(checker.attrs))
-        if batch is None:
-            raise ValueError(f"no readable image in {checker.url} for the function check")
-        result.equivalence = check_equivalence(model, rewired, batch)
+        # decoded and checked a batch at a time: the check holds one batch of images, not all
+        result.equivalence = check_equivalence(model, rewired, check_image_batches(
+            root, paths[::step][:check_images], spec.transform, defaults.BATCH_SIZE, input_size=spec.input_size,
+            max_image_pixels=image_pixel_limit(checker.attrs), first=[], where=str(checker.url)))
     return result
 
 
