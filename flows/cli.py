@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--store", required=True, help="Zarr store path or fsspec URL")
 
     run = sub.add_parser("run", help="the whole pipeline (disentangle-all-layers); defaults: CIFAR-10 demo")
-    from polysemantic_disentangle.flows.params import _PRESET_FIELDS, PipelineParams
+    from polysemantic_disentangle.flows.params import PRESET_FIELDS, PipelineParams
 
     demo = preset_for(DEMO_MODEL)
     for name, field in PipelineParams.model_fields.items():
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = field.get_default(call_default_factory=True)
         kind = field.annotation
         help_text = field.description or ""
-        if name in _PRESET_FIELDS:
+        if name in PRESET_FIELDS:
             value = getattr(demo, name)
             value = ",".join(value) if isinstance(value, list) else ("none" if value is None else value)
             help_text += f" ({DEMO_MODEL}: {value})"

@@ -25,7 +25,7 @@ from polysemantic_disentangle.tasks.stage1_extract.precision import DEFAULT_PREC
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams, SelectionRule
 
 
-_PRESET_FIELDS = ("gamma", "rewire_layers", "max_rewired_per_layer")
+PRESET_FIELDS = ("gamma", "rewire_layers", "max_rewired_per_layer")
 _POSITIVE_COUNTS = ("max_per_class_train", "max_per_class_eval", "max_rewired_per_layer", "rho_max_images",
                     "check_images", "chunk_images", "shard_chunks", "batch_size")
 _NON_NEGATIVE_COUNTS = ("featvis_channels", "featvis_steps")  # 0: no feature visualisation
@@ -104,7 +104,7 @@ class PipelineParams(BaseModel):
         if isinstance(data, dict):
             data = dict(data)
             preset = preset_for(str(data.get("model") or DEMO_MODEL))
-            for name in _PRESET_FIELDS:
+            for name in PRESET_FIELDS:
                 if data.get(name) is None:
                     data[name] = getattr(preset, name)
                     if name == "rewire_layers":

@@ -274,12 +274,12 @@ def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> M
         if named is not None and named.fetch is not None:
             record, path = named, named.fetch()
         else:
-            path = _existing(weights, name)
+            path = existing_weights_file(weights, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = entry.build()
     if path is not None:
-        _apply_state_dict(model, read_state_dict(path, name), path)
+        apply_state_dict(model, read_state_dict(path, name), path)
     return ModelSpec(
         model=model,
         class_names=list(record.categories()),
@@ -340,9 +340,9 @@ def load_reference(reference: str, weights: str | Path | None = None, seed: int 
         spec = ModelSpec(built, names, trained=False, wnids=wnids, seed=int(seed))
     else:
         raise ValueError(f"model {reference!r} returned a {type(built).__name__}, not an nn.Module or a ModelSpec")
-    path = None if weights is None or weights == RANDOM_WEIGHTS else _existing(weights, str(ref))
+    path = None if weights is None or weights == RANDOM_WEIGHTS else existing_weights_file(weights, str(ref))
     if path is not None:
-        _apply_state_dict(spec.model, read_state_dict(path, str(ref)), path)
+        apply_state_dict(spec.model, read_state_dict(path, str(ref)), path)
     # Made anew so that the identity hashes the tensors as they are now.
     return dataclasses.replace(
         spec, source=str(ref), state_sha256="",
@@ -372,7 +372,7 @@ def _download_torchvision_weights(url: str) -> Path:
 # Checkpoints
 
 
-def _existing(weights: str | Path, model_name: str) -> Path:
+def existing_weights_file(weights: str | Path, model_name: str) -> Path:
     """A weights path that can be a checkpoint, checked before anything reads it (see
     ``safe_load.check_checkpoint_file``)."""
     from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
@@ -397,7 +397,7 @@ def read_state_dict(path: str | Path, model_name: str | None = None) -> dict[str
     return state
 
 
-def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     expected = model.state_dict()
     state = dict(state)
     # Checkpoints written before BatchNorm counted its batches lack this buffer; eval

@@ -134,12 +134,12 @@ def load_timm(model: str, weights: str | Path | None = None, seed: int = 0) -> M
     """
     from polysemantic_disentangle.tasks.data.classes import read_class_file
     from polysemantic_disentangle.tasks.data.assets import sha256_file
-    from polysemantic_disentangle.tasks.models.registry import _apply_state_dict, _existing, read_state_dict
+    from polysemantic_disentangle.tasks.models.registry import apply_state_dict, existing_weights_file, read_state_dict
 
     ref = timm_name(check_timm_name(model))
     timm = import_timm()
     # Cheap checks before the model is built.
-    path = None if weights is None or weights == RANDOM_WEIGHTS else _existing(weights, str(ref))
+    path = None if weights is None or weights == RANDOM_WEIGHTS else existing_weights_file(weights, str(ref))
     names: list[str] = []
     wnids: list[str | None] = []
     if ref.classes is not None:
@@ -153,7 +153,7 @@ def load_timm(model: str, weights: str | Path | None = None, seed: int = 0) -> M
     if not names:
         names, wnids = timm_classes(net)
     if path is not None:
-        _apply_state_dict(net, read_state_dict(path, str(ref)), path)
+        apply_state_dict(net, read_state_dict(path, str(ref)), path)
     record = timm_weights(net, names, wnids)
     return ModelSpec(
         model=net,
