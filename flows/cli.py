@@ -324,7 +324,8 @@ def _check_extract_args(args: argparse.Namespace) -> None:
     """What `extract` can check without the model or the images, before any import of them."""
     from pathlib import Path
 
-    from polysemantic_disentangle.tasks.models.names import check_model_name, names_no_file, with_classes
+    from polysemantic_disentangle.flows.params import check_model_name
+    from polysemantic_disentangle.tasks.models.names import names_no_file, with_classes
     from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
 
     args.model = with_classes(check_model_name(args.model), args.classes)

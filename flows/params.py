@@ -18,12 +18,32 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.models.names import check_model_name, names_no_file
+from polysemantic_disentangle.tasks.models.names import (available_models, close_model_names, is_model_reference,
+                                                        is_timm_name, model_reference, names_no_file)
 from polysemantic_disentangle.tasks.presets import DEMO_MODEL, preset_for
 from polysemantic_disentangle.tasks.run_folder import EVAL_CUBE, TRAIN_CUBE
 from polysemantic_disentangle.tasks.stage1_extract.precision import DEFAULT_PRECISION, Precision, check_precision
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams, SelectionRule
 
+
+
+def check_model_name(name: str) -> str:
+    """``name`` when the registry has it (a reference or a timm name: its canonical form), else a
+    ValueError that suggests the close names. A timm name is checked by timm itself (imported
+    here): unknown names and a missing timm fail before any work."""
+    if is_timm_name(name):
+        # timm is imported only for a timm name, and only here
+        from polysemantic_disentangle.tasks.models.timm_models import check_timm_name
+
+        return check_timm_name(name)
+    if is_model_reference(name):
+        return str(model_reference(name))
+    names = available_models()
+    if name in names:
+        return name
+    close = close_model_names(name, names)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint} (`disentangle models` lists them all)")
 
 PRESET_FIELDS = ("gamma", "rewire_layers", "max_rewired_per_layer")
 _POSITIVE_COUNTS = ("max_per_class_train", "max_per_class_eval", "max_rewired_per_layer", "rho_max_images",

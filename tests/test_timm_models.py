@@ -19,7 +19,8 @@ from PIL import Image
 from torch import nn
 
 from polysemantic_disentangle.tasks.data.classes import imagenet_wnids
-from polysemantic_disentangle.tasks.models.names import check_model_name, is_model_reference, timm_name, with_classes
+from polysemantic_disentangle.flows.params import check_model_name
+from polysemantic_disentangle.tasks.models.names import is_model_reference, timm_name, with_classes
 from polysemantic_disentangle.tasks.models.registry import analysable_layers, classifier_layer, load_model, select_layers
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 from polysemantic_disentangle.tasks.data.assets import CIFAR_RESNET_CHECKPOINTS
 
 __all__ = ["CIFAR_RESNET_DEPTHS", "EFFICIENTNET_LITE0", "RANDOM_WEIGHTS", "TIMM_PREFIX", "TORCHVISION_CLASSIFIERS",
-           "ModelReference", "TimmName", "available_models", "check_model_name", "close_model_names",
+           "ModelReference", "TimmName", "available_models", "close_model_names",
            "is_model_reference", "is_timm_name", "is_weight_enum", "model_reference", "names_no_file", "timm_name",
            "with_classes"]
 
@@ -174,21 +174,3 @@ def close_model_names(name: str, names: list[str] | None = None, n: int = 3) -> 
     scored = sorted(((similarity(c), c) for c in names), key=lambda sc: -sc[0])
     found += [c for score, c in scored if score >= 0.6]
     return list(dict.fromkeys(c for c in found if c != name))[:n]
-
-
-def check_model_name(name: str) -> str:
-    """``name`` when the registry has it (a reference or a timm name: its canonical form), else a
-    ValueError that suggests the close names. A timm name is checked by timm itself (imported
-    here): unknown names and a missing timm fail before any work."""
-    if is_timm_name(name):
-        from polysemantic_disentangle.tasks.models.timm_models import check_timm_name
-
-        return check_timm_name(name)
-    if is_model_reference(name):
-        return str(model_reference(name))
-    names = available_models()
-    if name in names:
-        return name
-    close = close_model_names(name, names)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {name!r}{hint} (`disentangle models` lists them all)")

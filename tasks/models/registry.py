@@ -15,7 +15,7 @@ import dataclasses
 import fnmatch
 import functools
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,8 @@ from polysemantic_disentangle.tasks.models.conv_geometry import pair as _pair
 from polysemantic_disentangle.tasks.models.names import (CIFAR_RESNET_DEPTHS, EFFICIENTNET_LITE0, RANDOM_WEIGHTS,
                                                        TORCHVISION_CLASSIFIERS, close_model_names, is_model_reference,
                                                        is_timm_name, is_weight_enum, model_reference)
-from polysemantic_disentangle.tasks.models.spec import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Transform,
+from polysemantic_disentangle.tasks.models.weights import Weights, apply_state_dict, existing_weights_file, read_state_dict
+from polysemantic_disentangle.tasks.models.spec import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec,
                                                       ensure_rgb, state_dict_sha256, tensor_transform)
 
 __all__ = [
@@ -78,28 +79,6 @@ ModelBundle = ModelSpec
 
 # ---------------------------------------------------------------------------------------
 # Registry: a builder per name and the record of its published weights
-
-
-@dataclass(frozen=True)
-class Weights:
-    """Published weights of a registered architecture and how its inputs are prepared.
-
-    ``url`` / ``sha256``: where the weights are published and the digest (or its prefix) the
-    file must have; ``fetch`` returns the verified local file (None: nothing to fetch, the
-    model starts randomly initialised unless weights are given). ``transforms`` builds the
-    input transform; ``categories`` and ``wnids`` give the class names and WordNet ids in logit
-    order; ``mean`` / ``std`` are the transform's normalisation.
-    """
-
-    url: str | None
-    sha256: str | None
-    transforms: Callable[[], Transform]
-    categories: Callable[[], Sequence[str]]
-    wnids: Callable[[], Sequence[str | None]]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    input_size: tuple[int, int]
-    fetch: Callable[[], Path] | None = None
 
 
 @dataclass(frozen=True)
@@ -372,60 +351,6 @@ def _download_torchvision_weights(url: str) -> Path:
 # Checkpoints
 
 
-def existing_weights_file(weights: str | Path, model_name: str) -> Path:
-    """A weights path that can be a checkpoint, checked before anything reads it (see
-    ``safe_load.check_checkpoint_file``)."""
-    from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
-
-    return check_checkpoint_file(weights, f"a state dict for {model_name}")
-
-
-def read_state_dict(path: str | Path, model_name: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, unwrapped from common containers and DataParallel prefixes."""
-    from polysemantic_disentangle.tasks.models.safe_load import load_checkpoint
-
-    obj = load_checkpoint(path, f"a state dict for {model_name}" if model_name else "a state dict")
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
-def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    expected = model.state_dict()
-    state = dict(state)
-    # Checkpoints written before BatchNorm counted its batches lack this buffer; eval
-    # never reads it.
-    for key, value in expected.items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = value
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        ):
-            if keys:
-                shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
-                parts.append(f"{len(keys)} {label} ({shown})")
-        raise ValueError(
-            f"checkpoint {source} does not match {type(model).__name__}: " + "; ".join(parts)
-        )
-    model.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------------------------------

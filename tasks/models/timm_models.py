@@ -23,7 +23,6 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,9 +30,7 @@ from torchvision import transforms as T
 
 from polysemantic_disentangle.tasks.models.names import RANDOM_WEIGHTS, TimmName, timm_name
 from polysemantic_disentangle.tasks.models.spec import ModelSpec, Transform, ensure_rgb
-
-if TYPE_CHECKING:
-    from polysemantic_disentangle.tasks.models.registry import Weights
+from polysemantic_disentangle.tasks.models.weights import Weights
 
 __all__ = ["INSTALL_HINT", "check_timm_name", "close_timm_names", "import_timm", "load_timm", "timm_classes",
            "timm_weights"]
@@ -108,8 +105,6 @@ def timm_classes(model: nn.Module) -> tuple[list[str], list[str | None]]:
 def timm_weights(model: nn.Module, class_names: Sequence[str], wnids: Sequence[str | None]) -> Weights:
     """The weight record of a timm model: timm's evaluation transform for its pretrained
     configuration (resize, crop, interpolation, mean, std), preceded by the RGB conversion."""
-    from polysemantic_disentangle.tasks.models.registry import Weights
-
     timm = import_timm()
     config = timm.data.resolve_data_config({}, model=model)
     steps = timm.data.create_transform(**config, is_training=False)
@@ -134,7 +129,7 @@ def load_timm(model: str, weights: str | Path | None = None, seed: int = 0) -> M
     """
     from polysemantic_disentangle.tasks.data.classes import read_class_file
     from polysemantic_disentangle.tasks.data.assets import sha256_file
-    from polysemantic_disentangle.tasks.models.registry import apply_state_dict, existing_weights_file, read_state_dict
+    from polysemantic_disentangle.tasks.models.weights import apply_state_dict, existing_weights_file, read_state_dict
 
     ref = timm_name(check_timm_name(model))
     timm = import_timm()
