@@ -17,7 +17,8 @@ comparison is decompression- and compute-bound):
 
 - ``reduce``: ``reduce_cube(url, tau=0.03)``, the stage as the pipeline calls it;
 - ``read``: the same tasks reading the same bytes (every relevance row, every stored class-sum
-  row of the subset), decompressed and dropped: the floor the reduction can approach.
+  row of the subset) the way the reduction reads them (relevance in its stored float16, class-sum
+  rows one block at a time), decompressed and dropped: the floor the reduction can approach.
 
 Reported per order: median wall and CPU seconds (user + system of every thread), images per
 CPU-second, raw GB read, the reduction's share of the read-only rate, peak RSS of one reduction
@@ -123,11 +124,11 @@ def _read_chunks(cube: CubeReader, layer: str, chunks: list[int], subset: int, s
     nbytes = 0
     for chunk, rows in zip(chunks, sum_rows):
         start, stop = cube.chunk_bounds(chunk)
-        nbytes += cube.relevance(layer, start, stop).nbytes // 2  # stored as float16
+        nbytes += cube.stored_relevance(layer, start, stop).nbytes  # float16, as stored
         if len(rows.of_subset(subset)[0]):
-            nbytes += cube.activation_sum_rows(layer, chunk, len(rows)).nbytes
+            nbytes += sum(v.nbytes for _, v in cube.activation_sum_blocks(layer, chunk, len(rows)))
             if cube.has_moment_sums(layer):
-                nbytes += cube.moment_sum_rows(layer, chunk, len(rows)).nbytes
+                nbytes += sum(v.nbytes for _, v in cube.moment_sum_blocks(layer, chunk, len(rows)))
     return nbytes
 
 

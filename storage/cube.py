@@ -67,7 +67,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numcodecs.blosc
 import numpy as np
@@ -1058,14 +1058,17 @@ class _WholeChunks:
         numcodecs.blosc.decompress(data, out)
         return out
 
-    def leading(self, start: int, stop: int) -> np.ndarray:
-        """``arr[start:stop]``, one chunk along the first axis when the rows are one chunk's."""
+    def leading(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``arr[start:stop]``, one chunk along the first axis when the rows are one chunk's
+        (decompressed into ``out``, of the chunk's shape, when given)."""
         n = self.chunks[0]
         if self.base is None or start % n or stop - start > n or any(c != s for c, s in
                                                                     zip(self.chunks[1:], self.arr.shape[1:])):
             return self.arr[start:stop]
+        if out is not None and (out.dtype != self.dtype or out.shape != self.chunks or not out.flags.c_contiguous):
+            raise ValueError(f"buffer of {out.dtype} {out.shape} for chunks of {self.dtype} {self.chunks}")
         stop = min(stop, self.arr.shape[0])
-        return self._block((start // n, *([0] * (len(self.chunks) - 1))))[:stop - start]
+        return self._block((start // n, *([0] * (len(self.chunks) - 1))), out)[:stop - start]
 
     def rows(self, index: int, rows: int) -> np.ndarray:
         """``arr[index, :rows]``: only the blocks along the second axis that hold those rows."""
@@ -1081,6 +1084,22 @@ class _WholeChunks:
             else:
                 out[lo:hi] = self._block((index, b, *rest))[0, :hi - lo]
         return out
+
+    def row_blocks(self, index: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``arr[index, :rows]`` one stored block at a time: (first row, that block's rows). Every
+        block is decompressed into the same buffer, so a block's values are valid until the next
+        one is asked for: a reader that folds each block in while it is in cache never writes
+        or rereads a copy of all the rows."""
+        n = self.chunks[1]
+        if self.base is None or self.chunks[0] != 1 or any(c != s for c, s in zip(self.chunks[2:], self.arr.shape[2:])):
+            for lo in range(0, rows, n):
+                yield lo, np.asarray(self.arr[index, lo:min(rows, lo + n)])
+            return
+        rest = [0] * (len(self.chunks) - 2)
+        buf = np.empty(self.chunks, self.dtype)
+        for b in range(-(-rows // n)):
+            lo = b * n
+            yield lo, self._block((index, b, *rest), buf)[0, :min(rows, lo + n) - lo]
 
 
 class CubeReader:
@@ -1223,6 +1242,13 @@ class CubeReader:
             return np.asarray(rows, np.float32)
         return np.asarray(self._layer_array(layer, RELEVANCE_ARRAY)[start:stop], np.float32)
 
+    def stored_relevance(self, layer: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """(image, channel) relevance of ``layer``, rows ``start:stop``, in the dtype it is stored
+        in (``layout.dtype``), for a reader that converts it itself: float16 to float32 is
+        exact, and numpy's conversion costs about as much as the decompression. ``out``: a
+        buffer of one whole image chunk's rows to decompress into (reused across chunks)."""
+        return self._whole_chunks(f"{LAYERS_GROUP}/{layer}/{RELEVANCE_ARRAY}").leading(start, stop, out)
+
     def activation_mean(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """(image, channel) per-image spatial mean of the conv output as float32, rows ``start:stop``."""
         return np.asarray(self._layer_array(layer, ACTIVATION_MEAN_ARRAY)[start:stop], np.float32)
@@ -1273,6 +1299,16 @@ class CubeReader:
         """(rows, in_channel, kernel_y, kernel_x) float32: the first ``rows`` stored class sums
         of input moments of an image chunk."""
         return self._whole_chunks(f"{LAYERS_GROUP}/{layer}/{MOMENT_SUMS_ARRAY}").rows(chunk, rows)
+
+    def activation_sum_blocks(self, layer: str, chunk: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``activation_sum_rows`` one stored block at a time: (first row, (block rows, channel)),
+        each valid until the next is asked for (``_WholeChunks.row_blocks``)."""
+        return self._whole_chunks(f"{LAYERS_GROUP}/{layer}/{ACTIVATION_SUMS_ARRAY}").row_blocks(chunk, rows)
+
+    def moment_sum_blocks(self, layer: str, chunk: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``moment_sum_rows`` one stored block at a time: (first row, (block rows, in_channel,
+        kernel_y, kernel_x)), each valid until the next is asked for."""
+        return self._whole_chunks(f"{LAYERS_GROUP}/{layer}/{MOMENT_SUMS_ARRAY}").row_blocks(chunk, rows)
 
     def _dense_class_sums(self, layer: str, name: str, subset: int) -> Any:
         import dask
