@@ -232,3 +232,47 @@ def test_evaluate_run_end_to_end(small_cube, splits, tmp_path) -> None:
     out = write_report(tmp_path, build_summary(params={"model": bundle.name}, evaluation=summary,
                                                links={"evaluation cube": url}), figures)
     assert json.loads(open(out["summary"]).read())["evaluation"]["n_images"] == 240
+
+
+def test_exemplars_decode_a_batch_at_a_time(small_cube, splits, monkeypatch) -> None:
+    """The exemplar grids decode their images batch_size at a time, and draw the same PNGs and
+    list the same images as when every needed image is decoded at once."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from polysemantic_disentangle.storage.cube import CubeReader
+    from polysemantic_disentangle.tasks.stage2_reduce.reduce import statistics_labels
+    from polysemantic_disentangle.tasks.stage5_evaluate import evaluation as stage
+
+    url, bundle, _ = small_cube
+    rewired = rewire_model(bundle.model, splits)
+    cube = CubeReader(url)
+    labels = statistics_labels(cube)
+    candidates = stage.evaluation_candidates(cube, labels, None)
+    images, runs = stage.model_pass(bundle.model, rewired, splits, cube, labels, candidates, bundle.transform, 120,
+                                    torch.device("cpu"))
+    by_key = {(r.split.layer, r.split.channel): r for r in runs.channels}
+
+    def shown() -> list[SimpleNamespace]:
+        return [SimpleNamespace(layer=s.layer, channel=s.channel, concept_names=s.concept_names, figures={},
+                                exemplars={}) for s in splits]
+
+    def exemplars(channels: list[SimpleNamespace], batch_size: int) -> dict[str, bytes]:
+        return stage.exemplar_figures(channels, by_key, images, bundle.class_names, bundle.transform, 6,
+                                      bundle.mean, bundle.std, batch_size)
+
+    at_once, batched = shown(), shown()
+    oracle = exemplars(at_once, 10**6)
+    asked: list[int] = []
+    real = stage.load_batch
+
+    def recording(root, paths, *args, **kwargs):
+        asked.append(len(paths))
+        return real(root, paths, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "load_batch", recording)
+    assert exemplars(batched, 5) == oracle  # the same PNG bytes
+    assert [c.exemplars for c in batched] == [c.exemplars for c in at_once]
+    needed = {e["image"] for c in at_once for listing in c.exemplars.values() for e in listing}
+    assert len(needed) > 5 and max(asked) == 5 and sum(asked) == len(needed)
