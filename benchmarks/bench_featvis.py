@@ -44,7 +44,7 @@ def objectives(checkpoint: str | None, channels: int) -> tuple[list[featvis.Mode
                                                                   tuple[float, ...]]:
     if checkpoint:
         from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled
-        from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import featvis_targets
+        from polysemantic_disentangle.tasks.stage5_evaluate.evaluate_run import featvis_targets
         from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 
         rewired, spec = load_disentangled(checkpoint)

@@ -50,7 +50,7 @@ from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalenc
 from polysemantic_disentangle.tasks.stage7_trend.trend import checkpoint_info, write_checkpoint_record
 
 if TYPE_CHECKING:
-    from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import Evaluation
+    from polysemantic_disentangle.tasks.stage5_evaluate.evaluate_run import Evaluation
 
 R = TypeVar("R", ReduceResult, DetectionResult, RewiringResult, EvaluationResult, ReportResult)
 # Published once, by the detect stage; the report stage leaves this table out of its artifacts.
@@ -229,7 +229,7 @@ def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewirin
     """Table 1, scores, figures and explanations before/after of the saved checkpoint; writes
     ``evaluation.json`` and the figures' PNGs and returns where they are."""
     from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled
-    from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import evaluate_run
+    from polysemantic_disentangle.tasks.stage5_evaluate.evaluate_run import evaluate_run
     from polysemantic_disentangle.tasks.stage1_extract.chunks import pick_device
     from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 

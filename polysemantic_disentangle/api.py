@@ -33,8 +33,8 @@ from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disenta
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import (ChannelSplit, check_equivalence, check_image_batches,
                                                                  rewire_model)
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import explain_layer
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import Evaluation, evaluate_run
+from polysemantic_disentangle.tasks.stage5_evaluate.metrics import explain_layer
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluate_run import Evaluation, evaluate_run
 
 __all__ = ["DatasetSource", "ImageFolder", "ModelSpec", "Rewiring", "class_statistics", "detect", "evaluate", "explain",
            "extract", "load_disentangled", "open_cube", "rewire"]

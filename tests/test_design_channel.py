@@ -19,7 +19,7 @@ from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
 from polysemantic_disentangle.tasks.stage3_detect.detect import detect_layer, read_relevance_sample
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import rewire_model
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import evaluate_run
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluate_run import evaluate_run
 
 LAYER, CHANNEL = "layer3.2.conv2", 15
 A, B = "automobile", "frog"

@@ -13,8 +13,8 @@ from polysemantic_disentangle.tasks.data.images import load_batch
 from polysemantic_disentangle.tasks.stage3_detect.detect import PairRow
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits
 from polysemantic_disentangle.tasks.json_values import jsonable
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import Evaluation, evaluate_run
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluate_run import Evaluation, evaluate_run
+from polysemantic_disentangle.tasks.stage5_evaluate.metrics import (
     ChannelRun,
     accuracy_check,
     channel_table1,
@@ -243,7 +243,7 @@ def test_exemplars_decode_a_batch_at_a_time(small_cube, splits, monkeypatch) -> 
 
     from polysemantic_disentangle.storage.cube import CubeReader
     from polysemantic_disentangle.tasks.stage2_reduce.reduce import statistics_labels
-    from polysemantic_disentangle.tasks.stage5_evaluate import evaluation as stage
+    from polysemantic_disentangle.tasks.stage5_evaluate import evaluate_run as stage
 
     url, bundle, _ = small_cube
     rewired = rewire_model(bundle.model, splits)

@@ -33,7 +33,7 @@ from polysemantic_disentangle.tasks.stage5_evaluate.featvis import (
 )
 from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, rewire_model
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluation import featvis_targets
+from polysemantic_disentangle.tasks.stage5_evaluate.evaluate_run import featvis_targets
 
 
 def tiny_net() -> nn.Module:

@@ -16,7 +16,7 @@ import pytest
 
 from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, PairRow
 from polysemantic_disentangle.tasks.json_values import jsonable
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
+from polysemantic_disentangle.tasks.stage5_evaluate.metrics import (
     ChannelRun,
     accuracy_check,
     aggregate_table1,

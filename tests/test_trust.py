@@ -12,7 +12,7 @@ import torch
 
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.json_values import jsonable
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
+from polysemantic_disentangle.tasks.stage5_evaluate.metrics import (
     ChannelRun,
     aggregate_table1,
     channel_summary,
@@ -218,7 +218,7 @@ def _evaluation_64(assets_dir: Path) -> tuple[dict, dict[str, bytes]]:
     ImageNet photos in the exemplar grids (the largest figures)."""
     from PIL import Image
 
-    from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import accuracy_check
+    from polysemantic_disentangle.tasks.stage5_evaluate.metrics import accuracy_check
     from polysemantic_disentangle.tasks.plots import activation_densities, image_grid
 
     rng = np.random.default_rng(0)

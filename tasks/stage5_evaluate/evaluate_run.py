@@ -3,7 +3,7 @@
 ``evaluate_run`` reads as the stage: choose the evaluation images, run both models over them
 once, score and explain every rewired channel, draw Figure 2, the exemplars and the feature
 visualisations, explain every channel of the chosen layers. The maths of each step is in
-``evaluate.py`` (Table 1, scores, the function check, explanations); this module only orders
+``metrics.py`` (Table 1, scores, the function check, explanations); this module only orders
 it. The result is an ``Evaluation`` of ``ChannelEvaluation`` records; ``evaluation.json`` is its
 ``to_dict()``, and ``Evaluation.from_dict`` reads one back.
 """
@@ -14,7 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from polysemantic_disentangle.tasks.plots import activation_densities, image_gri
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import statistics_labels
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import DISENTANGLED_LAYERS, ChannelSplit, split_part_names
-from polysemantic_disentangle.tasks.stage5_evaluate.evaluate import (
+from polysemantic_disentangle.tasks.stage5_evaluate.metrics import (
     ChannelRun,
     ChannelRuns,
     accuracy_check,

@@ -13,7 +13,7 @@ For every rewired channel c split into concept channels d_1..d_k and a residual 
 - Compositional explanations (Mu & Andreas 2020) of the channel before and of each part after.
 
 The science is in pure functions over arrays; ``run_channels`` is the one model pass. The
-driver the pipeline calls, and its typed result, are in ``evaluation.py``.
+driver the pipeline calls, and its typed result, are in ``evaluate_run.py``.
 """
 
 from __future__ import annotations

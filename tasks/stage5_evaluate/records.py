@@ -2,7 +2,7 @@
 
 ``evaluation.json`` is ``Evaluation.to_dict()``, and the report's ``summary.json`` holds the
 same dict under "evaluation"; ``Evaluation.from_dict`` reads either back. Kept apart from the
-evaluation's driver (``evaluation.py``) so that readers of a finished run (``disentangle show``,
+evaluation's driver (``evaluate_run.py``) so that readers of a finished run (``disentangle show``,
 the trend) load no model code.
 """
 

@@ -229,7 +229,7 @@ def _section_findings(summary: Mapping[str, Any], base: Path | None, warnings: S
                      + (f"; {len(refused) - 5} more in summary.json" if len(refused) > 5 else "") + ").")
     skipped = {name: s for name, s in (summary.get("skipped_images") or {}).items() if s.get("n_skipped")}
     if skipped:
-        items.append(f"<a href='#skipped'>Skipped images</a>: "
+        items.append("<a href='#skipped'>Skipped images</a>: "
                      + ", ".join(f"{fmt(s['n_skipped'])} of the {escape(name)} images" for name, s in skipped.items())
                      + " could not be used and are left out of every statistic.")
     if warnings:
