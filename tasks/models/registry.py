@@ -31,7 +31,8 @@ from polysemantic_disentangle.tasks.models.conv_geometry import pair as _pair
 from polysemantic_disentangle.tasks.models.names import (CIFAR_RESNET_DEPTHS, EFFICIENTNET_LITE0, RANDOM_WEIGHTS,
                                                        TORCHVISION_CLASSIFIERS, close_model_names, is_model_reference,
                                                        is_timm_name, is_weight_enum, model_reference)
-from polysemantic_disentangle.tasks.models.weights import Weights, apply_state_dict, existing_weights_file, read_state_dict
+from polysemantic_disentangle.tasks.models.weights import (Weights, apply_state_dict, existing_weights_file, read_state_dict,
+                                                          spec_with_weights)
 from polysemantic_disentangle.tasks.models.spec import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec,
                                                       ensure_rgb, state_dict_sha256, tensor_transform)
 
@@ -259,20 +260,7 @@ def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> M
         model = entry.build()
     if path is not None:
         apply_state_dict(model, read_state_dict(path, name), path)
-    return ModelSpec(
-        model=model,
-        class_names=list(record.categories()),
-        trained=path is not None,
-        name=name,
-        wnids=list(record.wnids()),
-        transform=record.transforms(),
-        mean=record.mean,
-        std=record.std,
-        input_size=record.input_size,
-        weights_path=str(path) if path is not None else None,
-        weights_sha256=assets.sha256_file(path) if path is not None else None,
-        seed=None if path is not None else int(seed),
-    )
+    return spec_with_weights(model, record, name, path, seed)
 
 
 def load_reference(reference: str, weights: str | Path | None = None, seed: int = 0) -> ModelSpec:

@@ -128,8 +128,8 @@ def load_timm(model: str, weights: str | Path | None = None, seed: int = 0) -> M
     classifier has one output per class named there.
     """
     from polysemantic_disentangle.tasks.data.classes import read_class_file
-    from polysemantic_disentangle.tasks.data.assets import sha256_file
-    from polysemantic_disentangle.tasks.models.weights import apply_state_dict, existing_weights_file, read_state_dict
+    from polysemantic_disentangle.tasks.models.weights import (apply_state_dict, existing_weights_file, read_state_dict,
+                                                              spec_with_weights)
 
     ref = timm_name(check_timm_name(model))
     timm = import_timm()
@@ -150,19 +150,5 @@ def load_timm(model: str, weights: str | Path | None = None, seed: int = 0) -> M
     if path is not None:
         apply_state_dict(net, read_state_dict(path, str(ref)), path)
     record = timm_weights(net, names, wnids)
-    return ModelSpec(
-        model=net,
-        class_names=list(record.categories()),
-        trained=path is not None,
-        name=str(TimmName(ref.name)),
-        wnids=list(record.wnids()),
-        transform=record.transforms(),
-        mean=record.mean,
-        std=record.std,
-        input_size=record.input_size,
-        weights_path=str(path) if path is not None else None,
-        weights_sha256=sha256_file(path) if path is not None else None,
-        seed=None if path is not None else int(seed),
-        source=str(ref),
-        library=f"timm {timm.__version__}",
-    )
+    return spec_with_weights(net, record, str(TimmName(ref.name)), path, seed,
+                             source=str(ref), library=f"timm {timm.__version__}")

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polysemantic_disentangle.tasks.models.spec import Transform
+from polysemantic_disentangle.tasks.data.assets import sha256_file
+from polysemantic_disentangle.tasks.models.spec import ModelSpec, Transform
 
-__all__ = ["Weights", "apply_state_dict", "existing_weights_file", "read_state_dict"]
+__all__ = ["Weights", "apply_state_dict", "existing_weights_file", "read_state_dict", "spec_with_weights"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,25 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
             f"checkpoint {source} does not match {type(model).__name__}: " + "; ".join(parts)
         )
     model.load_state_dict(state, strict=True)
+
+
+def spec_with_weights(model: nn.Module, record: Weights, name: str, path: Path | None, seed: int,
+                      **identity: str) -> ModelSpec:
+    """``model`` as a ``ModelSpec`` with ``record``'s classes, WordNet ids and transform: trained
+    when its weights were loaded from ``path``, else the seed of its random initialisation.
+    ``identity``: further ModelSpec fields that name where the model came from."""
+    return ModelSpec(
+        model=model,
+        class_names=list(record.categories()),
+        trained=path is not None,
+        name=name,
+        wnids=list(record.wnids()),
+        transform=record.transforms(),
+        mean=record.mean,
+        std=record.std,
+        input_size=record.input_size,
+        weights_path=str(path) if path is not None else None,
+        weights_sha256=sha256_file(path) if path is not None else None,
+        seed=None if path is not None else int(seed),
+        **identity,
+    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -169,6 +169,12 @@ class _LayerTap:
                 self.result.activation_max[self.name] = _wide(output.detach().amax(dim=(2, 3)))
             if "mean" in self.activations:
                 self.result.activation_mean[self.name] = _wide(output.detach()).mean(dim=(2, 3))
+        return self._relevance_on_backward(output, lambda out, grad: (_wide(out) * _wide(grad)).sum(dim=(2, 3)))
+
+    def _relevance_on_backward(self, output: torch.Tensor,
+                               reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        """Hook the output's gradient to store ``reduce(output, grad)`` as the layer's relevance,
+        and return what the rest of the network gets (``_handed_on``)."""
         output, replaced = self._track(output)
         detached = output.detach()
         version = detached._version
@@ -177,7 +183,7 @@ class _LayerTap:
             if detached._version != version:
                 self.overwritten = True
                 return
-            self.result.relevance[self.name] = (_wide(detached) * _wide(grad)).sum(dim=(2, 3))
+            self.result.relevance[self.name] = reduce(detached, grad)
 
         output.register_hook(reduce_grad)
         self.output = output
@@ -221,19 +227,8 @@ class _LayerTap:
                 self.result.activation_max[self.name] = _wide(out.amax(dim=1))
             if "mean" in self.activations:
                 self.result.activation_mean[self.name] = _wide(out).mean(dim=1)
-        output, replaced = self._track(output)
-        detached = output.detach()
-        version = detached._version
-
-        def reduce_grad(grad: torch.Tensor) -> None:
-            if detached._version != version:
-                self.overwritten = True
-                return
-            self.result.relevance[self.name] = _positions_last(_wide(detached) * _wide(grad)).sum(dim=1)
-
-        output.register_hook(reduce_grad)
-        self.output = output
-        return self._handed_on(output, replaced)
+        return self._relevance_on_backward(
+            output, lambda out, grad: _positions_last(_wide(out) * _wide(grad)).sum(dim=1))
 
 
 # Per model, the layers whose output an in-place op overwrites (found by a pass whose gradient
