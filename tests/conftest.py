@@ -46,7 +46,8 @@ def prefect_api():
     """A real Prefect API (the test harness runs a temporary server on 127.0.0.1)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # A hang guard, not a pace: on 2 cores at load 13 the server took more than 120 s to start.
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 
