@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
+from polysemantic_disentangle import api
 from polysemantic_disentangle.flows.runtime.cluster import cluster_address
 from polysemantic_disentangle.flows.extract import extract_relevance_cube, validate_extraction
 from polysemantic_disentangle.flows.runtime.faults import stop_point
@@ -34,23 +34,14 @@ from polysemantic_disentangle.flows.stage_results import (DetectionResult, Evalu
 from polysemantic_disentangle.storage.cube import CubeReader
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.run_folder import RunFolder
-from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import save_disentangled
-from polysemantic_disentangle.tasks.data.images import load_batch
-from polysemantic_disentangle.tasks.stage1_extract.chunks import image_pixel_limit
-from polysemantic_disentangle.tasks.stage3_detect.records import LayerSummary
-from polysemantic_disentangle.tasks.stage3_detect.detect import (DetectionParams, add_wordnet_similarities, detect_layers,
-                                                                 detection_record, write_pairs_csv)
-from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
+from polysemantic_disentangle.tasks.stage3_detect.files import detection_record, write_pairs_csv
+from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
+from polysemantic_disentangle.tasks.stage3_detect.records import LayerSummary, PairRow
+from polysemantic_disentangle.tasks.stage5_evaluate.records import Evaluation
 from polysemantic_disentangle.tasks.stage6_report.html_parts import data_uri
 from polysemantic_disentangle.tasks.stage6_report.report import (build_summary, detection_rows, markdown_artifacts, save_figure3,
                                                                  skipped_images, write_report)
-from polysemantic_disentangle.tasks.models.registry import load_model
-from polysemantic_disentangle.tasks.stage2_reduce.reduce import class_statistics, has_stats, read_stats, statistics_labels
-from polysemantic_disentangle.tasks.stage4_rewire.rewire import check_equivalence, check_image_batches, rewire_model
 from polysemantic_disentangle.tasks.stage7_trend.trend import checkpoint_info, write_checkpoint_record
-
-if TYPE_CHECKING:
-    from polysemantic_disentangle.tasks.stage5_evaluate.evaluate_run import Evaluation
 
 R = TypeVar("R", ReduceResult, DetectionResult, RewiringResult, EvaluationResult, ReportResult)
 # Published once, by the detect stage; the report stage leaves this table out of its artifacts.
@@ -66,8 +57,8 @@ def reduce_task(store_url: str, tau: float, correct_only: bool, scheduler_addres
     """Class statistics of every layer, in the store under the key of these parameters (reused
     when a run with the same key, this one or another sharing the store, made them already)."""
     with stage_progress() as progress:
-        key, _ = class_statistics(store_url, tau=tau, correct_only=correct_only, scheduler_address=scheduler_address,
-                                  progress=progress)
+        key, _ = api.keyed_class_statistics(CubeReader(store_url), tau=tau, correct_only=correct_only,
+                                            scheduler_address=scheduler_address, progress=progress)
     return ReduceResult(store_url, statistics=key.to_dict())
 
 
@@ -75,8 +66,7 @@ def stats_in_store(result: ReduceResult) -> bool:
     """Whether the reduce stage's output is still there, exactly as keyed. It lives in the train
     store, not the run directory, so the record alone proves nothing: another run may have
     extracted the store again, or it never held this key's set."""
-    store_url = result.store
-    return bool(result.statistics) and has_stats(store_url, result.statistics_key(), CubeReader(store_url).layers)
+    return bool(result.statistics) and api.has_statistics(CubeReader(result.store), result.statistics_key())
 
 
 @task(name="detect", cache_policy=NO_CACHE)
@@ -88,26 +78,25 @@ def detect_task(store_url: str, statistics: ReduceResult, model_name: str, weigh
     if statistics.statistics_key().tau != detection_params.tau:
         raise ValueError(f"statistics made at tau {statistics.statistics_key().tau}, detection asks for "
                          f"tau {detection_params.tau}")
-    bundle = load_model(model_name, weights, seed=seed)
+    spec = api.load_model(model_name, weights, seed=seed)
     cube = CubeReader(store_url)
-    stats = read_stats(store_url, statistics.statistics_key(), cube.layers)
-    detections = detect_layers(bundle.model, cube, stats, detection_params, bundle.class_names, bundle.wnids)
-    add_wordnet_similarities(detections)
+    stats = api.stored_statistics(cube, statistics.statistics_key())
+    detections = api.detect(spec, cube, stats, params=detection_params, wordnet=True)
     folder = RunFolder(out_dir)
     folder.root.mkdir(parents=True, exist_ok=True)
     # what a comparison over checkpoints needs: the training step and the whole architecture
-    write_checkpoint_record(folder.root, checkpoint_info(model_name, weights, bundle.model))
+    write_checkpoint_record(folder.root, checkpoint_info(model_name, weights, spec.model))
     write_pairs_csv(folder.detection_csv, detections)
     fig3_stats, last = save_figure3(folder, detections,
                                     detection_params.gamma if detection_params.rule == "gamma" else None,
-                                    bundle.wnids)
+                                    spec.wnids)
     result = DetectionResult(
         params=detection_params.to_dict(),
         layers=[LayerSummary.of(d) for d in detections],
         detections=[detection_record(d, stats[d.layer], detection_params.p) for d in detections],
         figure3=fig3_stats,
         figure3_last_layer=last,
-        class_names=list(bundle.class_names),
+        class_names=list(spec.class_names),
         files=folder.detection_files(),
     )
     folder.write_detection(result)
@@ -127,7 +116,7 @@ def publish_detection_artifacts(result: DetectionResult) -> None:
             Path(st["png"]).read_bytes()))
 
 
-def nothing_to_rewire_reason(layers: Sequence[LayerSummary | Mapping[str, Any]], planned: list[Any],
+def nothing_to_rewire_reason(layers: Sequence[LayerSummary | Mapping[str, Any]], planned: Sequence[PairRow],
                              skipped: list[Any]) -> str:
     """One sentence on why no channel was rewired, from the per-layer detection summaries."""
     layers = [d if isinstance(d, LayerSummary) else LayerSummary.from_dict(d) for d in layers]
@@ -146,72 +135,36 @@ def nothing_to_rewire_reason(layers: Sequence[LayerSummary | Mapping[str, Any]],
     return text
 
 
-def _class_image_loader(store_url: str, transform: Any, max_images: int, input_size: Sequence[int] | None = None):
-    """Detection images of one class (first ``max_images`` readable ones, in store order),
-    decoded as extraction decoded them (the store's pixel limit, the model's input size)."""
-    cube = CubeReader(store_url)
-    labels = statistics_labels(cube)  # the class the statistics (and the ARVs) grouped by
-    keep = ~cube.skipped()
-    paths = cube.image_paths()
-    data_root = cube.dataset_root
-    limit = image_pixel_limit(cube.attrs)
-
-    def load(t: int) -> torch.Tensor:
-        chosen = paths[(labels == t) & keep][:max_images]
-        images, _, _ = load_batch(data_root, list(chosen), transform, input_size=input_size, max_image_pixels=limit)
-        if images is None:
-            raise ValueError(f"no readable detection images of class {t}")
-        return images
-
-    return load
-
-
 @task(name="rewire", cache_policy=NO_CACHE)
 def rewire_task(train_store: str, eval_store: str, statistics: ReduceResult, model_name: str,
                 weights: str | None, detection: DetectionResult, rewire_layers: str | list[str], max_per_layer: int | None,
                 rho_grid: list[float], rho_max_images: int, out_dir: str, check_images: int,
                 seed: int = 0, batch_size: int = defaults.BATCH_SIZE) -> RewiringResult:
-    """Split every selected channel, check the function is unchanged, save the checkpoint and
-    a standalone export (``disentangled.pt2``, plain torch). The check decodes and runs its
-    images ``batch_size`` at a time."""
-    from polysemantic_disentangle.tasks.stage4_rewire.export import export_model
-
+    """Split every selected channel, check the function is unchanged (``api.rewire``: rho on
+    the detection cube's images, the check on the evaluation cube's, ``batch_size`` at a time),
+    save the checkpoint and a standalone export (``disentangled.pt2``, plain torch)."""
     logger = get_run_logger()
-    bundle = load_model(model_name, weights, seed=seed)
-    model = bundle.model.eval()
-    plan = plan_rewiring(detection.layer_detections(), rewire_layers, max_per_layer)
-    stats = read_stats(train_store, statistics.statistics_key(), sorted({r.layer for r in plan.rows}))
+    spec = api.load_model(model_name, weights, seed=seed)
     with stage_progress(logger.info) as progress:
-        splits, skipped = build_splits(model, plan.rows, stats,
-                                       _class_image_loader(train_store, bundle.transform, rho_max_images,
-                                                           bundle.input_size),
-                                       rho_grid, rho_max_images, progress=progress)
-    skipped = plan.skipped + skipped
-    logger.info("rewire: rho chosen for %d channels (%d skipped)", len(splits), len(skipped))
-    out = Path(out_dir)
-    result = RewiringResult(splits=list(splits), skipped=skipped)
+        # Refuses (raises FunctionChanged) before anything is saved if the function changed.
+        rewiring = api.rewire(spec, detection.layer_detections(), CubeReader(train_store),
+                              stats=statistics.statistics_key(), layers=rewire_layers, max_per_layer=max_per_layer,
+                              rho_grid=rho_grid, max_images=rho_max_images, check_cube=CubeReader(eval_store),
+                              check_images=check_images, batch_size=batch_size, progress=progress)
+    splits = rewiring.splits
+    logger.info("rewire: rho chosen for %d channels (%d skipped)", len(splits), len(rewiring.skipped))
+    result = RewiringResult(splits=list(splits), skipped=rewiring.skipped)
     if not splits:
-        result.nothing_to_rewire = nothing_to_rewire_reason(detection.layers, plan.rows, skipped)
+        result.nothing_to_rewire = nothing_to_rewire_reason(detection.layers, rewiring.planned, rewiring.skipped)
         logger.warning("nothing to rewire: %s", result.nothing_to_rewire)
         return result
-    rewired = rewire_model(model, splits)
-    eval_cube = CubeReader(eval_store)
-    paths = [str(p) for p in eval_cube.image_paths()[~eval_cube.skipped()]]
-    step = max(1, len(paths) // check_images)
-    first: list[torch.Tensor] = []
-    batches = check_image_batches(eval_cube.dataset_root, paths[::step][:check_images], bundle.transform,
-                                  batch_size, input_size=bundle.input_size,
-                                  max_image_pixels=image_pixel_limit(eval_cube.attrs), first=first,
-                                  where=eval_store)
-    # Refuses (raises FunctionChanged) before anything is saved if the function changed.
-    equivalence = check_equivalence(model, rewired, batches)
+    equivalence = rewiring.equivalence or {}
     logger.info("rewire: function check passed on %d images, %d at a time", equivalence["n"], batch_size)
-    images = torch.stack(first)  # the first two check images: the export's example input
-    ckpt = RunFolder(out).checkpoint
-    save_disentangled(ckpt, bundle, rewired, splits, extra={"equivalence": equivalence})
-    result.checkpoint, result.equivalence = str(ckpt), equivalence
+    folder = RunFolder(out_dir)
+    rewiring.save(folder.checkpoint, spec)
+    result.checkpoint, result.equivalence = str(folder.checkpoint), equivalence
     try:
-        result.export = str(export_model(rewired, images[:2], RunFolder(out).export))
+        result.export = str(rewiring.export(folder.export))
     except Exception as exc:  # torch.export cannot trace every model; the checkpoint stands
         logger.warning("standalone export failed (%s: %s); the checkpoint is saved", type(exc).__name__, exc)
     rows = [{"layer": s.layer, "channel": s.channel, "concepts": " | ".join(s.concept_names),
@@ -228,26 +181,18 @@ def evaluate_task(eval_store: str, model_name: str, weights: str | None, rewirin
                   params: dict[str, Any], out_dir: str, device: str, seed: int = 0) -> EvaluationResult:
     """Table 1, scores, figures and explanations before/after of the saved checkpoint; writes
     ``evaluation.json`` and the figures' PNGs and returns where they are."""
-    from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled
-    from polysemantic_disentangle.tasks.stage5_evaluate.evaluate_run import evaluate_run
-    from polysemantic_disentangle.tasks.stage1_extract.chunks import pick_device
-    from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
-
     if not rewiring.checkpoint:
         return EvaluationResult()
     logger = get_run_logger()
-    bundle = load_model(model_name, weights, seed=seed)
+    spec = api.load_model(model_name, weights, seed=seed)
     # Evaluate what was saved: the checkpoint round trip is part of what is checked.
-    rewired, spec = load_disentangled(rewiring.checkpoint, base_weights=weights)
-    splits = [ChannelSplit.from_dict(d) for d in spec["splits"]]
+    saved = api.Rewiring.load(rewiring.checkpoint, spec)
     with stage_progress(logger.info) as progress:
-        evaluation, figures = evaluate_run(
-            bundle.model.eval(), rewired, splits, eval_store, bundle.transform,
-            class_names=bundle.class_names, wnids=bundle.wnids, tau=params["tau"],
+        evaluation, figures = api.evaluate(
+            spec, saved, CubeReader(eval_store), tau=params["tau"],
             batch_size=params["batch_size"], featvis_steps=params["featvis_steps"],
             featvis_max_channels=params["featvis_channels"], explain_layers="all",
-            explain_quantile=params.get("explain_quantile"),
-            device=pick_device(device), log=logger.info, mean=bundle.mean, std=bundle.std, progress=progress)
+            explain_quantile=params.get("explain_quantile"), device=device, log=logger.info, progress=progress)
     return save_evaluation(Path(out_dir), evaluation, figures)
 
 
@@ -270,8 +215,6 @@ def report_task(eval_store: str, train_store: str, evaluated: EvaluationResult, 
                 detection: DetectionResult, params: dict[str, Any], out_dir: str,
                 preflight: dict[str, Any] | None = None) -> ReportResult:
     """report.html + summary.json (and its CSV tables) from the stages' saved results."""
-    from polysemantic_disentangle.tasks.stage5_evaluate.records import Evaluation
-
     detections = detection.layer_detections()
     evaluation = RunFolder.read(evaluated.evaluation, Evaluation) if evaluated.evaluation else None
     figures = {name: Path(path).read_bytes() for name, path in evaluated.figures.items()}

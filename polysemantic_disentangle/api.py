@@ -23,13 +23,18 @@ from polysemantic_disentangle.storage.cube import CubeLayout, CubeReader
 from polysemantic_disentangle.storage.cube import open_cube as _open_cube
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import DatasetSource, ImageSource, load_batch
+from polysemantic_disentangle.tasks.models.registry import load_model as _load_model
 from polysemantic_disentangle.tasks.models.spec import ModelSpec
-from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, image_pixel_limit, plan_cube
+from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
+from polysemantic_disentangle.tasks.stage1_extract.chunks import (extract_chunks, image_pixel_limit, pick_device,
+                                                                   plan_cube)
 from polysemantic_disentangle.tasks.stage2_reduce import reduce as _reduce
-from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, statistics_labels
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, StatisticsKey, statistics_labels
 from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, add_wordnet_similarities, detect_layers
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
+from polysemantic_disentangle.tasks.stage3_detect.records import PairRow
 from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled, save_disentangled
+from polysemantic_disentangle.tasks.stage4_rewire.export import export_model
 from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import (ChannelSplit, check_equivalence, check_image_batches,
                                                                  rewire_model)
@@ -82,6 +87,10 @@ class Rewiring:
         Channels that could not be split, with the reason.
     equivalence:
         The check that the logits are unchanged (None when nothing was rewired).
+    planned:
+        The detection rows (one per channel) that were planned for a split.
+    example_input:
+        The first check images (what ``export`` traces with; None when nothing was checked).
 
     Example
     -------
@@ -94,12 +103,55 @@ class Rewiring:
     splits: list[ChannelSplit]
     skipped: list[dict[str, Any]] = field(default_factory=list)
     equivalence: dict[str, Any] | None = None
+    planned: list[PairRow] = field(default_factory=list)
+    example_input: torch.Tensor | None = field(default=None, repr=False)
 
     def save(self, path: str | Path, spec: ModelSpec) -> dict[str, Any]:
         """Write the checkpoint (``load_disentangled(path, base=spec)`` reads it back); returns
         its JSON spec."""
         return save_disentangled(path, spec, self.model, self.splits,
                                  extra={"equivalence": self.equivalence} if self.equivalence else None)
+
+    def export(self, path: str | Path) -> Path:
+        """The rewired model as a standalone ``torch.export`` program (plain torch loads it,
+        ``torch.export.load(path).module()``), for inputs shaped like the check images.
+
+        Parameters
+        ----------
+        path:
+            Where to write the ``.pt2`` file.
+
+        Raises ``ValueError`` when no images were checked (nothing was rewired), and whatever
+        ``torch.export`` raises for a model it cannot trace.
+
+        Example
+        -------
+        >>> rewiring.export("disentangled.pt2")
+        """
+        if self.example_input is None:
+            raise ValueError("no example input: nothing was rewired and checked")
+        return export_model(self.model, self.example_input[:2], path)
+
+    @classmethod
+    def load(cls, path: str | Path, base: ModelSpec) -> Rewiring:
+        """A saved rewiring (``save``'s checkpoint) on the base model it was made from.
+
+        Parameters
+        ----------
+        path:
+            The checkpoint.
+        base:
+            The original model; refused (``BaseModelMismatch``) when its tensors are not the
+            ones the checkpoint was rewired from.
+
+        Example
+        -------
+        >>> rewiring = Rewiring.load("runs/mine/disentangled.pt", spec)
+        >>> evaluation, figures = evaluate(spec, rewiring, eval_cube)
+        """
+        model, saved = load_disentangled(path, base=base)
+        return cls(model, [ChannelSplit.from_dict(d) for d in saved["splits"]],
+                   equivalence=(saved.get("extra") or {}).get("equivalence"))
 
 
 def _reader(cube: Cube) -> CubeReader:
@@ -190,6 +242,95 @@ def extract(
     return reader
 
 
+def load_model(name: str, weights: str | Path | None = None, *, seed: int = 0) -> ModelSpec:
+    """A registered model, a ``package.module:callable`` or a ``timm/<name>`` as a ``ModelSpec``
+    (eval mode, CPU): what ``disentangle run --model`` analyses.
+
+    Parameters
+    ----------
+    name:
+        A registry name (``disentangle models`` lists them), ``package.module:callable`` (a
+        callable returning an ``nn.Module`` or a ``ModelSpec``) or ``timm/<name>``.
+    weights:
+        A state-dict file, a torchvision weight enum string, ``"random"``, or None (the
+        model's published weights).
+    seed:
+        Seeds a random initialisation, so that every load of the same name, weights and seed
+        gives the same network.
+
+    Example
+    -------
+    >>> spec = load_model("cifar_resnet20")
+    >>> spec.class_names[:2]
+    ['airplane', 'automobile']
+    """
+    return _load_model(name, weights, seed=seed)
+
+
+def keyed_class_statistics(cube: Cube, *, tau: float = defaults.TAU, correct_only: bool = False,
+                           layers: Sequence[str] | None = None, scheduler_address: str | None = None,
+                           progress: Progress = NO_PROGRESS) -> tuple[StatisticsKey, dict[str, LayerStats]]:
+    """``class_statistics`` with the key they are stored under in the cube (what
+    ``stored_statistics`` reads them back by).
+
+    Parameters
+    ----------
+    cube, tau, correct_only, layers:
+        As for ``class_statistics``.
+    scheduler_address:
+        A Dask scheduler to reduce the layers on (None: in this process).
+    progress:
+        Receives the reduction's progress.
+
+    Example
+    -------
+    >>> key, stats = keyed_class_statistics(cube, tau=0.03)
+    >>> stored_statistics(cube, key).keys() == stats.keys()
+    True
+    """
+    return _reduce.class_statistics(_reader(cube), tau=tau, layers=layers, correct_only=correct_only,
+                                    scheduler_address=scheduler_address, progress=progress)
+
+
+def stored_statistics(cube: Cube, key: StatisticsKey, layers: Sequence[str] | None = None) -> dict[str, LayerStats]:
+    """The class statistics stored in the cube under ``key``, computing nothing:
+    ``StaleStatistics`` when the cube does not hold them exactly as keyed (another extraction
+    since, or never made).
+
+    Parameters
+    ----------
+    cube:
+        The cube (or its URL).
+    key:
+        The key ``keyed_class_statistics`` returned.
+    layers:
+        The layers (default: all of the cube's).
+
+    Example
+    -------
+    >>> stats = stored_statistics(cube, key, ["layer3.2.conv2"])
+    """
+    reader = _reader(cube)
+    return _reduce.read_stats(reader, key, reader.layers if layers is None else layers)
+
+
+def has_statistics(cube: Cube, key: StatisticsKey, layers: Sequence[str] | None = None) -> bool:
+    """Whether ``stored_statistics(cube, key, layers)`` would find them.
+
+    Parameters
+    ----------
+    cube, key, layers:
+        As for ``stored_statistics``.
+
+    Example
+    -------
+    >>> has_statistics(cube, key)
+    True
+    """
+    reader = _reader(cube)
+    return _reduce.has_stats(reader, key, reader.layers if layers is None else layers)
+
+
 def class_statistics(cube: Cube, *, tau: float = defaults.TAU, correct_only: bool = False,
                      layers: Sequence[str] | None = None) -> dict[str, LayerStats]:
     """Per layer, the class means of the cube: counts, mean relevance, the fraction of each
@@ -214,9 +355,7 @@ def class_statistics(cube: Cube, *, tau: float = defaults.TAU, correct_only: boo
     >>> stats["layer3.2.conv2"].important_fraction.shape   # (classes, channels)
     (10, 64)
     """
-    reader = _reader(cube)
-    _, stats = _reduce.class_statistics(reader.url, tau=tau, layers=layers, correct_only=correct_only)
-    return stats
+    return keyed_class_statistics(cube, tau=tau, correct_only=correct_only, layers=layers)[1]
 
 
 def detect(spec: ModelSpec, cube: Cube, stats: Mapping[str, LayerStats] | None = None, *,
@@ -249,18 +388,42 @@ def detect(spec: ModelSpec, cube: Cube, stats: Mapping[str, LayerStats] | None =
     reader = _reader(cube)
     if stats is None:
         stats = class_statistics(reader, tau=chosen.tau)
-    found = detect_layers(spec.model, reader.url, stats, chosen, spec.class_names, spec.wnids)
+    found = detect_layers(spec.model, reader, stats, chosen, spec.class_names, spec.wnids)
     if wordnet:
         add_wordnet_similarities(found)
     return found
 
 
-def _class_images(cube: CubeReader, spec: ModelSpec, max_images: int,
-                  images: ImageSource | None = None) -> Callable[[int], torch.Tensor]:
+def class_images(spec: ModelSpec, cube: Cube, max_images: int = defaults.RHO_MAX_IMAGES_PER_CONCEPT,
+                 images: ImageSource | None = None) -> Callable[[int], torch.Tensor]:
+    """The images of one class of a cube, as the model takes them: a function of the class
+    index that returns the first ``max_images`` readable images of that class (in cube order,
+    grouped as the statistics group, so by prediction in prediction mode), decoded as
+    extraction decoded them (the cube's pixel limit, the model's transform and input size).
+    ``rewire`` chooses rho on these.
+
+    Parameters
+    ----------
+    spec:
+        The model whose transform and input size the images get.
+    cube:
+        The cube (or its URL).
+    max_images:
+        Images per class at most.
+    images:
+        The source the cube was extracted from, when not by ``extract`` in this process.
+
+    Example
+    -------
+    >>> load = class_images(spec, cube, max_images=32)
+    >>> load(3).shape
+    torch.Size([32, 3, 32, 32])
+    """
+    cube = _reader(cube)
     labels = statistics_labels(cube)  # the class the statistics (and the ARVs) grouped by
     keep = ~cube.skipped()
     paths = cube.image_paths()
-    limit = image_pixel_limit(cube.attrs)
+    limit = image_pixel_limit(cube)
     root = _images_of(cube, images)
 
     def load(t: int) -> torch.Tensor:
@@ -279,7 +442,7 @@ def rewire(
     detections: Sequence[LayerDetection],
     cube: Cube,
     *,
-    stats: Mapping[str, LayerStats] | None = None,
+    stats: Mapping[str, LayerStats] | StatisticsKey | None = None,
     tau: float = defaults.TAU,
     layers: str | Sequence[str] = "auto",
     max_per_layer: int | None = None,
@@ -288,6 +451,8 @@ def rewire(
     check_cube: Cube | None = None,
     check_images: int = defaults.EQUIVALENCE_CHECK_IMAGES,
     images: ImageSource | None = None,
+    batch_size: int = defaults.BATCH_SIZE,
+    progress: Progress = NO_PROGRESS,
 ) -> Rewiring:
     """Split each selected channel into one channel per concept and rewire the next layer, so
     the network computes the same logits; the function is checked on real images.
@@ -301,7 +466,9 @@ def rewire(
     cube:
         The detection cube: rho is chosen on its images of each concept's class.
     stats, tau:
-        The class statistics of that cube (default: ``class_statistics(cube, tau=tau)``).
+        The class statistics of that cube (default: ``class_statistics(cube, tau=tau)``), or
+        the key they are stored under (``keyed_class_statistics``): then the rewired layers'
+        statistics are read by that key, and ``StaleStatistics`` says when they are not there.
     layers:
         "auto" (every layer where pairs were selected), "all", names or glob patterns.
     max_per_layer:
@@ -313,6 +480,10 @@ def rewire(
     images:
         The source ``cube`` was extracted from, when not by ``extract`` in this process (a
         cube of a ``DatasetSource`` records only the items' keys).
+    batch_size:
+        Check images decoded and run at a time.
+    progress:
+        Receives the rho selection's progress.
 
     Raises ``FunctionChanged`` when the rewired logits differ from the original's.
 
@@ -325,21 +496,26 @@ def rewire(
     reader = _reader(cube)
     model = spec.model.eval()
     plan = plan_rewiring(detections, layers, max_per_layer)
+    planned_layers = sorted({r.layer for r in plan.rows})
     if stats is None:
-        stats = class_statistics(reader, tau=tau, layers=sorted({r.layer for r in plan.rows}) or None)
-    splits, skipped = build_splits(model, plan.rows, stats, _class_images(reader, spec, max_images, images),
-                                   list(rho_grid), max_images)
+        stats = class_statistics(reader, tau=tau, layers=planned_layers or None)
+    elif isinstance(stats, StatisticsKey):
+        stats = stored_statistics(reader, stats, planned_layers)
+    splits, skipped = build_splits(model, plan.rows, stats, class_images(spec, reader, max_images, images),
+                                   list(rho_grid), max_images, progress=progress)
     rewired = rewire_model(model, splits)
-    result = Rewiring(rewired, splits, plan.skipped + skipped)
+    result = Rewiring(rewired, splits, plan.skipped + skipped, planned=list(plan.rows))
     if splits:
         checker = _reader(check_cube) if check_cube is not None else reader
         paths = [str(p) for p in checker.image_paths()[~checker.skipped()]]
         step = max(1, len(paths) // check_images)
         root = _images_of(checker, images if checker is reader else None)
+        first: list[torch.Tensor] = []
         # decoded and checked a batch at a time: the check holds one batch of images, not all
         result.equivalence = check_equivalence(model, rewired, check_image_batches(
-            root, paths[::step][:check_images], spec.transform, defaults.BATCH_SIZE, input_size=spec.input_size,
-            max_image_pixels=image_pixel_limit(checker.attrs), first=[], where=str(checker.url)))
+            root, paths[::step][:check_images], spec.transform, batch_size, input_size=spec.input_size,
+            max_image_pixels=image_pixel_limit(checker), first=first, where=str(checker.url)))
+        result.example_input = torch.stack(first) if first else None
     return result
 
 
@@ -360,9 +536,9 @@ def evaluate(spec: ModelSpec, rewiring: Rewiring, cube: Cube, *, images: ImageSo
     images:
         The source ``cube`` was extracted from, when not by ``extract`` in this process.
     options:
-        Passed to the evaluation driver (``tasks/stage5_evaluate/evaluation.evaluate_run``),
+        Passed to the evaluation driver (``tasks/stage5_evaluate/evaluate_run.evaluate_run``),
         e.g. ``featvis_max_channels=0`` (no feature visualisations), ``explain_layers=[]``,
-        ``device="cuda"``.
+        ``device="cuda"`` (or ``"auto"``: CUDA when present), ``batch_size=64``.
 
     Returns (evaluation, figures): a typed record and PNG bytes by figure key.
 
@@ -375,7 +551,9 @@ def evaluate(spec: ModelSpec, rewiring: Rewiring, cube: Cube, *, images: ImageSo
     root = _images_of(reader, images)
     if isinstance(root, ImageSource):
         options = {**options, "dataset_root": root}
-    return evaluate_run(spec.model.eval(), rewiring.model, rewiring.splits, reader.url, spec.transform,
+    if isinstance(options.get("device"), str):
+        options = {**options, "device": pick_device(options["device"])}
+    return evaluate_run(spec.model.eval(), rewiring.model, rewiring.splits, reader, spec.transform,
                         class_names=spec.class_names, wnids=spec.wnids, mean=spec.mean, std=spec.std,
                         **options)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from polysemantic_disentangle.flows.params import PipelineParams
-from polysemantic_disentangle.flows.pipeline import _class_image_loader
+from polysemantic_disentangle.api import class_images
 from polysemantic_disentangle.storage.cube import CubeLayout
 from polysemantic_disentangle.tasks.models.registry import load_model
 from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks, plan_cube
@@ -48,7 +48,7 @@ def channel_15(tmp_path_factory, assets_dir):
     row = next(r for r in detection.selected if r.channel == CHANNEL)
     model = bundle.model.eval()
     splits, skipped = build_splits(model, [row], {LAYER: stats[LAYER]},
-                                   _class_image_loader(train, bundle.transform, params.rho_max_images),
+                                   class_images(bundle, train, params.rho_max_images),
                                    list(params.rho_grid), params.rho_max_images)
     assert not skipped and len(splits) == 1
     rewired = rewire_model(model, splits)

@@ -133,3 +133,41 @@ def test_the_rule_catches_what_it_forbids(graph: dict[str, set[str]], expected: 
 def test_the_cycle_search_finds_a_loop() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline is a client of the public face
+
+FACE = ROOT / PACKAGE / "api.py"
+PIPELINE = ROOT / "flows" / "pipeline.py"
+# Modules that hold records, parameters or writers rather than the method: the flow may import
+# them to write and read its files.
+NOT_METHOD = ("records", "params", "files")
+
+
+def face_covered_modules() -> set[str]:
+    """The stage, model and data modules whose work the face (``api.py``) does for its callers."""
+    face = imports_of(FACE.read_text(encoding="utf-8"), set(_modules()))
+    return {m for m in face if (_stage(m) is not None or m.startswith(("tasks.models.", "tasks.data.")))
+            and m.rsplit(".", 1)[-1] not in NOT_METHOD}
+
+
+def test_the_face_covers_every_step_of_the_method() -> None:
+    # an independent list: were the face to stop importing these, the rule below would go blind
+    assert {"tasks.models.registry", "tasks.data.images", "tasks.stage1_extract.chunks",
+            "tasks.stage2_reduce.reduce", "tasks.stage3_detect.detect", "tasks.stage4_rewire.plan",
+            "tasks.stage4_rewire.rewire", "tasks.stage4_rewire.checkpoint", "tasks.stage4_rewire.export",
+            "tasks.stage5_evaluate.evaluate_run"} <= face_covered_modules()
+
+
+def test_the_pipeline_runs_the_method_only_through_the_face() -> None:
+    source = PIPELINE.read_text(encoding="utf-8")
+    direct = sorted(imports_of(source, set(_modules())) & face_covered_modules())
+    assert direct == [], f"flows/pipeline.py imports what polysemantic_disentangle.api covers: {direct}"
+    assert any(isinstance(node, ast.ImportFrom) and node.module == PACKAGE and any(a.name == "api" for a in node.names)
+               for node in ast.walk(ast.parse(source))), "flows/pipeline.py does not use polysemantic_disentangle.api"
+
+
+def test_the_face_rule_catches_a_direct_import() -> None:
+    src = "def f():\n    from polysemantic_disentangle.tasks.stage4_rewire.rewire import rewire_model\n"
+    assert imports_of(src, set(_modules())) & face_covered_modules() == {"tasks.stage4_rewire.rewire"}

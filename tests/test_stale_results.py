@@ -47,8 +47,8 @@ def _detection_alone(out: Path, store: Path, *extra: str) -> bytes:
     from polysemantic_disentangle.flows.cli import build_parser, params_from_args
     from polysemantic_disentangle.tasks.models.registry import load_model
     from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
-    from polysemantic_disentangle.tasks.stage3_detect.detect import (add_wordnet_similarities, detect_layers,
-                                                                     write_pairs_csv)
+    from polysemantic_disentangle.tasks.stage3_detect.detect import add_wordnet_similarities, detect_layers
+    from polysemantic_disentangle.tasks.stage3_detect.files import write_pairs_csv
 
     params = params_from_args(build_parser().parse_args(["run", *ARGS, *extra])).resolved().detection()
     bundle = load_model("cifar_resnet20")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,14 +43,16 @@ def pick_device(device: str = "auto") -> torch.device:
 MAX_IMAGE_PIXELS_ATTR = "max_image_pixels"
 
 
-def image_pixel_limit(attrs: Mapping[str, Any]) -> int:
-    """The ``max_image_pixels`` a store's images are decoded with (its root attributes)."""
-    return int(attrs.get(MAX_IMAGE_PIXELS_ATTR, defaults.MAX_IMAGE_PIXELS))
+def image_pixel_limit(cube: CubeReader) -> int:
+    """The ``max_image_pixels`` a cube's images are decoded with: the limit planning recorded
+    in its root attributes (this module writes that attribute, so it reads it too), else the
+    default."""
+    return int(cube.attrs.get(MAX_IMAGE_PIXELS_ATTR, defaults.MAX_IMAGE_PIXELS))
 
 
 def planned_pixel_limit(store_url: str) -> int:
     """The limit an existing store was planned with, else the default."""
-    return image_pixel_limit(CubeReader(store_url).attrs) if store_exists(store_url) else defaults.MAX_IMAGE_PIXELS
+    return image_pixel_limit(CubeReader(store_url)) if store_exists(store_url) else defaults.MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -315,7 +317,7 @@ def extract_chunks(
     if stored_mode != target_mode:
         raise ValueError(f"{store_url} was planned with target_mode={stored_mode!r}, not {target_mode!r}")
     spec = ChunkSpec.for_store(cube, layers)
-    max_image_pixels = image_pixel_limit(cube.attrs)
+    max_image_pixels = image_pixel_limit(cube)
     precision = store_precision(cube.attrs)
     stats: list[ChunkStats] = []
     decoders = ThreadPoolExecutor(max_workers=decode_workers) if decode_workers > 1 else None

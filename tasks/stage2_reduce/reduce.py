@@ -407,9 +407,14 @@ def statistics_key(cube: CubeReader | str, *, tau: float, correct_only: bool = F
         subset=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest() if mask is not None else None)
 
 
-def has_stats(store_url: str, key: StatisticsKey, layers: Sequence[str]) -> bool:
+def _store_url(cube: CubeReader | str) -> str:
+    return cube.url if isinstance(cube, CubeReader) else str(cube)
+
+
+def has_stats(cube: CubeReader | str, key: StatisticsKey, layers: Sequence[str]) -> bool:
     """Whether the store holds the statistics set ``key`` for every layer in ``layers``."""
-    return has_class_stats(store_url, key.name, layers, attrs=key.to_dict())
+    # The live hierarchy, not an open reader's snapshot: statistics may be written after it.
+    return has_class_stats(_store_url(cube), key.name, layers, attrs=key.to_dict())
 
 
 def _stat_fields(s: LayerStats) -> dict[str, np.ndarray | None]:
@@ -430,9 +435,10 @@ class StaleStatistics(LookupError):
     parameters or other cube content)."""
 
 
-def read_stats(store_url: str, key: StatisticsKey, layers: Sequence[str]) -> dict[str, LayerStats]:
+def read_stats(cube: CubeReader | str, key: StatisticsKey, layers: Sequence[str]) -> dict[str, LayerStats]:
     """The statistics set ``key`` of every layer; ``StaleStatistics`` when it is not there
     exactly as asked (``class_statistics`` computes it instead)."""
+    store_url = _store_url(cube)
     if not has_stats(store_url, key, layers):
         raise StaleStatistics(
             f"{store_url} has no class statistics for {key.to_dict()} (sets present: "
@@ -442,7 +448,7 @@ def read_stats(store_url: str, key: StatisticsKey, layers: Sequence[str]) -> dic
 
 
 def class_statistics(
-    store_url: str,
+    cube: CubeReader | str,
     *,
     tau: float,
     layers: Sequence[str] | None = None,
@@ -453,7 +459,8 @@ def class_statistics(
 ) -> tuple[StatisticsKey, dict[str, LayerStats]]:
     """The class statistics these parameters give: read from the store when a set with this
     exact key is there, else computed by ``reduce_cube`` and stored under its key."""
-    cube = CubeReader(store_url)
+    cube = as_cube(cube)
+    store_url = cube.url
     key = statistics_key(cube, tau=tau, correct_only=correct_only, subset=subset)
     layers = list(layers) if layers is not None else cube.layers
     if has_stats(store_url, key, layers):

@@ -9,10 +9,8 @@ lower <= cos(ARV_1, ARV_2) < gamma.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,7 +24,7 @@ from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, as_c
 from polysemantic_disentangle.tasks.models.conv_geometry import layer_groups, layer_kind, layer_weight
 from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments
 # The records live in records.py (detection.json's types); detect.py keeps their old names.
-from polysemantic_disentangle.tasks.stage3_detect.records import Figure3Data, LayerDetection, LayerRecord, PairRow
+from polysemantic_disentangle.tasks.stage3_detect.records import Figure3Data, LayerDetection, PairRow
 
 
 def relevant_classes(stats: LayerStats, p: float) -> np.ndarray:
@@ -370,18 +368,3 @@ def figure3_data(det: LayerDetection, wnids: Sequence[str | None],
         pick = np.sort(np.random.default_rng(0).choice(n_pairs, size=max_drawn, replace=False))
         cosines, sims = cosines[pick], sims[pick]
     return Figure3Data(spearman=rho, n_pairs=n_pairs, cosines=cosines, similarities=sims)
-
-
-def write_pairs_csv(path: str | Path, detections: Sequence[LayerDetection]) -> None:
-    """``detection.csv``: every kept pair row of every layer (`pairs_table`)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(PairRow.__dataclass_fields__))
-        writer.writeheader()
-        writer.writerows(pairs_table(detections))
-
-
-def detection_record(det: LayerDetection, stats: LayerStats, p: float) -> LayerRecord:
-    """One layer's entry of ``detection.json``: the detection, plus the relevant classes of
-    every channel with at least one (candidates have two or more)."""
-    rel = relevant_classes(stats, p)
-    return det.record({c: np.flatnonzero(rel[:, c]).tolist() for c in range(rel.shape[1]) if rel[:, c].any()})

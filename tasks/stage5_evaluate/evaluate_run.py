@@ -76,7 +76,7 @@ def evaluate_run(
     original: nn.Module,
     rewired: nn.Module,
     splits: Sequence[ChannelSplit],
-    eval_cube_url: str,
+    eval_cube_url: CubeReader | str,
     transform: Callable,
     *,
     class_names: Sequence[str] | None = None,
@@ -122,7 +122,8 @@ def evaluate_run(
     dev = torch.device(device)
     original = original.to(dev).eval()
     rewired = rewired.to(dev).eval()
-    cube = CubeReader(eval_cube_url)
+    cube = eval_cube_url if isinstance(eval_cube_url, CubeReader) else CubeReader(eval_cube_url)
+    eval_cube_url = cube.url
     names = list(class_names) if class_names is not None else cube.class_names()
     wn = list(wnids) if wnids is not None else cube.class_wnids()
     concepts = class_concepts(names, wn) if concepts is None else concepts
