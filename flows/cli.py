@@ -203,10 +203,9 @@ def show_run(run_dir: str, examples: int = 3) -> None:
         warnings += [f"{det.layer}: {w}" for w in diag.get("warnings", [])]
     print("imp/img: median important channels per image at tau (over diagnostic_images); rel/ch: median "
           "relevant classes per channel; img/cls: median images per class")
-    last = detection.figure3_last_layer
-    if last:
-        print(f"Figure 3 ({last}): Spearman {detection.last_figure3['spearman']:.3f} over "
-              f"{detection.last_figure3['n_pairs']} pairs")
+    last, fig3 = detection.figure3_last_layer, detection.last_figure3
+    if last and fig3:
+        print(f"Figure 3 ({last}): Spearman {fig3.spearman:.3f} over {fig3.n_pairs} pairs")
     if folder.summary_json.is_file():
         ev = Evaluation.from_dict(read_run_file(folder.summary_json).get("evaluation") or {})
         acc = ev.accuracy

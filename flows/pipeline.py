@@ -91,7 +91,7 @@ def detect_task(store_url: str, statistics: ReduceResult, model_name: str, weigh
                                     detection_params.gamma if detection_params.rule == "gamma" else None,
                                     spec.wnids)
     result = DetectionResult(
-        params=detection_params.to_dict(),
+        params=detection_params,
         layers=[LayerSummary.of(d) for d in detections],
         detections=[detection_record(d, stats[d.layer], detection_params.p) for d in detections],
         figure3=fig3_stats,
@@ -112,8 +112,8 @@ def publish_detection_artifacts(result: DetectionResult) -> None:
     if last is not None:
         st = result.figure3[last]
         create_markdown_artifact(key="figure3", markdown=_png_markdown(
-            f"Figure 3: WordNet similarity vs ARV cosine, {last} (Spearman {st['spearman']:.3f})",
-            Path(st["png"]).read_bytes()))
+            f"Figure 3: WordNet similarity vs ARV cosine, {last} (Spearman {st.spearman:.3f})",
+            Path(st.png or "").read_bytes()))
 
 
 def nothing_to_rewire_reason(layers: Sequence[LayerSummary | Mapping[str, Any]], planned: Sequence[PairRow],
@@ -219,9 +219,8 @@ def report_task(eval_store: str, train_store: str, evaluated: EvaluationResult, 
     evaluation = RunFolder.read(evaluated.evaluation, Evaluation) if evaluated.evaluation else None
     figures = {name: Path(path).read_bytes() for name, path in evaluated.figures.items()}
     # Figure 3 was drawn by the detect stage; reuse its files rather than redraw every layer.
-    fig3_stats = {layer: {k: v for k, v in st.items() if k != "png"} for layer, st in detection.figure3.items()}
-    fig3_pngs = {st["figure"]: Path(detection.figure3[layer]["png"]).read_bytes()
-                 for layer, st in fig3_stats.items()}
+    fig3_stats = {layer: st.summary() for layer, st in detection.figure3.items()}
+    fig3_pngs = {st.figure: Path(st.png or "").read_bytes() for st in detection.figure3.values()}
     links = {"detection cube": train_store, "evaluation cube": eval_store,
              "detection table": str(RunFolder(out_dir).detection_csv)}
     if rewiring.checkpoint:
@@ -347,7 +346,7 @@ def _all_layers(params: PipelineParams, preflight: dict[str, Any] | None) -> dic
         "summary_json": outputs.url_of(report.summary),
         "train_store": train_store,
         "eval_store": eval_store,
-        "figure3": detection.last_figure3,
+        "figure3": detection.last_figure3.to_dict() if detection.last_figure3 else {},
         "rewired_channels": len(rewiring.splits),
         # Visible in the run's result (and the CLI's exit status), not only as a warning line.
         "outcome": (f"rewired {len(rewiring.splits)} channels" if rewiring.splits

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from polysemantic_disentangle.tasks.run_folder import RUN_FILE_NAMES, RunFolder, TrendFolder
-from polysemantic_disentangle.tasks.stage3_detect.records import (DetectionResult, LayerDetection, LayerRecord,
-                                                                  LayerSummary, PairRow)
+from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
+from polysemantic_disentangle.tasks.stage3_detect.records import (DetectionResult, Figure3Stats, LayerDetection,
+                                                                  LayerRecord, LayerSummary, PairRow)
 from polysemantic_disentangle.tasks.stage5_evaluate.records import ChannelEvaluation, Evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,8 +115,11 @@ def test_detection_json_is_the_format_it_always_was(tmp_path: Path) -> None:
              "name2": r.name2, "wnid1": r.wnid1, "wnid2": r.wnid2, "cosine": r.cosine, "fraction1": r.fraction1,
              "fraction2": r.fraction2, "paper_polysemantic": r.paper_polysemantic, "selected": r.selected,
              "wup": r.wup, "path": r.path, "lowest_common_hypernym": r.lowest_common_hypernym} for r in det.pairs]
+    params = DetectionParams(tau=0.03, rule="gamma")
     expected = {
-        "params": {"tau": 0.03, "rule": "gamma"},
+        "params": {"tau": 0.03, "p": params.p, "gamma": params.gamma, "cosine_lower_bound": params.cosine_lower_bound,
+                   "rule": "gamma", "k": params.k, "quantile": params.quantile,
+                   "max_pairs_per_layer": params.max_pairs_per_layer},
         "layers": [{"layer": "layer3.0.conv1", "kind": "conv", "channels": 16, "applicable": True, "reason": "",
                     "candidates": 1, "pairs": 3, "paper_polysemantic_pairs": 1, "selected_pairs": 1,
                     "selected_channels": 1, "rows_kept": 2, "images_per_class_median": 4.0,
@@ -124,12 +128,13 @@ def test_detection_json_is_the_format_it_always_was(tmp_path: Path) -> None:
                         "reason": "", "candidates": [5], "relevant": {"5": [0, 1, 2]},
                         "relevant_all": {"5": [0, 1, 2], "9": [1]}, "counts": det.counts,
                         "diagnostics": det.diagnostics, "pairs": rows}],
-        "figure3": {"layer3.0.conv1": {"spearman": 0.5, "n_pairs": 3, "figure": "f3", "png": "x.png"}},
+        "figure3": {"layer3.0.conv1": {"spearman": 0.5, "n_pairs": 3, "pairs_total": 3, "rows_kept": 2,
+                                       "table_cut": False, "figure": "f3", "png": "x.png"}},
         "figure3_last_layer": "layer3.0.conv1",
         "class_names": ["cat", "dog", "ship"],
         "files": {"detection.csv": "a", "detection.json": "b"},
     }
-    result = DetectionResult(params={"tau": 0.03, "rule": "gamma"}, layers=[LayerSummary.of(det)],
+    result = DetectionResult(params=params, layers=[LayerSummary.of(det)],
                              detections=[det.record({5: [0, 1, 2], 9: [1]})], figure3=expected["figure3"],
                              figure3_last_layer="layer3.0.conv1", class_names=["cat", "dog", "ship"],
                              files={"detection.csv": "a", "detection.json": "b"})
@@ -139,6 +144,7 @@ def test_detection_json_is_the_format_it_always_was(tmp_path: Path) -> None:
 
     back = folder.read_detection(DetectionResult)
     assert isinstance(back.layers[0], LayerSummary) and isinstance(back.detections[0], LayerRecord)
+    assert back.params == params and back.figure3["layer3.0.conv1"] == Figure3Stats(0.5, 3, 3, 2, False, "f3", "x.png")
     assert all(isinstance(r, PairRow) for r in back.detections[0].pairs)
     assert back.detections[0].relevant_all == {5: [0, 1, 2], 9: [1]}
     assert math.isnan(back.detections[0].pairs[1].cosine)

@@ -182,7 +182,9 @@ def test_stage_results_round_trip_through_json() -> None:
 
     from polysemantic_disentangle.flows.stage_results import (DetectionResult, ReduceResult, ReportResult,
                                                                RewiringResult)
-    from polysemantic_disentangle.tasks.stage3_detect.records import LayerDetection, LayerRecord, LayerSummary, PairRow
+    from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
+    from polysemantic_disentangle.tasks.stage3_detect.records import (Figure3Stats, LayerDetection, LayerRecord,
+                                                                      LayerSummary, PairRow)
     from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit
 
     pair = PairRow(layer="l", channel=3, class1=0, class2=1, name1="a", name2="b", wnid1="n1", wnid2="n2",
@@ -193,7 +195,9 @@ def test_stage_results_round_trip_through_json() -> None:
                              diagnostics={"images_per_class_median": 3.0, "warnings": []})],
         detections=[LayerRecord(layer="l", channels=8, candidates=[3], relevant={3: [0, 1]},
                                 relevant_all={3: [0, 1], 5: [1]}, counts={"pairs": 1}, pairs=[pair])],
-        figure3={}, figure3_last_layer=None, class_names=["a", "b"])
+        figure3={"l": {"spearman": 0.5, "n_pairs": 1, "pairs_total": 1, "rows_kept": 1, "table_cut": False,
+                       "figure": "fig3/l", "png": "f.png"}},
+        figure3_last_layer="l", class_names=["a", "b"])
     split = ChannelSplit(layer="l", channel=3, concepts=[[0], [1]], concept_names=["a", "b"], rho=0.5,
                          sources=[[0, 2], [1]], shared=[3], scores={0.5: 0.9, 0.25: 0.7})
     results = [ReduceResult("s3://b/train.zarr"), detection,
@@ -207,6 +211,9 @@ def test_stage_results_round_trip_through_json() -> None:
     assert isinstance(back.layers[0], LayerSummary) and isinstance(back.detections[0], LayerRecord)
     assert isinstance(back.detections[0].pairs[0], PairRow) and back.detections[0].relevant_all == {3: [0, 1], 5: [1]}
     assert back.layers[0].diagnostics == {"images_per_class_median": 3.0, "warnings": []}
+    assert isinstance(back.params, DetectionParams) and back.params.tau == 0.03
+    assert isinstance(back.figure3["l"], Figure3Stats) and back.last_figure3 == back.figure3["l"]
+    assert (back.figure3["l"].spearman, back.figure3["l"].png, back.output_files()) == (0.5, "f.png", ["f.png"])
     rewiring = RewiringResult.from_dict(json.loads(json.dumps(results[2].to_dict())))
     assert rewiring.splits == [split] and rewiring.splits[0].scores == {0.5: 0.9, 0.25: 0.7}
     det = detection.layer_detections()[0]

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from polysemantic_disentangle.tasks.json_values import JsonRecord
+from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
 
-__all__ = ["DetectionResult", "Figure3Data", "LayerDetection", "LayerRecord", "LayerSummary", "PairRow"]
+__all__ = ["DetectionResult", "Figure3Data", "Figure3Stats", "LayerDetection", "LayerRecord", "LayerSummary",
+           "PairRow"]
 
 
 def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -205,24 +207,59 @@ class LayerRecord:
 
 
 @dataclass
+class Figure3Stats:
+    """One layer's Figure 3 (WordNet similarity against ARV cosine over its candidate pairs).
+
+    ``spearman``: the rank correlation over the ``n_pairs`` plotted pairs; ``pairs_total``: the
+    layer's candidate pairs; ``rows_kept``: those the detection table kept (``table_cut`` when
+    fewer); ``figure``: the figure's key among the report's figures; ``png``: the file the
+    detect stage drew it into (None until drawn)."""
+
+    spearman: float | None
+    n_pairs: int
+    pairs_total: int | None = None
+    rows_kept: int | None = None
+    table_cut: bool | None = None
+    figure: str = ""
+    png: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The statistics as the report's data holds them (without the file)."""
+        return {k: v for k, v in asdict(self).items() if k != "png"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), **({"png": self.png} if self.png is not None else {})}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Figure3Stats:
+        return cls(**_known(cls, data))
+
+
+@dataclass
 class DetectionResult(JsonRecord):
     """``detection.json``: every layer's summary and detection, Figure 3's statistics and files."""
 
-    params: dict[str, Any]  # DetectionParams.to_dict()
+    params: DetectionParams | None  # None: a record that names none
     layers: list[LayerSummary]  # one per layer
     detections: list[LayerRecord]  # one per layer, in the same order
-    figure3: dict[str, dict[str, Any]]  # layer -> Spearman, pair count, figure key, png path
+    figure3: dict[str, Figure3Stats]  # by layer
     figure3_last_layer: str | None
     class_names: list[str]
     files: dict[str, str] = field(default_factory=dict)  # detection.csv, detection.json, ... by name
 
     def __post_init__(self) -> None:
+        if isinstance(self.params, Mapping):
+            self.params = DetectionParams(**_known(DetectionParams, self.params)) if self.params else None
         self.layers = [s if isinstance(s, LayerSummary) else LayerSummary.from_dict(s) for s in self.layers]
         self.detections = [d if isinstance(d, LayerRecord) else LayerRecord.from_dict(d) for d in self.detections]
+        self.figure3 = {layer: st if isinstance(st, Figure3Stats) else Figure3Stats.from_dict(st)
+                        for layer, st in self.figure3.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"params": copy.deepcopy(self.params), "layers": [s.to_dict() for s in self.layers],
-                "detections": [d.to_dict() for d in self.detections], "figure3": copy.deepcopy(self.figure3),
+        return {"params": self.params.to_dict() if self.params is not None else {},
+                "layers": [s.to_dict() for s in self.layers],
+                "detections": [d.to_dict() for d in self.detections],
+                "figure3": {layer: st.to_dict() for layer, st in self.figure3.items()},
                 "figure3_last_layer": self.figure3_last_layer, "class_names": list(self.class_names),
                 "files": dict(self.files)}
 
@@ -238,7 +275,7 @@ class DetectionResult(JsonRecord):
         return cls(**kw)
 
     def output_files(self) -> list[str]:
-        return [*self.files.values(), *(st["png"] for st in self.figure3.values() if st.get("png"))]
+        return [*self.files.values(), *(st.png for st in self.figure3.values() if st.png)]
 
     def layer_detections(self) -> list[LayerDetection]:
         """The LayerDetections back, field by field."""
@@ -249,6 +286,6 @@ class DetectionResult(JsonRecord):
         return {k: sum(getattr(s, k) or 0 for s in self.layers) for k in ("candidates", "pairs", "selected_pairs")}
 
     @property
-    def last_figure3(self) -> dict[str, Any]:
-        """Figure 3's statistics of the last layer that has one (empty when none has)."""
-        return self.figure3.get(self.figure3_last_layer or "", {})
+    def last_figure3(self) -> Figure3Stats | None:
+        """Figure 3's statistics of the last layer that has one (None when none has)."""
+        return self.figure3.get(self.figure3_last_layer or "")

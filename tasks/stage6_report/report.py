@@ -18,7 +18,7 @@ from typing import Any
 from polysemantic_disentangle.tasks.run_folder import RunFolder, write_json
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.json_values import jsonable
-from polysemantic_disentangle.tasks.stage3_detect.records import LayerSummary
+from polysemantic_disentangle.tasks.stage3_detect.records import Figure3Stats, LayerSummary
 from polysemantic_disentangle.tasks.stage5_evaluate.records import Evaluation
 from polysemantic_disentangle.tasks.stage6_report.html_parts import (CSS, Raw, data_uri, embedded_figure, escape, file_link, fmt,
                                                                  html_table, image_type, kv_table, md_table)
@@ -740,18 +740,19 @@ def _fit_rows(rows: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]
 
 
 def save_figure3(folder: RunFolder, detections: Sequence[Any], gamma: float | None,
-                 wnids: Sequence[str | None] | None = None) -> tuple[dict[str, dict[str, Any]], str | None]:
+                 wnids: Sequence[str | None] | None = None) -> tuple[dict[str, Figure3Stats], str | None]:
     """Figure 3 of every layer that has one (from every candidate pair, ``figure3``), as a PNG
-    in the run folder's figures: per layer its statistics with the file's path ("png"), and the
-    last such layer."""
+    in the run folder's figures: per layer its statistics with the file's path, and the last
+    such layer."""
     pngs, stats = figure3(detections, gamma, wnids)
     folder.figures.mkdir(parents=True, exist_ok=True)
+    saved = {}
     for layer, st in stats.items():
         path = folder.figure3_png(layer)
         path.write_bytes(pngs[st["figure"]])
-        st["png"] = str(path)
+        saved[layer] = Figure3Stats.from_dict({**st, "png": str(path)})
     last = next((d.layer for d in reversed(detections) if d.layer in stats), None)
-    return stats, last
+    return saved, last
 
 
 def detection_rows(layer_summaries: Sequence[LayerSummary | Mapping[str, Any]]) -> list[dict[str, Any]]:

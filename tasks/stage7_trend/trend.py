@@ -299,7 +299,8 @@ class RunFiles:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {**(self.summary.get("params") or {}), **(self.detection.params or {})}
+        detection = self.detection.params.to_dict() if self.detection.params is not None else {}
+        return {**(self.summary.get("params") or {}), **detection}
 
     @property
     def model(self) -> str | None:
