@@ -35,6 +35,8 @@ EXPLANATIONS_CSV = "explanations.csv"
 FIGURES = "figures"
 EVALUATION_FIGURES = "evaluation"  # under FIGURES
 STAGE_RECORDS = ".stages"
+# The run's lock (``flows/runtime/locking.py``): one run per output folder.
+RUN_LOCK = ".disentangle.lock"
 # The two cubes, where a run puts them unless told otherwise (a URL joins these names).
 TRAIN_CUBE = "cube-train.zarr"
 EVAL_CUBE = "cube-eval.zarr"
@@ -45,7 +47,7 @@ TREND_HTML = "trend.html"
 # Every file name above: the layering test checks that no other module spells one.
 RUN_FILE_NAMES = (PREFLIGHT, CHECKPOINT_RECORD, DETECTION_CSV, DETECTION_JSON, CHECKPOINT, EXPORT, EVALUATION_JSON,
                   REPORT_HTML, SUMMARY_JSON, TABLE1_CSV, EXPLANATIONS_CSV, TRAIN_CUBE, EVAL_CUBE, TREND_JSON,
-                  TREND_HTML)
+                  TREND_HTML, RUN_LOCK)
 
 
 class Record(Protocol):
@@ -162,6 +164,11 @@ class RunFolder:
     def eval_cube(self) -> Path:
         """The evaluation cube's default place."""
         return self.root / EVAL_CUBE
+
+    @property
+    def lock(self) -> Path:
+        """The lock file that keeps a second run out of this folder while one runs."""
+        return self.root / RUN_LOCK
 
     @property
     def stage_records(self) -> Path:

@@ -30,7 +30,7 @@ def test_the_layout_is_what_runs_have_always_had(tmp_path: Path) -> None:
                 "checkpoint": "disentangled.pt", "export": "disentangled.pt2", "evaluation_json": "evaluation.json",
                 "report_html": "report.html", "summary_json": "summary.json", "table1_csv": "table1.csv",
                 "explanations_csv": "explanations.csv", "figures": "figures", "stage_records": ".stages",
-                "train_cube": "cube-train.zarr", "eval_cube": "cube-eval.zarr"}
+                "train_cube": "cube-train.zarr", "eval_cube": "cube-eval.zarr", "lock": ".disentangle.lock"}
     for role, name in expected.items():
         assert getattr(run, role) == tmp_path / name, role
     assert run.evaluation_figures == tmp_path / "figures" / "evaluation"

@@ -1,6 +1,6 @@
 """One run per output folder, one writer per store: advisory locks on local paths.
 
-A lock is the file ``<out_dir>/.disentangle.lock`` (for a run folder) or ``<store>.lock`` beside a
+A lock is the file ``<out_dir>/.disentangle.lock`` (``RunFolder.lock``, for a run folder) or ``<store>.lock`` beside a
 local Zarr store (beside, not inside: replacing a store deletes what is inside it). The holder
 takes an exclusive ``flock`` on the file and writes its pid, host, start time and command into it.
 The kernel drops the ``flock`` when the holder's process ends, however it ends (SIGKILL
@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from polysemantic_disentangle.tasks.run_folder import RunFolder
+
 __all__ = ["LockBusy", "NotWritable", "run_locks", "LockHolder", "RunLock", "holding", "lock_path_for_store", "run_dir_lock_path",
            "release_all_held", "wait_seconds_from_env", "WAIT_ENV"]
 
-RUN_LOCK_NAME = ".disentangle.lock"
 # Seconds a run waits for a busy lock; unset or 0: fail at once; "inf": wait as long as it takes.
 # The command line's --wait-for-lock sets it; a deployment can set it in its job variables.
 WAIT_ENV = "DISENTANGLE_WAIT_FOR_LOCK"
@@ -88,7 +89,7 @@ def _local_path(url: str | os.PathLike[str]) -> Path:
 
 
 def run_dir_lock_path(out_dir: str | os.PathLike[str]) -> Path:
-    return _local_path(out_dir) / RUN_LOCK_NAME
+    return RunFolder(_local_path(out_dir)).lock
 
 
 def lock_path_for_store(url: str | os.PathLike[str]) -> Path | None:
