@@ -47,7 +47,10 @@ has one row serving both subsets (the two sums are the same bytes, checked at wr
 a class without correct images has no subset-1 row (its sum is zero). The rows are chunked in
 blocks of about ``SUM_BLOCK_BYTES`` along ``sum_row``, written whole by that image chunk's writer before
 its marker, so a resumed chunk overwrites (never adds to) its own partial sums; rows after the
-chunk's last used one are never read. ``class`` is the image's statistics class
+chunk's last used one are never read. Row blocks an image chunk is expected to fill (a shuffled
+dataset) are stored without compression, so that reading them is a copy of the file; mostly
+padded ones (a class-ordered dataset) stay Blosc-compressed (``_sums_compressors``, decided per
+array when the store is made; a reader takes each array's own codecs). ``class`` is the image's statistics class
 (``polysemantic_disentangle.tasks.data.grouping.statistics_class``). Layers whose channels read one input channel each
 (depthwise) have no moments at all: ARVs are not applicable there. Missing per-image data is
 NaN (the fill value), never zero; class sums start at zero.
@@ -304,6 +307,32 @@ def _sums_compressor() -> BloscCodec:
     return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
 
 
+# Class-sum arrays whose rows are expected to fill at least this share of the row blocks the
+# writers store are kept without compression (``_sums_compressors``).
+RAW_SUMS_MIN_FILL = 0.5
+
+
+def _expected_sum_rows(labels: np.ndarray, chunk_images: int, capacity: int) -> np.ndarray:
+    """Class-sum rows each image chunk is expected to store: one per (class, subset) of the
+    labels it holds (predictions, unknown here, mostly agree with them)."""
+    labels = np.asarray(labels)
+    counts = [len(np.unique(labels[lo:lo + chunk_images])) for lo in range(0, len(labels), chunk_images)]
+    return np.minimum(np.asarray(counts, dtype=np.int64) * len(CLASS_SUM_SUBSETS), capacity)
+
+
+def _sums_compressors(expected_rows: np.ndarray, block_rows: int) -> tuple[BloscCodec, ...]:
+    """Codecs of one class-sum array. A shuffled dataset's chunks hold hundreds of rows that fill
+    their blocks with float32 noise: compression saves about 1.1 to 1.2x and its decompression is
+    most of what the reduce stage spends on them (1 to 3 GB/s a core against a plain read of the
+    page cache), so they are stored as is. A class-ordered chunk holds one to four rows in a block
+    padded with zeros, which compress 30x: those stay compressed. Readers take each array's own
+    codecs, so stores made either way read alike."""
+    used = expected_rows[expected_rows > 0]
+    padded = -(-used // block_rows) * block_rows
+    fill = float(used.sum()) / float(padded.sum()) if len(used) else 0.0
+    return () if fill >= RAW_SUMS_MIN_FILL else (_sums_compressor(),)
+
+
 def open_store_group(url: str | Path, mode: str = "r", live: bool = False) -> zarr.Group:
     """Open the cube's root group from a local path or any fsspec URL (memory://, s3://, ...).
 
@@ -402,6 +431,7 @@ def create_cube(
     n_sub = len(CLASS_SUM_SUBSETS)
     # Every image of a chunk has one class, so it can hold at most this many (class, subset) sums.
     sum_rows = n_sub * min(chunk_images, nclass)
+    expected_rows = _expected_sum_rows(labels, chunk_images, sum_rows) if layout.class_sums else None
     if layout.class_sums:
         for arr, dtype, fill in ((SUM_ROW_CLASS_ARRAY, "int32", -1), (SUM_ROW_SUBSETS_ARRAY, "uint8", 0)):
             _describe(root.create_array(arr, shape=(n_chunks, sum_rows), chunks=(1, sum_rows), dtype=dtype,
@@ -426,7 +456,8 @@ def create_cube(
                 # Row blocks of one image chunk: the chunk's writer owns them.
                 block = max(1, min(sum_rows, SUM_BLOCK_BYTES // (4 * int(np.prod(extra)))))
                 _describe(g.create_array(arr, shape=(n_chunks, sum_rows, *extra), chunks=(1, block, *extra),
-                                         dtype="float32", fill_value=0.0, compressors=_sums_compressor(),
+                                         dtype="float32", fill_value=0.0,
+                                         compressors=_sums_compressors(expected_rows, block),
                                          dimension_names=["chunk", "sum_row", *dims]), arr)
     root.attrs.update({
         **attrs,
@@ -1028,29 +1059,43 @@ class _WholeChunks:
     """Whole Zarr chunks of one array, read straight from a local store: file bytes, Blosc,
     array. Zarr's own read path costs about 0.5 ms a chunk and 1 to 2 ms a call in Python, more
     than decompressing the chunk, and the reduce stage reads tens of thousands of chunks. Any
-    other store, or codecs other than the bytes + Blosc this module writes, reads through Zarr."""
+    other store, or codecs other than the bytes (+ Blosc) this module writes, reads through Zarr."""
 
     def __init__(self, arr: zarr.Array) -> None:
         self.arr = arr
         self.chunks = tuple(int(n) for n in arr.chunks)
         self.dtype = np.dtype(arr.dtype)
         self.base: str | None = None
+        self.raw = False  # chunks stored as plain little-endian bytes: read into the array itself
         store = arr.store_path.store
         codecs = tuple(getattr(arr.metadata, "codecs", ()))
-        if (isinstance(store, zarr.storage.LocalStore) and len(codecs) == 2 and isinstance(codecs[0], BytesCodec)
+        if (isinstance(store, zarr.storage.LocalStore) and len(codecs) in (1, 2) and isinstance(codecs[0], BytesCodec)
                 and (codecs[0].endian is None or codecs[0].endian.value == "little" or self.dtype.itemsize == 1)
-                and isinstance(codecs[1], BloscCodec) and self.dtype.kind in "biuf"
+                and (len(codecs) == 1 or isinstance(codecs[1], BloscCodec)) and self.dtype.kind in "biuf"
                 and np.little_endian):
             self.base = os.path.join(str(store.root), arr.store_path.path)
+            self.raw = len(codecs) == 1
 
-    def _block(self, coords: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
-        """One whole chunk, decompressed into ``out`` (C-contiguous, the chunk's shape) if given."""
+    def _block(self, coords: tuple[int, ...], out: np.ndarray | None = None, rows: int | None = None) -> np.ndarray:
+        """One whole chunk, decompressed into ``out`` (C-contiguous, the chunk's shape) if given.
+        ``rows``: only the first ``rows`` along the chunk's second axis are needed (a chunk of
+        one along the first); the rest of ``out`` is left as it was where the chunk is stored
+        raw and those rows need not be read."""
         assert self.base is not None
         if out is None:
             out = np.empty(self.chunks, self.dtype)
         path = os.path.join(self.base, self.arr.metadata.encode_chunk_key(coords))  # type: ignore[union-attr]
         try:
-            with open(path, "rb") as f:
+            with open(path, "rb", buffering=0) as f:
+                if self.raw:
+                    # Straight from the page cache into the array: one copy, no decompression.
+                    view = memoryview(out).cast("B")
+                    if rows is not None:
+                        view = view[:rows * (out.nbytes // max(1, out.shape[1]))]
+                    got = f.readinto(view)
+                    if got != len(view):
+                        raise ValueError(f"{path}: {got} bytes, a raw chunk of {self.chunks} needs {out.nbytes}")
+                    return out
                 data = f.read()
         except FileNotFoundError:  # never written: the fill value, as Zarr reads it
             out.fill(self.arr.fill_value)
@@ -1082,7 +1127,7 @@ class _WholeChunks:
             if hi - lo == n:  # a whole block decompresses in place
                 self._block((index, b, *rest), out[lo:hi].reshape(self.chunks))
             else:
-                out[lo:hi] = self._block((index, b, *rest))[0, :hi - lo]
+                out[lo:hi] = self._block((index, b, *rest), rows=hi - lo)[0, :hi - lo]
         return out
 
     def row_blocks(self, index: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -1099,7 +1144,8 @@ class _WholeChunks:
         buf = np.empty(self.chunks, self.dtype)
         for b in range(-(-rows // n)):
             lo = b * n
-            yield lo, self._block((index, b, *rest), buf)[0, :min(rows, lo + n) - lo]
+            hi = min(rows, lo + n)
+            yield lo, self._block((index, b, *rest), buf, hi - lo)[0, :hi - lo]
 
 
 class CubeReader:
@@ -1117,6 +1163,7 @@ class CubeReader:
         self._root = open_store_group(url, mode=self._mode, live=live)
         self.attrs: dict[str, Any] = dict(self._root.attrs)
         self._fast: dict[str, _WholeChunks] = {}
+        self._members: dict[str, frozenset[str] | None] = {}
 
     def _whole_chunks(self, path: str) -> _WholeChunks:
         if path not in self._fast:
@@ -1214,14 +1261,25 @@ class CubeReader:
         return [w or None for w in as_str(self._root["class_wnid"][:])]
 
     # -- per layer ------------------------------------------------------------------------
+    def _layer_members(self, layer: str) -> frozenset[str] | None:
+        """Names of ``layer``'s arrays, None where the store has no such layer. Read once per
+        reader: a layer's arrays are all made with the store, and every lookup through Zarr is
+        a round trip to its event loop (the reduce stage asks in each of its tasks)."""
+        if layer not in self._members:
+            if LAYERS_GROUP in self._root and layer in self._root[LAYERS_GROUP]:
+                self._members[layer] = frozenset(self._root[LAYERS_GROUP][layer].array_keys())
+            else:
+                self._members[layer] = None
+        return self._members[layer]
+
     def has_layer(self, layer: str) -> bool:
-        return LAYERS_GROUP in self._root and layer in self._root[LAYERS_GROUP]
+        return self._layer_members(layer) is not None
 
     def _layer_array(self, layer: str, name: str) -> zarr.Array:
         return self._root[LAYERS_GROUP][layer][name]
 
     def _has(self, layer: str, name: str) -> bool:
-        return self.has_layer(layer) and name in self._root[LAYERS_GROUP][layer]
+        return name in (self._layer_members(layer) or ())
 
     def has_relevance(self, layer: str) -> bool:
         return self._has(layer, RELEVANCE_ARRAY)

@@ -208,3 +208,55 @@ def test_a_store_of_the_dense_class_sum_layout_is_refused_clearly(tmp_path) -> N
         cube_info(url)
     with pytest.raises(LayoutVersionError, match="layout version 2"):
         reduce_cube(url, tau=TAU)
+
+
+def _sum_codecs(url: str) -> set[tuple[str, ...]]:
+    root = open_store_group(url)
+    return {tuple(type(c).__name__ for c in root[f"layers/{name}/{arr}"].metadata.codecs)
+            for name, s in SHAPES.items() for arr in ("activation_sums", "moment_sums")
+            if s.arv_applicable or arr == "activation_sums"}
+
+
+def test_rows_that_fill_their_blocks_are_stored_raw_and_padded_ones_compressed(cube) -> None:
+    url, order, _ = cube
+    # Shuffled chunks hold rows of most of the 40 classes, folder chunks of two or three.
+    assert _sum_codecs(url) == ({("BytesCodec",)} if order == "shuffled" else {("BytesCodec", "BloscCodec")})
+
+
+def test_a_cube_with_compressed_class_sum_rows_reduces_and_resumes_to_the_same_bytes(cube, tmp_path,
+                                                                                    monkeypatch) -> None:
+    """Stores made before the rows of shuffled chunks were kept raw hold them compressed: they
+    read, resume and reduce to the statistics of a raw store, bit for bit."""
+    import polysemantic_disentangle.storage.cube as cube_module
+
+    url, order, _ = cube
+    old = str(tmp_path / "compressed.zarr")
+    with monkeypatch.context() as m:
+        m.setattr(cube_module, "_sums_compressors", lambda rows, block: (cube_module._sums_compressor(),))
+        _make_cube(old, order)
+    assert _sum_codecs(old) == {("BytesCodec", "BloscCodec")}
+    _make_cube(old, order)  # reopened by today's code (same fingerprint), every chunk written again
+    assert _sum_codecs(old) == {("BytesCodec", "BloscCodec")}
+    assert completed_chunks(old, verify=True).all()
+    assert content_digest(open_store_group(old)) == content_digest(open_store_group(url))
+    for correct_only in (False, True):
+        a, b = reduce_cube(url, tau=TAU, correct_only=correct_only), reduce_cube(old, tau=TAU, correct_only=correct_only)
+        for name, s in SHAPES.items():
+            for field in ("count", "mean_relevance", "important_fraction", "mean_activation", "mean_moments"):
+                x, y = getattr(a[name], field), getattr(b[name], field)
+                assert (x is None) == (y is None) == (field == "mean_moments" and not s.arv_applicable)
+                if x is not None:
+                    assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (name, field)
+
+
+def test_a_truncated_raw_row_block_is_an_error_not_zeros(tmp_path) -> None:
+    url = str(tmp_path / "shuffled.zarr")
+    _make_cube(url, "shuffled")
+    assert _sum_codecs(url) == {("BytesCodec",)}
+    reader = CubeReader(url)
+    n = len(reader.sum_rows(0))
+    path = tmp_path / "shuffled.zarr" / "layers" / "a" / "activation_sums" / "c" / "0" / "0" / "0"
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(ValueError, match="raw chunk"):
+        reader.activation_sum_rows("a", 0, n)
+    assert not completed_chunks(url, verify=True)[0]  # a resume extracts the chunk again
