@@ -17,6 +17,7 @@ position). Both kinds are tapped in the same forward and backward pass.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +50,14 @@ def offset_indicator(
     return ind
 
 
+@functools.lru_cache(maxsize=512)
+def _indicator(in_size: int, out_size: int, kernel: int, stride: int, dilation: int, pad_before: int,
+               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``offset_indicator`` on ``device`` in ``dtype``, built once per geometry: every batch of
+    every tapped layer asks for the same few (read only)."""
+    return offset_indicator(in_size, out_size, kernel, stride, dilation, pad_before).to(dtype=dtype, device=device)
+
+
 def input_moments(
     x: torch.Tensor,
     kernel_size: tuple[int, int],
@@ -63,13 +72,11 @@ def input_moments(
     from ``out_hw``. Cost is O(N K H W (kh + kw)), far below the conv itself.
     """
     _, _, h, w = x.shape
-    rows = offset_indicator(h, out_hw[0], kernel_size[0], stride[0], dilation[0], padding[0])
-    cols = offset_indicator(w, out_hw[1], kernel_size[1], stride[1], dilation[1], padding[1])
-    rows = rows.to(dtype=x.dtype, device=x.device)
-    cols = cols.to(dtype=x.dtype, device=x.device)
+    rows = _indicator(h, out_hw[0], kernel_size[0], stride[0], dilation[0], padding[0], x.dtype, x.device)
+    cols = _indicator(w, out_hw[1], kernel_size[1], stride[1], dilation[1], padding[1], x.dtype, x.device).T
     # Forward hooks run inside the model's autocast: without this the matmuls would sum in bf16.
     with torch.autocast(x.device.type, enabled=False):
-        per_col = torch.matmul(x, cols.T)  # (N, K, H, kw)
+        per_col = torch.matmul(x, cols)  # (N, K, H, kw)
         return torch.matmul(rows, per_col)  # (N, K, kh, kw)
 
 
