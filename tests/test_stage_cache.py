@@ -97,6 +97,30 @@ def test_statistics_sets_are_keyed_by_their_parameters(small_cube, tmp_path) -> 
     assert statistics_key(url, tau=0.03) != k03
 
 
+def test_the_face_reads_statistics_by_key_from_an_opened_cube(small_cube, tmp_path) -> None:
+    """What the pipeline's tasks call: statistics by key through the face, on one CubeReader,
+    equal to a fresh reduction; a key the store does not hold is refused, not recomputed."""
+    from polysemantic_disentangle import api
+    from polysemantic_disentangle.storage.cube import CubeReader
+
+    original, _, _ = small_cube
+    url = str(tmp_path / "train.zarr")
+    shutil.copytree(original, url)
+    layers = ["layer3.2.conv2"]
+    cube = CubeReader(url)
+    key, stats = api.keyed_class_statistics(cube, tau=0.03, layers=layers)
+    assert api.has_statistics(cube, key, layers) and has_stats(cube, key, layers)
+    back = api.stored_statistics(cube, key, layers)
+    oracle = reduce_cube(url, tau=0.03, layers=layers)
+    for got in (stats, back, read_stats(cube, key, layers)):
+        np.testing.assert_array_equal(got[layers[0]].important_fraction, oracle[layers[0]].important_fraction)
+        np.testing.assert_array_equal(got[layers[0]].count, oracle[layers[0]].count)
+    other = statistics_key(cube, tau=0.01)
+    assert not api.has_statistics(cube, other, layers)
+    with pytest.raises(StaleStatistics):
+        api.stored_statistics(cube, other, layers)
+
+
 def test_a_damaged_stage_record_is_recomputed_with_one_warning(tmp_path) -> None:
     out = tmp_path / "run"
     warnings: list[str] = []
