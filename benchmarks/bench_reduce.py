@@ -108,7 +108,9 @@ def build_cube(url: Path, n_images: int, order: str, shapes: dict[str, LayerShap
 
 def ensure_cube(cache: Path, order: str, n_images: int, shapes: dict[str, LayerShape] | None,
                 rebuild: bool) -> Path:
-    url = cache / f"resnet50_v{LAYOUT_VERSION}_{order}_{n_images}_{CHUNK}.zarr"
+    # "rawrows": class-sum rows of shuffled chunks stored without compression; a cube cached
+    # before that holds them compressed and would measure the old read path.
+    url = cache / f"resnet50_v{LAYOUT_VERSION}_rawrows_{order}_{n_images}_{CHUNK}.zarr"
     marker = url.with_suffix(".complete")
     if rebuild or not marker.exists():
         marker.unlink(missing_ok=True)
