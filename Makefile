@@ -41,8 +41,13 @@ chromium:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
 
+# Test files run side by side, one worker per core up to four (each worker keeps its own
+# Prefect test server; four bounds memory at about 4 GB per worker's end-to-end runs). A file
+# stays on one worker, so its module fixtures (a baseline run the kill tests share) run once.
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(max(1, min(4, os.cpu_count() or 1)))')
+
 test: setup chromium
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/run_all.py
