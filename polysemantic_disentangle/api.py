@@ -585,6 +585,6 @@ def explain(cube: Cube, layer: str, concepts: Mapping[str, Sequence[int]] | None
     reader = _reader(cube)
     if concepts is None:
         concepts = {name: [i] for i, name in enumerate(reader.class_names())}
-    return explain_layer(reader.url, layer, {k: frozenset(v) for k, v in concepts.items()}, quantile=quantile,
+    return explain_layer(reader, layer, {k: frozenset(v) for k, v in concepts.items()}, quantile=quantile,
                          **options)
 

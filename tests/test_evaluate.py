@@ -191,6 +191,28 @@ def test_explain_layer_covers_every_channel(small_cube) -> None:
     assert max(r["iou"] for r in rows) > 0.3  # the last conv has class-selective channels
 
 
+def test_explain_layer_reads_an_opened_cube_without_reopening_it(small_cube, monkeypatch) -> None:
+    import zarr
+
+    from polysemantic_disentangle.storage.cube import CubeReader
+
+    url, bundle, _ = small_cube
+    concepts = class_concepts(bundle.class_names, None)
+    reader = CubeReader(url)
+    opened: list[str] = []
+    for name in ("open_group", "open", "open_array", "open_consolidated"):
+        real = getattr(zarr, name)
+
+        def counting(*args, _real=real, **kwargs):
+            opened.append(str(args[0] if args else kwargs.get("store")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(zarr, name, counting)
+    rows = explain_layer(reader, LAYER, concepts)
+    assert opened == []
+    assert rows == explain_layer(url, LAYER, concepts)
+
+
 def test_evaluate_run_end_to_end(small_cube, splits, tmp_path) -> None:
     url, bundle, _ = small_cube
     rewired = rewire_model(bundle.model, splits)

@@ -27,7 +27,7 @@ from polysemantic_disentangle.tasks.data.images import ImageSource, load_batch
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from polysemantic_disentangle.tasks.plots import activation_densities, image_grid
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
-from polysemantic_disentangle.tasks.stage2_reduce.reduce import statistics_labels
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import as_cube, statistics_labels
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import DISENTANGLED_LAYERS, ChannelSplit, split_part_names
 from polysemantic_disentangle.tasks.stage5_evaluate.metrics import (
     ChannelRun,
@@ -122,7 +122,7 @@ def evaluate_run(
     dev = torch.device(device)
     original = original.to(dev).eval()
     rewired = rewired.to(dev).eval()
-    cube = eval_cube_url if isinstance(eval_cube_url, CubeReader) else CubeReader(eval_cube_url)
+    cube = as_cube(eval_cube_url)
     eval_cube_url = cube.url
     names = list(class_names) if class_names is not None else cube.class_names()
     wn = list(wnids) if wnids is not None else cube.class_wnids()
@@ -164,7 +164,7 @@ def evaluate_run(
             f"{sum(sum(c.featvis_steps) for c in channels)} image-steps, {timings['feature_visualisation']:.1f} s")
 
     t = time.perf_counter()
-    layer_explanations = explain_chosen_layers(eval_cube_url, cube, images, splits, explain_layers, concepts,
+    layer_explanations = explain_chosen_layers(cube, images, splits, explain_layers, concepts,
                                                explain_quantile)
     timings["layer_explanations"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -404,7 +404,7 @@ def featvis_targets(original: nn.Module, rewired: nn.Module,
 
 
 def explain_chosen_layers(
-    eval_cube_url: str, cube: CubeReader, images: EvaluationImages, splits: Sequence[ChannelSplit],
+    cube: CubeReader, images: EvaluationImages, splits: Sequence[ChannelSplit],
     explain_layers: Sequence[str] | str | None, concepts: Mapping[str, frozenset[int]],
     explain_quantile: float | None,
 ) -> dict[str, list[dict[str, Any]]]:
@@ -419,7 +419,7 @@ def explain_chosen_layers(
         chosen = list(explain_layers)
     in_run = np.zeros(len(images.paths), bool)
     in_run[images.rows] = True
-    return {layer: explain_layer(eval_cube_url, layer, concepts, quantile=explain_quantile, rows=in_run)
+    return {layer: explain_layer(cube, layer, concepts, quantile=explain_quantile, rows=in_run)
             for layer in chosen if layer in in_cube}
 
 

@@ -40,7 +40,7 @@ from polysemantic_disentangle.tasks.stage5_evaluate.explain import (
     iou_from_counts,
     present_quantile,
 )
-from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, statistics_labels
+from polysemantic_disentangle.tasks.stage2_reduce.reduce import as_cube, important_mask, statistics_labels
 from polysemantic_disentangle.tasks.models.conv_geometry import channels_first
 from polysemantic_disentangle.tasks.models.hooks import hooked
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import (DISENTANGLED_LAYERS, ChannelSplit, capture_parts, logit_agreement,
@@ -585,7 +585,7 @@ def explain_before_after(
 
 
 def explain_layer(
-    eval_cube_url: str,
+    eval_cube: CubeReader | str,
     layer: str,
     concepts: Mapping[str, frozenset[int] | set[int] | Sequence[int]],
     *,
@@ -598,7 +598,7 @@ def explain_layer(
     Skipped images and rows with missing values are left out; ``rows`` (indices or bool mask)
     restricts the images further. Returns one plain dict per channel.
     """
-    cube = CubeReader(eval_cube_url)
+    cube = as_cube(eval_cube)
     n_classes = cube.n_classes
     labels = statistics_labels(cube)
     acts = cube.activation_max(layer)
