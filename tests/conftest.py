@@ -93,3 +93,19 @@ def small_cube(tmp_path_factory, assets_dir):
     extract_chunks(url, bundle.model.eval(), bundle.transform, str(data), range(plan.n_chunks),
                    plan.layers, batch_size=48)
     return url, bundle, data
+
+
+def count_store_opens(monkeypatch) -> list[str]:
+    """Record every Zarr store open from now on (the list grows as stores are opened)."""
+    import zarr
+
+    opened: list[str] = []
+    for name in ("open_group", "open", "open_array", "open_consolidated"):
+        real = getattr(zarr, name)
+
+        def counting(*args, _real=real, **kwargs):
+            opened.append(str(args[0] if args else kwargs.get("store")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(zarr, name, counting)
+    return opened

@@ -28,6 +28,7 @@ from polysemantic_disentangle.tasks.stage5_evaluate.metrics import (
 )
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import reduce_cube
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import ChannelSplit, rewire_model
+from tests.conftest import count_store_opens
 
 LAYER = "layer3.2.conv2"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -192,22 +193,12 @@ def test_explain_layer_covers_every_channel(small_cube) -> None:
 
 
 def test_explain_layer_reads_an_opened_cube_without_reopening_it(small_cube, monkeypatch) -> None:
-    import zarr
-
     from polysemantic_disentangle.storage.cube import CubeReader
 
     url, bundle, _ = small_cube
     concepts = class_concepts(bundle.class_names, None)
     reader = CubeReader(url)
-    opened: list[str] = []
-    for name in ("open_group", "open", "open_array", "open_consolidated"):
-        real = getattr(zarr, name)
-
-        def counting(*args, _real=real, **kwargs):
-            opened.append(str(args[0] if args else kwargs.get("store")))
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(zarr, name, counting)
+    opened = count_store_opens(monkeypatch)
     rows = explain_layer(reader, LAYER, concepts)
     assert opened == []
     assert rows == explain_layer(url, LAYER, concepts)

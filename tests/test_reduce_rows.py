@@ -9,7 +9,6 @@ import uuid
 
 import numpy as np
 import pytest
-import zarr
 
 from polysemantic_disentangle.storage.cube import (ChunkData, CubeLayout, CubeReader, LayerShape, LayoutVersionError,
                                                   completed_chunks, content_digest, create_cube, cube_info,
@@ -17,6 +16,7 @@ from polysemantic_disentangle.storage.cube import (ChunkData, CubeLayout, CubeRe
 from polysemantic_disentangle.tasks.data.grouping import (class_order, statistics_class, subset_class_rows,
                                                           subset_class_sums)
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import important_mask, reduce_cube
+from tests.conftest import count_store_opens
 
 SHAPES = {"a": LayerShape(6, 4, (3, 3)), "b": LayerShape(5, 3, (1, 1)), "dw": LayerShape(4, 4, (3, 3), groups=4)}
 N_CLASSES = 40
@@ -179,15 +179,7 @@ def test_reads_around_zarr_give_the_bytes_zarr_reads(cube) -> None:
 
 def test_a_reduce_call_opens_its_store_once(cube, monkeypatch) -> None:
     url, _, _ = cube
-    opened: list[str] = []
-    for name in ("open_group", "open", "open_array", "open_consolidated"):
-        real = getattr(zarr, name)
-
-        def counting(*args, _real=real, **kwargs):
-            opened.append(str(args[0] if args else kwargs.get("store")))
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(zarr, name, counting)
+    opened = count_store_opens(monkeypatch)
     one_layer = reduce_cube(url, tau=TAU, layers=["a"])
     assert len(opened) == 1, opened
     opened.clear()
