@@ -18,9 +18,8 @@ from polysemantic_disentangle.storage.cube import (CubeLayout, CubeReader, CubeW
                                                   prepare_chunk_writers)
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import plan_shards
-from polysemantic_disentangle.tasks.stage1_extract.chunks import (ChunkStats, auto_batch_size, extract_chunks, pick_device,
-                                                               plan_cube, planned_pixel_limit)
-from polysemantic_disentangle.tasks.models.registry import load_model
+from polysemantic_disentangle import api
+from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkStats, auto_batch_size, pick_device, planned_pixel_limit
 from polysemantic_disentangle.tasks.stage1_extract.feeding import decode_workers_for, for_device
 from polysemantic_disentangle.tasks.stage1_extract.precision import DEFAULT_PRECISION, check_precision
 from polysemantic_disentangle.tasks.data.grouping import TargetMode
@@ -63,7 +62,7 @@ def extract_shard(
     logger = get_run_logger()
     writer = worker_identity()
     dev = pick_device(device)
-    bundle = load_model(model_name, weights, seed=seed)
+    bundle = api.load_model(model_name, weights, seed=seed)
     model = for_device(bundle.model, dev)
     if batch_size is None:
         batch_size = auto_batch_size(model, bundle.image_shape(), CubeReader(store_url).chunk_images)
@@ -78,9 +77,9 @@ def extract_shard(
         cube.record_writer(s.chunk, writer)
         shard_progress(s)
 
-    stats = extract_chunks(store_url, model, bundle.transform, dataset_root, chunks, layers,
-                           batch_size, target_mode, on_chunk=progress, input_size=bundle.input_size,
-                           decode_workers=decode_workers_for(dev))
+    stats = api.extract_chunks(bundle, store_url, chunks, layers=layers, batch_size=batch_size,
+                               target_mode=target_mode, model=model, images=dataset_root, on_chunk=progress,
+                               decode_workers=decode_workers_for(dev))
     images = sum(s.images for s in stats)
     seconds = sum(s.seconds for s in stats)
     logger.info("shard %d on %s (%s): %d chunks, %d images, %d skipped, %.1f images/s", shard_index,
@@ -252,7 +251,7 @@ def extract_relevance_cube(
     cube_layout = CubeLayout.preset(layout, per_image_moments=per_image_moments, dtype=storage_dtype)
     if not data_dir:
         raise ValueError("data_dir is required (an ImageFolder root)")
-    bundle = load_model(model, weights, seed=seed)
+    bundle = api.load_model(model, weights, seed=seed)
     with cluster_address(dask_address, dask_workers) as address:
         cluster = inspect_cluster(address) if address else None
         slots = (f"{cluster.workers} Dask workers at {address}"
@@ -260,8 +259,9 @@ def extract_relevance_cube(
                  if cluster else ", ".join(device_slots(device)))
         if max_image_pixels is None:
             max_image_pixels = defaults.MAX_IMAGE_PIXELS if overwrite else planned_pixel_limit(store_url)
-        plan = plan_cube(bundle, data_dir, store_url, layers, chunk_images, target_mode, max_per_class,
-                         overwrite, cube_layout, max_image_pixels, precision)
+        plan = api.plan_extraction(bundle, api.ImageFolder(data_dir, max_per_class), store_url, layers=layers,
+                                   layout=cube_layout, chunk_images=chunk_images, target_mode=target_mode,
+                                   overwrite=overwrite, max_image_pixels=max_image_pixels, precision=precision)
         selected, manifest = plan.layers, plan.manifest
         prepare_chunk_writers(store_url)
         stop_point("store-created")

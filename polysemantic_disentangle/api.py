@@ -26,8 +26,9 @@ from polysemantic_disentangle.tasks.data.images import DatasetSource, ImageSourc
 from polysemantic_disentangle.tasks.models.registry import load_model as _load_model
 from polysemantic_disentangle.tasks.models.spec import ModelSpec
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
-from polysemantic_disentangle.tasks.stage1_extract.chunks import (extract_chunks, image_pixel_limit, pick_device,
+from polysemantic_disentangle.tasks.stage1_extract.chunks import (ChunkStats, CubePlan, image_pixel_limit, pick_device,
                                                                    plan_cube)
+from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks as _extract_chunks
 from polysemantic_disentangle.tasks.stage2_reduce import reduce as _reduce
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, StatisticsKey, statistics_labels
 from polysemantic_disentangle.tasks.stage3_detect.detect import LayerDetection, add_wordnet_similarities, detect_layers
@@ -226,20 +227,114 @@ def extract(
     >>> cube.layers
     ['layer3.0.conv1', ...]
     """
+    plan = plan_extraction(spec, images, store, layers=layers, layout=layout, chunk_images=chunk_images,
+                           target_mode=target_mode, storage_dtype=storage_dtype, overwrite=overwrite)
+    extract_chunks(spec, store, range(plan.n_chunks), layers=plan.layers, batch_size=batch_size,
+                   target_mode=target_mode)
+    return CubeReader(store)
+
+
+def plan_extraction(
+    spec: ModelSpec,
+    images: ImageFolder | ImageSource | str | Path,
+    store: str,
+    *,
+    layers: str | Sequence[str] = "all",
+    layout: str | CubeLayout = "full",
+    chunk_images: int = defaults.CHUNK_IMAGES,
+    target_mode: str = "label",
+    storage_dtype: str = defaults.STORAGE_DTYPE,
+    overwrite: bool = False,
+    max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
+    precision: str = "fp32",
+) -> CubePlan:
+    """``extract``'s first half: check the inputs, list the images and create (or reopen) the
+    cube, before any model pass. Everything that can be wrong with the inputs fails here; the
+    chunks are then written by ``extract_chunks``, in one process or spread over workers.
+
+    Parameters
+    ----------
+    spec, images, store, layers, chunk_images, target_mode, storage_dtype, overwrite:
+        As for ``extract``.
+    layout:
+        A ``CubeLayout`` or the name of its preset ("full", "detection", "evaluation").
+    max_image_pixels:
+        Images with more pixels are recorded as skipped (part of the cube's identity).
+    precision:
+        "fp32", or "bf16" autocast (part of the cube's identity).
+
+    Returns the ``CubePlan``: the selected layers, the image manifest and the number of chunks.
+
+    Example
+    -------
+    >>> plan = plan_extraction(spec, ImageFolder("data/train"), "runs/train.zarr", layers="layer3.*")
+    >>> extract_chunks(spec, "runs/train.zarr", range(plan.n_chunks), layers=plan.layers)
+    """
     if isinstance(images, ImageSource):
         data: ImageSource | str = images
         per_class = None
     else:
         folder = images if isinstance(images, ImageFolder) else ImageFolder(images)
         data, per_class = str(folder.root), folder.max_per_class
+    cube_layout = layout if isinstance(layout, CubeLayout) else CubeLayout.preset(layout, dtype=storage_dtype)
     plan = plan_cube(spec, data, store, layers, chunk_images, target_mode,  # type: ignore[arg-type]
-                     per_class, overwrite=overwrite, layout=CubeLayout.preset(layout, dtype=storage_dtype))
-    extract_chunks(store, spec.model.eval(), spec.transform, data, range(plan.n_chunks),  # type: ignore[arg-type]
-                   plan.layers, batch_size, target_mode, input_size=spec.input_size)  # type: ignore[arg-type]
-    reader = CubeReader(store)
+                     per_class, overwrite=overwrite, layout=cube_layout, max_image_pixels=max_image_pixels,
+                     precision=precision)
     if isinstance(data, ImageSource):
-        _SOURCES[reader.url] = data
-    return reader
+        _SOURCES[CubeReader(store).url] = data
+    return plan
+
+
+def extract_chunks(
+    spec: ModelSpec,
+    store: str,
+    chunks: Sequence[int] | range,
+    *,
+    layers: Sequence[str],
+    batch_size: int = defaults.BATCH_SIZE,
+    target_mode: str = "label",
+    model: nn.Module | None = None,
+    images: ImageSource | str | None = None,
+    on_chunk: Callable[[ChunkStats], None] | None = None,
+    decode_workers: int = defaults.DECODE_WORKERS,
+) -> list[ChunkStats]:
+    """``extract``'s second half: compute and write the given chunks of a planned cube (chunks
+    already finished are skipped, so a rerun resumes). Any set of chunks can run in any
+    process: this is what each shard of a distributed extraction runs.
+
+    Parameters
+    ----------
+    spec:
+        The model the cube was planned with (its transform and input size are used).
+    store:
+        The cube's URL.
+    chunks:
+        Chunk indices to write.
+    layers:
+        The planned layers (``CubePlan.layers``).
+    batch_size, target_mode:
+        As for ``extract``.
+    model:
+        The module to run when it is not ``spec.model`` itself (a copy on a GPU), run as it is.
+    images:
+        The images the cube was planned from (None: the source given to ``plan_extraction`` in
+        this process, else the folder the cube records).
+    on_chunk:
+        Called with each written chunk's ``ChunkStats`` (progress).
+    decode_workers:
+        Threads decoding the next batch while the model runs.
+
+    Example
+    -------
+    >>> extract_chunks(spec, "runs/train.zarr", [0, 1], layers=plan.layers, batch_size=128)
+    """
+    if images is None:
+        reader = CubeReader(store)
+        images = _SOURCES.get(reader.url) or reader.dataset_root
+    net = model if model is not None else spec.model.eval()
+    return _extract_chunks(store, net, spec.transform, images, chunks, layers,  # type: ignore[arg-type]
+                           batch_size, target_mode, on_chunk=on_chunk,  # type: ignore[arg-type]
+                           decode_workers=decode_workers, input_size=spec.input_size)
 
 
 def load_model(name: str, weights: str | Path | None = None, *, seed: int = 0) -> ModelSpec:

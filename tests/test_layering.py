@@ -168,6 +168,18 @@ def test_the_pipeline_runs_the_method_only_through_the_face() -> None:
                for node in ast.walk(ast.parse(source))), "flows/pipeline.py does not use polysemantic_disentangle.api"
 
 
+def test_the_extraction_flow_plans_and_writes_chunks_through_the_face() -> None:
+    # Its shards keep the device helpers (placement, batch size, decoders) of stage 1; the
+    # method's two calls, planning the cube and writing chunks, are the face's.
+    tree = ast.parse((ROOT / "flows" / "extract.py").read_text(encoding="utf-8"))
+    imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert not imported & {"plan_cube", "extract_chunks", "load_model"}, imported
+    called = {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call)
+              and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+              and node.func.value.id == "api"}
+    assert {"plan_extraction", "extract_chunks", "load_model"} <= called, called
+
+
 def test_the_face_rule_catches_a_direct_import() -> None:
     src = "def f():\n    from polysemantic_disentangle.tasks.stage4_rewire.rewire import rewire_model\n"
     assert imports_of(src, set(_modules())) & face_covered_modules() == {"tasks.stage4_rewire.rewire"}
