@@ -329,8 +329,7 @@ def extract_chunks(
     >>> extract_chunks(spec, "runs/train.zarr", [0, 1], layers=plan.layers, batch_size=128)
     """
     if images is None:
-        reader = CubeReader(store)
-        images = _SOURCES.get(reader.url) or reader.dataset_root
+        images = _images_of(CubeReader(store))  # type: ignore[assignment]
     net = model if model is not None else spec.model.eval()
     return _extract_chunks(store, net, spec.transform, images, chunks, layers,  # type: ignore[arg-type]
                            batch_size, target_mode, on_chunk=on_chunk,  # type: ignore[arg-type]
