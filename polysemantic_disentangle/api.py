@@ -230,7 +230,7 @@ def extract(
     plan = plan_extraction(spec, images, store, layers=layers, layout=layout, chunk_images=chunk_images,
                            target_mode=target_mode, storage_dtype=storage_dtype, overwrite=overwrite)
     extract_chunks(spec, store, range(plan.n_chunks), layers=plan.layers, batch_size=batch_size,
-                   target_mode=target_mode)
+                   target_mode=target_mode, images=images if isinstance(images, ImageSource) else plan.manifest.root)
     return CubeReader(store)
 
 
@@ -280,8 +280,12 @@ def plan_extraction(
     plan = plan_cube(spec, data, store, layers, chunk_images, target_mode,  # type: ignore[arg-type]
                      per_class, overwrite=overwrite, layout=cube_layout, max_image_pixels=max_image_pixels,
                      precision=precision)
+    # The cube records only its items' keys: later steps of this process read a dataset's items
+    # through this source; a store planned again from a folder must not keep an older source.
     if isinstance(data, ImageSource):
-        _SOURCES[CubeReader(store).url] = data
+        _SOURCES[str(store)] = data
+    else:
+        _SOURCES.pop(str(store), None)
     return plan
 
 
@@ -329,7 +333,8 @@ def extract_chunks(
     >>> extract_chunks(spec, "runs/train.zarr", [0, 1], layers=plan.layers, batch_size=128)
     """
     if images is None:
-        images = _images_of(CubeReader(store))  # type: ignore[assignment]
+        source = _SOURCES.get(str(store))
+        images = source if source is not None else CubeReader(store).dataset_root
     net = model if model is not None else spec.model.eval()
     return _extract_chunks(store, net, spec.transform, images, chunks, layers,  # type: ignore[arg-type]
                            batch_size, target_mode, on_chunk=on_chunk,  # type: ignore[arg-type]

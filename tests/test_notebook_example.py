@@ -76,3 +76,35 @@ def test_a_dataset_item_that_cannot_be_read_is_recorded_not_raised(tmp_path: Pat
     assert cube.skipped().tolist() == [False, False, False, False, True, False]
     assert list(cube.image_paths()) == ["0", "1", "2", "3", "4", "5"]
     assert cube.dataset_root == "dataset:Items"
+
+
+def test_a_store_extracted_again_from_a_folder_reads_the_folder_not_the_earlier_dataset(tmp_path: Path) -> None:
+    import numpy as np
+    from torch import nn
+
+    import polysemantic_disentangle as pdis
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int):
+            return np.full((8, 8, 3), 200 - 40 * i, np.uint8), i % 2
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    spec = pdis.ModelSpec(net, ["a", "b"], trained=False)
+    options = {"layers": "2", "chunk_images": 2, "batch_size": 2}
+    pdis.extract(spec, pdis.DatasetSource(Items()), "memory://again.zarr", **options)
+    again = pdis.extract(spec, pdis.ImageFolder(folder), "memory://again.zarr", overwrite=True, **options)
+    fresh = pdis.extract(spec, pdis.ImageFolder(folder), "memory://fresh.zarr", **options)
+    assert again.dataset_root == fresh.dataset_root == str(folder.resolve())
+    np.testing.assert_array_equal(again.relevance("2"), fresh.relevance("2"))
+    assert np.abs(fresh.relevance("2")).sum() > 0
