@@ -1094,7 +1094,13 @@ class _WholeChunks:
                     view = memoryview(out).cast("B")
                     if rows is not None:
                         view = view[:rows * (out.nbytes // max(1, out.shape[1]))]
-                    got = f.readinto(view)
+                    # A network or FUSE file system may return less than asked in one read.
+                    got = 0
+                    while got < len(view):
+                        n = f.readinto(view[got:])
+                        if not n:
+                            break
+                        got += n
                     if got != len(view):
                         raise ValueError(f"{path}: {got} bytes, a raw chunk of {self.chunks} needs {out.nbytes}")
                     return out
@@ -1407,8 +1413,10 @@ class CubeWriter(CubeReader):
 
     def write_chunk(self, chunk: int, data: ChunkData) -> None:
         # The store's arrays are all made with it: listed once per writer, not once per chunk
-        # (a listing is a metadata read per array, about 0.05 s for 19 layers).
-        if self._arrays is None:
+        # (a listing is a metadata read per array, about 0.05 s for 19 layers). The checksum
+        # array is the one exception (``prepare_chunk_writers`` adds it to older stores), so a
+        # listing without it is taken again.
+        if self._arrays is None or CHUNK_CHECKSUM_ARRAY not in self._arrays:
             self._arrays = _store_arrays(self._root)
         write_chunk(self._root, chunk, data, self._arrays)
 
