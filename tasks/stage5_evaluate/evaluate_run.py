@@ -45,6 +45,7 @@ from polysemantic_disentangle.tasks.stage5_evaluate.metrics import (
     run_channels,
     tiny_orig,
     top_k,
+    usable_rows,
 )
 from polysemantic_disentangle.tasks.stage5_evaluate.explain import present_quantile
 from polysemantic_disentangle.tasks.stage5_evaluate.records import ChannelEvaluation, Evaluation
@@ -419,7 +420,8 @@ def explain_chosen_layers(
         chosen = list(explain_layers)
     in_run = np.zeros(len(images.paths), bool)
     in_run[images.rows] = True
-    return {layer: explain_layer(cube, layer, concepts, quantile=explain_quantile, rows=in_run)
+    usable = usable_rows(cube)
+    return {layer: explain_layer(cube, layer, concepts, quantile=explain_quantile, rows=in_run, usable=usable)
             for layer in chosen if layer in in_cube}
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "run_channels",
     "tiny_orig",
     "top_k",
+    "usable_rows",
 ]
 
 
@@ -584,6 +585,13 @@ def explain_before_after(
     return out
 
 
+def usable_rows(cube: CubeReader) -> tuple[np.ndarray, np.ndarray]:
+    """The statistics label of every image and whether it can be explained (not skipped, with a
+    label): what ``explain_layer`` needs of the cube beyond the layer's own values."""
+    labels = statistics_labels(cube)
+    return labels, ~cube.skipped() & (labels >= 0)
+
+
 def explain_layer(
     eval_cube: CubeReader | str,
     layer: str,
@@ -591,18 +599,21 @@ def explain_layer(
     *,
     quantile: float | None = defaults.EXPLAIN_ACTIVE_QUANTILE,
     rows: np.ndarray | None = None,
+    usable: tuple[np.ndarray, np.ndarray] | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Explanations of ALL channels of ``layer`` from the cube's per-image spatial max.
 
     Skipped images and rows with missing values are left out; ``rows`` (indices or bool mask)
-    restricts the images further. Returns one plain dict per channel.
+    restricts the images further. ``usable`` is ``usable_rows(cube)`` when the caller explains
+    several layers (it reads every chunk's labels, once instead of once per layer). Returns one
+    plain dict per channel.
     """
     cube = as_cube(eval_cube)
     n_classes = cube.n_classes
-    labels = statistics_labels(cube)
+    labels, explainable = usable if usable is not None else usable_rows(cube)
     acts = cube.activation_max(layer)
-    keep = ~cube.skipped() & np.isfinite(acts).all(1) & (labels >= 0)
+    keep = explainable & np.isfinite(acts).all(1)
     if rows is not None:
         r = np.asarray(rows)
         keep &= r if r.dtype == bool else np.isin(np.arange(len(labels)), r)
