@@ -44,6 +44,7 @@ chromium:
 # Test files run side by side, one worker per core up to four (each worker keeps its own
 # Prefect test server; four bounds memory at about 4 GB per worker's end-to-end runs). A file
 # stays on one worker, so its module fixtures (a baseline run the kill tests share) run once.
+# TEST_WORKERS=0 runs in this process (for --pdb and the like).
 TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(max(1, min(4, os.cpu_count() or 1)))')
 
 test: setup chromium
