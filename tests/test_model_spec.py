@@ -3,8 +3,13 @@ networks that compute different functions never share a store, whoever built the
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from torch import nn
@@ -14,7 +19,7 @@ from polysemantic_disentangle.tasks.data.classes import CIFAR10_CLASSES
 from polysemantic_disentangle.tasks.models.registry import Weights, load_model, registered_model
 from polysemantic_disentangle.tasks.models.spec import IMAGENET_MEAN, ModelSpec
 from polysemantic_disentangle.tasks.stage1_extract.chunks import plan_cube
-from tests.conftest import cifar_subset
+from tests.conftest import PROJECT_ROOT, cifar_subset
 
 
 class TinyNet(nn.Module):
@@ -76,3 +81,44 @@ def test_registry_entries_are_weight_records(assets_dir: Path) -> None:
     assert (spec.mean, spec.std) == (entry.weights.mean, entry.weights.std)
     lite = registered_model("efficientnet_lite0").weights
     assert lite.mean == (127.0 / 255.0,) * 3 and lite.input_size == (224, 224)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK", "1", "I;16"])
+def test_default_transform_equals_torchvisions(mode: str) -> None:
+    """The default transform gives torchvision's ``Compose([Lambda(ensure_rgb), ToTensor(),
+    Normalize(mean, std)])`` bit for bit, for every image mode and odd sizes; ``ModelSpec``
+    reads the normalisation of either."""
+    from torchvision import transforms as T
+
+    from polysemantic_disentangle.tasks.models.spec import ensure_rgb, tensor_transform
+
+    rng = np.random.default_rng(0)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ours = tensor_transform(mean, std)
+    theirs = T.Compose([T.Lambda(ensure_rgb), T.ToTensor(), T.Normalize(mean, std)])
+    for width, height in ((32, 32), (17, 23), (1, 1), (224, 160)):
+        image = PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+        got, want = ours(image), theirs(image)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (mode, width, height)
+    for transform in (ours, theirs):
+        spec = ModelSpec(_net(0), CIFAR10_CLASSES, trained=False, transform=transform)
+        assert (spec.mean, spec.std) == (mean, std)
+    with pytest.raises(ValueError, match="holds a zero"):
+        tensor_transform(mean, (0.2, 0.0, 0.2))
+
+
+def test_a_cifar_resnet_run_path_does_not_import_torchvision(assets_dir: Path) -> None:
+    """Loading a CIFAR ResNet and preparing its images leaves torchvision (and with it
+    torch._dynamo, seconds of every process's start) unimported; a torchvision model imports it."""
+    code = ("import sys, PIL.Image\n"
+            "import polysemantic_disentangle.flows.pipeline\n"
+            "from polysemantic_disentangle.tasks.models.registry import load_model\n"
+            "spec = load_model('cifar_resnet20')\n"
+            "spec.model(spec.transform(PIL.Image.new('RGB', (32, 32))).unsqueeze(0))\n"
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))\n"
+            "load_model('resnet18', 'random')\n"
+            "print('torchvision' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                         env={**os.environ, "DISENTANGLE_ASSETS": str(assets_dir)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout

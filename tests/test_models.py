@@ -302,8 +302,10 @@ def test_torchvision_resnet18_random_and_state_dict_roundtrip(tmp_path: Path) ->
 
 
 def test_torchvision_weight_enum(tmp_path: Path, monkeypatch) -> None:
+    import torchvision
+
     path = tmp_path / "resnet18-f37072fd.pth"
-    torch.save(models.torchvision.models.resnet18().state_dict(), path)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
     monkeypatch.setattr(models, "_download_torchvision_weights", lambda url: path)
     bundle = load_model("resnet18", "ResNet18_Weights.IMAGENET1K_V1")
     assert bundle.weights_path == str(path)

@@ -18,11 +18,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
-from torchvision import transforms as T
 
 from polysemantic_disentangle.tasks.data import assets
 from polysemantic_disentangle.tasks.models.cifar_resnet import cifar_resnet
@@ -35,6 +34,10 @@ from polysemantic_disentangle.tasks.models.weights import (Weights, apply_state_
                                                           spec_with_weights)
 from polysemantic_disentangle.tasks.models.spec import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec,
                                                       ensure_rgb, state_dict_sha256, tensor_transform)
+
+if TYPE_CHECKING:
+    import torchvision
+    from torchvision import transforms as T
 
 __all__ = [
     "ConvLayerInfo",
@@ -91,7 +94,10 @@ class RegisteredModel:
     named_weights: Callable[[str], Weights | None] | None = None
 
 
-_REGISTRY: dict[str, RegisteredModel] = {}
+# None: a torchvision classifier, named at import, whose entry is made on first use (making it
+# imports torchvision, and with it torch._dynamo: about 3 CPU seconds a run of a CIFAR ResNet
+# or of the user's own module never needs).
+_REGISTRY: dict[str, RegisteredModel | None] = {}
 
 
 def register_model(name: str, weights: Weights,
@@ -118,8 +124,12 @@ def _imagenet_style_transform(
     crop: int,
     mean: Sequence[float],
     std: Sequence[float],
-    interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR,
+    interpolation: T.InterpolationMode | None = None,
 ) -> T.Compose:
+    from torchvision import transforms as T
+
+    if interpolation is None:
+        interpolation = T.InterpolationMode.BILINEAR
     return T.Compose(
         [
             T.Lambda(ensure_rgb),
@@ -190,6 +200,8 @@ def _torchvision_named_weights(name: str) -> Callable[[str], Weights | None]:
     def lookup(weights: str) -> Weights | None:
         if not is_weight_enum(weights) or Path(weights).exists():
             return None
+        import torchvision
+
         enum = torchvision.models.get_weight(weights)
         if enum not in list(torchvision.models.get_model_weights(name)):
             raise ValueError(f"{weights} are not weights of {name}")
@@ -199,14 +211,26 @@ def _torchvision_named_weights(name: str) -> Callable[[str], Weights | None]:
 
 
 for _name in TORCHVISION_CLASSIFIERS:
-    register_model(_name, _torchvision_weights(torchvision.models.get_model_weights(_name).DEFAULT, published=False),
-                   _torchvision_named_weights(_name))(functools.partial(torchvision.models.get_model, _name, weights=None))
+    if _name in _REGISTRY:
+        raise ValueError(f"model {_name!r} is registered twice")
+    _REGISTRY[_name] = None
+
+
+def _torchvision_entry(name: str) -> RegisteredModel:
+    import torchvision
+
+    entry = RegisteredModel(name, functools.partial(torchvision.models.get_model, name, weights=None),
+                            _torchvision_weights(torchvision.models.get_model_weights(name).DEFAULT, published=False),
+                            _torchvision_named_weights(name))
+    _REGISTRY[name] = entry
+    return entry
 
 
 def registered_model(name: str) -> RegisteredModel:
     """The registry's entry for ``name``, else a ValueError that suggests the close names."""
     if name in _REGISTRY:
-        return _REGISTRY[name]
+        entry = _REGISTRY[name]
+        return entry if entry is not None else _torchvision_entry(name)
     close = close_model_names(name)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ValueError(f"unknown model {name!r}; {hint}available: {', '.join(available_models())}")
@@ -240,6 +264,8 @@ def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> M
     path: Path | None = None
     if weights is None:
         if record.fetch is None:
+            import torchvision
+
             warnings.warn(
                 f"{name}: no weights given, the model is randomly initialised (seeded); pass a "
                 f"state-dict path or a weight enum such as "

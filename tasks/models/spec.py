@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 from torch import nn
-from torchvision import transforms as T
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "Transform", "ensure_rgb", "state_dict_sha256", "tensor_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "NormalizedTensor", "Transform", "ensure_rgb", "state_dict_sha256",
+           "tensor_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,14 +44,43 @@ def ensure_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def tensor_transform(mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+class NormalizedTensor:
+    """RGB, to a float tensor in [0, 1], normalised by ``mean`` / ``std`` (no resizing): the
+    values of torchvision's ``Compose([Lambda(ensure_rgb), ToTensor(), Normalize(mean, std)])``,
+    bit for bit, without importing torchvision. Importing any part of torchvision imports
+    ``torchvision.ops``, and with it ``torch._dynamo`` and SymPy: about 3 CPU seconds of every
+    process that runs a model needing no resizing (the CIFAR ResNets, a user's own module)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = tuple(map(float, mean))
+        self.std = tuple(map(float, std))
+        if any(s == 0 for s in self.std):
+            raise ValueError(f"std {self.std} holds a zero: normalising would divide by it")
+
+    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+        rgb = ensure_rgb(image)
+        # As torchvision's to_tensor: HWC uint8 -> CHW in the default float dtype, divided by 255;
+        # then normalize: subtract the mean, divide by the std, per channel.
+        pixels = torch.from_numpy(np.array(rgb, np.uint8, copy=True)).view(rgb.size[1], rgb.size[0], 3)
+        out = pixels.permute((2, 0, 1)).contiguous().to(dtype=torch.get_default_dtype()).div(255)
+        mean = torch.as_tensor(self.mean, dtype=out.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=out.dtype).view(-1, 1, 1)
+        return out.sub_(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+def tensor_transform(mean: Sequence[float], std: Sequence[float]) -> NormalizedTensor:
     """RGB, to a float tensor in [0, 1], normalised by ``mean`` / ``std`` (no resizing)."""
-    return T.Compose([T.Lambda(ensure_rgb), T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+    return NormalizedTensor(mean, std)
 
 
 def _normalize_step(transform: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    # A torchvision Normalize can only exist where torchvision is imported already.
+    tv = sys.modules.get("torchvision.transforms")
     for t in getattr(transform, "transforms", [transform]):
-        if isinstance(t, T.Normalize):
+        if isinstance(t, NormalizedTensor) or (tv is not None and isinstance(t, tv.Normalize)):
             return tuple(map(float, t.mean)), tuple(map(float, t.std))
     return None
 
