@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import io
-from typing import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from polysemantic_disentangle.tasks.defaults import FIGURE3_MAX_DRAWN
 
-from polysemantic_disentangle.tasks.defaults import FIGURE3_MAX_DRAWN  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+
+
+@functools.cache
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend, imported on the first figure: a process that
+    draws none (an extraction worker, a run stopped before its evaluation, detection's
+    Spearman correlation) does not pay the second or so that importing it costs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def _rank(values: np.ndarray) -> np.ndarray:
@@ -40,7 +54,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 def to_png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -49,7 +63,7 @@ def to_jpeg(fig: plt.Figure, quality: int = 85) -> bytes:
     thumbnail size (a grid of 24 ImageNet thumbnails: about 40 kB instead of 260 kB)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="jpeg", dpi=110, bbox_inches="tight", pil_kwargs={"quality": quality})
-    plt.close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -70,7 +84,7 @@ def wordnet_vs_cosine(cosines: Sequence[float], similarities: Sequence[float], l
         pick = np.sort(np.random.default_rng(0).choice(len(x), size=max_drawn, replace=False))
         x, y = x[pick], y[pick]
     drawn = f" ({len(x):,} drawn)" if len(x) < total else ""
-    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    fig, ax = pyplot().subplots(figsize=(5.2, 4.0))
     ax.scatter(x, y, s=12, alpha=0.6, color="#3465a4", edgecolors="none")
     if gamma is not None:
         ax.axvline(gamma, color="#cc0000", lw=1, ls="--", label=f"gamma = {gamma:g}")
@@ -139,7 +153,7 @@ def activation_densities(
     lo, hi = (np.percentile(allv, [0.5, 99.5]) if allv.size else (0.0, 1.0))
     pad = 0.08 * (hi - lo) if hi > lo else 1.0
     grid = np.linspace(lo - pad, hi + pad, points)
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 2.6), sharex=True, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(2.9 * len(panels), 2.6), sharex=True, squeeze=False)
     legend_ax = None
     for ax, (panel_title, groups) in zip(axes[0], panels, strict=True):
         colour = iter(_SERIES_COLOURS)
@@ -232,7 +246,7 @@ def image_grid(
             mosaic[y:y + im.shape[0], x:x + im.shape[1]] = im
     dpi = 110
     label_w = 1.6
-    fig = plt.figure(figsize=(W / dpi + label_w, H / dpi + (0.35 if title else 0.05)), dpi=dpi)
+    fig = pyplot().figure(figsize=(W / dpi + label_w, H / dpi + (0.35 if title else 0.05)), dpi=dpi)
     ax = fig.add_axes((label_w / (W / dpi + label_w), 0, W / dpi / (W / dpi + label_w),
                        H / dpi / (H / dpi + (0.35 if title else 0.05))))
     ax.imshow(mosaic, interpolation="nearest")
@@ -260,7 +274,7 @@ def cosine_quantiles_by_layer(
     ``polysemantic_disentangle.tasks.stage3_detect.detect.layer_diagnostics``, number of pairs), in network order, drawn top to bottom.
     """
     n = max(1, len(layers))
-    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.24 * n))
+    fig, ax = pyplot().subplots(figsize=(6.4, 0.9 + 0.24 * n))
     stats = [{"med": q["median"], "q1": q["q25"], "q3": q["q75"], "whislo": q["q10"], "whishi": q["q90"],
               "fliers": [q["min"], q["max"]], "label": f"{name} ({pairs:,})"} for name, q, pairs in layers]
     if stats:

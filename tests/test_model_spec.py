@@ -109,13 +109,16 @@ def test_default_transform_equals_torchvisions(mode: str) -> None:
 
 def test_a_cifar_resnet_run_path_does_not_import_torchvision(assets_dir: Path) -> None:
     """Loading a CIFAR ResNet and preparing its images leaves torchvision (and with it
-    torch._dynamo, seconds of every process's start) unimported; a torchvision model imports it."""
+    torch._dynamo, seconds of every process's start) unimported; a torchvision model imports it.
+    matplotlib waits for the first figure (detection's Spearman correlation draws none)."""
     code = ("import sys, PIL.Image\n"
             "import polysemantic_disentangle.flows.pipeline\n"
             "from polysemantic_disentangle.tasks.models.registry import load_model\n"
             "spec = load_model('cifar_resnet20')\n"
             "spec.model(spec.transform(PIL.Image.new('RGB', (32, 32))).unsqueeze(0))\n"
-            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))\n"
+            "from polysemantic_disentangle.tasks.plots import spearman\n"
+            "spearman([1, 2, 3], [1, 3, 2])\n"
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'matplotlib') if m in sys.modules))\n"
             "load_model('resnet18', 'random')\n"
             "print('torchvision' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT,

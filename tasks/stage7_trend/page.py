@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from polysemantic_disentangle.tasks.run_folder import TrendFolder
-from polysemantic_disentangle.tasks.plots import plt, to_png
+from polysemantic_disentangle.tasks.plots import pyplot, to_png
 from polysemantic_disentangle.tasks.stage6_report.html_parts import (CSS, Raw, data_uri, embedded_figure, escape, file_link, fmt,
                                                                  html_table, md_table)
 from polysemantic_disentangle.tasks.stage7_trend.trend import Trend
@@ -36,7 +36,7 @@ def layer_figure(trend: Trend, layer: str) -> bytes:
     """Three panels over checkpoints: counts, candidate-pair cosine quartiles, mean score."""
     lt = trend.layer(layer)
     x, xlabel = _x(trend)
-    fig, axes = plt.subplots(1, 3, figsize=(11.5, 2.9))
+    fig, axes = pyplot().subplots(1, 3, figsize=(11.5, 2.9))
     pts = lt.points
     for key, label, colour in (("candidates", "candidate channels", "#3465a4"),
                                ("candidate_pairs", "candidate pairs", "#75507b"),
@@ -71,7 +71,7 @@ def layer_figure(trend: Trend, layer: str) -> bytes:
 
 def accuracy_figure(trend: Trend) -> bytes:
     x, xlabel = _x(trend)
-    fig, ax = plt.subplots(figsize=(4.6, 2.8))
+    fig, ax = pyplot().subplots(figsize=(4.6, 2.8))
     ax.plot(x, [_nan(c.accuracy) for c in trend.checkpoints], marker="o", color="#3465a4")
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("top-1 accuracy", fontsize=8)
@@ -95,8 +95,8 @@ def heatmap_figure(trend: Trend, layer: str) -> bytes:
     rows = [c for c in trend.channels if c.layer == layer and any(p.candidate for p in c.points)]
     values = np.array([[_nan(p.lowest_cosine) for p in c.points] for c in rows], float)
     n_ck = len(trend.checkpoints)
-    fig, ax = plt.subplots(figsize=(min(2.0 + 0.9 * n_ck, 12), min(1.2 + 0.2 * len(rows), 16)))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#e6e6e6")
+    fig, ax = pyplot().subplots(figsize=(min(2.0 + 0.9 * n_ck, 12), min(1.2 + 0.2 * len(rows), 16)))
+    cmap = pyplot().get_cmap("viridis").with_extremes(bad="#e6e6e6")
     finite = values[np.isfinite(values)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, vmin=lo, vmax=max(hi, lo + 1e-6),
