@@ -33,6 +33,7 @@ from polysemantic_disentangle.flows.stage_results import (DetectionResult, Evalu
                                                            RewiringResult)
 from polysemantic_disentangle.storage.cube import CubeReader
 from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.heap import release_free_memory
 from polysemantic_disentangle.tasks.run_folder import RunFolder
 from polysemantic_disentangle.tasks.stage3_detect.files import detection_record, write_pairs_csv
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
@@ -270,6 +271,9 @@ def run_stage(cache: StageCache, stage: str, key: Any, run: Callable[[], R], *, 
             return result_type.from_dict(state.result() if isinstance(state, State) else state)
     cache.forget(stage)
     result = run()
+    # What the stage freed stays resident in glibc's arenas unless handed back: without this
+    # every later stage would run on top of the largest earlier one (tasks/heap.py).
+    release_free_memory()
     stop_point(stop)
     cache.store(stage, key, result.to_dict(), outputs=result.output_files())
     return result
@@ -298,7 +302,9 @@ def stage_keys(params: PipelineParams, model_identity: dict[str, Any], train_fp:
 def preflight_inputs(params: PipelineParams) -> Preflight:
     """Resolve ``params`` and check every input before any work (see ``flows/preflight.py``)."""
     validate_extraction(params.chunk_images, params.shard_chunks, params.batch_size)
-    return run_preflight(params)
+    checked = run_preflight(params)
+    release_free_memory()  # the estimate's timed extraction batches and feature visualisation
+    return checked
 
 
 @flow(name="disentangle-all-layers", log_prints=True)

@@ -18,7 +18,6 @@ driver the pipeline calls, and its typed result, are in ``evaluate_run.py``.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from polysemantic_disentangle.storage.cube import CubeReader
 from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.heap import release_free_memory
 from polysemantic_disentangle.tasks.stage5_evaluate.explain import (
     Explanation,
     activation_thresholds,
@@ -114,16 +114,6 @@ def _reduce(maps: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             x.clamp(min=0).sum((-2, -1)).cpu().numpy())
 
 
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``, or a no-op where there is no glibc."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: trim(0)
-
-
 def _batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
     if isinstance(images, Tensor):
         for s in range(0, images.shape[0], batch_size):
@@ -171,7 +161,6 @@ def run_channels(
     # between them; glibc keeps the freed pages (the heap only shrinks from its top), so the
     # process grew with every batch (Lite0, 152 splits: +1.8 GB over 256 images). Handing
     # free pages back after each batch keeps the pass at the cost of one batch.
-    trim = _malloc_trim()
     with hooked((original.get_submodule(layer), make_hook(layer)) for layer in by_layer), torch.no_grad():
         for batch in _batches(images, batch_size):
             batch = batch.to(dev, torch.float32)
@@ -181,7 +170,7 @@ def run_channels(
             for n in names:
                 part_out[n].append(_reduce(parts[n]))
             del parts, batch
-            trim()
+            release_free_memory()
 
     def cat(chunks: list[tuple[np.ndarray, ...]], i: int) -> np.ndarray:
         return np.concatenate([c[i] for c in chunks]) if chunks else np.zeros((0,))
