@@ -117,6 +117,28 @@ class BatchRelevance:
     activation_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, C_out)
 
 
+class _Scratch:
+    """One pass's reusable buffers for act x grad, one per (shape, strides, dtype, device): the
+    layers of one stage share a buffer instead of each allocating its own output-sized
+    temporary (fresh memory costs page faults on every batch)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def product(self, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``_wide(out) * _wide(grad)``, the same values in the same layout, so any reduction
+        of it gives the same bits."""
+        a, g = _wide(out), _wide(grad)
+        dense = a.is_contiguous() or (a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last))
+        if a.dtype != g.dtype or a.stride() != g.stride() or not dense:
+            return a * g  # the product's layout is then torch's choice: leave it to torch
+        key = (tuple(a.shape), a.stride(), a.dtype, a.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty_like(a)
+        return torch.mul(a, g, out=buf)
+
+
 def _positions_last(t: torch.Tensor) -> torch.Tensor:
     """A Linear layer's (N, ..., C) tensor as (N, positions, C)."""
     return t.reshape(t.shape[0], -1, t.shape[-1])
@@ -133,8 +155,10 @@ class _LayerTap:
     produces it."""
 
     def __init__(self, name: str, module: nn.Conv2d | nn.Linear, result: BatchRelevance, shield: bool,
-                 moments: bool = True, activations: bool | frozenset[str] = True, inplace_ops: bool = True) -> None:
+                 moments: bool = True, activations: bool | frozenset[str] = True, inplace_ops: bool = True,
+                 scratch: _Scratch | None = None) -> None:
         self.name = name
+        self.scratch = scratch if scratch is not None else _Scratch()
         self.shield = shield
         self.inplace_ops = inplace_ops  # the model has modules that may write into their input
         self.overwritten = False  # an in-place op changed the output before its gradient came
@@ -145,7 +169,8 @@ class _LayerTap:
         self.module = module
         self.linear = isinstance(module, nn.Linear)
         self.result = result
-        self.output: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None  # a gradient leaf's output, for the backward
+        self.ran = False  # the layer's output was tapped in this pass
         self.calls = 0
         self.batch = -1
         self.leaf = False  # the output is a gradient leaf (no tapped layer upstream of it)
@@ -176,24 +201,31 @@ class _LayerTap:
                 self.result.activation_max[self.name] = _wide(output.detach().amax(dim=(2, 3)))
             if "mean" in self.activations:
                 self.result.activation_mean[self.name] = _wide(output.detach()).mean(dim=(2, 3))
-        return self._relevance_on_backward(output, lambda out, grad: (_wide(out) * _wide(grad)).sum(dim=(2, 3)))
+        return self._relevance_on_backward(output, lambda out, grad: self.scratch.product(out, grad).sum(dim=(2, 3)))
 
     def _relevance_on_backward(self, output: torch.Tensor,
                                reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
         """Hook the output's gradient to store ``reduce(output, grad)`` as the layer's relevance,
         and return what the rest of the network gets (``_handed_on``)."""
         output, replaced = self._track(output)
-        detached = output.detach()
-        version = detached._version
+        # The output is let go as soon as its gradient is reduced, so that it is freed at the
+        # same point of the backward as in a plain one: held to the end of the pass, every
+        # layer's output stays alive and the backward's gradients need fresh memory (page
+        # faults), which made the model's own ops about 10 % dearer than in the floor.
+        held = [output.detach()]
+        version = held[0]._version
 
         def reduce_grad(grad: torch.Tensor) -> None:
+            detached = held.pop()
             if detached._version != version:
                 self.overwritten = True
                 return
             self.result.relevance[self.name] = reduce(detached, grad)
 
         output.register_hook(reduce_grad)
-        self.output = output
+        self.ran = True
+        # Only a gradient leaf is kept: the backward is asked for its gradient.
+        self.output = output if self.leaf else None
         return self._handed_on(output, replaced)
 
     def _handed_on(self, output: torch.Tensor, replaced: bool) -> torch.Tensor | None:
@@ -235,7 +267,7 @@ class _LayerTap:
             if "mean" in self.activations:
                 self.result.activation_mean[self.name] = _wide(out).mean(dim=1)
         return self._relevance_on_backward(
-            output, lambda out, grad: _positions_last(_wide(out) * _wide(grad)).sum(dim=1))
+            output, lambda out, grad: _positions_last(self.scratch.product(out, grad)).sum(dim=1))
 
 
 # Per model, the layers whose output an in-place op overwrites (found by a pass whose gradient
@@ -252,6 +284,7 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
     inplace_ops = any(getattr(m, "inplace", False) for m in modules.values())
     overwritten = _OVERWRITTEN.get(model, set())
     taps: list[_LayerTap] = []
+    scratch = _Scratch()
     with hooked() as handles:
         for name in layers:
             module = modules.get(name)
@@ -259,7 +292,7 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
                 raise ValueError(f"{name!r} is not a conv or Linear layer of this model")
             tap = _LayerTap(name, module, result, name in overwritten,
                             moments=moment_layers is None or name in moment_layers, activations=activations,
-                            inplace_ops=inplace_ops)
+                            inplace_ops=inplace_ops, scratch=scratch)
             taps.append(tap)
             handles.register(module, tap)
             # output -> its grad hook -> tap -> output is a reference cycle that would keep every
@@ -326,7 +359,7 @@ def batch_relevance(
         else:
             raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
         target_logit = logits.gather(1, target[:, None].long()).squeeze(1)
-        missing = [t.name for t in taps if t.output is None]
+        missing = [t.name for t in taps if not t.ran]
         if missing:
             raise RuntimeError(f"layers never ran in the forward pass: {missing}")
         leaves = [t.output for t in taps if t.leaf]
