@@ -120,17 +120,23 @@ class BatchRelevance:
 class _Scratch:
     """One pass's reusable buffers for act x grad, one per (shape, strides, dtype, device): the
     layers of one stage share a buffer instead of each allocating its own output-sized
-    temporary (fresh memory costs page faults on every batch)."""
+    temporary (fresh memory costs page faults on every batch). CPU only: on a GPU the caching
+    allocator already reuses blocks, and a buffer shared across layers would race if a model ran
+    branches on separate CUDA streams."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        """Let the buffers go (the pass is over; a retried pass gets its own)."""
+        self._buffers.clear()
 
     def product(self, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """``_wide(out) * _wide(grad)``, the same values in the same layout, so any reduction
         of it gives the same bits."""
         a, g = _wide(out), _wide(grad)
         dense = a.is_contiguous() or (a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last))
-        if a.dtype != g.dtype or a.stride() != g.stride() or not dense:
+        if a.device.type != "cpu" or a.dtype != g.dtype or a.stride() != g.stride() or not dense:
             return a * g  # the product's layout is then torch's choice: leave it to torch
         key = (tuple(a.shape), a.stride(), a.dtype, a.device)
         buf = self._buffers.get(key)
@@ -286,6 +292,7 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
     taps: list[_LayerTap] = []
     scratch = _Scratch()
     with hooked() as handles:
+        handles.on_exit(scratch.clear)
         for name in layers:
             module = modules.get(name)
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
