@@ -105,6 +105,11 @@ def test_default_transform_equals_torchvisions(mode: str) -> None:
         assert (spec.mean, spec.std) == (mean, std)
     with pytest.raises(ValueError, match="holds a zero"):
         tensor_transform(mean, (0.2, 0.0, 0.2))
+    # Not zero as a Python float, zero in float32: refused at construction, not inf in every image.
+    with pytest.raises(ValueError, match="holds a zero in float32"):
+        tensor_transform(mean, (1e-50, 0.2, 0.2))
+    with pytest.raises(ValueError, match="needs 1 or 3 values"):
+        tensor_transform((0.5, 0.5), std)
 
 
 def test_a_cifar_resnet_run_path_does_not_import_torchvision(assets_dir: Path) -> None:

@@ -54,8 +54,13 @@ class NormalizedTensor:
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = tuple(map(float, mean))
         self.std = tuple(map(float, std))
-        if any(s == 0 for s in self.std):
-            raise ValueError(f"std {self.std} holds a zero: normalising would divide by it")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, 3):
+                raise ValueError(f"{name} {values} needs 1 or 3 values (the images are RGB)")
+        # Compared in float32, as the images are: a std that is not zero as a Python float may
+        # still be zero there (1e-50), and would fill every image with inf.
+        if bool((torch.as_tensor(self.std, dtype=torch.float32) == 0).any()):
+            raise ValueError(f"std {self.std} holds a zero in float32: normalising would divide by it")
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
         rgb = ensure_rgb(image)
