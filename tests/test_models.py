@@ -396,3 +396,10 @@ def test_assets_from_shared_folder(assets_dir: Path, monkeypatch) -> None:
     assert assets.cifar_resnet_checkpoint(56).name == "resnet56-4bfd9763.th"
     index = classes.imagenet_class_index()
     assert index[530] == ("n03196217", "digital_clock")
+
+
+def test_an_unknown_name_suggests_a_users_registered_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo of a model the user registered gets it as "did you mean", not only built-in names."""
+    monkeypatch.setitem(models._REGISTRY, "my_special_net", models.registered_model("cifar_resnet20"))
+    with pytest.raises(ValueError, match=r"unknown model 'my_special_nett'; did you mean my_special_net\?"):
+        models.registered_model("my_special_nett")

@@ -231,9 +231,10 @@ def registered_model(name: str) -> RegisteredModel:
     if name in _REGISTRY:
         entry = _REGISTRY[name]
         return entry if entry is not None else _torchvision_entry(name)
-    close = close_model_names(name)
+    names = available_models()  # a user's registered models too, not only the built-in list
+    close = close_model_names(name, names)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"unknown model {name!r}; {hint}available: {', '.join(available_models())}")
+    raise ValueError(f"unknown model {name!r}; {hint}available: {', '.join(names)}")
 
 
 def load_model(name: str, weights: str | Path | None = None, seed: int = 0) -> ModelSpec:
