@@ -4,7 +4,8 @@ glibc's malloc returns memory to the system only from the top of each heap: the 
 tensors freed below a block that is still live stay resident, and each thread allocates from
 its own arena. A process that runs one memory-heavy pass after another (two extractions, the
 evaluation's model pass) then holds the high-water mark of every pass at once, not the largest
-(ResNet-50 at batch 16: the evaluation cube's extraction began 1.3 GB above the first's).
+(ResNet-50 at batch 16, two extractions in one process: the second began 1.3 GB above where the
+first began, and peaked about 1 GB above the first's peak).
 ``malloc_trim(0)`` releases the whole free pages of every arena; the live data is untouched.
 """
 
