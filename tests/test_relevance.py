@@ -167,6 +167,70 @@ def test_input_moments_plain_sum_for_1x1() -> None:
     torch.testing.assert_close(m[0, 0], torch.outer(per_axis, per_axis))
 
 
+def padded_slice_moments(x: torch.Tensor, kernel: int, stride: int, dilation: int, pad: int,
+                         out_hw: tuple[int, int]) -> torch.Tensor:
+    """Oracle: pad x as the conv does (the bottom and right padding whatever makes ``out_hw``)
+    and sum, for each offset, the strided slice of positions it reads."""
+    h, w = x.shape[2:]
+    need_h = dilation * (kernel - 1) + stride * (out_hw[0] - 1) + 1
+    need_w = dilation * (kernel - 1) + stride * (out_hw[1] - 1) + 1
+    xp = torch.nn.functional.pad(x, (pad, max(0, need_w - w - pad), pad, max(0, need_h - h - pad)))
+    out = torch.empty(*x.shape[:2], kernel, kernel, dtype=x.dtype)
+    for u in range(kernel):
+        for v in range(kernel):
+            out[:, :, u, v] = xp[:, :, dilation * u:dilation * u + stride * (out_hw[0] - 1) + 1:stride,
+                                 dilation * v:dilation * v + stride * (out_hw[1] - 1) + 1:stride].sum((2, 3))
+    return out
+
+
+def test_input_moments_every_geometry_against_padded_slices() -> None:
+    """Every route (edges-only stride 1, general) against the slices of the padded input, over
+    kernels, strides, dilations, paddings (bottom/right one more than top/left too) and sizes
+    down to 1 pixel."""
+    torch.manual_seed(0)
+    checked = 0
+    for size in (1, 2, 5, 8, 11):
+        for kernel in (1, 2, 3, 5):
+            for stride in (1, 2, 3):
+                for dilation in (1, 2):
+                    for pad in (0, 1, 2):
+                        for extra_w in (0, 3):
+                            h, w = size, size + extra_w
+                            for extra_bottom in (0, 1):
+                                out_h = (h + 2 * pad + extra_bottom - dilation * (kernel - 1) - 1) // stride + 1
+                                out_w = (w + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+                                if out_h < 1 or out_w < 1:
+                                    continue
+                                x = torch.randn(2, 3, h, w, dtype=torch.float64)
+                                ours = input_moments(x, (kernel, kernel), (stride, stride), (dilation, dilation),
+                                                     (pad, pad), (out_h, out_w))
+                                oracle = padded_slice_moments(x, kernel, stride, dilation, pad, (out_h, out_w))
+                                torch.testing.assert_close(ours, oracle, rtol=1e-12, atol=1e-12,
+                                                           msg=f"{(h, w, kernel, stride, dilation, pad, extra_bottom)}")
+                                checked += 1
+    assert checked > 500
+
+
+def test_input_moments_do_not_depend_on_the_thread_count() -> None:
+    """A chunk computed by a worker with another thread count (a resumed or distributed run)
+    must give the same bytes: the same bits for 1 and 2 threads, on both routes."""
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    cases = [((64, 64, 8, 8), 1, 1), ((32, 16, 32, 32), 1, 1), ((64, 32, 16, 16), 2, 1), ((2, 3, 96, 96), 2, 3)]
+    try:
+        for shape, stride, pad in cases:
+            x = torch.rand(shape)
+            kernel = 2 * pad + 1
+            out = tuple((s + 2 * pad - kernel) // stride + 1 for s in shape[2:])
+            results = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results.append(input_moments(x, (kernel, kernel), (stride, stride), (1, 1), (pad, pad), out))
+            assert torch.equal(results[0], results[1]), shape
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_relevance_survives_inplace_relu_after_conv() -> None:
     """VGG-style conv -> ReLU(inplace=True): the hook must see the conv output, not the ReLU's."""
     torch.manual_seed(0)

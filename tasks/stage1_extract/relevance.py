@@ -58,6 +58,43 @@ def _indicator(in_size: int, out_size: int, kernel: int, stride: int, dilation: 
     return offset_indicator(in_size, out_size, kernel, stride, dilation, pad_before).to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=512)
+def _skipped_positions(in_size: int, out_size: int, kernel: int, dilation: int, pad_before: int
+                       ) -> tuple[tuple[int, ...], ...] | None:
+    """Stride 1: per kernel offset, the input positions along one axis it never reads (the
+    few at the ends that only padding would reach), or None when they are not few."""
+    skipped = []
+    for u in range(kernel):
+        first = dilation * u - pad_before
+        last = first + out_size - 1
+        if first >= in_size or last < 0:
+            return None
+        left_out = tuple(i for i in range(in_size) if i < first or i > last)
+        if 4 * len(left_out) > in_size:
+            return None
+        skipped.append(left_out)
+    return tuple(skipped)
+
+
+def _stride1_moments(x: torch.Tensor, rows: tuple[tuple[int, ...], ...], cols: tuple[tuple[int, ...], ...]
+                     ) -> torch.Tensor:
+    """M[u, v] = total - skipped rows - skipped columns + their crossings: one pass over x
+    (its column sums) and a few (N, K) sums of edge rows and pixels."""
+    n, k = x.shape[:2]
+    col_sums = x.sum(2)  # (N, K, W)
+    out = col_sums.sum(-1).expand(len(rows), len(cols), n, k)
+    zero = x.new_zeros(n, k)
+    if any(rows):
+        row_sum = {i: x[:, :, i, :].sum(-1) for i in {i for skipped in rows for i in skipped}}
+        out = out - torch.stack([sum((row_sum[i] for i in skipped), zero) for skipped in rows])[:, None]
+    if any(cols):
+        out = out - torch.stack([sum((col_sums[:, :, j] for j in skipped), zero) for skipped in cols])[None]
+    if any(rows) and any(cols):
+        out = out + torch.stack([torch.stack([sum((x[:, :, i, j] for i in skipped_i for j in skipped_j), zero)
+                                              for skipped_j in cols]) for skipped_i in rows])
+    return out.permute(2, 3, 0, 1).contiguous()
+
+
 def input_moments(
     x: torch.Tensor,
     kernel_size: tuple[int, int],
@@ -69,15 +106,27 @@ def input_moments(
     """M[n, k, u, v]: input channel k of image n summed over the positions offset (u, v) reads.
 
     ``padding`` is the (top, left) zero padding the conv applies; bottom/right padding follows
-    from ``out_hw``. Cost is O(N K H W (kh + kw)), far below the conv itself.
+    from ``out_hw``. A stride-1 conv whose offsets miss only a few edge rows and columns (any
+    "same"-padded one) takes the total minus those edges: one pass over x and a few small sums,
+    two to four times faster than the general route, which sums rows, then columns, with the
+    offsets' 0/1 rows. Both give the same bits whatever the number of threads (a matrix
+    product with x as the wide operand would be faster on small maps, but MKL then splits the
+    sums between threads, and a store's bytes would depend on the thread count).
     """
-    _, _, h, w = x.shape
-    rows = _indicator(h, out_hw[0], kernel_size[0], stride[0], dilation[0], padding[0], x.dtype, x.device)
-    cols = _indicator(w, out_hw[1], kernel_size[1], stride[1], dilation[1], padding[1], x.dtype, x.device).T
-    # Forward hooks run inside the model's autocast: without this the matmuls would sum in bf16.
+    n, k, h, w = x.shape
+    kernel_size, stride, dilation, padding, out_hw = (tuple(int(v) for v in t) for t in
+                                                      (kernel_size, stride, dilation, padding, out_hw))
+    # Forward hooks run inside the model's autocast: without this the sums would run in bf16.
     with torch.autocast(x.device.type, enabled=False):
-        per_col = torch.matmul(x, cols)  # (N, K, H, kw)
-        return torch.matmul(rows, per_col)  # (N, K, kh, kw)
+        if stride == (1, 1):
+            rows = _skipped_positions(h, out_hw[0], kernel_size[0], dilation[0], padding[0])
+            cols = _skipped_positions(w, out_hw[1], kernel_size[1], dilation[1], padding[1])
+            if rows is not None and cols is not None:
+                return _stride1_moments(x, rows, cols)
+        rows_read = _indicator(h, out_hw[0], kernel_size[0], stride[0], dilation[0], padding[0], x.dtype, x.device)
+        cols_read = _indicator(w, out_hw[1], kernel_size[1], stride[1], dilation[1], padding[1], x.dtype, x.device)
+        per_col = torch.matmul(x, cols_read.T)  # (N, K, H, kw)
+        return torch.matmul(rows_read, per_col)  # (N, K, kh, kw)
 
 
 def channel_group_slice(conv_out_channels: int, in_channels: int, groups: int, channel: int) -> slice:
