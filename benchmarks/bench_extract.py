@@ -12,7 +12,9 @@ peers; one late layer alone no dearer than Captum's one-layer route.
 - extract: ``polysemantic_disentangle.tasks.stage1_extract.chunks.extract_chunks`` itself
   (``compute_chunk`` -> ``batch_relevance`` -> numpy -> class sums -> ``write_chunk`` into a
   Zarr store on local disk), the image decoder swapped for a lookup of the same pre-decoded
-  batches every variant uses.
+  batches every variant uses. The store is opened once per variant, as a shard opens it once
+  for all its chunks: the opening and the listing of its arrays (about 0.05 s a shard) are
+  left out.
 - extract-nowrite (info): ``compute_chunk`` with the store's spec (class sums included), no
   write: extract - extract-nowrite is the chunk write.
 - relevance-only (info): ``batch_relevance`` alone, no numpy, no class sums, no write.
@@ -69,7 +71,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polysemantic_disentangle.tasks.stage1_extract.chunks as extract_mod  # noqa: E402
-from polysemantic_disentangle.storage.cube import (ChunkData, CubeReader, LayerShape, create_cube,  # noqa: E402
+from polysemantic_disentangle.storage.cube import (ChunkData, CubeReader, CubeWriter, LayerShape,  # noqa: E402
+                                                  create_cube,
                                                   open_store_group)
 from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
@@ -196,6 +199,7 @@ def main() -> None:
                     chunk_images=args.chunk,
                     attrs={"model": bundle.identity(), "dataset": manifest.identity(), "target_mode": "label"})
     nowrite_spec = extract_mod.ChunkSpec.for_store(stores["extract-nowrite"], layers)
+    writers = {v: CubeWriter(url) for v, url in stores.items()}
 
     floor_model = copy.deepcopy(model).requires_grad_(False)
     params = list(model.parameters())
@@ -225,7 +229,7 @@ def main() -> None:
     def extract(chunk: int, variant: str) -> None:
         extract_mod.load_batch = real_load_batch if variant == "extract+decode" else predecoded
         try:
-            extract_mod.extract_chunks(stores[variant], model, bundle.transform, str(data_root), [chunk],
+            extract_mod.extract_chunks(writers[variant], model, bundle.transform, str(data_root), [chunk],
                                        store_layers[variant], args.batch, "label", skip_done=False)
         finally:
             extract_mod.load_batch = real_load_batch

@@ -289,7 +289,7 @@ def chunk_class_sums(data: ChunkData, labels: np.ndarray, layers: Sequence[str],
 
 
 def extract_chunks(
-    store_url: str,
+    store_url: str | CubeWriter,
     model: nn.Module,
     transform: Callable,
     dataset_root: str,
@@ -310,12 +310,14 @@ def extract_chunks(
     The next batch decodes in ``decode_workers`` threads while the model runs, and a chunk is
     compressed and written by a writer thread while the next one is computed (at most one
     write in flight, so memory holds two chunks at most). The writer sets the marker last, so a
-    kill during a write leaves the chunk to be redone. The model runs in the store's precision."""
-    cube = CubeWriter(store_url)
+    kill during a write leaves the chunk to be redone. The model runs in the store's precision.
+    ``store_url``: the cube's URL, or a ``CubeWriter`` already open on it (a caller that writes
+    chunks in several calls then lists the store's arrays once, not once per call)."""
+    cube = store_url if isinstance(store_url, CubeWriter) else CubeWriter(store_url)
     cube.check_layout_version()
     stored_mode = cube.attrs.get("target_mode", target_mode)
     if stored_mode != target_mode:
-        raise ValueError(f"{store_url} was planned with target_mode={stored_mode!r}, not {target_mode!r}")
+        raise ValueError(f"{cube.url} was planned with target_mode={stored_mode!r}, not {target_mode!r}")
     spec = ChunkSpec.for_store(cube, layers)
     max_image_pixels = image_pixel_limit(cube)
     precision = store_precision(cube.attrs)
