@@ -778,7 +778,7 @@ def _encoded_whole_chunks(arr: zarr.Array, sel: tuple, values: np.ndarray) -> li
     async_array = arr._async_array
     metadata = async_array.metadata
     pipeline = async_array.codec_pipeline
-    if (metadata.zarr_format != 3 or values.dtype != arr.dtype or values.dtype.kind not in "fiu"
+    if (metadata.zarr_format != 3 or values.dtype != arr.dtype or values.dtype.kind not in "biuf"
             or not isinstance(pipeline, BatchedCodecPipeline)):
         return None
     codecs = (*pipeline.array_array_codecs, pipeline.array_bytes_codec, *pipeline.bytes_bytes_codecs)
@@ -793,8 +793,10 @@ def _encoded_whole_chunks(arr: zarr.Array, sel: tuple, values: np.ndarray) -> li
             return None
         spec = metadata.get_chunk_spec(coords, async_array.config, prototype)
         chunk = np.ascontiguousarray(values[out_selection])
-        if chunk.shape != tuple(spec.shape):  # the array's last chunk, padded with fill by Zarr
+        if chunk.size != np.prod(spec.shape):  # the array's last chunk, padded with fill by Zarr
             return None
+        # An integer index (a chunk's row of class sums) drops an axis the chunk has length 1 on.
+        chunk = chunk.reshape(spec.shape)
         if np.isnan(chunk).all() if (chunk.dtype.kind == "f" and np.isnan(fill)) else (chunk == fill).all():
             return None
         encoded: Any = prototype.nd_buffer.from_ndarray_like(chunk)
