@@ -113,7 +113,7 @@ def input_moments(
     product with x as the wide operand would be faster on small maps, but MKL then splits the
     sums between threads, and a store's bytes would depend on the thread count).
     """
-    n, k, h, w = x.shape
+    h, w = x.shape[2:]
     kernel_size, stride, dilation, padding, out_hw = (tuple(int(v) for v in t) for t in
                                                       (kernel_size, stride, dilation, padding, out_hw))
     # Forward hooks run inside the model's autocast: without this the sums would run in bf16.
