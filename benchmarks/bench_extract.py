@@ -28,6 +28,11 @@ peers; one late layer alone no dearer than Captum's one-layer route.
 - extract+decode (info): ``extract_chunks`` unmodified, decoding the JPEGs.
 - extract-convs (info, with ``--layers all``): ``extract`` on the conv layers only.
 
+Every variant runs with freed memory kept for reuse (``--heap kept``), as ``extract_chunks``
+keeps it for its pass: with glibc's own thresholds every batch faults its pages in afresh, which
+made even the floor about 20 % dearer on ResNet-20. ``--heap glibc`` measures all of them, the
+product included, on glibc's own thresholds.
+
 Every peer's relevance is checked against ``batch_relevance``'s on the first batch before any
 timing (float32, relative max difference printed; the run stops above 1e-4).
 
@@ -41,7 +46,7 @@ each variant's peak resident memory above the set-up process in a fresh process 
 
     python benchmarks/bench_extract.py [--model cifar_resnet20] [--images 2048] [--batch 128]
         [--chunk 512] [--repeats 3] [--threads 1] [--order class|shuffled]
-        [--variants floor,extract,...] [--layers convs|all] [--memory] [--profile]
+        [--variants floor,extract,...] [--layers convs|all] [--heap kept|glibc] [--memory] [--profile]
 
     # the peers need only be importable, e.g. installed beside the project for measuring:
     uv pip install --target /tmp/peers --no-deps captum zennit zennit-crp
@@ -53,6 +58,7 @@ each variant's peak resident memory above the set-up process in a fresh process 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import os
@@ -77,6 +83,7 @@ from polysemantic_disentangle.storage.cube import (ChunkData, CubeReader, CubeWr
 from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.models.registry import analysable_layers, conv_layers, load_model  # noqa: E402
+from polysemantic_disentangle.tasks.heap import keep_freed_memory  # noqa: E402
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance  # noqa: E402
 
 PEERS = {"captum": "captum", "captum-late": "captum", "zennit-crp": "crp"}
@@ -143,6 +150,10 @@ def main() -> None:
     parser.add_argument("--layers", choices=("convs", "all"), default="convs",
                         help="convs: every Conv2d; all: every Conv2d and Linear layer over channels "
                              "(the final classifier left out), as `disentangle run --layers all`")
+    parser.add_argument("--heap", choices=("kept", "glibc"), default="kept",
+                        help="kept: every variant runs with freed memory kept for reuse, as extract_chunks "
+                             "runs (keep_freed_memory); glibc: glibc's own thresholds for all, the product's "
+                             "keep_freed_memory switched off")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (floor is always run); "
                              "a peer that does not import is left out with a note")
@@ -158,6 +169,12 @@ def main() -> None:
         print(f"note: {v} left out: the module {PEERS[v]!r} does not import (it is not a dependency)")
     variants = tuple(dict.fromkeys(["floor", *[v for v in asked if v not in missing]]))
     torch.set_num_threads(args.threads)
+    heap = contextlib.ExitStack()  # held to the end of main: a collected scope would close
+    if args.heap == "kept":
+        # Entered for the whole run: the floor and the peers run on the heap the product has.
+        heap.enter_context(keep_freed_memory())
+    else:
+        extract_mod.keep_freed_memory = contextlib.nullcontext  # type: ignore[assignment]
 
     cifar = args.model.startswith("cifar_")
     bundle = load_model(args.model, None if cifar else "random")
@@ -302,6 +319,7 @@ def main() -> None:
           f"({len(conv_names)} conv, {len(layers) - len(conv_names)} Linear; late layer {late}), {n} images in "
           f"{args.order} order ({statistics.mean(classes_per_chunk):.1f} classes per chunk), batch {args.batch}, "
           f"chunk {args.chunk}, {args.threads} torch threads, {args.repeats} repeats x {n_chunks} chunks, "
+          f"heap {args.heap}, "
           f"load average {os.getloadavg()[0]:.1f}")
 
     # The peers compute the same float32 relevance (first chunk's last batch, as each returns it).

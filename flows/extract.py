@@ -18,7 +18,6 @@ from polysemantic_disentangle.storage.cube import (CubeLayout, CubeReader, CubeW
                                                   prepare_chunk_writers)
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import plan_shards
-from polysemantic_disentangle.tasks.heap import release_free_memory
 from polysemantic_disentangle import api
 from polysemantic_disentangle.tasks.stage1_extract.chunks import ChunkStats, auto_batch_size, pick_device, planned_pixel_limit
 from polysemantic_disentangle.tasks.stage1_extract.feeding import decode_workers_for, for_device
@@ -81,10 +80,6 @@ def extract_shard(
     stats = api.extract_chunks(bundle, store_url, chunks, layers=layers, batch_size=batch_size,
                                target_mode=target_mode, model=model, images=dataset_root, on_chunk=progress,
                                decode_workers=decode_workers_for(dev))
-    # The shard's autograd buffers are free now but stay resident in this thread's arena; the
-    # next pass in the process (the other cube's extraction, reduce, ...) would start above them
-    # (ResNet-50, batch 16: the evaluation cube's extraction peaked about 1 GB above the first).
-    release_free_memory()
     images = sum(s.images for s in stats)
     seconds = sum(s.seconds for s in stats)
     logger.info("shard %d on %s (%s): %d chunks, %d images, %d skipped, %.1f images/s", shard_index,

@@ -78,3 +78,61 @@ def test_freed_blocks_below_live_ones_go_back_to_the_system() -> None:
     assert readings["filled"] - readings["freed"] < 0.1 * size
     # ...and the release hands back every whole free page (a 64 KiB block spans 15 of its 16).
     assert readings["freed"] - readings["released"] > 0.85 * size
+
+
+# Four 8 MiB blocks filled, freed and filled again: the refill's page faults count whether the
+# freed pages stayed with the process. Each case in a fresh interpreter: glibc's thresholds are
+# process-wide and cannot be put back once set.
+_REFILL = """
+import ctypes, json, resource
+from polysemantic_disentangle.tasks.heap import keep_freed_memory
+from tests.test_heap import rss_bytes
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE, N = 8 << 20, 4
+
+def cycle():
+    blocks = [libc.malloc(SIZE) for _ in range(N)]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for p in blocks:
+        ctypes.memset(p, 1, SIZE)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    for p in blocks:
+        libc.free(p)
+    return faults
+
+readings = {}
+if KEEP:
+    with keep_freed_memory():
+        with keep_freed_memory():  # an inner scope's end leaves the outer one's setting
+            cycle()
+        cycle()
+        readings["refill_faults"] = cycle()
+        readings["kept"] = rss_bytes()
+    readings["after"] = rss_bytes()
+else:
+    cycle()
+    cycle()
+    readings["refill_faults"] = cycle()
+print(json.dumps(readings))
+"""
+
+
+def _refill(keep: bool) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", f"KEEP = {keep}\n" + _REFILL], capture_output=True, text=True,
+                         cwd=PROJECT_ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op")
+def test_freed_memory_is_reused_within_the_scope_and_released_after_it() -> None:
+    pages = 4 * (8 << 20) // 4096
+    # What the scope is for: with glibc's own thresholds each refill faults its pages in afresh.
+    assert _refill(keep=False)["refill_faults"] > 0.9 * pages
+    kept = _refill(keep=True)
+    assert kept["refill_faults"] < 0.05 * pages
+    # The freed blocks stayed resident until the scope ended, and went back to the system then.
+    assert kept["kept"] - kept["after"] > 0.9 * 4 * (8 << 20)

@@ -17,6 +17,7 @@ from polysemantic_disentangle.storage.cube import (ACTIVATION_MAX_ARRAY, ACTIVAT
 from polysemantic_disentangle.tasks.data.grouping import (TargetMode, class_order, statistics_class, subset_class_rows,
                                                           subset_class_sums)
 from polysemantic_disentangle.tasks import defaults
+from polysemantic_disentangle.tasks.heap import keep_freed_memory
 from polysemantic_disentangle.tasks.data.images import (ImageSource, Manifest, load_batch, scan_image_folder,
                                                        source_manifest)
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, analysable_layers, select_layers
@@ -311,6 +312,8 @@ def extract_chunks(
     compressed and written by a writer thread while the next one is computed (at most one
     write in flight, so memory holds two chunks at most). The writer sets the marker last, so a
     kill during a write leaves the chunk to be redone. The model runs in the store's precision.
+    Freed memory stays with the process until the last chunk is written (``keep_freed_memory``):
+    each batch reuses the pages of the one before instead of faulting in fresh ones.
     ``store_url``: the cube's URL, or a ``CubeWriter`` already open on it (a caller that writes
     chunks in several calls then lists the store's arrays once, not once per call)."""
     cube = store_url if isinstance(store_url, CubeWriter) else CubeWriter(store_url)
@@ -334,7 +337,8 @@ def extract_chunks(
             on_chunk(st)
 
     try:
-        with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=1) as writer:
+        with keep_freed_memory(), ThreadPoolExecutor(max_workers=1) as prefetch, \
+                ThreadPoolExecutor(max_workers=1) as writer:
             for chunk in chunks:
                 if skip_done and cube.chunk_done(chunk):
                     continue
