@@ -19,6 +19,7 @@ freed memory kept. ``keep_freed_memory`` keeps it for the pass and hands it back
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,7 +45,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _HEAP_BLOCKS_UP_TO = 32 << 20
 # A free heap top below this is kept: above any pass's working set (mallopt takes an int).
 _KEEP_UP_TO = (1 << 31) - 1
-# After the pass: the largest thresholds glibc's own adjustment reaches.
+# After the pass: the largest trim threshold glibc's own adjustment reaches, unless the process
+# was started with one (Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536).
 _TRIM_AFTER = 2 * _HEAP_BLOCKS_UP_TO
 
 
@@ -66,6 +68,14 @@ def release_free_memory() -> None:
     """Give the free pages of every malloc arena back to the system (glibc ``malloc_trim(0)``;
     a no-op elsewhere). Costs a walk over the free lists: call it between passes, not per op."""
     _TRIM()
+
+
+def _started_with(variable: str, default: int) -> int:
+    """A threshold glibc read from the environment at start-up, else ``default``."""
+    try:
+        return min(int(os.environ[variable]), _KEEP_UP_TO)
+    except (KeyError, ValueError):
+        return default
 
 
 @contextmanager
@@ -91,7 +101,9 @@ def keep_freed_memory() -> Iterator[None]:
         with _kept_lock:
             _kept_depth -= 1
             if _kept_depth == 0:
-                # glibc cannot go back to its adaptive thresholds once they are set: this is where
-                # that adaptation ends up after freeing a 32 MiB block.
-                _MALLOPT(_M_TRIM_THRESHOLD, _TRIM_AFTER)
+                # glibc cannot go back to its adaptive thresholds once they are set: the ones the
+                # process was started with, else where that adaptation ends up after freeing a
+                # 32 MiB block.
+                _MALLOPT(_M_MMAP_THRESHOLD, _started_with("MALLOC_MMAP_THRESHOLD_", _HEAP_BLOCKS_UP_TO))
+                _MALLOPT(_M_TRIM_THRESHOLD, _started_with("MALLOC_TRIM_THRESHOLD_", _TRIM_AFTER))
                 release_free_memory()

@@ -4,6 +4,7 @@ another thread's arena, which glibc keeps resident on its own while a live block
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -136,3 +137,35 @@ def test_freed_memory_is_reused_within_the_scope_and_released_after_it() -> None
     assert kept["refill_faults"] < 0.05 * pages
     # The freed blocks stayed resident until the scope ended, and went back to the system then.
     assert kept["kept"] - kept["after"] > 0.9 * 4 * (8 << 20)
+
+
+_AFTER_SCOPE = """
+import ctypes, json
+from polysemantic_disentangle.tasks.heap import keep_freed_memory
+from tests.test_heap import rss_bytes
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+with keep_freed_memory():
+    pass
+blocks = [libc.malloc(8 << 20) for _ in range(4)]
+for p in blocks:
+    ctypes.memset(p, 1, 8 << 20)
+filled = rss_bytes()
+for p in reversed(blocks):
+    libc.free(p)
+print(json.dumps({"filled": filled, "freed": rss_bytes()}))
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op")
+def test_after_the_scope_a_trim_threshold_the_process_started_with_holds_again() -> None:
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 to keep unmanaged memory low.
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", _AFTER_SCOPE], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    readings = json.loads(out.stdout.strip().splitlines()[-1])
+    # The four heap blocks (below the 32 MiB mmap threshold) went back as soon as they were freed.
+    assert readings["filled"] - readings["freed"] > 0.9 * 4 * (8 << 20)
