@@ -11,9 +11,10 @@ first began, and peaked about 1 GB above the first's peak).
 The opposite holds within one pass: a batch frees its activations and gradients and the next
 batch allocates the same sizes again. With glibc's own thresholds (a freed block of 8 MiB or
 more goes back to the system, and so does any free top of a heap above twice that) every
-batch faults its pages in afresh: on ResNet-20 at batch 128 that was 13 % of the extraction's
-CPU time in the kernel, and the floor (one forward and backward) took 20 % longer than with the
-freed memory kept. ``keep_freed_memory`` keeps it for the pass and hands it back at the end.
+batch faults its pages in afresh: on ResNet-20 at batch 128 about a tenth of the extraction's
+CPU time went to the kernel, and the extraction cost 8-12 % more CPU than with the freed memory
+kept (benchmarks/README.md). ``keep_freed_memory`` keeps it for the pass and hands it back at
+the end.
 """
 
 from __future__ import annotations
