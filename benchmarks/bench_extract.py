@@ -30,7 +30,7 @@ peers; one late layer alone no dearer than Captum's one-layer route.
 
 Every variant runs with freed memory kept for reuse (``--heap kept``), as ``extract_chunks``
 keeps it for its pass: with glibc's own thresholds every batch faults its pages in afresh, which
-made even the floor about 20 % dearer on ResNet-20. ``--heap glibc`` measures all of them, the
+made even the floor about 10 % dearer on ResNet-20. ``--heap glibc`` measures all of them, the
 product included, on glibc's own thresholds.
 
 Every peer's relevance is checked against ``batch_relevance``'s on the first batch before any
