@@ -18,6 +18,9 @@ peers; one late layer alone no dearer than Captum's one-layer route.
 - extract-nowrite (info): ``compute_chunk`` with the store's spec (class sums included), no
   write: extract - extract-nowrite is the chunk write.
 - relevance-only (info): ``batch_relevance`` alone, no numpy, no class sums, no write.
+- relevance-core (info): ``batch_relevance`` with no moments and no activation statistics: the
+  relevance alone, what each peer computes; relevance-only - relevance-core is the moments and
+  the activation means, which only the product computes.
 - extract-late: ``extract`` of the last selected layer alone (its own store).
 - captum, captum-late (when ``captum`` imports): ``LayerGradientXActivation`` on every selected
   layer (one call, a list of layers), or on the last one, summed over space per channel.
@@ -51,8 +54,10 @@ each variant's peak resident memory above the set-up process in a fresh process 
     # the peers need only be importable, e.g. installed beside the project for measuring:
     uv pip install --target /tmp/peers --no-deps captum zennit zennit-crp
     PYTHONPATH=/tmp/peers python benchmarks/bench_extract.py --order shuffled
-    PYTHONPATH=/tmp/peers python benchmarks/bench_extract.py --model resnet50 --images 48 \\
-        --batch 16 --chunk 16 --order shuffled
+    PYTHONPATH=/tmp/peers python benchmarks/bench_extract.py --model resnet50
+
+Defaults per model: ResNet-20 2,048 images in class order, batch 128, chunks of 512; an ImageNet
+model 48 images shuffled, batch 16, chunks of 16 (``MODEL_DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -87,12 +92,14 @@ from polysemantic_disentangle.tasks.heap import keep_freed_memory  # noqa: E402
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance  # noqa: E402
 
 PEERS = {"captum": "captum", "captum-late": "captum", "zennit-crp": "crp"}
-ALL_VARIANTS = ("floor", "extract", "extract-nowrite", "relevance-only", "extract-late", "captum", "captum-late",
-                "zennit-crp", "bare", "extract+decode", "extract-convs")
-DEFAULT_VARIANTS = "floor,extract,extract-nowrite,relevance-only,extract-late,captum,captum-late,zennit-crp"
+ALL_VARIANTS = ("floor", "extract", "extract-nowrite", "relevance-only", "relevance-core", "extract-late", "captum",
+                "captum-late", "zennit-crp", "bare", "extract+decode", "extract-convs")
+DEFAULT_VARIANTS = ("floor,extract,extract-nowrite,relevance-only,relevance-core,extract-late,captum,captum-late,"
+                    "zennit-crp")
 NOTES = {"extract": "HEADLINE: the product, chunk write included",
          "extract-nowrite": "info: no chunk write",
          "relevance-only": "info: batch_relevance alone",
+         "relevance-core": "info: relevance alone (no moments, no means)",
          "extract-late": "the product on the last layer alone",
          "captum": "peer: Captum LayerGradientXActivation, all layers",
          "captum-late": "peer: Captum, the last layer alone",
@@ -100,6 +107,10 @@ NOTES = {"extract": "HEADLINE: the product, chunk write included",
          "bare": "info: full backward with parameter gradients",
          "extract+decode": "info: JPEG decoding included",
          "extract-convs": "info: the conv layers only"}
+
+
+# (images, batch, chunk, order) when not given: CIFAR models, ImageNet models.
+MODEL_DEFAULTS = {"cifar": (2048, 128, 512, "class"), "imagenet": (48, 16, 16, "shuffled")}
 
 
 def evenly_spaced(n_total: int, n: int) -> np.ndarray:
@@ -135,14 +146,16 @@ def main() -> None:
     parser.add_argument("--model", default="cifar_resnet20",
                         help="cifar_resnet20 (CIFAR-10 test) or an ImageNet model such as resnet50 (random "
                              "weights, ImageNet sample images at 224 px)")
-    parser.add_argument("--images", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--chunk", type=int, default=512, help="images per Zarr chunk (multiple of --batch)")
+    parser.add_argument("--images", type=int, default=None, help="default: 2048 (CIFAR), 48 (ImageNet)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 (CIFAR), 16 (ImageNet)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="images per Zarr chunk (multiple of --batch); default: 512 (CIFAR), 16 (ImageNet)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--order", choices=("class", "shuffled"), default="class",
+    parser.add_argument("--order", choices=("class", "shuffled"), default=None,
                         help="class: the dataset's class order (a chunk holds few classes); shuffled: a fixed "
-                             "random permutation (a chunk holds about as many classes as images)")
+                             "random permutation (a chunk holds about as many classes as images); default: "
+                             "class (CIFAR), shuffled (ImageNet)")
     parser.add_argument("--profile", action="store_true", help="also profile one extraction pass")
     parser.add_argument("--memory", action="store_true",
                         help="peak resident memory of one chunk per variant, each in a fresh process")
@@ -158,6 +171,10 @@ def main() -> None:
                         help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (floor is always run); "
                              "a peer that does not import is left out with a note")
     args = parser.parse_args()
+    defaults = MODEL_DEFAULTS["cifar" if args.model.startswith("cifar_") else "imagenet"]
+    for name, value in zip(("images", "batch", "chunk", "order"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     asked = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(asked) - set(ALL_VARIANTS)
     if unknown:
@@ -243,6 +260,10 @@ def main() -> None:
         for images, labels in chunk_batches(chunk):
             batch_relevance(model, images, labels, layers, "label")
 
+    def relevance_core(chunk: int) -> None:
+        for images, labels in chunk_batches(chunk):
+            batch_relevance(model, images, labels, layers, "label", moment_layers=(), activations=False)
+
     def extract(chunk: int, variant: str) -> None:
         extract_mod.load_batch = real_load_batch if variant == "extract+decode" else predecoded
         try:
@@ -261,7 +282,8 @@ def main() -> None:
         finally:
             extract_mod.load_batch = real_load_batch
 
-    run = {"floor": floor, "bare": bare, "relevance-only": relevance_only, "extract-nowrite": extract_nowrite,
+    run = {"floor": floor, "bare": bare, "relevance-only": relevance_only, "relevance-core": relevance_core,
+           "extract-nowrite": extract_nowrite,
            **{v: (lambda c, v=v: extract(c, v)) for v in ("extract", "extract+decode", "extract-late", "extract-convs")}}
     modules = dict(model.named_modules())
     peer_relevance = {}
@@ -380,7 +402,9 @@ def main() -> None:
           f"load average now {os.getloadavg()[0]:.1f})")
     # The question "does the product cost less than a peer" asked directly, chunk by chunk: the
     # two ran back to back, so load that hits both cancels, as it does in the ratios to the floor.
-    pairs = [("extract", peer) for peer in ("captum", "zennit-crp") if peer in variants and "extract" in variants]
+    # relevance-core against a peer: the same output, so the same work asked of both.
+    pairs = [(ours, peer) for ours in ("extract", "relevance-core") for peer in ("captum", "zennit-crp")
+             if {ours, peer} <= set(variants)]
     pairs += [("extract-late", "captum-late")] if {"extract-late", "captum-late"} <= set(variants) else []
     if pairs:
         print("CPU time of the product / a peer, median of the per-chunk ratios (below 1: the product costs less): "

@@ -2,7 +2,9 @@
 
 Each benchmark compares its variants inside its own run; nothing is compared across scripts.
 ``--only NAME`` (repeatable) picks benchmarks by name (``extract``, ``reduce``, ``arv``,
-``rewire``, ...); each runs with its own default settings.
+``rewire``, ...); each runs with its own default settings, and ``bench_extract.py`` once more on
+ResNet-50 (its ImageNet settings), so that one ``make bench`` gives the extraction / floor ratio
+of both models.
 
     python benchmarks/run_all.py [--only extract] [--only arv]
 
@@ -20,6 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# Benchmarks run more than once, with these arguments each time (the rest once, with none).
+RUNS: dict[str, list[list[str]]] = {"extract": [[], ["--model", "resnet50"]]}
 
 
 def main() -> int:
@@ -38,15 +42,17 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     failed = []
     for script in scripts:
-        print(f"=== {script.relative_to(ROOT)} ===", flush=True)
-        t0 = time.perf_counter()
-        # Output goes straight to our stdout/stderr as it is produced.
-        proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env)
-        took = time.perf_counter() - t0
-        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-        print(f"=== {script.name}: {status} in {took:.0f} s ===\n", flush=True)
-        if proc.returncode != 0:
-            failed.append(script.name)
+        for extra in RUNS.get(script.stem.removeprefix("bench_"), [[]]):
+            title = " ".join([script.name, *extra])
+            print(f"=== {' '.join([str(script.relative_to(ROOT)), *extra])} ===", flush=True)
+            t0 = time.perf_counter()
+            # Output goes straight to our stdout/stderr as it is produced.
+            proc = subprocess.run([sys.executable, str(script), *extra], cwd=ROOT, env=env)
+            took = time.perf_counter() - t0
+            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+            print(f"=== {title}: {status} in {took:.0f} s ===\n", flush=True)
+            if proc.returncode != 0:
+                failed.append(title)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
