@@ -83,8 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polysemantic_disentangle.tasks.stage1_extract.chunks as extract_mod  # noqa: E402
 from polysemantic_disentangle.storage.cube import (ChunkData, CubeReader, CubeWriter, LayerShape,  # noqa: E402
-                                                  create_cube,
-                                                  open_store_group)
+                                                  create_cube)
 from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.models.registry import analysable_layers, conv_layers, load_model  # noqa: E402

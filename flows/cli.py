@@ -323,7 +323,7 @@ def _check_extract_args(args: argparse.Namespace) -> None:
     """What `extract` can check without the model or the images, before any import of them."""
     from pathlib import Path
 
-    from polysemantic_disentangle.flows.params import check_model_name
+    from polysemantic_disentangle.flows.params import check_device, check_model_name
     from polysemantic_disentangle.tasks.models.names import names_no_file, with_classes
     from polysemantic_disentangle.tasks.models.safe_load import check_checkpoint_file
 
@@ -331,6 +331,7 @@ def _check_extract_args(args: argparse.Namespace) -> None:
     from polysemantic_disentangle.tasks.stage1_extract.precision import check_precision
 
     check_precision(args.precision)
+    check_device(args.device)
     if not Path(args.data_dir).is_dir():
         raise ValueError(f"--data-dir {args.data_dir} is not a directory")
     if args.weights is not None and not names_no_file(args.weights):

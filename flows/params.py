@@ -12,6 +12,7 @@ check stay instant); the detection parameters' check lives in ``tasks/stage3_det
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,14 @@ from polysemantic_disentangle.tasks.run_folder import EVAL_CUBE, TRAIN_CUBE
 from polysemantic_disentangle.tasks.stage1_extract.precision import DEFAULT_PRECISION, Precision, check_precision
 from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams, SelectionRule
 
+
+
+def check_device(device: str) -> str:
+    """``device`` when it names one (auto, cpu, cuda, cuda:N, mps): checked here, without torch,
+    so that a bad name fails before the imports and the run's lock, not inside the preflight."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
 
 
 def check_model_name(name: str) -> str:
@@ -104,6 +113,11 @@ class PipelineParams(BaseModel):
     @classmethod
     def _model(cls, v: str) -> str:
         return check_model_name(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
 
     @field_validator("precision")
     @classmethod

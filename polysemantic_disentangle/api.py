@@ -11,6 +11,7 @@ functions with files, artifacts, caching and clusters around them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from polysemantic_disentangle.storage.cube import CubeLayout, CubeReader
+from polysemantic_disentangle.storage.cube import CubeLayout, CubeMismatch, CubeReader
 from polysemantic_disentangle.storage.cube import open_cube as _open_cube
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import DatasetSource, ImageSource, load_batch
 from polysemantic_disentangle.tasks.models.registry import load_model as _load_model
 from polysemantic_disentangle.tasks.models.spec import ModelSpec
+from polysemantic_disentangle.tasks.models.state import left_as_found
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
 from polysemantic_disentangle.tasks.stage1_extract.chunks import (ChunkStats, CubePlan, image_pixel_limit, pick_device,
                                                                    plan_cube)
@@ -49,8 +51,15 @@ Cube = CubeReader | str
 Images = ImageSource | str | Path  # a source, or a folder path (what the cube records)
 
 # The source each cube of this process was extracted from: a cube records only the keys of a
-# dataset's items, so the later steps read the items through the same source object.
+# dataset's items, so the later steps read the items through the same source object. Held for
+# the life of the process (a rewiring or an evaluation may come much later); a store planned
+# again from a folder lets its source go.
 _SOURCES: dict[str, ImageSource] = {}
+
+
+def _source_key(url: str) -> str:
+    """One key per store however its path is spelt (``x.zarr``, ``./x.zarr``, absolute)."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,7 @@ class Rewiring:
     def save(self, path: str | Path, spec: ModelSpec) -> dict[str, Any]:
         """Write the checkpoint (``load_disentangled(path, base=spec)`` reads it back); returns
         its JSON spec."""
+        spec.check_unchanged()
         return save_disentangled(path, spec, self.model, self.splits,
                                  extra={"equivalence": self.equivalence} if self.equivalence else None)
 
@@ -159,8 +169,36 @@ def _reader(cube: Cube) -> CubeReader:
     return cube if isinstance(cube, CubeReader) else CubeReader(str(cube))
 
 
-def _images_of(cube: CubeReader, given: ImageSource | None = None) -> Images:
-    return given if given is not None else _SOURCES.get(cube.url, cube.dataset_root)
+def _images_of(cube: CubeReader, given: ImageSource | None = None, argument: str = "images") -> Images:
+    if given is not None:
+        return given
+    source = _SOURCES.get(_source_key(cube.url))
+    if source is not None:
+        return source
+    root = cube.dataset_root
+    if root.startswith("dataset:"):
+        raise ValueError(f"{cube.url} was extracted from {root}, whose items this process does not hold: pass its "
+                         f"DatasetSource as {argument}=")
+    return root
+
+
+def _check_network(spec: ModelSpec, *cubes: CubeReader) -> None:
+    """Refuse a spec whose module changed since it was made, and a cube extracted from another
+    network: its moments and relevance would be read against these weights without a sign."""
+    spec.check_unchanged()
+    for cube in cubes:
+        recorded = (cube.attrs.get("model") or {}).get("state_sha256")
+        if recorded and recorded != spec.state_sha256:
+            raise CubeMismatch(f"{cube.url} was extracted from another network (state sha256 {recorded[:12]}), "
+                               f"not from {spec.name!r} ({spec.state_sha256[:12]})")
+
+
+def _positive(**counts: int | None) -> None:
+    """Refuse counts that a later step divides by or loops over, before any work."""
+    bad = [f"{name} must be positive, got {value}" for name, value in counts.items()
+           if value is not None and value < 1]
+    if bad:
+        raise ValueError("; ".join(bad))
 
 
 def open_cube(cube: Cube) -> Any:
@@ -227,6 +265,7 @@ def extract(
     >>> cube.layers
     ['layer3.0.conv1', ...]
     """
+    _positive(batch_size=batch_size)
     plan = plan_extraction(spec, images, store, layers=layers, layout=layout, chunk_images=chunk_images,
                            target_mode=target_mode, storage_dtype=storage_dtype, overwrite=overwrite)
     extract_chunks(spec, store, range(plan.n_chunks), layers=plan.layers, batch_size=batch_size,
@@ -270,9 +309,12 @@ def plan_extraction(
     >>> plan = plan_extraction(spec, ImageFolder("data/train"), "runs/train.zarr", layers="layer3.*")
     >>> extract_chunks(spec, "runs/train.zarr", range(plan.n_chunks), layers=plan.layers)
     """
+    spec.check_unchanged()
     if isinstance(images, ImageSource):
         data: ImageSource | str = images
         per_class = None
+        if isinstance(images, DatasetSource):
+            images.check()
     else:
         folder = images if isinstance(images, ImageFolder) else ImageFolder(images)
         data, per_class = str(folder.root), folder.max_per_class
@@ -283,9 +325,9 @@ def plan_extraction(
     # The cube records only its items' keys: later steps of this process read a dataset's items
     # through this source; a store planned again from a folder must not keep an older source.
     if isinstance(data, ImageSource):
-        _SOURCES[str(store)] = data
+        _SOURCES[_source_key(str(store))] = data
     else:
-        _SOURCES.pop(str(store), None)
+        _SOURCES.pop(_source_key(str(store)), None)
     return plan
 
 
@@ -332,13 +374,18 @@ def extract_chunks(
     -------
     >>> extract_chunks(spec, "runs/train.zarr", [0, 1], layers=plan.layers, batch_size=128)
     """
+    _positive(batch_size=batch_size)
+    spec.check_unchanged()
     if images is None:
-        source = _SOURCES.get(str(store))
-        images = source if source is not None else CubeReader(store).dataset_root
-    net = model if model is not None else spec.model.eval()
-    return _extract_chunks(store, net, spec.transform, images, chunks, layers,  # type: ignore[arg-type]
-                           batch_size, target_mode, on_chunk=on_chunk,  # type: ignore[arg-type]
-                           decode_workers=decode_workers, input_size=spec.input_size)
+        images = _images_of(CubeReader(store))
+    if model is not None:
+        return _extract_chunks(store, model, spec.transform, images, chunks, layers,  # type: ignore[arg-type]
+                               batch_size, target_mode, on_chunk=on_chunk,  # type: ignore[arg-type]
+                               decode_workers=decode_workers, input_size=spec.input_size)
+    with left_as_found(spec.model):
+        return _extract_chunks(store, spec.model.eval(), spec.transform, images, chunks,  # type: ignore[arg-type]
+                               layers, batch_size, target_mode, on_chunk=on_chunk,  # type: ignore[arg-type]
+                               decode_workers=decode_workers, input_size=spec.input_size)
 
 
 def load_model(name: str, weights: str | Path | None = None, *, seed: int = 0) -> ModelSpec:
@@ -485,6 +532,7 @@ def detect(spec: ModelSpec, cube: Cube, stats: Mapping[str, LayerStats] | None =
     base = params or DetectionParams()
     chosen = DetectionParams(**{**base.to_dict(), **overrides}) if overrides else base
     reader = _reader(cube)
+    _check_network(spec, reader)
     if stats is None:
         stats = class_statistics(reader, tau=chosen.tau)
     found = detect_layers(spec.model, reader, stats, chosen, spec.class_names, spec.wnids)
@@ -518,12 +566,15 @@ def class_images(spec: ModelSpec, cube: Cube, max_images: int = defaults.RHO_MAX
     >>> load(3).shape
     torch.Size([32, 3, 32, 32])
     """
-    cube = _reader(cube)
+    reader = _reader(cube)
+    return _class_images(spec, reader, max_images, _images_of(reader, images))
+
+
+def _class_images(spec: ModelSpec, cube: CubeReader, max_images: int, root: Images) -> Callable[[int], torch.Tensor]:
     labels = statistics_labels(cube)  # the class the statistics (and the ARVs) grouped by
     keep = ~cube.skipped()
     paths = cube.image_paths()
     limit = image_pixel_limit(cube)
-    root = _images_of(cube, images)
 
     def load(t: int) -> torch.Tensor:
         chosen = paths[(labels == t) & keep][:max_images]
@@ -550,6 +601,7 @@ def rewire(
     check_cube: Cube | None = None,
     check_images: int = defaults.EQUIVALENCE_CHECK_IMAGES,
     images: ImageSource | None = None,
+    check_source: ImageSource | None = None,
     batch_size: int = defaults.BATCH_SIZE,
     progress: Progress = NO_PROGRESS,
 ) -> Rewiring:
@@ -579,8 +631,14 @@ def rewire(
     images:
         The source ``cube`` was extracted from, when not by ``extract`` in this process (a
         cube of a ``DatasetSource`` records only the items' keys).
+    check_source:
+        The source ``check_cube`` was extracted from, likewise (default: ``images`` when
+        ``check_cube`` is ``cube``).
     batch_size:
         Check images decoded and run at a time.
+
+    Raises ``ValueError`` for counts below 1 or a rho outside (0, 1], ``CubeMismatch`` for a
+    cube of another network, before any work.
     progress:
         Receives the rho selection's progress.
 
@@ -592,7 +650,27 @@ def rewire(
     >>> rewiring.equivalence["max_abs_logit_diff"] < 1e-4
     True
     """
+    _positive(max_per_layer=max_per_layer, max_images=max_images, check_images=check_images, batch_size=batch_size)
+    if not rho_grid or any(not 0 < r <= 1 for r in rho_grid):
+        raise ValueError(f"rho_grid values must lie in (0, 1], got {list(rho_grid)}")
     reader = _reader(cube)
+    checker = _reader(check_cube) if check_cube is not None else reader
+    same = _source_key(checker.url) == _source_key(reader.url)
+    _check_network(spec, reader, *(() if same else (checker,)))
+    # Both sources are found before the rho selection: a missing one would surface only after it.
+    class_root = _images_of(reader, images)
+    check_root = _images_of(checker, check_source if check_source is not None or not same else images,
+                            "check_source")
+    with left_as_found(spec.model):
+        return _rewire(spec, detections, reader, checker, class_root, check_root, stats=stats, tau=tau,
+                       layers=layers, max_per_layer=max_per_layer, rho_grid=rho_grid, max_images=max_images,
+                       check_images=check_images, batch_size=batch_size, progress=progress)
+
+
+def _rewire(spec: ModelSpec, detections: Sequence[LayerDetection], reader: CubeReader, checker: CubeReader,
+            class_root: Images, check_root: Images, *, stats: Mapping[str, LayerStats] | StatisticsKey | None,
+            tau: float, layers: str | Sequence[str], max_per_layer: int | None, rho_grid: Sequence[float],
+            max_images: int, check_images: int, batch_size: int, progress: Progress) -> Rewiring:
     model = spec.model.eval()
     plan = plan_rewiring(detections, layers, max_per_layer)
     planned_layers = sorted({r.layer for r in plan.rows})
@@ -600,19 +678,17 @@ def rewire(
         stats = class_statistics(reader, tau=tau, layers=planned_layers or None)
     elif isinstance(stats, StatisticsKey):
         stats = stored_statistics(reader, stats, planned_layers)
-    splits, skipped = build_splits(model, plan.rows, stats, class_images(spec, reader, max_images, images),
+    splits, skipped = build_splits(model, plan.rows, stats, _class_images(spec, reader, max_images, class_root),
                                    list(rho_grid), max_images, progress=progress)
     rewired = rewire_model(model, splits)
     result = Rewiring(rewired, splits, plan.skipped + skipped, planned=list(plan.rows))
     if splits:
-        checker = _reader(check_cube) if check_cube is not None else reader
         paths = [str(p) for p in checker.image_paths()[~checker.skipped()]]
         step = max(1, len(paths) // check_images)
-        root = _images_of(checker, images if checker is reader else None)
         first: list[torch.Tensor] = []
         # decoded and checked a batch at a time: the check holds one batch of images, not all
         result.equivalence = check_equivalence(model, rewired, check_image_batches(
-            root, paths[::step][:check_images], spec.transform, batch_size, input_size=spec.input_size,
+            check_root, paths[::step][:check_images], spec.transform, batch_size, input_size=spec.input_size,
             max_image_pixels=image_pixel_limit(checker), first=first, where=str(checker.url)))
         result.example_input = torch.stack(first) if first else None
     return result
@@ -647,14 +723,17 @@ def evaluate(spec: ModelSpec, rewiring: Rewiring, cube: Cube, *, images: ImageSo
     >>> evaluation.channels[0].table1[0]
     """
     reader = _reader(cube)
+    _check_network(spec, reader)
     root = _images_of(reader, images)
     if isinstance(root, ImageSource):
         options = {**options, "dataset_root": root}
     if isinstance(options.get("device"), str):
         options = {**options, "device": pick_device(options["device"])}
-    return evaluate_run(spec.model.eval(), rewiring.model, rewiring.splits, reader, spec.transform,
-                        class_names=spec.class_names, wnids=spec.wnids, mean=spec.mean, std=spec.std,
-                        **options)
+    # The evaluation runs both models on its device in eval mode; they are handed back as they came.
+    with left_as_found(spec.model, rewiring.model):
+        return evaluate_run(spec.model.eval(), rewiring.model, rewiring.splits, reader, spec.transform,
+                            class_names=spec.class_names, wnids=spec.wnids, mean=spec.mean, std=spec.std,
+                            **options)
 
 
 def explain(cube: Cube, layer: str, concepts: Mapping[str, Sequence[int]] | None = None, *,

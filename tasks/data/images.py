@@ -468,6 +468,16 @@ def _as_pil(item: Any) -> Image.Image:
     if isinstance(item, torch.Tensor):
         from torchvision.transforms.functional import to_pil_image
 
+        if item.is_floating_point():
+            # to_pil_image scales by 255 and wraps what lies outside [0, 1]: a normalised
+            # tensor would reach the model as noise.
+            lo, hi = (float(v) for v in item.aminmax())
+            if lo < 0 or hi > 1:
+                raise ValueError(f"a float image tensor must hold values in [0, 1] (the raw image, as ToTensor "
+                                 f"gives it; the model's transform normalises), got values in [{lo:.3g}, {hi:.3g}]: "
+                                 "leave Normalize out of the dataset's transform")
+        elif item.dtype != torch.uint8:
+            raise TypeError(f"an image tensor must be uint8 or float in [0, 1], got {item.dtype}")
         return to_pil_image(item)
     array = np.asarray(item)
     if array.dtype != np.uint8:
@@ -483,8 +493,11 @@ class DatasetSource:
     Parameters
     ----------
     dataset:
-        Items (image, label): a PIL image, a uint8 (H, W, C) array or a (C, H, W) tensor, and
-        the model's class index (``dataset.targets``, when present, is read for the labels).
+        Items (image, label): a PIL image, a uint8 (H, W, C) array, or a (C, H, W) tensor (uint8,
+        or float in [0, 1] as ``ToTensor`` gives: the raw image, which the model's transform
+        normalises), and the model's class index. ``dataset.targets``, when present, is read for
+        the labels, through ``dataset.target_transform`` when the dataset has one (as
+        torchvision's datasets apply it); ``check()`` compares a few items' labels with it.
     name:
         The dataset's name in the cube's identity (default: its class name); give another name
         for other contents, since the items themselves are not hashed.
@@ -510,10 +523,35 @@ class DatasetSource:
         if self._labels is None:
             targets = getattr(self.dataset, "targets", None)
             if targets is not None and len(targets) == len(self):
-                self._labels = np.asarray(targets, dtype=np.int64)
+                # torchvision's datasets return target_transform(targets[i]) as the label.
+                mapped = getattr(self.dataset, "target_transform", None)
+                self._labels = np.asarray([int(mapped(t)) for t in targets] if callable(mapped) else targets,
+                                          dtype=np.int64)
             else:
                 self._labels = np.asarray([self._label(i) for i in range(len(self))], dtype=np.int64)
         return self._labels
+
+    def check(self, samples: int = 3) -> None:
+        """Read a few items (the first, the middle, the last) and raise ``ValueError`` when one
+        cannot be used as an image or its label is not what ``labels()`` says: what every item
+        of a dataset has in common fails here, before any model pass, not as thousands of
+        skipped images (or silently wrong labels) after it."""
+        n = len(self)
+        labels = self.labels()
+        for i in sorted({0, n // 2, n - 1} if n else set())[:max(1, samples)]:
+            try:
+                item = self.dataset[i]
+            except Exception:  # an unreadable item is skipped when extracted, with its reason
+                continue
+            try:
+                _as_pil(item[0])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"item {i} of {self}: {exc}") from None
+            if int(item[1]) != int(labels[i]):
+                raise ValueError(
+                    f"item {i} of {self} has label {int(item[1])}, but the labels read from the dataset "
+                    f"(dataset.targets) say {int(labels[i])}: give the dataset a targets list that matches "
+                    "its items, or none (then every item's label is read)")
 
     def _label(self, i: int) -> int:
         try:

@@ -21,13 +21,17 @@ import PIL.Image
 import torch
 from torch import nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "NormalizedTensor", "Transform", "ensure_rgb", "state_dict_sha256",
-           "tensor_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "NormalizedTensor", "StaleModelSpec", "Transform", "ensure_rgb",
+           "state_dict_sha256", "tensor_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Transform = Callable[[PIL.Image.Image], torch.Tensor]
+
+
+class StaleModelSpec(ValueError):
+    """A ``ModelSpec``'s module was changed after the spec hashed its tensors."""
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -195,6 +199,17 @@ class ModelSpec:
         self.model.eval()
         if not self.state_sha256:
             self.state_sha256 = state_dict_sha256(self.model)
+
+    def check_unchanged(self) -> None:
+        """Raise ``StaleModelSpec`` when the module's tensors are no longer the ones the spec
+        hashed (trained further, ``load_state_dict``, edited in place): the identity would name
+        a network the module no longer is, and a store of the old weights would pass as this
+        one's. Hashes every tensor again (about 0.1 s per 100 MB)."""
+        now = state_dict_sha256(self.model)
+        if now != self.state_sha256:
+            raise StaleModelSpec(
+                f"the tensors of {self.name!r} changed after its ModelSpec was made (state sha256 "
+                f"{self.state_sha256[:12]} then, {now[:12]} now): make a new ModelSpec for the new weights")
 
     def image_shape(self, sample: PIL.Image.Image | None = None) -> tuple[int, ...]:
         """(C, H, W) of one input: (3, *input_size) when the size is fixed, else the shape the

@@ -21,8 +21,9 @@ from polysemantic_disentangle.tasks.heap import keep_freed_memory
 from polysemantic_disentangle.tasks.data.images import (ImageSource, Manifest, load_batch, scan_image_folder,
                                                        source_manifest)
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, analysable_layers, select_layers
-from polysemantic_disentangle.tasks.stage1_extract.precision import (DEFAULT_PRECISION, autocast, precision_attrs,
-                                                                    store_precision)
+from polysemantic_disentangle.tasks.models.state import probe_logits
+from polysemantic_disentangle.tasks.stage1_extract.precision import (DEFAULT_PRECISION, PRECISIONS, autocast,
+                                                                    precision_attrs, store_precision)
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
 from polysemantic_disentangle.tasks.models.hooks import hooked
 
@@ -86,9 +87,17 @@ def plan_cube(
     """
     if max_image_pixels < 1:
         raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if target_mode not in ("label", "prediction"):
         raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
     selected = select_layers(bundle.model, layers)
+    logits = probe_logits(bundle.model, bundle.image_shape())
+    if logits is not None and logits != len(bundle.class_names):
+        # Label mode would run to the end with class indices that name other logits; prediction
+        # mode would fail in the reduction, after the whole extraction.
+        raise ValueError(f"the model gives {logits} logits but has {len(bundle.class_names)} class names: "
+                         "give one name per output logit, in logit order")
     if isinstance(data_dir, ImageSource):
         manifest = source_manifest(data_dir, max_per_class)
     else:

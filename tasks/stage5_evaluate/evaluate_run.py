@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from polysemantic_disentangle.storage.cube import CubeReader
+from polysemantic_disentangle.storage.cube import ACTIVATION_MAX_ARRAY, CubeReader
 from polysemantic_disentangle.tasks import defaults
 from polysemantic_disentangle.tasks.data.images import ImageSource, load_batch
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
@@ -121,10 +121,12 @@ def evaluate_run(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dev = torch.device(device)
-    original = original.to(dev).eval()
-    rewired = rewired.to(dev).eval()
     cube = as_cube(eval_cube_url)
     eval_cube_url = cube.url
+    # Checked before the model pass: the explanations come last, and everything before them would be lost.
+    explained = layers_to_explain(cube, splits, explain_layers)
+    original = original.to(dev).eval()
+    rewired = rewired.to(dev).eval()
     names = list(class_names) if class_names is not None else cube.class_names()
     wn = list(wnids) if wnids is not None else cube.class_wnids()
     concepts = class_concepts(names, wn) if concepts is None else concepts
@@ -165,8 +167,7 @@ def evaluate_run(
             f"{sum(sum(c.featvis_steps) for c in channels)} image-steps, {timings['feature_visualisation']:.1f} s")
 
     t = time.perf_counter()
-    layer_explanations = explain_chosen_layers(cube, images, splits, explain_layers, concepts,
-                                               explain_quantile)
+    layer_explanations = explain_chosen_layers(cube, images, explained, concepts, explain_quantile)
     timings["layer_explanations"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -404,25 +405,40 @@ def featvis_targets(original: nn.Module, rewired: nn.Module,
     return groups
 
 
-def explain_chosen_layers(
-    cube: CubeReader, images: EvaluationImages, splits: Sequence[ChannelSplit],
-    explain_layers: Sequence[str] | str | None, concepts: Mapping[str, frozenset[int]],
-    explain_quantile: float | None,
-) -> dict[str, list[dict[str, Any]]]:
-    """Explanations of every channel of the chosen layers (None: the rewired layers; "all":
-    every layer of the cube), on the images of the pass."""
+def layers_to_explain(cube: CubeReader, splits: Sequence[ChannelSplit],
+                      explain_layers: Sequence[str] | str | None) -> list[str]:
+    """The layers whose channels are explained (None: the rewired layers that the cube holds;
+    "all": every layer of the cube; else the named ones, each of which it must hold), refused
+    (``ValueError``) when the cube has no per-image activation maxima to explain them by."""
     in_cube = cube.layers
     if explain_layers is None:
-        chosen = sorted({s.layer for s in splits})
+        chosen = [layer for layer in sorted({s.layer for s in splits}) if layer in in_cube]
     elif explain_layers == "all":
-        chosen = in_cube
+        chosen = list(in_cube)
     else:
-        chosen = list(explain_layers)
+        chosen = [explain_layers] if isinstance(explain_layers, str) else list(explain_layers)
+        missing = [layer for layer in chosen if layer not in in_cube]
+        if missing:
+            raise ValueError(f"explain_layers {missing} are not layers of {cube.url} (it holds {in_cube})")
+    if chosen and ACTIVATION_MAX_ARRAY not in cube.layout.per_image:
+        raise ValueError(
+            f"{cube.url} keeps no per-image activation maxima (layout {list(cube.layout.per_image)}), which the "
+            f"explanations of {chosen} need: evaluate on a cube extracted with layout 'evaluation' or 'full', or "
+            "pass explain_layers=[]")
+    return chosen
+
+
+def explain_chosen_layers(
+    cube: CubeReader, images: EvaluationImages, layers: Sequence[str], concepts: Mapping[str, frozenset[int]],
+    explain_quantile: float | None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Explanations of every channel of ``layers`` (``layers_to_explain``), on the images of
+    the pass."""
     in_run = np.zeros(len(images.paths), bool)
     in_run[images.rows] = True
     usable = usable_rows(cube)
     return {layer: explain_layer(cube, layer, concepts, quantile=explain_quantile, rows=in_run, usable=usable)
-            for layer in chosen if layer in in_cube}
+            for layer in layers}
 
 
 def _params(labels: np.ndarray, *, tau: float, min_abs_orig_fraction: float, batch_size: int,

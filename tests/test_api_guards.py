@@ -1,0 +1,235 @@
+"""The public face refuses what would give silently wrong results or fail after the work: a
+cube of another network, a spec whose module changed, labels that are not the items', normalised
+tensors, class names that do not match the logits, counts and layouts a late step needs; and it
+hands the user's module back as it came. Real ResNet-20 weights and CIFAR-10 images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import polysemantic_disentangle as pdis
+from polysemantic_disentangle import api
+from polysemantic_disentangle.storage.cube import CubeMismatch, store_exists
+from polysemantic_disentangle.tasks.models.registry import load_model
+from polysemantic_disentangle.tasks.models.spec import StaleModelSpec
+
+LAYER = "layer3.2.conv2"
+
+
+class Photos(torch.utils.data.Dataset):
+    """CIFAR-10 JPEGs as uint8 arrays, ``per_class`` of each class, labels in ``targets``."""
+
+    def __init__(self, assets: Path, split: str, per_class: int) -> None:
+        root = assets / "cifar10" / split
+        self.images, self.targets = [], []
+        for label, cls in enumerate(sorted(p.name for p in root.iterdir())):
+            for f in sorted((root / cls).iterdir())[:per_class]:
+                self.images.append(np.asarray(Image.open(f).convert("RGB")))
+                self.targets.append(label)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.targets[i]
+
+
+@pytest.fixture(scope="module")
+def made(assets_dir: Path, tmp_path_factory) -> dict:
+    """One detection and one evaluation cube of trained ResNet-20, its detections and rewiring."""
+    folder = tmp_path_factory.mktemp("guards")
+    spec = load_model("cifar_resnet20")
+    train = pdis.DatasetSource(Photos(assets_dir, "train", 6), name="guards-train")
+    test = pdis.DatasetSource(Photos(assets_dir, "test", 3), name="guards-test")
+    cube = pdis.extract(spec, train, str(folder / "train.zarr"), layers=LAYER, layout="detection", batch_size=60)
+    eval_cube = pdis.extract(spec, test, str(folder / "test.zarr"), layers=LAYER, batch_size=60)
+    detections = pdis.detect(spec, cube, p=0.3, rule="lowest-k", k=1)
+    rewiring = pdis.rewire(spec, detections, cube, max_per_layer=1, max_images=4, check_images=10)
+    assert rewiring.splits
+    return {"folder": folder, "spec": spec, "train": train, "test": test, "cube": cube, "eval_cube": eval_cube,
+            "detections": detections, "rewiring": rewiring}
+
+
+def test_a_cube_of_another_network_is_refused_by_every_step(made: dict) -> None:
+    other = load_model("cifar_resnet20", "random")
+    with pytest.raises(CubeMismatch, match="extracted from another network"):
+        pdis.detect(other, made["cube"], p=0.3, rule="lowest-k", k=1)
+    with pytest.raises(CubeMismatch, match="extracted from another network"):
+        pdis.rewire(other, made["detections"], made["cube"], max_per_layer=1)
+    with pytest.raises(CubeMismatch, match="extracted from another network"):
+        pdis.rewire(made["spec"], made["detections"], made["cube"], max_per_layer=1,
+                    check_cube=other_cube(other, made))
+    with pytest.raises(CubeMismatch, match="extracted from another network"):
+        pdis.evaluate(other, made["rewiring"], made["eval_cube"], featvis_max_channels=0, explain_layers=[])
+
+
+def other_cube(spec, made: dict) -> str:
+    url = str(made["folder"] / "other.zarr")
+    if not store_exists(url):
+        pdis.extract(spec, made["test"], url, layers=LAYER, batch_size=30)
+    return url
+
+
+def test_a_spec_whose_module_changed_is_refused_and_the_store_kept(made: dict) -> None:
+    spec = load_model("cifar_resnet20")
+    url = str(made["folder"] / "stale.zarr")
+    first = pdis.extract(spec, made["test"], url, layers=LAYER, batch_size=30).relevance(LAYER)
+    with torch.no_grad():
+        spec.model.layer3[2].conv2.weight.mul_(0.5)  # trained further, or load_state_dict
+    for step in (lambda: pdis.extract(spec, made["test"], url, layers=LAYER, batch_size=30),
+                 lambda: pdis.detect(spec, url, p=0.3),
+                 lambda: made["rewiring"].save(made["folder"] / "stale.pt", spec)):
+        with pytest.raises(StaleModelSpec, match="changed after its ModelSpec was made"):
+            step()
+    np.testing.assert_array_equal(pdis.open_cube(url)[f"layers/{LAYER}"].relevance.values, first)
+    # The module as it now is, named by a new spec, is another network for the old store.
+    with pytest.raises(CubeMismatch):
+        pdis.extract(pdis.ModelSpec(spec.model, spec.class_names, trained=True), made["test"], url, layers=LAYER)
+
+
+def test_labels_follow_target_transform_and_are_checked_against_the_items(assets_dir: Path, made: dict) -> None:
+    spec = made["spec"]
+    data = Photos(assets_dir, "test", 2)
+    reversed_order = [9 - t for t in data.targets]
+
+    class Remapped(torch.utils.data.Dataset):
+        """Targets in the dataset's own class order; target_transform maps them to the model's."""
+        targets = reversed_order
+        target_transform = staticmethod(lambda t: 9 - t)
+
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int):
+            return data.images[i], self.target_transform(self.targets[i])
+
+    cube = pdis.extract(spec, pdis.DatasetSource(Remapped(), name="remapped"), "memory://guards-remapped.zarr",
+                        layers=LAYER, batch_size=20)
+    assert cube.labels().tolist() == data.targets
+
+    class Contradicting(Remapped):
+        """The same items, and targets that say other classes (no target_transform)."""
+        target_transform = None
+
+        def __getitem__(self, i: int):
+            return data.images[i], data.targets[i]
+
+    url = "memory://guards-contradicting.zarr"
+    with pytest.raises(ValueError, match="has label 0, but the labels read from the dataset"):
+        pdis.extract(spec, pdis.DatasetSource(Contradicting(), name="contradicting"), url, layers=LAYER)
+    assert not store_exists(url)
+
+
+def test_normalised_tensors_are_refused_and_raw_tensors_read_as_the_arrays(assets_dir: Path, made: dict) -> None:
+    spec = made["spec"]
+    data = Photos(assets_dir, "test", 1)
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+
+    class Tensors(torch.utils.data.Dataset):
+        def __init__(self, normalise: bool) -> None:
+            self.normalise = normalise
+
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int):
+            x = torch.tensor(data.images[i]).permute(2, 0, 1).float() / 255  # ToTensor's values
+            return ((x - mean) / std if self.normalise else x), data.targets[i]
+
+    url = "memory://guards-normalised.zarr"
+    with pytest.raises(ValueError, match=r"values in \[0, 1\].*leave Normalize out"):
+        pdis.extract(spec, pdis.DatasetSource(Tensors(True), name="normalised"), url, layers=LAYER)
+    assert not store_exists(url)
+    raw = pdis.extract(spec, pdis.DatasetSource(Tensors(False), name="raw"), "memory://guards-raw.zarr",
+                       layers=LAYER, batch_size=10)
+    arrays = pdis.extract(spec, pdis.DatasetSource(data, name="arrays"), "memory://guards-arrays.zarr",
+                          layers=LAYER, batch_size=10)
+    np.testing.assert_array_equal(raw.relevance(LAYER), arrays.relevance(LAYER))
+
+
+def test_class_names_that_do_not_match_the_logits_stop_the_plan(made: dict) -> None:
+    spec = pdis.ModelSpec(made["spec"].model, ["airplane", "automobile", "bird"], trained=True)
+    url = "memory://guards-three-classes.zarr"
+    with pytest.raises(ValueError, match="the model gives 10 logits but has 3 class names"):
+        pdis.extract(spec, made["test"], url, layers=LAYER, target_mode="prediction")
+    assert not store_exists(url)
+
+
+def test_bad_counts_and_precisions_are_refused_before_any_work(made: dict) -> None:
+    spec, cube, detections = made["spec"], made["cube"], made["detections"]
+    for kwargs, needle in (({"check_images": 0}, "check_images must be positive, got 0"),
+                           ({"batch_size": -1}, "batch_size must be positive"),
+                           ({"max_images": 0}, "max_images must be positive"),
+                           ({"max_per_layer": 0}, "max_per_layer must be positive"),
+                           ({"rho_grid": [0.0, 0.5]}, r"rho_grid values must lie in \(0, 1\]"),
+                           ({"rho_grid": []}, r"rho_grid values must lie in \(0, 1\]")):
+        with pytest.raises(ValueError, match=needle):
+            pdis.rewire(spec, detections, cube, **kwargs)
+    url = "memory://guards-counts.zarr"
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        pdis.extract(spec, made["test"], url, layers=LAYER, batch_size=0)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        api.plan_extraction(spec, made["test"], url, layers=LAYER, precision="fp16")
+    assert not store_exists(url)
+
+
+def test_the_check_cube_is_read_through_its_own_source(made: dict, monkeypatch) -> None:
+    spec, cube, detections = made["spec"], made["cube"], made["detections"]
+    # The same cube under another spelling of its path is read through the source it was made from.
+    monkeypatch.chdir(made["folder"])
+    same = pdis.rewire(spec, detections, cube, max_per_layer=1, max_images=4, check_images=10,
+                       check_cube="./train.zarr")
+    assert same.equivalence["n"] == 10
+    # A cube of a dataset this process does not hold names the argument to give, before the rho selection.
+    monkeypatch.delitem(api._SOURCES, api._source_key(str(made["folder"] / "test.zarr")))
+    with pytest.raises(ValueError, match="dataset:guards-test, whose items this process does not hold: pass its "
+                                         "DatasetSource as check_source="):
+        pdis.rewire(spec, detections, cube, max_per_layer=1, check_cube=made["eval_cube"])
+    checked = pdis.rewire(spec, detections, cube, max_per_layer=1, max_images=4, check_images=10,
+                          check_cube=made["eval_cube"], check_source=made["test"])
+    assert checked.equivalence["n"] == 10 and checked.equivalence["top1_changed"] == 0
+    with pytest.raises(ValueError, match="pass its DatasetSource as images="):
+        pdis.evaluate(spec, made["rewiring"], made["eval_cube"], featvis_max_channels=0)
+
+
+def test_evaluate_refuses_what_it_cannot_explain_before_the_model_pass(made: dict) -> None:
+    spec, rewiring = made["spec"], made["rewiring"]
+    calls = []
+    real = api.evaluate_run.__globals__["model_pass"]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    api.evaluate_run.__globals__["model_pass"] = counted
+    try:
+        with pytest.raises(ValueError, match="keeps no per-image activation maxima"):
+            pdis.evaluate(spec, rewiring, made["cube"], images=made["train"], featvis_max_channels=0)
+        with pytest.raises(ValueError, match=r"explain_layers \['layer9.conv'\] are not layers of"):
+            pdis.evaluate(spec, rewiring, made["eval_cube"], images=made["test"], explain_layers=["layer9.conv"])
+    finally:
+        api.evaluate_run.__globals__["model_pass"] = real
+    assert calls == []
+
+
+def test_the_users_module_is_handed_back_as_it_came(made: dict) -> None:
+    spec = load_model("cifar_resnet20")
+    model = spec.model
+    model.train()
+    model.layer1.eval()  # a mixed state: every submodule's own flag must come back
+    before = {name: m.training for name, m in model.named_modules()}
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    cube = pdis.extract(spec, made["train"], "memory://guards-modes.zarr", layers=LAYER, layout="detection",
+                        batch_size=60)
+    detections = pdis.detect(spec, cube, p=0.3, rule="lowest-k", k=1)
+    rewiring = pdis.rewire(spec, detections, cube, max_per_layer=1, max_images=4, check_images=10)
+    pdis.evaluate(spec, rewiring, made["eval_cube"], images=made["test"], featvis_max_channels=0, explain_layers=[])
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == grads
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
