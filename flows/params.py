@@ -29,10 +29,11 @@ from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams,
 
 
 def check_device(device: str) -> str:
-    """``device`` when it names one (auto, cpu, cuda, cuda:N, mps): checked here, without torch,
-    so that a bad name fails before the imports and the run's lock, not inside the preflight."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    """``device`` when it names one (auto, or cpu, cuda, mps, xpu with an optional :N): checked
+    here, without torch, so that a bad name fails before the imports and the run's lock, not
+    inside the preflight."""
+    if not re.fullmatch(r"auto|(cpu|cuda|mps|xpu)(:\d+)?", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N (or mps, xpu), got {device!r}")
     return device
 
 

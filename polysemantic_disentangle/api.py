@@ -38,7 +38,7 @@ from polysemantic_disentangle.tasks.stage3_detect.params import DetectionParams
 from polysemantic_disentangle.tasks.stage3_detect.records import PairRow
 from polysemantic_disentangle.tasks.stage4_rewire.checkpoint import load_disentangled, save_disentangled
 from polysemantic_disentangle.tasks.stage4_rewire.export import export_model
-from polysemantic_disentangle.tasks.stage4_rewire.plan import build_splits, plan_rewiring
+from polysemantic_disentangle.tasks.stage4_rewire.plan import RewirePlan, build_splits, plan_rewiring
 from polysemantic_disentangle.tasks.stage4_rewire.rewire import (ChannelSplit, check_equivalence, check_image_batches,
                                                                  rewire_model)
 from polysemantic_disentangle.tasks.stage5_evaluate.metrics import explain_layer
@@ -58,8 +58,10 @@ _SOURCES: dict[str, ImageSource] = {}
 
 
 def _source_key(url: str) -> str:
-    """One key per store however its path is spelt (``x.zarr``, ``./x.zarr``, absolute)."""
-    return url if "://" in url else os.path.abspath(url)
+    """One key per store however its path is spelt (``x.zarr``, ``./x.zarr``, absolute, through a
+    symbolic link, ``file://``)."""
+    path = url.removeprefix("file://")
+    return url if "://" in path else os.path.realpath(path)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ class Rewiring:
         >>> rewiring = Rewiring.load("runs/mine/disentangled.pt", spec)
         >>> evaluation, figures = evaluate(spec, rewiring, eval_cube)
         """
+        base.check_unchanged()
         model, saved = load_disentangled(path, base=base)
         return cls(model, [ChannelSplit.from_dict(d) for d in saved["splits"]],
                    equivalence=(saved.get("extra") or {}).get("equivalence"))
@@ -375,7 +378,8 @@ def extract_chunks(
     >>> extract_chunks(spec, "runs/train.zarr", [0, 1], layers=plan.layers, batch_size=128)
     """
     _positive(batch_size=batch_size)
-    spec.check_unchanged()
+    if model is None:  # a given module (a copy on a GPU) is the caller's to keep current
+        spec.check_unchanged()
     if images is None:
         images = _images_of(CubeReader(store))
     if model is not None:
@@ -570,13 +574,15 @@ def class_images(spec: ModelSpec, cube: Cube, max_images: int = defaults.RHO_MAX
     return _class_images(spec, reader, max_images, _images_of(reader, images))
 
 
-def _class_images(spec: ModelSpec, cube: CubeReader, max_images: int, root: Images) -> Callable[[int], torch.Tensor]:
+def _class_images(spec: ModelSpec, cube: CubeReader, max_images: int, root: Images | None
+                  ) -> Callable[[int], torch.Tensor]:
     labels = statistics_labels(cube)  # the class the statistics (and the ARVs) grouped by
     keep = ~cube.skipped()
     paths = cube.image_paths()
     limit = image_pixel_limit(cube)
 
     def load(t: int) -> torch.Tensor:
+        assert root is not None, "no image source: nothing was planned to be read"
         chosen = paths[(labels == t) & keep][:max_images]
         batch, _, _ = load_batch(root, list(chosen), spec.transform, input_size=spec.input_size,
                                  max_image_pixels=limit)
@@ -651,38 +657,42 @@ def rewire(
     True
     """
     _positive(max_per_layer=max_per_layer, max_images=max_images, check_images=check_images, batch_size=batch_size)
-    if not rho_grid or any(not 0 < r <= 1 for r in rho_grid):
-        raise ValueError(f"rho_grid values must lie in (0, 1], got {list(rho_grid)}")
+    grid = [float(r) for r in rho_grid]
+    if not grid or any(not 0 < r <= 1 for r in grid):
+        raise ValueError(f"rho_grid values must lie in (0, 1], got {grid}")
     reader = _reader(cube)
     checker = _reader(check_cube) if check_cube is not None else reader
     same = _source_key(checker.url) == _source_key(reader.url)
     _check_network(spec, reader, *(() if same else (checker,)))
-    # Both sources are found before the rho selection: a missing one would surface only after it.
-    class_root = _images_of(reader, images)
-    check_root = _images_of(checker, check_source if check_source is not None or not same else images,
-                            "check_source")
+    plan = plan_rewiring(detections, layers, max_per_layer)
+    class_root: Images | None = None
+    check_root: Images | None = None
+    if plan.rows:
+        # Both sources are found before the rho selection: a missing one would surface only after it.
+        class_root = _images_of(reader, images)
+        check_root = _images_of(checker, check_source if check_source is not None or not same else images,
+                                "check_source")
     with left_as_found(spec.model):
-        return _rewire(spec, detections, reader, checker, class_root, check_root, stats=stats, tau=tau,
-                       layers=layers, max_per_layer=max_per_layer, rho_grid=rho_grid, max_images=max_images,
-                       check_images=check_images, batch_size=batch_size, progress=progress)
+        return _rewire(spec, plan, reader, checker, class_root, check_root, stats=stats, tau=tau, rho_grid=grid,
+                       max_images=max_images, check_images=check_images, batch_size=batch_size, progress=progress)
 
 
-def _rewire(spec: ModelSpec, detections: Sequence[LayerDetection], reader: CubeReader, checker: CubeReader,
-            class_root: Images, check_root: Images, *, stats: Mapping[str, LayerStats] | StatisticsKey | None,
-            tau: float, layers: str | Sequence[str], max_per_layer: int | None, rho_grid: Sequence[float],
+def _rewire(spec: ModelSpec, plan: RewirePlan, reader: CubeReader, checker: CubeReader,
+            class_root: Images | None, check_root: Images | None, *,
+            stats: Mapping[str, LayerStats] | StatisticsKey | None, tau: float, rho_grid: list[float],
             max_images: int, check_images: int, batch_size: int, progress: Progress) -> Rewiring:
     model = spec.model.eval()
-    plan = plan_rewiring(detections, layers, max_per_layer)
     planned_layers = sorted({r.layer for r in plan.rows})
     if stats is None:
         stats = class_statistics(reader, tau=tau, layers=planned_layers or None)
     elif isinstance(stats, StatisticsKey):
         stats = stored_statistics(reader, stats, planned_layers)
     splits, skipped = build_splits(model, plan.rows, stats, _class_images(spec, reader, max_images, class_root),
-                                   list(rho_grid), max_images, progress=progress)
+                                   rho_grid, max_images, progress=progress)
     rewired = rewire_model(model, splits)
     result = Rewiring(rewired, splits, plan.skipped + skipped, planned=list(plan.rows))
     if splits:
+        assert check_root is not None  # found whenever channels were planned
         paths = [str(p) for p in checker.image_paths()[~checker.skipped()]]
         step = max(1, len(paths) // check_images)
         first: list[torch.Tensor] = []

@@ -49,7 +49,9 @@ def made(assets_dir: Path, tmp_path_factory) -> dict:
     cube = pdis.extract(spec, train, str(folder / "train.zarr"), layers=LAYER, layout="detection", batch_size=60)
     eval_cube = pdis.extract(spec, test, str(folder / "test.zarr"), layers=LAYER, batch_size=60)
     detections = pdis.detect(spec, cube, p=0.3, rule="lowest-k", k=1)
-    rewiring = pdis.rewire(spec, detections, cube, max_per_layer=1, max_images=4, check_images=10)
+    # rho_grid as any sequence of numbers, a numpy array included
+    rewiring = pdis.rewire(spec, detections, cube, max_per_layer=1, max_images=4, check_images=10,
+                           rho_grid=np.array([0.25, 0.5, 1.0]))
     assert rewiring.splits
     return {"folder": folder, "spec": spec, "train": train, "test": test, "cube": cube, "eval_cube": eval_cube,
             "detections": detections, "rewiring": rewiring}
@@ -123,6 +125,34 @@ def test_labels_follow_target_transform_and_are_checked_against_the_items(assets
     with pytest.raises(ValueError, match="has label 0, but the labels read from the dataset"):
         pdis.extract(spec, pdis.DatasetSource(Contradicting(), name="contradicting"), url, layers=LAYER)
     assert not store_exists(url)
+
+
+def test_torchvision_style_targets_give_class_indices() -> None:
+    """Tensor targets, a lookup-style target_transform (applied to int(target), as torchvision
+    does) and a one-hot one (which leaves the class index as it is)."""
+
+    class Items(torch.utils.data.Dataset):
+        targets = torch.tensor([0, 1, 2, 1])
+
+        def __init__(self, target_transform) -> None:
+            self.target_transform = target_transform
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int):
+            y = int(self.targets[i])
+            image = torch.full((3, 4, 4), 1 + 0.5 / 255)  # a resampling filter's overshoot: clipped
+            return image, (self.target_transform(y) if self.target_transform else y)
+
+    for transform, expected in (({0: 5, 1: 6, 2: 7}.__getitem__, [5, 6, 7, 6]),
+                                (lambda y: torch.zeros(10).scatter_(0, torch.tensor(y), value=1), [0, 1, 2, 1]),
+                                (None, [0, 1, 2, 1])):
+        source = pdis.DatasetSource(Items(transform))
+        assert source.labels().tolist() == expected
+        source.check()
+        decoded = source.decode("0", lambda image: torch.tensor(np.array(image)))
+        assert decoded.reason == "" and int(decoded.tensor.min()) == 255
 
 
 def test_normalised_tensors_are_refused_and_raw_tensors_read_as_the_arrays(assets_dir: Path, made: dict) -> None:

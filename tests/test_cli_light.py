@@ -112,7 +112,7 @@ def test_bad_parameters_stop_before_any_server(tmp_path: Path) -> None:
         ("run", "--weights", str(notes)): "found a text file",
         ("run", "--weights", str(tmp_path / "missing.pt")): "checkpoint not found",
         ("run", "--dask-address", "tcp://127.0.0.1:1", "--workers", "2"): "dask",
-        ("run", "--device", "gpu"): "device must be auto, cpu, cuda or cuda:N, got 'gpu'",
+        ("run", "--device", "gpu"): "device must be auto, cpu, cuda or cuda:N (or mps, xpu), got 'gpu'",
         ("run", "--device", "cuda:x"): "got 'cuda:x'",
         ("extract", "--device", "cuda:x", "--data-dir", str(images), "--store", store): "got 'cuda:x'",
         ("extract", "--data-dir", str(tmp_path / "missing"), "--store", store): "--data-dir",

@@ -470,12 +470,14 @@ def _as_pil(item: Any) -> Image.Image:
 
         if item.is_floating_point():
             # to_pil_image scales by 255 and wraps what lies outside [0, 1]: a normalised
-            # tensor would reach the model as noise.
+            # tensor would reach the model as noise. Less than a grey level over the edge (a
+            # resampling filter's overshoot) is clipped.
             lo, hi = (float(v) for v in item.aminmax())
-            if lo < 0 or hi > 1:
+            if lo < -1 / 255 or hi > 1 + 1 / 255:
                 raise ValueError(f"a float image tensor must hold values in [0, 1] (the raw image, as ToTensor "
                                  f"gives it; the model's transform normalises), got values in [{lo:.3g}, {hi:.3g}]: "
                                  "leave Normalize out of the dataset's transform")
+            item = item.clamp(0, 1)
         elif item.dtype != torch.uint8:
             raise TypeError(f"an image tensor must be uint8 or float in [0, 1], got {item.dtype}")
         return to_pil_image(item)
@@ -523,10 +525,15 @@ class DatasetSource:
         if self._labels is None:
             targets = getattr(self.dataset, "targets", None)
             if targets is not None and len(targets) == len(self):
-                # torchvision's datasets return target_transform(targets[i]) as the label.
+                raw = np.asarray(targets, dtype=np.int64)
+                # torchvision's datasets return target_transform(int(targets[i])) as the label; a
+                # transform to something other than a class index (one-hot) leaves the index as it is.
                 mapped = getattr(self.dataset, "target_transform", None)
-                self._labels = np.asarray([int(mapped(t)) for t in targets] if callable(mapped) else targets,
-                                          dtype=np.int64)
+                if callable(mapped):
+                    out = [mapped(t) for t in raw.tolist()]
+                    if all(np.ndim(o) == 0 for o in out):
+                        raw = np.asarray([int(o) for o in out], dtype=np.int64)
+                self._labels = raw
             else:
                 self._labels = np.asarray([self._label(i) for i in range(len(self))], dtype=np.int64)
         return self._labels
@@ -547,7 +554,7 @@ class DatasetSource:
                 _as_pil(item[0])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"item {i} of {self}: {exc}") from None
-            if int(item[1]) != int(labels[i]):
+            if np.ndim(item[1]) == 0 and int(item[1]) != int(labels[i]):
                 raise ValueError(
                     f"item {i} of {self} has label {int(item[1])}, but the labels read from the dataset "
                     f"(dataset.targets) say {int(labels[i])}: give the dataset a targets list that matches "
