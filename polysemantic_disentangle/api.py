@@ -642,13 +642,12 @@ def rewire(
         ``check_cube`` is ``cube``).
     batch_size:
         Check images decoded and run at a time.
-
-    Raises ``ValueError`` for counts below 1 or a rho outside (0, 1], ``CubeMismatch`` for a
-    cube of another network, before any work.
     progress:
         Receives the rho selection's progress.
 
-    Raises ``FunctionChanged`` when the rewired logits differ from the original's.
+    Raises ``ValueError`` for counts below 1 or a rho outside (0, 1], ``CubeMismatch`` for a
+    cube of another network, before any work; ``FunctionChanged`` when the rewired logits
+    differ from the original's.
 
     Example
     -------

@@ -22,8 +22,9 @@ from polysemantic_disentangle.tasks.data.images import (ImageSource, Manifest, l
                                                        source_manifest)
 from polysemantic_disentangle.tasks.models.registry import ModelBundle, analysable_layers, select_layers
 from polysemantic_disentangle.tasks.models.state import probe_logits
-from polysemantic_disentangle.tasks.stage1_extract.precision import (DEFAULT_PRECISION, PRECISIONS, autocast,
-                                                                    precision_attrs, store_precision)
+from polysemantic_disentangle.tasks.stage1_extract.precision import (DEFAULT_PRECISION, autocast,
+                                                                    check_precision_name, precision_attrs,
+                                                                    store_precision)
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
 from polysemantic_disentangle.tasks.models.hooks import hooked
 
@@ -87,8 +88,7 @@ def plan_cube(
     """
     if max_image_pixels < 1:
         raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision_name(precision)  # bf16 is the caller's choice here; the pipeline refuses it
     if target_mode not in ("label", "prediction"):
         raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
     selected = select_layers(bundle.model, layers)

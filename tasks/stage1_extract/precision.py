@@ -43,12 +43,18 @@ class PrecisionRefused(ValueError):
     """bf16 was asked for, but it changes what detection finds."""
 
 
+def check_precision_name(precision: str) -> Precision:
+    """``precision`` when it names one (``PRECISIONS``), else ValueError."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision  # type: ignore[return-value]
+
+
 def check_precision(precision: str) -> Precision:
     """``precision`` when the pipeline accepts it; raises ``PrecisionRefused`` with the
     measured difference for bf16 while that changes the detection sets, ValueError for names
     that are no precision."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision_name(precision)
     if precision == "bf16" and BF16_MEASURED:
         raise PrecisionRefused(
             "precision bf16 is refused: bfloat16 autocast changes what detection finds. "
