@@ -59,6 +59,7 @@ from polysemantic_disentangle.tasks.defaults import (
 from polysemantic_disentangle.tasks.models.conv_geometry import channels_first
 from polysemantic_disentangle.tasks.models.hooks import StopForward, forward_until, hooked
 from polysemantic_disentangle.tasks.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from polysemantic_disentangle.tasks.models.state import left_as_found
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
 
 # Objective: (model, normalised input batch (N, 3, H, W)) -> scalar to maximise.
@@ -436,10 +437,9 @@ def optimise(
     taken = [steps] * n
     history: list[list[float]] = [[] for _ in range(n)]
     active = list(range(n))
-    modes = [net.training for net in nets]
-    for net in nets:
-        net.eval()
-    try:
+    with left_as_found(*nets):
+        for net in nets:
+            net.eval()
         for step in range(1, steps + 1):
             if not active:
                 break
@@ -469,9 +469,6 @@ def optimise(
                 on_step()
         with torch.no_grad():
             images = [to_uint8(render(params[i:i + 1])) for i in range(n)]
-    finally:
-        for net, was_training in zip(nets, modes, strict=True):
-            net.train(was_training)
     return Visualisations(images=images, steps=taken, history=history)
 
 
@@ -532,9 +529,8 @@ def activation_bytes_per_image(model: nn.Module, layers: Sequence[str], size: in
         return hook
 
     leaves = [m for m in model.modules() if not list(m.children())]
-    was_training = model.training
-    model.eval()
-    try:
+    with left_as_found(model):
+        model.eval()
         # Counting hooks first: a target that is a leaf counts its own output before stopping.
         with hooked((m, count) for m in leaves) as handles, torch.no_grad():
             for layer in wanted:
@@ -543,8 +539,6 @@ def activation_bytes_per_image(model: nn.Module, layers: Sequence[str], size: in
                 model(torch.zeros(1, 3, height, width, device=device))
             except StopForward:
                 pass
-    finally:
-        model.train(was_training)
     return total[0]
 
 
@@ -623,15 +617,12 @@ def estimated_seconds(model: nn.Module, image_shape: Sequence[int], channels: in
     per_copy = activation_bytes_per_image(model, [], tuple(image_shape[-2:]), device)
     per_pass = min(images, max(1, int(budget_bytes // max(per_copy * batch * AUTO_BATCH_MEMORY_FACTOR, 1))))
     x = torch.rand(per_pass * batch, *image_shape, device=device, requires_grad=True)
-    was_training = model.training
-    model.eval()
-    try:
+    with left_as_found(model):
+        model.eval()
         t0 = time.perf_counter()
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(model(x).sum(), [x])
         if grad.is_cuda:
             torch.cuda.synchronize(grad.device)
         elapsed = time.perf_counter() - t0
-    finally:
-        model.train(was_training)
     return elapsed * steps * math.ceil(images / per_pass)
