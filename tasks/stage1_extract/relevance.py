@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from polysemantic_disentangle.tasks.data.grouping import TargetMode
+from polysemantic_disentangle.tasks.stage1_extract.batchnorm_grad import register_batchnorm_backward
 from polysemantic_disentangle.tasks.models.conv_geometry import conv_input_padding
 from polysemantic_disentangle.tasks.models.hooks import hooked
 
@@ -354,6 +355,7 @@ def _taps(model: nn.Module, layers: Sequence[str], result: BatchRelevance,
             # output -> its grad hook -> tap -> output is a reference cycle that would keep every
             # batch's autograd graph alive until the cyclic GC happens to run: broken on exit.
             handles.on_exit(tap.release)
+        register_batchnorm_backward(model, handles)
         yield taps
 
 
@@ -392,7 +394,9 @@ def batch_relevance(
     ends at them: no gradient below them, none of the input, no parameter gradients. A later
     layer alone costs a backward through the layers after it only. Each layer's gradient is
     reduced inside its hook. The gradient of a layer's output is the same whether the backward
-    goes on below it or not.
+    goes on below it or not. On the CPU each eval-mode BatchNorm2d hands its gradient back
+    through two multiplications instead of torch's kernel, with the kernel's bits
+    (``batchnorm_grad``).
     The model must be in eval mode (BatchNorm batch statistics would couple images).
     """
     if model.training:
