@@ -384,8 +384,19 @@ def main() -> None:
         written = Path(stores["extract"])
         print(f"store on disk: {sum(f.stat().st_size for f in written.rglob('*') if f.is_file()) / 2**20:.1f} MiB")
 
+    def ratios(a: list[list[float]], b: list[list[float]]) -> list[float]:
+        return [x / y for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+
     def paired(a: list[list[float]], b: list[list[float]]) -> float:
-        return statistics.median(x / y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+        return statistics.median(ratios(a, b))
+
+    def quartiles(a: list[list[float]], b: list[list[float]]) -> str:
+        # How far one run's per-chunk ratios spread: a median inside it says little alone.
+        r = ratios(a, b)
+        if len(r) < 4:
+            return ""
+        q1, _, q3 = statistics.quantiles(r, n=4)
+        return f" (quartiles {q1:.3f}-{q3:.3f})"
 
     med = {v: statistics.median(sum(r) for r in times[v]) for v in variants}
     cpu_med = {v: statistics.median(sum(r) for r in cpu[v]) for v in variants}
@@ -407,7 +418,7 @@ def main() -> None:
     pairs += [("extract-late", "captum-late")] if {"extract-late", "captum-late"} <= set(variants) else []
     if pairs:
         print("CPU time of the product / a peer, median of the per-chunk ratios (below 1: the product costs less): "
-              + ", ".join(f"{a} / {b} {paired(cpu[a], cpu[b]):.3f}" for a, b in pairs))
+              + ", ".join(f"{a} / {b} {paired(cpu[a], cpu[b]):.3f}{quartiles(cpu[a], cpu[b])}" for a, b in pairs))
 
     if args.memory:
         print("peak resident memory of one chunk above the set-up process, each variant in a fresh process:")
