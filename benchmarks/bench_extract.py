@@ -21,6 +21,9 @@ peers; one late layer alone no dearer than Captum's one-layer route.
 - relevance-core (info): ``batch_relevance`` with no moments and no activation statistics: the
   relevance alone, what each peer computes; relevance-only - relevance-core is the moments and
   the activation means, which only the product computes.
+- relevance-torch-bn (info): relevance-only with torch's own BatchNorm backward kernel instead of
+  ``batchnorm_grad``'s two multiplications (the same bits); the closing line prints
+  relevance-only / relevance-torch-bn.
 - extract-late: ``extract`` of the last selected layer alone (its own store).
 - captum, captum-late (when ``captum`` imports): ``LayerGradientXActivation`` on every selected
   layer (one call, a list of layers), or on the last one, summed over space per channel.
@@ -88,17 +91,19 @@ from polysemantic_disentangle.tasks.data.cifar10 import cifar10_image_folder  # 
 from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder  # noqa: E402
 from polysemantic_disentangle.tasks.models.registry import analysable_layers, conv_layers, load_model  # noqa: E402
 from polysemantic_disentangle.tasks.heap import keep_freed_memory  # noqa: E402
+from polysemantic_disentangle.tasks.stage1_extract import batchnorm_grad  # noqa: E402
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance  # noqa: E402
 
 PEERS = {"captum": "captum", "captum-late": "captum", "zennit-crp": "crp"}
-ALL_VARIANTS = ("floor", "extract", "extract-nowrite", "relevance-only", "relevance-core", "extract-late", "captum",
-                "captum-late", "zennit-crp", "bare", "extract+decode", "extract-convs")
+ALL_VARIANTS = ("floor", "extract", "extract-nowrite", "relevance-only", "relevance-core", "relevance-torch-bn",
+                "extract-late", "captum", "captum-late", "zennit-crp", "bare", "extract+decode", "extract-convs")
 DEFAULT_VARIANTS = ("floor,extract,extract-nowrite,relevance-only,relevance-core,extract-late,captum,captum-late,"
                     "zennit-crp")
 NOTES = {"extract": "HEADLINE: the product, chunk write included",
          "extract-nowrite": "info: no chunk write",
          "relevance-only": "info: batch_relevance alone",
          "relevance-core": "info: relevance alone (no moments, no means)",
+         "relevance-torch-bn": "info: relevance-only with torch's BatchNorm backward kernel",
          "extract-late": "the product on the last layer alone",
          "captum": "peer: Captum LayerGradientXActivation, all layers",
          "captum-late": "peer: Captum, the last layer alone",
@@ -263,6 +268,14 @@ def main() -> None:
         for images, labels in chunk_batches(chunk):
             batch_relevance(model, images, labels, layers, "label", moment_layers=(), activations=False)
 
+    def relevance_torch_bn(chunk: int) -> None:
+        exact = batchnorm_grad.exact_here
+        batchnorm_grad.exact_here = lambda: False  # type: ignore[assignment]
+        try:
+            relevance_only(chunk)
+        finally:
+            batchnorm_grad.exact_here = exact  # type: ignore[assignment]
+
     def extract(chunk: int, variant: str) -> None:
         extract_mod.load_batch = real_load_batch if variant == "extract+decode" else predecoded
         try:
@@ -282,6 +295,7 @@ def main() -> None:
             extract_mod.load_batch = real_load_batch
 
     run = {"floor": floor, "bare": bare, "relevance-only": relevance_only, "relevance-core": relevance_core,
+           "relevance-torch-bn": relevance_torch_bn,
            "extract-nowrite": extract_nowrite,
            **{v: (lambda c, v=v: extract(c, v)) for v in ("extract", "extract+decode", "extract-late", "extract-convs")}}
     modules = dict(model.named_modules())
@@ -416,6 +430,8 @@ def main() -> None:
     pairs = [(ours, peer) for ours in ("extract", "relevance-core") for peer in ("captum", "zennit-crp")
              if {ours, peer} <= set(variants)]
     pairs += [("extract-late", "captum-late")] if {"extract-late", "captum-late"} <= set(variants) else []
+    pairs += ([("relevance-only", "relevance-torch-bn")] if {"relevance-only", "relevance-torch-bn"} <= set(variants)
+              else [])
     if pairs:
         print("CPU time of the product / a peer, median of the per-chunk ratios (below 1: the product costs less): "
               + ", ".join(f"{a} / {b} {paired(cpu[a], cpu[b]):.3f}{quartiles(cpu[a], cpu[b])}" for a, b in pairs))
