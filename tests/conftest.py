@@ -34,6 +34,21 @@ def assets_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def resnet20_batch(assets_dir: Path):
+    """ResNet-20 with its real CIFAR-10 weights, and two test photos of each class: (bundle,
+    images, labels). Per module: tests put the model in eval mode and hook it."""
+    from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder
+    from polysemantic_disentangle.tasks.models.registry import load_model
+
+    bundle = load_model("cifar_resnet20")
+    manifest = scan_image_folder(assets_dir / "cifar10" / "test", bundle.class_names, bundle.wnids,
+                                 max_per_class=2)
+    images, ok, _ = load_batch(manifest.root, manifest.paths, bundle.transform)
+    assert ok.all()
+    return bundle, images, torch.as_tensor(manifest.labels)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> None:
     # The tests' convs are small: a second intra-op thread gains little and, on a shared

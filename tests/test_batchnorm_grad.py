@@ -12,20 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder
 from polysemantic_disentangle.tasks.models.registry import conv_layers, load_model
 from polysemantic_disentangle.tasks.stage1_extract import batchnorm_grad
 from polysemantic_disentangle.tasks.stage1_extract.relevance import batch_relevance
-
-
-@pytest.fixture(scope="module")
-def resnet20_batch(assets_dir):
-    bundle = load_model("cifar_resnet20")
-    manifest = scan_image_folder(assets_dir / "cifar10" / "test", bundle.class_names, bundle.wnids,
-                                 max_per_class=3)
-    images, ok, _ = load_batch(manifest.root, manifest.paths, bundle.transform)
-    assert ok.all()
-    return bundle.model.eval(), images, torch.as_tensor(manifest.labels)
 
 
 def plain_autograd_relevance(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -59,7 +48,8 @@ def test_exact_on_this_machine() -> None:
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_real_resnet20_relevance_has_plain_autograd_bits_without_the_kernel(resnet20_batch, layout) -> None:
-    model, images, labels = resnet20_batch
+    bundle, images, labels = resnet20_batch
+    model = bundle.model.eval()
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     model = copy.deepcopy(model).to(memory_format=fmt)
     images = images.contiguous(memory_format=fmt)
@@ -112,16 +102,27 @@ def _scaled(net: nn.Module) -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize("case", ["hooked", "subclass", "no-affine", "float64", "batch-statistics"])
+@pytest.mark.parametrize("case", ["hooked", "global-hook", "subclass", "no-affine", "float64", "batch-statistics"])
 def test_modules_the_shortcut_would_get_wrong_keep_torchs_backward(case) -> None:
-    """A user's forward hook that changes the output, a subclass with more in its forward, no
-    affine weight, float64, a submodule left in training mode: relevance as plain autograd
-    gives it, and the kernel runs."""
-    norm = {"hooked": nn.BatchNorm2d(6), "subclass": _BatchNormRelu(6), "no-affine": nn.BatchNorm2d(6, affine=False),
-            "float64": nn.BatchNorm2d(6), "batch-statistics": nn.BatchNorm2d(6)}[case]
+    """A forward hook that changes the output (the module's own, or one for every module), a
+    subclass with more in its forward, no affine weight, float64, a submodule left in training
+    mode: relevance as plain autograd gives it, and the kernel runs."""
+    norm = {"subclass": _BatchNormRelu(6), "no-affine": nn.BatchNorm2d(6, affine=False)}.get(case, nn.BatchNorm2d(6))
     net = _net(norm)
     if case == "hooked":
         net = _scaled(net)
+    if case == "global-hook":
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: o * 3.0 if isinstance(m, nn.BatchNorm2d) else None)
+        try:
+            _check_torch_backward(case, net)
+        finally:
+            handle.remove()
+    else:
+        _check_torch_backward(case, net)
+
+
+def _check_torch_backward(case: str, net: nn.Module) -> None:
     images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     if case == "float64":
         net, images = net.double(), images.double()

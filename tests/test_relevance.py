@@ -8,9 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder
 from polysemantic_disentangle.tasks.models.conv_geometry import conv_input_padding
-from polysemantic_disentangle.tasks.models.registry import load_model
 import polysemantic_disentangle.tasks.stage1_extract.relevance as relevance_module
 from polysemantic_disentangle.tasks.stage1_extract.relevance import arv_from_moments, batch_relevance, input_moments
 
@@ -78,16 +76,6 @@ def test_arv_for_efficientnet_same_padding_convs() -> None:
                 oracle = autograd_arv(conv, x, c)
                 ours = arv_from_moments(conv.weight.detach(), m, c)
                 assert ((ours - oracle).abs().max() / oracle.abs().max()) <= 1e-5
-
-
-@pytest.fixture(scope="module")
-def resnet20_batch(assets_dir):
-    bundle = load_model("cifar_resnet20")
-    manifest = scan_image_folder(assets_dir / "cifar10" / "test", bundle.class_names, bundle.wnids,
-                                 max_per_class=2)
-    images, ok, _ = load_batch(manifest.root, manifest.paths, bundle.transform)
-    assert ok.all()
-    return bundle, images, torch.as_tensor(manifest.labels)
 
 
 def test_relevance_matches_layerwise_autograd(resnet20_batch) -> None:

@@ -13,8 +13,8 @@ memory layouts) and leaves the shortcut off where it would differ.
 
 Eligible: a module of type ``nn.BatchNorm2d`` exactly (subclasses such as timm's
 ``BatchNormAct2d`` fold more into their forward), in eval mode with running statistics, an
-affine weight and eps > 0, with no forward hook or forward override of its own, whose float32
-CPU input requires grad. Anything else keeps torch's backward.
+affine weight and eps > 0, with no forward hook or forward override of its own and no global
+forward hook, whose float32 CPU input requires grad. Anything else keeps torch's backward.
 """
 
 from __future__ import annotations
@@ -67,15 +67,17 @@ class _EvalBatchNormBackward(torch.autograd.Function):
 
 def eligible(module: nn.Module) -> bool:
     """Whether ``module``'s backward may be replaced (see the module docstring)."""
+    # A forward hook of any module's (registered globally) could change what the output is.
+    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
     return (type(module) is nn.BatchNorm2d and not module.training and module.running_var is not None
             and module.weight is not None and module.eps > 0 and not module._forward_hooks
-            and "forward" not in module.__dict__)
+            and not global_hooks and "forward" not in module.__dict__)
 
 
 def _rebase(module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
     x = inputs[0]
     if (not x.requires_grad or not output.requires_grad or output is x or x.device.type != "cpu"
-            or x.dtype != torch.float32 or output.dtype != torch.float32 or module.weight.dtype != torch.float32):
+            or any(t.dtype != torch.float32 for t in (x, output, module.weight, module.running_var))):
         return None
     per_channel = (1, -1, 1, 1)
     return _EvalBatchNormBackward.apply(x, output, _invstd(module.running_var, module.eps).view(per_channel),

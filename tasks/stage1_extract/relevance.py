@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 
 from polysemantic_disentangle.tasks.data.grouping import TargetMode
-from polysemantic_disentangle.tasks.stage1_extract.batchnorm_grad import register_batchnorm_backward
 from polysemantic_disentangle.tasks.models.conv_geometry import conv_input_padding
 from polysemantic_disentangle.tasks.models.hooks import hooked
+from polysemantic_disentangle.tasks.stage1_extract.batchnorm_grad import register_batchnorm_backward
 
 
 
