@@ -87,7 +87,13 @@ def _rebase(module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], output: to
 @functools.lru_cache(maxsize=1)
 def exact_here() -> bool:
     """Whether the two multiplications give the kernel's bits on this machine and torch build:
-    odd channel counts and sizes (the vector loops' tails), both memory layouts."""
+    odd channel counts and sizes (the vector loops' tails), both memory layouts. Asked the first
+    time a pass starts, maybe inside the caller's autocast: the check itself runs outside it."""
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        return _same_bits_as_the_kernel()
+
+
+def _same_bits_as_the_kernel() -> bool:
     gen = torch.Generator().manual_seed(0)
     for channels, size, layout in ((19, 7, torch.contiguous_format), (37, 5, torch.channels_last)):
         bn = nn.BatchNorm2d(channels).eval()
@@ -100,6 +106,8 @@ def exact_here() -> bool:
         y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         (native,) = torch.autograd.grad(y, x, g)
         y = _rebase(bn, (x,), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+        if y is None:
+            return False
         (mine,) = torch.autograd.grad(y, x, g)
         if not (torch.equal(native, mine) and native.stride() == mine.stride()):
             return False
