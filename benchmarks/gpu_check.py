@@ -7,7 +7,10 @@
 2. The feed: images/s the extraction's loader decodes from the ImageNet sample JPEGs through
    ResNet-50's transform, with the decode threads and pinned batches a GPU extraction uses
    (``tasks/stage1_extract/feeding.py``). Below the extraction's images/s, decoding is what
-   limits a real run.
+   limits a real run. Beside it, JPEG decoding on the device (nvjpeg) with the resize, crop and
+   normalisation as tensor ops there: its images/s and how far its pixels are from PIL's
+   (``measure_device_decode``), the figures that say whether decoding on the GPU is worth
+   values that would then depend on the decoder.
 3. A whole ``disentangle run`` on the device: ResNet-50, random weights, the 1,000 ImageNet
    sample images for detection and evaluation, one GPU worker (``--workers 1``): wall and CPU
    seconds of every stage (``bench_memory.stage_table``). Random weights may leave nothing to
@@ -98,6 +101,81 @@ def measure_feed(data_dir: Path, device: str, batch: int, batches: int, log: Cal
            "decode_workers": workers, "pinned": dev.type == "cuda"}
     log(f"  {row['images_per_s']:.0f} images/s decoded ({n} images, {workers} decode threads"
         f"{', pinned, non-blocking copies' if row['pinned'] else ''})")
+    return row
+
+
+def measure_device_decode(data_dir: Path, device: str, batch: int, batches: int,
+                          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """JPEG decoding on ``device`` (``torchvision.io.decode_jpeg``, nvjpeg on CUDA) and ResNet-50's
+    resize, crop and normalisation as tensor ops there, against the extraction's own feed (PIL
+    in threads, ``measure_feed``): images/s, and how far its pixels are from PIL's on the same
+    images. The pipeline decodes with PIL on every device, so that a cube's values do not
+    depend on where it was decoded; these figures say what decoding on the GPU would buy and
+    change. A file nvjpeg cannot take (a PNG named .JPEG, CMYK) is counted, not measured."""
+    import torch
+    import torchvision.transforms.v2.functional as F
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from polysemantic_disentangle.tasks.data.images import load_batch, scan_image_folder
+    from polysemantic_disentangle.tasks.models.registry import load_model
+    from polysemantic_disentangle.tasks.stage1_extract.feeding import decode_workers_for
+
+    dev = torch.device(device)
+    bundle = load_model("resnet50", "random")
+    manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids)
+    paths = list(manifest.paths)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=dev)[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225], device=dev)[:, None, None]
+
+    def on_device(files: list[torch.Tensor]) -> tuple[torch.Tensor, list[bool]]:
+        try:
+            decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=dev)
+            ok = [True] * len(files)
+        except RuntimeError:  # one undecodable file fails the whole list: decode one by one
+            decoded, ok = [], []
+            for f in files:
+                try:
+                    decoded.append(decode_jpeg(f, mode=ImageReadMode.RGB, device=dev))
+                    ok.append(True)
+                except RuntimeError:
+                    ok.append(False)
+        images = [F.center_crop(F.resize(img, [256], antialias=True), [224, 224]) for img in decoded]
+        return (torch.stack(images).float().div_(255) - mean) / std, ok
+
+    def read(chunk: list[str]) -> list[torch.Tensor]:
+        return [torch.frombuffer(bytearray((Path(manifest.root) / p).read_bytes()), dtype=torch.uint8) for p in chunk]
+
+    on_device(read(paths[:batch]))  # warm-up (nvjpeg's handles)
+    n, failed, seconds = 0, 0, 0.0
+    largest, total_abs, values = 0.0, 0.0, 0
+    for i in range(batches):
+        chunk = [paths[(i * batch + j) % len(paths)] for j in range(batch)]
+        files = read(chunk)  # reading the files is the same for both routes: not timed
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        images, ok = on_device(files)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds += time.perf_counter() - t0
+        n += sum(ok)
+        failed += len(ok) - sum(ok)
+        kept = [p for p, good in zip(chunk, ok) if good]
+        with ThreadPoolExecutor(decode_workers_for(dev)) as pool:
+            pil, pil_ok, _ = load_batch(manifest.root, kept, bundle.transform, pool, input_size=bundle.input_size)
+        if pil is None:
+            continue
+        diff = (images[torch.as_tensor(pil_ok, device=dev)].cpu() - pil).abs()
+        largest = max(largest, float(diff.max()))
+        total_abs += float(diff.sum(dtype=torch.float64))
+        values += diff.numel()
+    row = {"images": n, "not_decodable": failed, "seconds": seconds,
+           "images_per_s": n / seconds if seconds else 0.0,
+           # in the normalised units the model sees (one 8-bit step is about 0.017 of them)
+           "max_abs_vs_pil": largest, "mean_abs_vs_pil": total_abs / values if values else None}
+    log(f"  {row['images_per_s']:.0f} images/s decoded, resized and normalised on {dev} ({n} images"
+        f"{f', {failed} not decodable there' if failed else ''}); against PIL's pixels: mean |diff| "
+        f"{row['mean_abs_vs_pil'] or 0:.1e}, max {largest:.3f} (normalised units)")
     return row
 
 
@@ -230,8 +308,13 @@ def main(argv: list[str] | None = None) -> int:
 
     part(1, "extraction against the floor (ResNet-50, all convs, fp32 and bf16 autocast, channels-last)",
          extraction)
-    part(2, "the feed: ImageNet sample JPEGs decoded for the GPU",
-         lambda: measure_feed(data, args.device, batch=2 if dry else 256, batches=2 if dry else 4))
+    def feed() -> Any:
+        batch, batches = (2, 2) if dry else (256, 4)
+        row = measure_feed(data, args.device, batch=batch, batches=batches)
+        row["device_decode"] = measure_device_decode(data, args.device, batch, batches)
+        return row
+
+    part(2, "the feed: ImageNet sample JPEGs decoded for the GPU (PIL in threads; nvjpeg on the device)", feed)
     part(3, f"a whole `disentangle run` on {args.device} (ResNet-50, random weights, ImageNet samples, one worker)",
          lambda: time_run(run_command(args.device, data, work / "run", dry), work / "run.log"))
 

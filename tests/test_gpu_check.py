@@ -45,6 +45,13 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path, assets_dir: Path) -> None:
         (p, v) for p in ("fp32", "bf16") for v in ("floor", "bare", "extract")}
     assert all(r["images_per_s"] > 0 and r["peak_gib"] is None for r in rows)
     assert got["part2"]["images"] == 4 and got["part2"]["decode_workers"] >= 1
+    # Decoding with torchvision.io and resizing as tensor ops against the PIL route (the
+    # oracle): on the CPU both use libjpeg-turbo, so pixels differ by a rounding step or two
+    # (one 8-bit step is 0.017 normalised units); a wrong crop, scale or normalisation would
+    # differ by whole units.
+    on_device = got["part2"]["device_decode"]
+    assert on_device["images"] == 4 and on_device["not_decodable"] == 0 and on_device["images_per_s"] > 0
+    assert on_device["max_abs_vs_pil"] <= 0.07 and on_device["mean_abs_vs_pil"] <= 1e-3, on_device
     run = got["part3"]
     assert run["returncode"] == 0, out.stdout[-6000:]  # its layers are chosen so that channels get rewired
     stages = [r["stage"] for r in run["stages"]]
