@@ -48,11 +48,17 @@ chunk) of the per-chunk ratio to the floor (each chunk's variants ran back to ba
 (``time.process_time``: this process, every thread) beside wall time. ``--memory`` measures
 each variant's peak resident memory above the set-up process in a fresh process per variant
 (``VmHWM`` after resetting it, minus ``VmRSS`` before the chunk: torch's allocations included).
-``--profile`` adds a cProfile and a torch.profiler table of one extraction pass.
+``--profile`` adds a cProfile and a torch.profiler table of one extraction pass. ``--breakdown``
+takes the product's pass apart: the CPU time of each part (the model's own forward and backward,
+act x grad, the input moments, the activation means, the class sums, the write, ...) timed
+around the function that does it on the thread that runs it, as shares of the floor measured in
+the same run: a part of a few percent is measured directly instead of as the difference of two
+totals that vary by more than that from chunk to chunk.
 
     python benchmarks/bench_extract.py [--model cifar_resnet20] [--images 2048] [--batch 128]
         [--chunk 512] [--repeats 3] [--threads 1] [--order class|shuffled]
         [--variants floor,extract,...] [--layers convs|all] [--heap kept|glibc] [--memory] [--profile]
+        [--breakdown]
 
     # the peers need only be importable, e.g. installed beside the project for measuring:
     uv pip install --target /tmp/peers --no-deps captum zennit zennit-crp
@@ -77,6 +83,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +152,76 @@ def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=(2, 3)) if t.dim() == 4 else t.reshape(t.shape[0], -1, t.shape[-1]).sum(1)
 
 
+@contextlib.contextmanager
+def _timed_parts() -> Iterator[dict[str, float]]:
+    """Per-thread CPU seconds spent in each part of an extraction while the block runs, each
+    part timed around the function that does it (``time.thread_time``: the thread that runs
+    it, so the writer thread's write is counted and nothing else of that thread)."""
+    import polysemantic_disentangle.storage.cube as cube_mod
+    import polysemantic_disentangle.tasks.stage1_extract.relevance as relevance_mod
+
+    spent: dict[str, float] = {}
+
+    def timer(part: str, fn):
+        def timed(*a, **k):
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[part] = spent.get(part, 0.0) + time.thread_time() - t0
+        return timed
+
+    tap = relevance_mod._LayerTap
+    originals = [(relevance_mod, "input_moments"), (tap, "__call__"), (tap, "_relevance_on_backward"),
+                 (extract_mod, "batch_relevance"), (extract_mod, "chunk_class_rows"),
+                 (extract_mod, "compute_chunk"), (cube_mod.CubeWriter, "write_chunk")]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name in originals]
+    on_backward = tap._relevance_on_backward
+    relevance_mod.input_moments = timer("moments", relevance_mod.input_moments)
+    tap.__call__ = timer("forward taps", tap.__call__)
+    tap._relevance_on_backward = lambda self, output, reduce: on_backward(self, output, timer("act x grad", reduce))
+    extract_mod.batch_relevance = timer("batch_relevance", extract_mod.batch_relevance)
+    extract_mod.chunk_class_rows = timer("class sums", extract_mod.chunk_class_rows)
+    extract_mod.compute_chunk = timer("compute_chunk", extract_mod.compute_chunk)
+    cube_mod.CubeWriter.write_chunk = timer("write", cube_mod.CubeWriter.write_chunk)
+    try:
+        yield spent
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def print_breakdown(one_pass, repeats: int, floor_cpu: float) -> None:
+    """The product's pass taken apart: each part's CPU seconds per pass (median over
+    ``repeats``) and its share of the floor's CPU time per pass, measured in this run. Parts
+    are timed directly, not as differences of two noisy totals."""
+    rows: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        c0 = time.process_time()
+        with _timed_parts() as spent:
+            one_pass()
+        total = time.process_time() - c0
+        taps_other = spent["forward taps"] - spent["moments"]
+        parts = {
+            "the model's forward and backward (relevance's own ops left out)":
+                spent["batch_relevance"] - spent["forward taps"] - spent["act x grad"],
+            "act x grad summed over space (what every peer computes)": spent["act x grad"],
+            "input moments (only the product: ARVs)": spent["moments"],
+            "activation means and the taps' bookkeeping": taps_other,
+            "to numpy, chunk assembly": spent["compute_chunk"] - spent["batch_relevance"] - spent["class sums"],
+            "class sums of moments and means": spent["class sums"],
+            "chunk write (writer thread: encode, checksum, files)": spent["write"],
+            "the rest (threads, store reads, hand-offs)": total - spent["compute_chunk"] - spent["write"],
+        }
+        for name, value in parts.items():
+            rows.setdefault(name, []).append(value)
+        rows.setdefault("the product in all", []).append(total)
+    print(f"\nwhere the product's CPU time goes (median of {repeats} passes; the floor: {floor_cpu:.2f} CPU s a pass):")
+    for name, values in rows.items():
+        med = statistics.median(values)
+        print(f"  {name:<62} {med:6.3f} s  {med / floor_cpu:6.3f} of the floor")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cifar_resnet20",
@@ -161,6 +238,9 @@ def main() -> None:
                              "random permutation (a chunk holds about as many classes as images); default: "
                              "class (CIFAR), shuffled (ImageNet)")
     parser.add_argument("--profile", action="store_true", help="also profile one extraction pass")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each part of the product's extra cost over the floor directly "
+                             "(per-thread CPU time around it), as shares of the floor")
     parser.add_argument("--memory", action="store_true",
                         help="peak resident memory of one chunk per variant, each in a fresh process")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
@@ -183,6 +263,8 @@ def main() -> None:
     unknown = set(asked) - set(ALL_VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
+    if args.breakdown and args.threads != 1:
+        parser.error("--breakdown times each part on the thread that runs it: use --threads 1")
     if args.chunk % args.batch:
         parser.error("--chunk must be a multiple of --batch")
     missing = [v for v in asked if v in PEERS and importlib.util.find_spec(PEERS[v]) is None]
@@ -444,6 +526,10 @@ def main() -> None:
                                   capture_output=True, text=True, check=True)
             found = re.search(rf"^MEMORY {re.escape(v)} ([0-9.]+)$", proc.stdout, re.M)
             print(f"{v:>15}: {found.group(1) if found else '?'} MiB")
+
+    if args.breakdown:
+        floor_cpu = statistics.median(sum(r) for r in cpu["floor"])
+        print_breakdown(lambda: [extract(c, "extract") for c in range(n_chunks)], args.repeats, floor_cpu)
 
     if args.profile:
         import cProfile
