@@ -83,7 +83,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -191,35 +191,38 @@ def _timed_parts() -> Iterator[dict[str, float]]:
             setattr(owner, name, value)
 
 
-def print_breakdown(one_pass, repeats: int, floor_cpu: float) -> None:
-    """The product's pass taken apart: each part's CPU seconds per pass (median over
-    ``repeats``) and its share of the floor's CPU time per pass, measured in this run. Parts
-    are timed directly, not as differences of two noisy totals."""
-    rows: dict[str, list[float]] = {}
+def print_breakdown(one_pass: Callable[[], object], floor_pass: Callable[[], object], repeats: int) -> None:
+    """The product's pass taken apart: each part's CPU seconds per pass and its share of the
+    floor's, each product pass run right after a floor pass (the median over ``repeats`` of the
+    per-repeat ratios, as in the main table). Parts are timed directly, not as differences of
+    two noisy totals."""
+    rows: dict[str, list[tuple[float, float]]] = {}
     for _ in range(repeats):
+        c0 = time.process_time()
+        floor_pass()
+        floor_cpu = time.process_time() - c0
         c0 = time.process_time()
         with _timed_parts() as spent:
             one_pass()
         total = time.process_time() - c0
-        taps_other = spent["forward taps"] - spent["moments"]
         parts = {
             "the model's forward and backward (relevance's own ops left out)":
                 spent["batch_relevance"] - spent["forward taps"] - spent["act x grad"],
             "act x grad summed over space (what every peer computes)": spent["act x grad"],
             "input moments (only the product: ARVs)": spent["moments"],
-            "activation means and the taps' bookkeeping": taps_other,
+            "activation means and the taps' bookkeeping": spent["forward taps"] - spent["moments"],
             "to numpy, chunk assembly": spent["compute_chunk"] - spent["batch_relevance"] - spent["class sums"],
             "class sums of moments and means": spent["class sums"],
             "chunk write (writer thread: encode, checksum, files)": spent["write"],
             "the rest (threads, store reads, hand-offs)": total - spent["compute_chunk"] - spent["write"],
+            "the product in all": total,
         }
         for name, value in parts.items():
-            rows.setdefault(name, []).append(value)
-        rows.setdefault("the product in all", []).append(total)
-    print(f"\nwhere the product's CPU time goes (median of {repeats} passes; the floor: {floor_cpu:.2f} CPU s a pass):")
+            rows.setdefault(name, []).append((value, value / floor_cpu))
+    print(f"\nwhere the product's CPU time goes (median of {repeats} passes, each right after a floor pass):")
     for name, values in rows.items():
-        med = statistics.median(values)
-        print(f"  {name:<62} {med:6.3f} s  {med / floor_cpu:6.3f} of the floor")
+        print(f"  {name:<66} {statistics.median(v for v, _ in values):6.3f} s  "
+              f"{statistics.median(r for _, r in values):6.3f} of the floor")
 
 
 def main() -> None:
@@ -528,8 +531,8 @@ def main() -> None:
             print(f"{v:>15}: {found.group(1) if found else '?'} MiB")
 
     if args.breakdown:
-        floor_cpu = statistics.median(sum(r) for r in cpu["floor"])
-        print_breakdown(lambda: [extract(c, "extract") for c in range(n_chunks)], args.repeats, floor_cpu)
+        print_breakdown(lambda: [extract(c, "extract") for c in range(n_chunks)],
+                        lambda: [floor(c) for c in range(n_chunks)], args.repeats)
 
     if args.profile:
         import cProfile
