@@ -4,7 +4,8 @@ Each benchmark compares its variants inside its own run; nothing is compared acr
 ``--only NAME`` (repeatable) picks benchmarks by name (``extract``, ``reduce``, ``arv``,
 ``rewire``, ...); each runs with its own default settings, and ``bench_extract.py`` once more on
 ResNet-50 (its ImageNet settings), so that one ``make bench`` gives the extraction / floor ratio
-of both models.
+of both models, each with its breakdown (``--breakdown``: the share of the floor each part of
+the product's pass costs).
 
     python benchmarks/run_all.py [--only extract] [--only arv]
 
@@ -23,7 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # Benchmarks run more than once, with these arguments each time (the rest once, with none).
-RUNS: dict[str, list[list[str]]] = {"extract": [[], ["--model", "resnet50"]]}
+# The extraction also takes its pass apart (--breakdown): where the cost over the floor goes.
+RUNS: dict[str, list[list[str]]] = {"extract": [["--breakdown"], ["--model", "resnet50", "--breakdown"]]}
 
 
 def main() -> int:
