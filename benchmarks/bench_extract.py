@@ -85,6 +85,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,8 +163,8 @@ def _timed_parts() -> Iterator[dict[str, float]]:
 
     spent: dict[str, float] = {}
 
-    def timer(part: str, fn):
-        def timed(*a, **k):
+    def timer(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*a: Any, **k: Any) -> Any:
             t0 = time.thread_time()
             try:
                 return fn(*a, **k)

@@ -124,8 +124,11 @@ def measure_device_decode(data_dir: Path, device: str, batch: int, batches: int,
     bundle = load_model("resnet50", "random")
     manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids)
     paths = list(manifest.paths)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=dev)[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225], device=dev)[:, None, None]
+    # The same steps as the model's own (PIL) transform, read from it.
+    steps = {type(t).__name__: t for t in bundle.transform.transforms}
+    resize, crop, normalize = steps["Resize"], steps["CenterCrop"], steps["Normalize"]
+    mean = torch.tensor(normalize.mean, device=dev)[:, None, None]
+    std = torch.tensor(normalize.std, device=dev)[:, None, None]
 
     def on_device(files: list[torch.Tensor]) -> tuple[torch.Tensor, list[bool]]:
         try:
@@ -139,7 +142,8 @@ def measure_device_decode(data_dir: Path, device: str, batch: int, batches: int,
                     ok.append(True)
                 except RuntimeError:
                     ok.append(False)
-        images = [F.center_crop(F.resize(img, [256], antialias=True), [224, 224]) for img in decoded]
+        images = [F.center_crop(F.resize(img, resize.size, resize.interpolation, antialias=resize.antialias),
+                                list(crop.size)) for img in decoded]
         return (torch.stack(images).float().div_(255) - mean) / std, ok
 
     def read(chunk: list[str]) -> list[torch.Tensor]:
@@ -308,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     part(1, "extraction against the floor (ResNet-50, all convs, fp32 and bf16 autocast, channels-last)",
          extraction)
+
     def feed() -> Any:
         batch, batches = (2, 2) if dry else (256, 4)
         row = measure_feed(data, args.device, batch=batch, batches=batches)
