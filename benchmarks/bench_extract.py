@@ -72,6 +72,7 @@ model 48 images shuffled, batch 16, chunks of 16 (``MODEL_DEFAULTS``).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import importlib.util
@@ -161,7 +162,7 @@ def _timed_parts() -> Iterator[dict[str, float]]:
     import polysemantic_disentangle.storage.cube as cube_mod
     import polysemantic_disentangle.tasks.stage1_extract.relevance as relevance_mod
 
-    spent: dict[str, float] = {}
+    spent: dict[str, float] = collections.defaultdict(float)  # a part that never ran took 0 s
 
     def timer(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*a: Any, **k: Any) -> Any:
@@ -169,7 +170,7 @@ def _timed_parts() -> Iterator[dict[str, float]]:
             try:
                 return fn(*a, **k)
             finally:
-                spent[part] = spent.get(part, 0.0) + time.thread_time() - t0
+                spent[part] += time.thread_time() - t0
         return timed
 
     tap = relevance_mod._LayerTap
@@ -196,7 +197,8 @@ def print_breakdown(one_pass: Callable[[], object], floor_pass: Callable[[], obj
     """The product's pass taken apart: each part's CPU seconds per pass and its share of the
     floor's, each product pass run right after a floor pass (the median over ``repeats`` of the
     per-repeat ratios, as in the main table). Parts are timed directly, not as differences of
-    two noisy totals."""
+    two noisy totals. A Linear layer's moments (a sum over positions in its tap) count with the
+    taps' bookkeeping."""
     rows: dict[str, list[tuple[float, float]]] = {}
     for _ in range(repeats):
         c0 = time.process_time()
