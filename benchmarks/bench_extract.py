@@ -48,7 +48,8 @@ chunk) of the per-chunk ratio to the floor (each chunk's variants ran back to ba
 (``time.process_time``: this process, every thread) beside wall time. ``--memory`` measures
 each variant's peak resident memory above the set-up process in a fresh process per variant
 (``VmHWM`` after resetting it, minus ``VmRSS`` before the chunk: torch's allocations included).
-``--profile`` adds a cProfile and a torch.profiler table of one extraction pass. ``--breakdown``
+``--profile`` adds a cProfile and a torch.profiler table of one extraction pass, and the
+product's ops minus the floor's, op by op and input shapes (``print_op_difference``). ``--breakdown``
 takes the product's pass apart: the CPU time of each part (the model's own forward and backward,
 act x grad, the input moments, the activation means, the class sums, the write, ...) timed
 around the function that does it on the thread that runs it, as shares of the floor measured in
@@ -191,6 +192,38 @@ def _timed_parts() -> Iterator[dict[str, float]]:
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
+
+
+def _self_ms_by_op(one_pass: Callable[[], object], passes: int, batches: int) -> dict[tuple[str, str], float]:
+    """Self CPU ms per batch of each (op, input shapes) over ``passes`` profiled passes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(passes):
+            one_pass()
+    spent: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for e in prof.key_averages(group_by_input_shape=True):
+        spent[(e.key, str(e.input_shapes))] += e.self_cpu_time_total / 1e3 / (passes * batches)
+    return spent
+
+
+def print_op_difference(one_pass: Callable[[], object], floor_pass: Callable[[], object], batches: int,
+                        passes: int = 3, rows: int = 30) -> None:
+    """What the product's pass adds to the floor's, op by op (torch.profiler self CPU time per
+    batch, grouped by op and input shapes): the ops only the product runs, and the model's own
+    ops where the two differ (negative: the product runs them for less, e.g. no input gradient
+    of the stem). Profiler overhead is in both; the noise of a shared machine is in each row."""
+    one_pass(), floor_pass()  # warm: buffers, caches and the heap as in the timed passes
+    product, base = _self_ms_by_op(one_pass, passes, batches), _self_ms_by_op(floor_pass, passes, batches)
+    total_p, total_f = sum(product.values()), sum(base.values())
+    diff = sorted(((product.get(k, 0.0) - base.get(k, 0.0), k) for k in {*product, *base}), reverse=True)
+    print(f"\ntorch.profiler, self CPU ms per batch ({passes} passes each): product {total_p:.1f}, floor "
+          f"{total_f:.1f} (x {total_p / total_f:.3f}); the largest differences, op and input shapes:")
+    print(f"{'product - floor':>16} {'floor':>9} {'product':>9}  op")
+    shown = diff[:rows] + [d for d in diff[-rows // 3:] if d[0] < 0 and d not in diff[:rows]]
+    for delta, (op, shapes) in shown:
+        print(f"{delta:16.2f} {base.get((op, shapes), 0.0):9.2f} {product.get((op, shapes), 0.0):9.2f}  "
+              f"{op} {shapes[:100]}")
 
 
 def print_breakdown(one_pass: Callable[[], object], floor_pass: Callable[[], object], repeats: int) -> None:
@@ -556,6 +589,7 @@ def main() -> None:
             relevance_only(0)
         print("torch.profiler of batch_relevance on one chunk (self CPU time, top 25):")
         print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        print_op_difference(lambda: relevance_only(0), lambda: floor(0), len(chunk_batches(0)))
 
     shutil.rmtree(tmp, ignore_errors=True)
 
