@@ -11,7 +11,11 @@ functions with files, artifacts, caching and clusters around them.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,8 @@ from torch import nn
 from polysemantic_disentangle.storage.cube import CubeLayout, CubeMismatch, CubeReader
 from polysemantic_disentangle.storage.cube import open_cube as _open_cube
 from polysemantic_disentangle.tasks import defaults
-from polysemantic_disentangle.tasks.data.images import DatasetSource, ImageSource, load_batch
+from polysemantic_disentangle.tasks.data.images import (WRONG_SIZE, DatasetSource, ImageSource, load_batch,
+                                                       reason_kind)
 from polysemantic_disentangle.tasks.models.registry import load_model as _load_model
 from polysemantic_disentangle.tasks.models.spec import ModelSpec
 from polysemantic_disentangle.tasks.models.state import left_as_found
@@ -174,6 +179,8 @@ def _reader(cube: Cube) -> CubeReader:
 
 def _images_of(cube: CubeReader, given: ImageSource | None = None, argument: str = "images") -> Images:
     if given is not None:
+        if isinstance(given, ImageSource):
+            _check_source(cube, given, argument)
         return given
     source = _SOURCES.get(_source_key(cube.url))
     if source is not None:
@@ -185,15 +192,38 @@ def _images_of(cube: CubeReader, given: ImageSource | None = None, argument: str
     return root
 
 
+def _check_source(cube: CubeReader, source: ImageSource, argument: str) -> None:
+    """Refuse a source other than the one the cube was extracted from: its keys would name other
+    items, and the rho selection, the function check or the evaluation would read those."""
+    recorded = cube.attrs.get("dataset") or {}
+    given = source.identity()
+    short = {"manifest_sha256": lambda v: str(v)[:12]}
+    differs = [f"{key} {short.get(key, repr)(recorded[key])} there, {short.get(key, repr)(given.get(key))} here"
+               for key in ("root", "n_images", "manifest_sha256") if key in recorded and recorded[key] != given.get(key)]
+    if differs:
+        raise CubeMismatch(f"{argument}={source} is not the dataset {cube.url} was extracted from "
+                           f"({'; '.join(differs)}): pass the source the cube was made from")
+
+
 def _check_network(spec: ModelSpec, *cubes: CubeReader) -> None:
     """Refuse a spec whose module changed since it was made, and a cube extracted from another
     network: its moments and relevance would be read against these weights without a sign."""
     spec.check_unchanged()
+    preprocessing = json.loads(json.dumps(spec.preprocessing()))
     for cube in cubes:
         recorded = (cube.attrs.get("model") or {}).get("state_sha256")
         if recorded and recorded != spec.state_sha256:
             raise CubeMismatch(f"{cube.url} was extracted from another network (state sha256 {recorded[:12]}), "
                                f"not from {spec.name!r} ({spec.state_sha256[:12]})")
+        # Stores made before the preprocessing was recorded have none to compare.
+        made_with = cube.attrs.get("preprocessing")
+        if made_with is not None and made_with != preprocessing:
+            raise CubeMismatch(f"{cube.url} was extracted with other preprocessing ({made_with}) than "
+                               f"{spec.name!r} has ({preprocessing}): its values are those of other inputs")
+        if cube.class_names() != list(spec.class_names):
+            raise CubeMismatch(f"{cube.url} names its classes otherwise than {spec.name!r} does "
+                               f"({cube.class_names()[:3]}... there, {list(spec.class_names)[:3]}... here): "
+                               "the pairs and explanations would name other classes")
 
 
 def _positive(**counts: int | None) -> None:
@@ -273,7 +303,24 @@ def extract(
                            target_mode=target_mode, storage_dtype=storage_dtype, overwrite=overwrite)
     extract_chunks(spec, store, range(plan.n_chunks), layers=plan.layers, batch_size=batch_size,
                    target_mode=target_mode, images=images if isinstance(images, ImageSource) else plan.manifest.root)
-    return CubeReader(store)
+    cube = CubeReader(store)
+    _warn_skipped(cube)
+    return cube
+
+
+def _warn_skipped(cube: CubeReader) -> None:
+    """One warning for the images the extraction left out, by kind: every later statistic rests
+    on the others, and which ones a batch drops for its size depends on batch size and order."""
+    skipped = cube.skipped()
+    if not skipped.any():
+        return
+    reasons = [str(r) for r in cube.skip_reasons()[skipped]]
+    kinds = Counter(re.sub(r"\s*\d+$", "", reason_kind(r)) for r in reasons)  # "unreadable item 4" -> one kind
+    hint = (" Give the ModelSpec an input_size, or a transform that brings every image to one size."
+            if WRONG_SIZE in kinds else "")
+    warnings.warn(f"{int(skipped.sum())} of {len(skipped)} images of {cube.url} were skipped ("
+                  + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + f"), e.g. {reasons[0]!r}.{hint}",
+                  stacklevel=3)
 
 
 def plan_extraction(

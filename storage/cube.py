@@ -376,13 +376,18 @@ def create_cube(
     attrs: Mapping[str, Any],
     layout: CubeLayout = DEFAULT_LAYOUT,
     overwrite: bool = False,
+    checked: Mapping[str, Any] | None = None,
 ) -> zarr.Group:
     """Create the store, or reopen it when it was made with the same fingerprint (resume).
 
     ``attrs`` must hold everything that determines the values (model identity with checkpoint
     sha256, dataset manifest hash, target mode, ...); its hash is the store's fingerprint. A
     store with another fingerprint is refused unless ``overwrite``: silently mixing two runs'
-    chunks would corrupt every statistic.
+    chunks would corrupt every statistic. ``checked``: more root attributes a reopened store
+    must match (the preprocessing, a sample of the items' contents), left out of the
+    fingerprint so that stores made before they were recorded keep resuming; each is compared
+    where the store has it. The class names and WordNet ids are compared too: a resumed cube
+    would keep the names it was made with.
     """
     n = len(image_paths)
     if len(labels) != n:
@@ -407,6 +412,7 @@ def create_cube(
                     f"{url} holds a cube made with other inputs (fingerprint {str(found)[:12]} vs "
                     f"{fp[:12]}); choose another store URL or pass overwrite=True"
                 )
+            _check_reopened(root, url, class_names, class_wnids, checked or {})
             return root
 
     root = open_store_group(url, mode="w")
@@ -466,6 +472,7 @@ def create_cube(
                                          dimension_names=["chunk", "sum_row", *dims]), arr)
     root.attrs.update({
         **attrs,
+        **(checked or {}),
         "layout_version": LAYOUT_VERSION,
         "fingerprint": fp,
         "chunk_images": chunk_images,
@@ -479,6 +486,32 @@ def create_cube(
     })
     consolidate(url)
     return root
+
+
+def _check_reopened(root: zarr.Group, url: str | Path, class_names: Sequence[str],
+                    class_wnids: Sequence[str | None], checked: Mapping[str, Any]) -> None:
+    """Refuse to resume a store whose classes or checked attributes differ from the plan's,
+    naming what differs (the fingerprint covers neither)."""
+    differs = []
+    stored_names = [str(c) for c in as_str(root["class_name"][:])]
+    if stored_names != [str(c) for c in class_names]:
+        changed = [f"{i}: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(stored_names, class_names)) if a != b]
+        differs.append(f"class names ({len(stored_names)} there, {len(class_names)} here"
+                       f"{'; ' + ', '.join(changed[:3]) if changed else ''})")
+    stored_wnids = [str(w) for w in as_str(root["class_wnid"][:])]
+    if stored_wnids != [w or "" for w in class_wnids]:
+        differs.append("WordNet ids of the classes")
+    # JSON round trip: the plan's values as the store gives them back (tuples as lists).
+    plan = json.loads(json.dumps(dict(checked), default=str))
+
+    def shown(value: Any) -> str:
+        return repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
+
+    differs += [f"{key} ({shown(root.attrs[key])} there, {shown(value)} here)" for key, value in plan.items()
+                if key in root.attrs and root.attrs[key] != value]
+    if differs:
+        raise CubeMismatch(f"{url} holds a cube made with other {'; other '.join(differs)}; choose another "
+                           "store URL or pass overwrite=True")
 
 
 def _write_class_coords(group: zarr.Group, names: Sequence[str], wnids: Sequence[str | None],

@@ -5,6 +5,7 @@ hands the user's module back as it came. Real ResNet-20 weights and CIFAR-10 ima
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import polysemantic_disentangle as pdis
 from polysemantic_disentangle import api
 from polysemantic_disentangle.storage.cube import CubeMismatch, store_exists
 from polysemantic_disentangle.tasks.models.registry import load_model
-from polysemantic_disentangle.tasks.models.spec import StaleModelSpec
+from polysemantic_disentangle.tasks.models.spec import StaleModelSpec, tensor_transform
 
 LAYER = "layer3.2.conv2"
 
@@ -263,3 +264,140 @@ def test_the_users_module_is_handed_back_as_it_came(made: dict) -> None:
     assert {name: m.training for name, m in model.named_modules()} == before
     assert {name: p.requires_grad for name, p in model.named_parameters()} == grads
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+class Unlabelled(torch.utils.data.Dataset):
+    """The images of ``data`` alone (no labels), as uint8 arrays, ToTensor-style tensors, or
+    Hugging Face-style dicts with the label."""
+
+    def __init__(self, data: Photos, kind: str) -> None:
+        self.data, self.kind = data, kind
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        image = self.data.images[i]
+        if self.kind == "tensor":
+            return torch.tensor(image).permute(2, 0, 1).float() / 255
+        if self.kind == "dict":
+            return {"img": image, "label": self.data.targets[i]}
+        return image
+
+
+def test_items_that_are_the_image_alone_or_dicts_are_read_as_the_images(assets_dir: Path, made: dict) -> None:
+    """An unlabelled dataset's item is the image, not a tuple whose first element would be a
+    colour plane (tensor) or a pixel row (array): the same relevance as (image, label) pairs."""
+    spec, data = made["spec"], Photos(assets_dir, "test", 2)
+    pairs = pdis.extract(spec, pdis.DatasetSource(data, name="pairs"), "memory://guards-pairs.zarr", layers=LAYER,
+                         target_mode="prediction", batch_size=20).relevance(LAYER)
+    for kind in ("array", "tensor"):
+        source = pdis.DatasetSource(Unlabelled(data, kind), name=f"bare-{kind}")
+        assert (source.labels() == -1).all()
+        cube = pdis.extract(spec, source, f"memory://guards-bare-{kind}.zarr", layers=LAYER,
+                            target_mode="prediction", batch_size=20)
+        assert not cube.skipped().any()
+        np.testing.assert_array_equal(cube.relevance(LAYER), pairs)
+        url = f"memory://guards-bare-{kind}-label.zarr"
+        with pytest.raises(ValueError, match="gives no labels .* target_mode='prediction'"):
+            pdis.extract(spec, source, url, layers=LAYER)
+        assert not store_exists(url)
+    dicts = pdis.DatasetSource(Unlabelled(data, "dict"), name="dicts")
+    assert dicts.labels().tolist() == data.targets
+    cube = pdis.extract(spec, dicts, "memory://guards-dicts.zarr", layers=LAYER, target_mode="prediction",
+                        batch_size=20)
+    np.testing.assert_array_equal(cube.relevance(LAYER), pairs)
+
+
+def test_labels_that_are_not_class_indices_stop_the_plan(assets_dir: Path, made: dict) -> None:
+    spec, data = made["spec"], Photos(assets_dir, "test", 1)
+
+    class Labelled(torch.utils.data.Dataset):
+        def __init__(self, label) -> None:
+            self.label = label
+
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int):
+            return data.images[i], self.label(data.targets[i])
+
+    cases = ((lambda y: torch.nn.functional.one_hot(torch.tensor(y), 10), r"label has shape \(10,\), not a class index"),
+             (lambda y: ["airplane", "automobile"][y % 2], "label 'airplane' is not a class index"),
+             (lambda y: y + 1, r"1 labels of dataset:one-based are not class indices of the model's 10 classes "
+                               r"\(0 to 9\): item 9: 10"))
+    for (label, needle), name in zip(cases, ("one-hot", "names", "one-based")):
+        url = f"memory://guards-labels-{name}.zarr"
+        with pytest.raises(ValueError, match=needle):
+            pdis.extract(spec, pdis.DatasetSource(Labelled(label), name=name), url, layers=LAYER)
+        assert not store_exists(url)
+    # One class index in a one-element tensor is a class index.
+    assert pdis.DatasetSource(Labelled(lambda y: torch.tensor([y]))).labels().tolist() == data.targets
+
+
+def test_class_names_are_checked_on_the_datasets_own_image_size(made: dict) -> None:
+    """A head that takes one input size only fails on a blank 224 x 224 image; the check runs on
+    the dataset's first image instead of being skipped."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 32 * 32, 10))
+    url = "memory://guards-flatten.zarr"
+    with pytest.raises(ValueError, match="the model gives 10 logits but has 8 class names"):
+        pdis.extract(pdis.ModelSpec(net, [f"c{i}" for i in range(8)], trained=False), made["test"], url, layers="0")
+    assert not store_exists(url)
+    cube = pdis.extract(pdis.ModelSpec(net, [f"c{i}" for i in range(10)], trained=False), made["test"], url,
+                        layers="0", batch_size=30)
+    assert not cube.skipped().any()
+
+
+def test_a_store_is_resumed_only_with_the_same_preprocessing_classes_and_items(assets_dir: Path, made: dict) -> None:
+    spec, folder = made["spec"], made["folder"]
+    url = str(folder / "resume.zarr")
+    first = pdis.extract(spec, made["test"], url, layers=LAYER, batch_size=30).relevance(LAYER)
+    np.testing.assert_array_equal(pdis.extract(spec, made["test"], url, layers=LAYER).relevance(LAYER), first)
+
+    def respec(**changes) -> pdis.ModelSpec:  # the same network: the same identity, hence fingerprint
+        return dataclasses.replace(spec, **changes)
+
+    renormalised = respec(transform=tensor_transform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    with pytest.raises(CubeMismatch, match="other preprocessing"):
+        pdis.extract(renormalised, made["test"], url, layers=LAYER)
+    with pytest.raises(CubeMismatch, match=r"other class names \(10 there, 10 here; 0: 'airplane' -> 'truck'"):
+        pdis.extract(respec(class_names=spec.class_names[::-1]), made["test"], url, layers=LAYER)
+    # The train split under the test split's name, length and labels: other pixels.
+    train = Photos(assets_dir, "train", 3)
+    with pytest.raises(CubeMismatch, match="other sampled_items_sha256"):
+        pdis.extract(spec, pdis.DatasetSource(train, name="guards-test"), url, layers=LAYER)
+    np.testing.assert_array_equal(pdis.open_cube(url)[f"layers/{LAYER}"].relevance.values, first)
+    # The later steps refuse such a spec on the cube too.
+    with pytest.raises(CubeMismatch, match="extracted with other preprocessing"):
+        pdis.detect(renormalised, url, p=0.3)
+    with pytest.raises(CubeMismatch, match="names its classes otherwise"):
+        pdis.detect(respec(class_names=spec.class_names[::-1]), url, p=0.3)
+
+
+def test_images_of_another_dataset_are_refused_before_any_work(made: dict) -> None:
+    spec, detections = made["spec"], made["detections"]
+    with pytest.raises(CubeMismatch, match=r"images=dataset:guards-test is not the dataset .* was extracted from "
+                                           r"\(root 'dataset:guards-train' there, 'dataset:guards-test' here; "
+                                           r"n_images 60 there, 30 here"):
+        pdis.rewire(spec, detections, made["cube"], max_per_layer=1, images=made["test"])
+    with pytest.raises(CubeMismatch, match="check_source=dataset:guards-train is not the dataset"):
+        pdis.rewire(spec, detections, made["cube"], max_per_layer=1, check_cube=made["eval_cube"],
+                    check_source=made["train"])
+    with pytest.raises(CubeMismatch, match="images=dataset:guards-train is not the dataset"):
+        pdis.evaluate(spec, made["rewiring"], made["eval_cube"], images=made["train"], featvis_max_channels=0)
+
+
+def test_images_a_batch_leaves_out_for_their_size_are_reported(assets_dir: Path, made: dict) -> None:
+    """Without an input size a batch keeps its most common shape: the others are skipped, and
+    the extraction says how many and how to avoid it."""
+    data = Photos(assets_dir, "test", 2)
+    data.images = [np.asarray(Image.fromarray(a).resize((40, 40))) if i % 4 == 0 else a
+                   for i, a in enumerate(data.images)]
+    spec = pdis.ModelSpec(made["spec"].model, made["spec"].class_names, trained=True)  # any input size
+    with pytest.warns(UserWarning, match=r"5 of 20 images of memory://guards-sizes.zarr were skipped \(5 wrong "
+                                         r"size\), e.g. 'wrong size: a 40x40 image .* Give the ModelSpec an input_size"):
+        cube = pdis.extract(spec, pdis.DatasetSource(data, name="sizes"), "memory://guards-sizes.zarr",
+                            layers=LAYER, batch_size=20)
+    assert int(cube.skipped().sum()) == 5

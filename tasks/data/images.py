@@ -8,6 +8,7 @@ import stat
 import struct
 import zlib
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -487,6 +488,47 @@ def _as_pil(item: Any) -> Image.Image:
     return Image.fromarray(array)
 
 
+_IMAGE_KEYS = ("image", "img")
+_LABEL_KEYS = ("label", "target")
+
+
+def _split_item(item: Any) -> tuple[Any, Any]:
+    """(image, label) of one dataset item; the label is None for an item without one.
+
+    An (image, label, ...) tuple or list, a dict with an image and a label entry, or the image
+    alone: a tensor or array item is never indexed for its "first element", which would be a
+    colour plane or a pixel row of the image itself."""
+    if isinstance(item, (tuple, list)):
+        if not item:
+            raise ValueError("the item is empty: give (image, label) pairs")
+        return item[0], (item[1] if len(item) > 1 else None)
+    if isinstance(item, Mapping):
+        image = next((item[k] for k in _IMAGE_KEYS if k in item), None)
+        if image is None:
+            raise ValueError(f"a dict item needs an image under one of {list(_IMAGE_KEYS)}, this one has "
+                             f"{sorted(map(str, item))}")
+        return image, next((item[k] for k in _LABEL_KEYS if k in item), None)
+    return item, None
+
+
+def _class_index(label: Any) -> int:
+    """A label as a class index (-1: none), or ``ValueError`` saying why it is not one."""
+    if label is None:
+        return -1
+    if np.ndim(label) != 0 and int(np.prod(np.shape(label))) == 1:  # tensor([3]): one class index
+        label = label.item() if hasattr(label, "item") else np.asarray(label).reshape(()).item()
+    if np.ndim(label) != 0:
+        raise ValueError(f"its label has shape {tuple(np.shape(label))}, not a class index (a one-hot vector? "
+                         "give the index of the class in the model's class names)")
+    if isinstance(label, (str, bytes)):
+        raise ValueError(f"its label {label!r} is not a class index: give the index of the class in the "
+                         "model's class names")
+    value = label.item() if hasattr(label, "item") else label
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ValueError(f"its label {value!r} is not a class index")
+    return int(value)
+
+
 class DatasetSource:
     """Images from any map-style dataset (``torch.utils.data.Dataset`` or anything with
     ``__len__`` and ``__getitem__``). Its keys are the item indices; an item that cannot be read
@@ -497,12 +539,19 @@ class DatasetSource:
     dataset:
         Items (image, label): a PIL image, a uint8 (H, W, C) array, or a (C, H, W) tensor (uint8,
         or float in [0, 1] as ``ToTensor`` gives: the raw image, which the model's transform
-        normalises), and the model's class index. ``dataset.targets``, when present, is read for
-        the labels, through ``dataset.target_transform`` when the dataset has one (as
-        torchvision's datasets apply it); ``check()`` compares a few items' labels with it.
+        normalises), and the model's class index. A dict item is read by its ``"image"`` (or
+        ``"img"``) and ``"label"`` (or ``"target"``) entries; an item that is the image alone
+        (an unlabelled dataset, for ``target_mode="prediction"``) has no label (-1).
+        ``dataset.targets``, when present, is read for the labels, through
+        ``dataset.target_transform`` when the dataset has one (as torchvision's datasets apply
+        it); ``check()`` compares a few items' labels with it. A label that is not a class index
+        (a one-hot vector, a class name) is refused when the labels are read, before any model
+        pass.
     name:
         The dataset's name in the cube's identity (default: its class name); give another name
-        for other contents, since the items themselves are not hashed.
+        for other contents: the identity hashes the keys and labels, not the items. (A store
+        reopened with a dataset alike in those still compares the pixels of its first, middle
+        and last items, ``content_digest``.)
 
     Example
     -------
@@ -551,32 +600,52 @@ class DatasetSource:
             except Exception:  # an unreadable item is skipped when extracted, with its reason
                 continue
             try:
-                _as_pil(item[0])
+                image, label = _split_item(item)
+                _as_pil(image)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"item {i} of {self}: {exc}") from None
-            if np.ndim(item[1]) == 0 and int(item[1]) != int(labels[i]):
+            if label is not None and np.ndim(label) == 0 and _class_index(label) != int(labels[i]):
                 raise ValueError(
-                    f"item {i} of {self} has label {int(item[1])}, but the labels read from the dataset "
+                    f"item {i} of {self} has label {_class_index(label)}, but the labels read from the dataset "
                     f"(dataset.targets) say {int(labels[i])}: give the dataset a targets list that matches "
                     "its items, or none (then every item's label is read)")
 
     def _label(self, i: int) -> int:
         try:
-            return int(self.dataset[i][1])
+            item = self.dataset[i]
         except Exception:  # the item is unreadable: decode() records why, and -1 counts it in no class
             return -1
+        try:
+            return _class_index(_split_item(item)[1])
+        except ValueError as exc:
+            raise ValueError(f"item {i} of {self}: {exc}") from None
 
     def decode(self, key: str, transform: Callable[[Image.Image], torch.Tensor],
                max_image_pixels: int = defaults.MAX_IMAGE_PIXELS) -> Decoded:
         size = None
         try:
-            image = _as_pil(self.dataset[int(key)][0])
+            image = _as_pil(_split_item(self.dataset[int(key)])[0])
             size = image.size
             if reason := too_many_pixels(size, max_image_pixels):
                 return Decoded(None, reason, size)
             return Decoded(transform(to_rgb(image)), "", size)
         except Exception as exc:  # the dataset's own errors too: recorded, like an unreadable file
             return Decoded(None, f"unreadable item {key}: {type(exc).__name__}: {exc}", size)
+
+    def content_digest(self, samples: int = 3) -> str:
+        """sha256 of a few items' pixels (the first, the middle, the last): the identity names
+        the dataset by its name, length and labels only, so two datasets alike in those (the
+        train and test split of one class) are told apart by their contents when a store is
+        reopened. An item that cannot be read counts as its error's type."""
+        h = hashlib.sha256()
+        n = len(self)
+        for i in sorted({0, n // 2, n - 1} if n else set())[:max(1, samples)]:
+            try:
+                image = _as_pil(_split_item(self.dataset[i])[0])
+                h.update(f"{i}:{image.mode}:{image.size}:".encode() + image.tobytes())
+            except Exception as exc:
+                h.update(f"{i}:{type(exc).__name__}".encode())
+        return h.hexdigest()
 
     def identity(self) -> dict[str, Any]:
         h = hashlib.sha256()

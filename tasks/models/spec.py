@@ -238,6 +238,14 @@ class ModelSpec:
             out["library"] = self.library
         return out
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What turns a decoded image into the model's input, as a store records it: the
+        transform's repr (torchvision's transforms print their parameters; memory addresses
+        are left out, so a function is known by its name) and the input size. A store made
+        with other preprocessing holds other values and is not resumed with this one."""
+        return {"transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(self.transform)),
+                "input_size": list(self.input_size) if self.input_size is not None else None}
+
     def weights_description(self) -> str:
         if self.weights_path is not None:
             return f"{self.weights_path} (sha256 {str(self.weights_sha256)[:12]})"

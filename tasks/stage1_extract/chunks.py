@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -92,17 +93,24 @@ def plan_cube(
     if target_mode not in ("label", "prediction"):
         raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
     selected = select_layers(bundle.model, layers)
-    logits = probe_logits(bundle.model, bundle.image_shape())
-    if logits is not None and logits != len(bundle.class_names):
-        # Label mode would run to the end with class indices that name other logits; prediction
-        # mode would fail in the reduction, after the whole extraction.
-        raise ValueError(f"the model gives {logits} logits but has {len(bundle.class_names)} class names: "
-                         "give one name per output logit, in logit order")
     if isinstance(data_dir, ImageSource):
         manifest = source_manifest(data_dir, max_per_class)
     else:
         manifest = scan_image_folder(data_dir, bundle.class_names, bundle.wnids, max_per_class,
                                      allow_unmatched=target_mode == "prediction")
+    # The dataset's own first image: a model that takes one input size only (a Flatten + Linear
+    # head) fails on a blank 224 x 224 one, and the check below would silently not run.
+    shape = sample_image_shape(bundle, data_dir, manifest.paths, max_image_pixels) or bundle.image_shape()
+    logits = probe_logits(bundle.model, shape)
+    if logits is None:
+        warnings.warn(f"{bundle.name!r} did not give (1, classes) logits for one image of shape {shape}: its "
+                      f"{len(bundle.class_names)} class names are not checked against its logits", stacklevel=2)
+    elif logits != len(bundle.class_names):
+        # Label mode would run to the end with class indices that name other logits; prediction
+        # mode would fail in the reduction, after the whole extraction.
+        raise ValueError(f"the model gives {logits} logits but has {len(bundle.class_names)} class names: "
+                         "give one name per output logit, in logit order")
+    check_labels(manifest.labels, len(bundle.class_names), target_mode, str(data_dir))
     infos = {info.name: info for info in analysable_layers(bundle.model, include_classifier=True)}
     shapes = {name: LayerShape(infos[name].out_channels, infos[name].in_channels, infos[name].kernel_size,
                                infos[name].groups, infos[name].kind)
@@ -121,8 +129,45 @@ def plan_cube(
                **precision_attrs(precision)},
         layout=layout,
         overwrite=overwrite,
+        checked=reopen_checks(bundle, data_dir),
     )
     return CubePlan(store_url, selected, manifest, -(-len(manifest) // chunk_images))
+
+
+def reopen_checks(bundle: ModelBundle, data_dir: str | ImageSource) -> dict[str, Any]:
+    """What a reopened store must match beyond its fingerprint (``create_cube``'s ``checked``):
+    the model's preprocessing and, for a source that can give one, a digest of a few items'
+    contents."""
+    checks: dict[str, Any] = {"preprocessing": bundle.preprocessing()}
+    digest = getattr(data_dir, "content_digest", None)
+    if callable(digest):
+        checks["sampled_items_sha256"] = digest()
+    return checks
+
+
+def check_labels(labels: np.ndarray, n_classes: int, target_mode: TargetMode, source: str) -> None:
+    """Refuse labels that are not class indices of the model (-1: an item without one), and a
+    label-mode extraction of a dataset without labels, before any model pass: the first
+    out-of-range label would otherwise stop the extraction at its chunk, after the chunks
+    before it."""
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < -1) | (labels >= n_classes))
+    if len(bad):
+        shown = ", ".join(f"item {i}: {int(labels[i])}" for i in bad[:5])
+        raise ValueError(f"{len(bad)} labels of {source} are not class indices of the model's {n_classes} classes "
+                         f"(0 to {n_classes - 1}): {shown}{', ...' if len(bad) > 5 else ''}")
+    if target_mode == "label" and len(labels) and bool((labels == -1).all()):
+        raise ValueError(f"{source} gives no labels (its items have none, or none could be read): attribute to "
+                         "the model's predictions with target_mode='prediction'")
+
+
+def sample_image_shape(bundle: ModelBundle, data_dir: str | ImageSource, paths: Sequence[str],
+                       max_image_pixels: int = defaults.MAX_IMAGE_PIXELS, tries: int = 4) -> tuple[int, ...] | None:
+    """(C, H, W) of the first of the dataset's first ``tries`` images that decodes through the
+    model's transform (at the model's input size, when it has one); None if none does."""
+    images, _, _ = load_batch(data_dir, list(paths[:tries]), bundle.transform, input_size=bundle.input_size,
+                              max_image_pixels=max_image_pixels)
+    return tuple(images.shape[1:]) if images is not None else None
 
 
 @dataclass

@@ -406,28 +406,19 @@ def batch_relevance(
     result = BatchRelevance(
         logits=torch.empty(0), prediction=torch.empty(0), target=torch.empty(0), target_logit=torch.empty(0)
     )
-    with torch.enable_grad(), _frozen(model), _taps(model, layers, result, moment_layers, activations) as taps:
-        images = images.detach()
-        for tap in taps:
-            tap.batch = images.shape[0]
-        logits = model(images)
-        prediction = logits.argmax(dim=1)
-        if target_mode == "label":
-            target = labels.to(device)
-        elif target_mode == "prediction":
-            target = prediction
-        else:
-            raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
-        target_logit = logits.gather(1, target[:, None].long()).squeeze(1)
-        missing = [t.name for t in taps if not t.ran]
-        if missing:
-            raise RuntimeError(f"layers never ran in the forward pass: {missing}")
-        leaves = [t.output for t in taps if t.leaf]
-        # Summing is exact: in eval mode the images do not interact. A leaf the target does not
-        # depend on gets no gradient and is named below.
-        if target_logit.requires_grad:
-            torch.autograd.grad(target_logit.sum(), inputs=leaves, allow_unused=True)
-        overwritten = {t.name for t in taps if t.overwritten}
+    taps: list[_LayerTap] = []
+    try:
+        with torch.enable_grad(), _frozen(model), _taps(model, layers, result, moment_layers, activations) as taps:
+            logits, prediction, target, target_logit, overwritten = _forward_backward(model, images, labels,
+                                                                                      target_mode, taps)
+    except RuntimeError as exc:
+        # An in-place op on a gradient leaf's output that no module flag announces (a functional
+        # relu(..., inplace=True), ``y += b``) is an error at once, not a changed version found
+        # after the backward: those leaves hand on a copy from then on, as overwritten outputs do.
+        unshielded = {t.name for t in taps if t.leaf and t.ran and not t.shield}
+        if _LEAF_IN_PLACE not in str(exc) or not unshielded:
+            raise
+        overwritten = unshielded
     if overwritten:
         # Found once per model and layer: the pass is redone with those outputs copied.
         _OVERWRITTEN.setdefault(model, set()).update(overwritten)
@@ -446,3 +437,35 @@ def batch_relevance(
     result.target = target.detach().cpu()
     result.target_logit = target_logit.detach().cpu()
     return result
+
+
+# torch's message for an in-place op on a leaf that requires grad.
+_LEAF_IN_PLACE = "a leaf Variable that requires grad is being used in an in-place operation"
+
+
+def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, target_mode: TargetMode,
+                      taps: Sequence[_LayerTap]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]:
+    """The pass itself, inside the taps: (logits, prediction, target, target logit, the layers
+    whose output an in-place op overwrote before its gradient came)."""
+    images = images.detach()
+    for tap in taps:
+        tap.batch = images.shape[0]
+    logits = model(images)
+    prediction = logits.argmax(dim=1)
+    if target_mode == "label":
+        target = labels.to(logits.device)
+    elif target_mode == "prediction":
+        target = prediction
+    else:
+        raise ValueError(f"target_mode must be 'label' or 'prediction', got {target_mode!r}")
+    target_logit = logits.gather(1, target[:, None].long()).squeeze(1)
+    missing = [t.name for t in taps if not t.ran]
+    if missing:
+        raise RuntimeError(f"layers never ran in the forward pass: {missing}")
+    leaves = [t.output for t in taps if t.leaf]
+    # Summing is exact: in eval mode the images do not interact. A leaf the target does not
+    # depend on gets no gradient and is named below.
+    if target_logit.requires_grad:
+        torch.autograd.grad(target_logit.sum(), inputs=leaves, allow_unused=True)
+    return logits, prediction, target, target_logit, {t.name for t in taps if t.overwritten}
