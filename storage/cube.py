@@ -408,9 +408,11 @@ def create_cube(
             check_layout_version(root.attrs, url)
             found = root.attrs.get("fingerprint")
             if found != fp:
+                planned = {**attrs, "layers": layer_dicts, "chunk_images": chunk_images, "layout": layout.to_dict(),
+                           "n_images": n}
                 raise CubeMismatch(
                     f"{url} holds a cube made with other inputs (fingerprint {str(found)[:12]} vs "
-                    f"{fp[:12]}); choose another store URL or pass overwrite=True"
+                    f"{fp[:12]}{_what_differs(root.attrs, planned)}); choose another store URL or pass overwrite=True"
                 )
             _check_reopened(root, url, class_names, class_wnids, checked or {})
             return root
@@ -488,6 +490,30 @@ def create_cube(
     return root
 
 
+def _what_differs(stored: Mapping[str, Any], planned: Mapping[str, Any]) -> str:
+    """"; other <key> (<stored> there, <planned> here)" for each planned attribute the store
+    holds otherwise (one level into dicts: which layers, which part of the model identity)."""
+    def shown(value: Any) -> str:
+        return repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
+
+    plan = json.loads(json.dumps(dict(planned), default=str))
+    parts = []
+    for key, value in plan.items():
+        if key not in stored or stored[key] == value:
+            continue
+        old = stored[key]
+        if isinstance(old, dict) and isinstance(value, dict) and set(old) != set(value) and any(
+                isinstance(v, dict) for v in (*old.values(), *value.values())):
+            parts.append(f"{key} ({sorted(old)} there, {sorted(value)} here)")  # which layers
+        elif isinstance(old, dict) and isinstance(value, dict):
+            inner = sorted(k for k in {*old, *value} if old.get(k) != value.get(k))
+            parts.append(f"{key}: " + ", ".join(f"{k} {shown(old.get(k))} there, {shown(value.get(k))} here"
+                                               for k in inner[:4]) + (", ..." if len(inner) > 4 else ""))
+        else:
+            parts.append(f"{key} ({shown(old)} there, {shown(value)} here)")
+    return "; other " + "; other ".join(parts) if parts else ""
+
+
 def _check_reopened(root: zarr.Group, url: str | Path, class_names: Sequence[str],
                     class_wnids: Sequence[str | None], checked: Mapping[str, Any]) -> None:
     """Refuse to resume a store whose classes or checked attributes differ from the plan's,
@@ -501,17 +527,11 @@ def _check_reopened(root: zarr.Group, url: str | Path, class_names: Sequence[str
     stored_wnids = [str(w) for w in as_str(root["class_wnid"][:])]
     if stored_wnids != [w or "" for w in class_wnids]:
         differs.append("WordNet ids of the classes")
-    # JSON round trip: the plan's values as the store gives them back (tuples as lists).
-    plan = json.loads(json.dumps(dict(checked), default=str))
-
-    def shown(value: Any) -> str:
-        return repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
-
-    differs += [f"{key} ({shown(root.attrs[key])} there, {shown(value)} here)" for key, value in plan.items()
-                if key in root.attrs and root.attrs[key] != value]
-    if differs:
-        raise CubeMismatch(f"{url} holds a cube made with other {'; other '.join(differs)}; choose another "
-                           "store URL or pass overwrite=True")
+    more = _what_differs(root.attrs, checked)  # compared where the store has them
+    if differs or more:
+        listed = "; other ".join(differs) + (more if differs else more[len("; other "):])
+        raise CubeMismatch(f"{url} holds a cube made with other {listed}; choose another store URL or pass "
+                           "overwrite=True")
 
 
 def _write_class_coords(group: zarr.Group, names: Sequence[str], wnids: Sequence[str | None],

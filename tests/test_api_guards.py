@@ -359,6 +359,8 @@ def test_a_store_is_resumed_only_with_the_same_preprocessing_classes_and_items(a
     def respec(**changes) -> pdis.ModelSpec:  # the same network: the same identity, hence fingerprint
         return dataclasses.replace(spec, **changes)
 
+    with pytest.raises(CubeMismatch, match=r"other layers \(\['layer3.2.conv2'\] there, \['layer3.2.conv1'\] here\)"):
+        pdis.extract(spec, made["test"], url, layers="layer3.2.conv1")
     renormalised = respec(transform=tensor_transform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     with pytest.raises(CubeMismatch, match="other preprocessing"):
         pdis.extract(renormalised, made["test"], url, layers=LAYER)
