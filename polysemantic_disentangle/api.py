@@ -33,8 +33,8 @@ from polysemantic_disentangle.tasks.models.registry import load_model as _load_m
 from polysemantic_disentangle.tasks.models.spec import ModelSpec
 from polysemantic_disentangle.tasks.models.state import left_as_found
 from polysemantic_disentangle.tasks.progress import NO_PROGRESS, Progress
-from polysemantic_disentangle.tasks.stage1_extract.chunks import (ChunkStats, CubePlan, image_pixel_limit, pick_device,
-                                                                   plan_cube)
+from polysemantic_disentangle.tasks.stage1_extract.chunks import (SAMPLED_ITEMS_ATTR, ChunkStats, CubePlan, image_pixel_limit,
+                                                                   pick_device, plan_cube)
 from polysemantic_disentangle.tasks.stage1_extract.chunks import extract_chunks as _extract_chunks
 from polysemantic_disentangle.tasks.stage2_reduce import reduce as _reduce
 from polysemantic_disentangle.tasks.stage2_reduce.reduce import LayerStats, StatisticsKey, statistics_labels
@@ -194,12 +194,17 @@ def _images_of(cube: CubeReader, given: ImageSource | None = None, argument: str
 
 def _check_source(cube: CubeReader, source: ImageSource, argument: str) -> None:
     """Refuse a source other than the one the cube was extracted from: its keys would name other
-    items, and the rho selection, the function check or the evaluation would read those."""
+    items, and the rho selection, the function check or the evaluation would read those. Its
+    name and length, and the pixels of a few items where the cube recorded them; not its
+    labels, which a dataset without ``targets`` gives only by reading every item."""
     recorded = cube.attrs.get("dataset") or {}
-    given = source.identity()
-    short = {"manifest_sha256": lambda v: str(v)[:12]}
-    differs = [f"{key} {short.get(key, repr)(recorded[key])} there, {short.get(key, repr)(given.get(key))} here"
-               for key in ("root", "n_images", "manifest_sha256") if key in recorded and recorded[key] != given.get(key)]
+    differs = [f"{key} {recorded[key]!r} there, {mine!r} here"
+               for key, mine in (("root", str(source)), ("n_images", len(source.keys())))
+               if key in recorded and recorded[key] != mine]
+    digest = getattr(source, "content_digest", None)
+    if not differs and SAMPLED_ITEMS_ATTR in cube.attrs and callable(digest) and digest() != cube.attrs[
+            SAMPLED_ITEMS_ATTR]:
+        differs.append("other pixels in its first, middle or last item")
     if differs:
         raise CubeMismatch(f"{argument}={source} is not the dataset {cube.url} was extracted from "
                            f"({'; '.join(differs)}): pass the source the cube was made from")

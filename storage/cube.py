@@ -525,7 +525,7 @@ def _check_reopened(root: zarr.Group, url: str | Path, class_names: Sequence[str
         differs.append(f"class names ({len(stored_names)} there, {len(class_names)} here"
                        f"{'; ' + ', '.join(changed[:3]) if changed else ''})")
     stored_wnids = [str(w) for w in as_str(root["class_wnid"][:])]
-    if stored_wnids != [w or "" for w in class_wnids]:
+    if stored_wnids != [str(w or "") for w in class_wnids]:  # as _write_class_coords stores them
         differs.append("WordNet ids of the classes")
     more = _what_differs(root.attrs, checked)  # compared where the store has them
     if differs or more:

@@ -299,7 +299,8 @@ def test_items_that_are_the_image_alone_or_dicts_are_read_as_the_images(assets_d
         assert not cube.skipped().any()
         np.testing.assert_array_equal(cube.relevance(LAYER), pairs)
         url = f"memory://guards-bare-{kind}-label.zarr"
-        with pytest.raises(ValueError, match="gives no labels .* target_mode='prediction'"):
+        with pytest.raises(ValueError, match=r"20 items of dataset:bare-\w+ give no class index \(item 0: the item has "
+                                             r"no label; .*target_mode='prediction'"):
             pdis.extract(spec, source, url, layers=LAYER)
         assert not store_exists(url)
     dicts = pdis.DatasetSource(Unlabelled(data, "dict"), name="dicts")
@@ -322,17 +323,41 @@ def test_labels_that_are_not_class_indices_stop_the_plan(assets_dir: Path, made:
         def __getitem__(self, i: int):
             return data.images[i], self.label(data.targets[i])
 
-    cases = ((lambda y: torch.nn.functional.one_hot(torch.tensor(y), 10), r"label has shape \(10,\), not a class index"),
-             (lambda y: ["airplane", "automobile"][y % 2], "label 'airplane' is not a class index"),
+    cases = ((lambda y: torch.nn.functional.one_hot(torch.tensor(y), 10),
+              r"10 items of dataset:one-hot give no class index \(item 0: its label has shape \(10,\), not a class index"),
+             (lambda y: ["airplane", "automobile"][y % 2], "item 0: its label 'airplane' is not a class index"),
+             (lambda y: {"boxes": [[0, 0, 4, 4]], "labels": [y]}, r"item 0: its label \{'boxes'.* is not a class index"),
              (lambda y: y + 1, r"1 labels of dataset:one-based are not class indices of the model's 10 classes "
                                r"\(0 to 9\): item 9: 10"))
-    for (label, needle), name in zip(cases, ("one-hot", "names", "one-based")):
+    for (label, needle), name in zip(cases, ("one-hot", "names", "detection", "one-based")):
         url = f"memory://guards-labels-{name}.zarr"
         with pytest.raises(ValueError, match=needle):
             pdis.extract(spec, pdis.DatasetSource(Labelled(label), name=name), url, layers=LAYER)
         assert not store_exists(url)
-    # One class index in a one-element tensor is a class index.
-    assert pdis.DatasetSource(Labelled(lambda y: torch.tensor([y]))).labels().tolist() == data.targets
+        # Attributed to the predictions, a label is only compared with them: any is taken.
+        cube = pdis.extract(spec, pdis.DatasetSource(Labelled(label), name=name), url, layers=LAYER,
+                            target_mode="prediction", batch_size=10)
+        assert not cube.skipped().any()
+    # One class index in a one-element tensor, a float or a bool is a class index.
+    for label in (lambda y: torch.tensor([y]), float):
+        assert pdis.DatasetSource(Labelled(label)).labels().tolist() == data.targets
+    assert pdis.DatasetSource(Labelled(lambda y: y % 2 == 1)).labels().tolist() == [y % 2 for y in data.targets]
+
+    class Targets(torch.utils.data.Dataset):
+        def __init__(self, targets) -> None:
+            self.targets = targets
+
+        def __len__(self) -> int:
+            return len(self.targets)
+
+        def __getitem__(self, i: int):
+            return data.images[i], 0
+
+    for targets, needle in ((np.eye(10)[data.targets], r"dataset.targets of dataset:t has shape \(10, 10\), not one "
+                                                        r"class index per item"),
+                            ([0.0, 2.5] + [1.0] * 8, r"dataset.targets of dataset:t holds 2.5 at item 1: not a class index")):
+        with pytest.raises(ValueError, match=needle):
+            pdis.DatasetSource(Targets(targets), name="t").labels()
 
 
 def test_class_names_are_checked_on_the_datasets_own_image_size(made: dict) -> None:
@@ -378,7 +403,7 @@ def test_a_store_is_resumed_only_with_the_same_preprocessing_classes_and_items(a
         pdis.detect(respec(class_names=spec.class_names[::-1]), url, p=0.3)
 
 
-def test_images_of_another_dataset_are_refused_before_any_work(made: dict) -> None:
+def test_images_of_another_dataset_are_refused_before_any_work(assets_dir: Path, made: dict) -> None:
     spec, detections = made["spec"], made["detections"]
     with pytest.raises(CubeMismatch, match=r"images=dataset:guards-test is not the dataset .* was extracted from "
                                            r"\(root 'dataset:guards-train' there, 'dataset:guards-test' here; "
@@ -389,6 +414,32 @@ def test_images_of_another_dataset_are_refused_before_any_work(made: dict) -> No
                     check_source=made["train"])
     with pytest.raises(CubeMismatch, match="images=dataset:guards-train is not the dataset"):
         pdis.evaluate(spec, made["rewiring"], made["eval_cube"], images=made["train"], featvis_max_channels=0)
+    # The test split's name, length and labels, the train split's pixels.
+    lookalike = pdis.DatasetSource(Photos(assets_dir, "train", 3), name="guards-test")
+    with pytest.raises(CubeMismatch, match=r"images=dataset:guards-test is not the dataset .* \(other pixels in its "
+                                           r"first, middle or last item\)"):
+        pdis.evaluate(spec, made["rewiring"], made["eval_cube"], images=lookalike, featvis_max_channels=0)
+
+
+def test_a_dataset_that_changes_between_reads_is_named_and_still_resumes(assets_dir: Path, made: dict) -> None:
+    """Random augmentation in the dataset: no digest of its pixels is recorded (every reopen would
+    differ), and the extraction says that the later steps will see other pixels."""
+    data = Photos(assets_dir, "test", 1)
+
+    class Jittered(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int):
+            noise = np.random.randint(0, 2, data.images[i].shape, dtype=np.uint8)
+            return data.images[i] ^ noise, data.targets[i]
+
+    url = str(made["folder"] / "jittered.zarr")
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="change from one read to the next"):
+            cube = pdis.extract(made["spec"], pdis.DatasetSource(Jittered(), name="jittered"), url, layers=LAYER,
+                                batch_size=10)
+    assert cube.chunk_done().all()
 
 
 def test_images_a_batch_leaves_out_for_their_size_are_reported(assets_dir: Path, made: dict) -> None:
@@ -403,3 +454,31 @@ def test_images_a_batch_leaves_out_for_their_size_are_reported(assets_dir: Path,
         cube = pdis.extract(spec, pdis.DatasetSource(data, name="sizes"), "memory://guards-sizes.zarr",
                             layers=LAYER, batch_size=20)
     assert int(cube.skipped().sum()) == 5
+
+
+def test_an_item_unreadable_only_when_labelled_is_skipped_not_a_crash(assets_dir: Path, made: dict) -> None:
+    """An item that fails when the labels are read (-1) but decodes later has no target logit in
+    label mode: it is skipped with its reason, and the rest of the chunk is extracted."""
+    data = Photos(assets_dir, "test", 1)
+
+    class FlakyOnce(torch.utils.data.Dataset):
+        failed = False
+
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int):
+            if i == 3 and not self.failed:
+                self.failed = True
+                raise OSError("share not mounted yet")
+            return data.images[i], data.targets[i]
+
+    with pytest.warns(UserWarning, match=r"1 of 10 images .* were skipped \(1 no label\)"):
+        cube = pdis.extract(made["spec"], pdis.DatasetSource(FlakyOnce(), name="flaky"), "memory://guards-flaky.zarr",
+                            layers=LAYER, batch_size=10)
+    assert np.flatnonzero(cube.skipped()).tolist() == [3]
+    assert cube.skip_reasons()[3].startswith("no label: ")
+    reference = pdis.extract(made["spec"], pdis.DatasetSource(data, name="steady"), "memory://guards-steady.zarr",
+                             layers=LAYER, batch_size=10).relevance(LAYER)
+    kept = np.arange(10) != 3
+    np.testing.assert_array_equal(cube.relevance(LAYER)[kept], reference[kept])

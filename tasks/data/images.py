@@ -8,11 +8,11 @@ import stat
 import struct
 import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, BinaryIO, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -495,11 +495,13 @@ _LABEL_KEYS = ("label", "target")
 def _split_item(item: Any) -> tuple[Any, Any]:
     """(image, label) of one dataset item; the label is None for an item without one.
 
-    An (image, label, ...) tuple or list, a dict with an image and a label entry, or the image
-    alone: a tensor or array item is never indexed for its "first element", which would be a
-    colour plane or a pixel row of the image itself."""
-    if isinstance(item, (tuple, list)):
-        if not item:
+    An (image, label, ...) tuple, list or other sequence, a dict with an image and a label
+    entry, or the image alone: a tensor or array item is never indexed for its "first element",
+    which would be a colour plane or a pixel row of the image itself."""
+    pair = (isinstance(item, Sequence) and not isinstance(item, (str, bytes))) or (
+        isinstance(item, np.ndarray) and item.dtype == object and item.ndim == 1)
+    if pair:
+        if not len(item):
             raise ValueError("the item is empty: give (image, label) pairs")
         return item[0], (item[1] if len(item) > 1 else None)
     if isinstance(item, Mapping):
@@ -511,22 +513,43 @@ def _split_item(item: Any) -> tuple[Any, Any]:
     return item, None
 
 
-def _class_index(label: Any) -> int:
-    """A label as a class index (-1: none), or ``ValueError`` saying why it is not one."""
+def _class_index(label: Any) -> tuple[int, str]:
+    """(class index, "") of a label, or (-1, why it is none): no label, a one-hot vector, a
+    class name, a detection target, a fraction."""
     if label is None:
-        return -1
-    if np.ndim(label) != 0 and int(np.prod(np.shape(label))) == 1:  # tensor([3]): one class index
-        label = label.item() if hasattr(label, "item") else np.asarray(label).reshape(()).item()
-    if np.ndim(label) != 0:
-        raise ValueError(f"its label has shape {tuple(np.shape(label))}, not a class index (a one-hot vector? "
-                         "give the index of the class in the model's class names)")
-    if isinstance(label, (str, bytes)):
-        raise ValueError(f"its label {label!r} is not a class index: give the index of the class in the "
-                         "model's class names")
-    value = label.item() if hasattr(label, "item") else label
-    if isinstance(value, bool) or not float(value).is_integer():
-        raise ValueError(f"its label {value!r} is not a class index")
-    return int(value)
+        return -1, "the item has no label"
+    try:
+        if np.ndim(label) != 0 and int(np.prod(np.shape(label))) == 1:  # tensor([3]): one class index
+            label = label.item() if hasattr(label, "item") else np.asarray(label).reshape(()).item()
+        if np.ndim(label) != 0:
+            return -1, (f"its label has shape {tuple(np.shape(label))}, not a class index (a one-hot vector? "
+                        "give the index of the class in the model's class names)")
+        if isinstance(label, (str, bytes)):
+            return -1, f"its label {label!r} is not a class index: give the index of the class in the model's class names"
+        value = label.item() if hasattr(label, "item") else label
+        if float(value).is_integer():
+            return int(value), ""
+    except (TypeError, ValueError, OverflowError):
+        pass
+    shown = repr(label) if len(repr(label)) <= 60 else repr(label)[:57] + "..."
+    return -1, f"its label {shown} is not a class index"
+
+
+def _targets_as_indices(targets: Any, source: str) -> np.ndarray:
+    """``dataset.targets`` as int64 class indices, or ``ValueError``: one-hot rows or fractions
+    would otherwise be cast into wrong indices without a sign."""
+    raw = np.asarray(targets)
+    if raw.ndim != 1:
+        raise ValueError(f"dataset.targets of {source} has shape {raw.shape}, not one class index per item "
+                         "(one-hot rows?): give class indices")
+    if raw.dtype.kind == "f":
+        fractional = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
+        if len(fractional):
+            i = int(fractional[0])
+            raise ValueError(f"dataset.targets of {source} holds {raw[i].item()!r} at item {i}: not a class index")
+    elif raw.dtype.kind not in "iub":
+        raise ValueError(f"dataset.targets of {source} holds {raw.dtype} values, not class indices")
+    return raw.astype(np.int64)
 
 
 class DatasetSource:
@@ -545,8 +568,9 @@ class DatasetSource:
         ``dataset.targets``, when present, is read for the labels, through
         ``dataset.target_transform`` when the dataset has one (as torchvision's datasets apply
         it); ``check()`` compares a few items' labels with it. A label that is not a class index
-        (a one-hot vector, a class name) is refused when the labels are read, before any model
-        pass.
+        (a one-hot vector, a class name, a detection target) counts as none (-1), and
+        ``unlabelled()`` says which and why: fine for ``target_mode="prediction"``, refused by
+        label mode when it plans.
     name:
         The dataset's name in the cube's identity (default: its class name); give another name
         for other contents: the identity hashes the keys and labels, not the items. (A store
@@ -563,6 +587,7 @@ class DatasetSource:
         self.dataset = dataset
         self.name = name or type(dataset).__name__
         self._labels: np.ndarray | None = None
+        self._no_class: dict[int, str] = {}  # items read whose label is no class index, and why
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -574,7 +599,7 @@ class DatasetSource:
         if self._labels is None:
             targets = getattr(self.dataset, "targets", None)
             if targets is not None and len(targets) == len(self):
-                raw = np.asarray(targets, dtype=np.int64)
+                raw = _targets_as_indices(targets, str(self))
                 # torchvision's datasets return target_transform(int(targets[i])) as the label; a
                 # transform to something other than a class index (one-hot) leaves the index as it is.
                 mapped = getattr(self.dataset, "target_transform", None)
@@ -604,11 +629,19 @@ class DatasetSource:
                 _as_pil(image)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"item {i} of {self}: {exc}") from None
-            if label is not None and np.ndim(label) == 0 and _class_index(label) != int(labels[i]):
+            index, why = _class_index(label)
+            if not why and index != int(labels[i]):
                 raise ValueError(
-                    f"item {i} of {self} has label {_class_index(label)}, but the labels read from the dataset "
+                    f"item {i} of {self} has label {index}, but the labels read from the dataset "
                     f"(dataset.targets) say {int(labels[i])}: give the dataset a targets list that matches "
                     "its items, or none (then every item's label is read)")
+
+    def unlabelled(self) -> dict[int, str]:
+        """The items that were read but give no class index (label -1), with why: an item
+        without a label, a one-hot vector, a class name, a detection target. Fine for
+        ``target_mode="prediction"``; label mode refuses them when it plans."""
+        self.labels()
+        return dict(self._no_class)
 
     def _label(self, i: int) -> int:
         try:
@@ -616,9 +649,12 @@ class DatasetSource:
         except Exception:  # the item is unreadable: decode() records why, and -1 counts it in no class
             return -1
         try:
-            return _class_index(_split_item(item)[1])
-        except ValueError as exc:
-            raise ValueError(f"item {i} of {self}: {exc}") from None
+            index, why = _class_index(_split_item(item)[1])
+        except ValueError as exc:  # no image in it either: decode() skips it with this reason
+            index, why = -1, str(exc)
+        if why:
+            self._no_class[i] = why
+        return index
 
     def decode(self, key: str, transform: Callable[[Image.Image], torch.Tensor],
                max_image_pixels: int = defaults.MAX_IMAGE_PIXELS) -> Decoded:

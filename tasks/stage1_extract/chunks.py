@@ -6,7 +6,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ def pick_device(device: str = "auto") -> torch.device:
 # their fingerprint; a store made with another limit has another fingerprint, since other
 # images may then be skipped.
 MAX_IMAGE_PIXELS_ATTR = "max_image_pixels"
+# The skip reason of an image that has no label in label mode.
+NO_LABEL = "no label"
 
 
 def image_pixel_limit(cube: CubeReader) -> int:
@@ -110,7 +112,8 @@ def plan_cube(
         # mode would fail in the reduction, after the whole extraction.
         raise ValueError(f"the model gives {logits} logits but has {len(bundle.class_names)} class names: "
                          "give one name per output logit, in logit order")
-    check_labels(manifest.labels, len(bundle.class_names), target_mode, str(data_dir))
+    unlabelled = data_dir.unlabelled() if callable(getattr(data_dir, "unlabelled", None)) else {}
+    check_labels(manifest.labels, len(bundle.class_names), target_mode, str(data_dir), unlabelled)
     infos = {info.name: info for info in analysable_layers(bundle.model, include_classifier=True)}
     shapes = {name: LayerShape(infos[name].out_channels, infos[name].in_channels, infos[name].kernel_size,
                                infos[name].groups, infos[name].kind)
@@ -134,30 +137,51 @@ def plan_cube(
     return CubePlan(store_url, selected, manifest, -(-len(manifest) // chunk_images))
 
 
+# The root attribute holding a digest of a few items' pixels (``DatasetSource.content_digest``).
+SAMPLED_ITEMS_ATTR = "sampled_items_sha256"
+
+
 def reopen_checks(bundle: ModelBundle, data_dir: str | ImageSource) -> dict[str, Any]:
     """What a reopened store must match beyond its fingerprint (``create_cube``'s ``checked``):
     the model's preprocessing and, for a source that can give one, a digest of a few items'
-    contents."""
+    pixels. A source whose items change from one read to the next (random augmentation) gets
+    no digest, and a warning: the steps after the extraction read its images again."""
     checks: dict[str, Any] = {"preprocessing": bundle.preprocessing()}
     digest = getattr(data_dir, "content_digest", None)
     if callable(digest):
-        checks["sampled_items_sha256"] = digest()
+        first = digest()
+        if first == digest():
+            checks[SAMPLED_ITEMS_ATTR] = first
+        else:
+            warnings.warn(f"the items of {data_dir} change from one read to the next (a random transform in the "
+                          "dataset?): the rho selection and the evaluation read other pixels than the extraction",
+                          stacklevel=3)
     return checks
 
 
-def check_labels(labels: np.ndarray, n_classes: int, target_mode: TargetMode, source: str) -> None:
-    """Refuse labels that are not class indices of the model (-1: an item without one), and a
-    label-mode extraction of a dataset without labels, before any model pass: the first
-    out-of-range label would otherwise stop the extraction at its chunk, after the chunks
-    before it."""
+def check_labels(labels: np.ndarray, n_classes: int, target_mode: TargetMode, source: str,
+                 unlabelled: Mapping[int, str] | None = None) -> None:
+    """In label mode, refuse labels that are not class indices of the model, items that were
+    read but give no class index (``unlabelled``: item -> why), and a dataset without any
+    label, before any model pass: the first such label would otherwise stop the extraction at
+    its chunk, after the chunks before it. (-1: an item that could not be read, skipped when
+    extracted.) In prediction mode a label is only compared with the prediction, so any is
+    taken."""
+    if target_mode != "label":
+        return
     labels = np.asarray(labels)
     bad = np.flatnonzero((labels < -1) | (labels >= n_classes))
     if len(bad):
         shown = ", ".join(f"item {i}: {int(labels[i])}" for i in bad[:5])
         raise ValueError(f"{len(bad)} labels of {source} are not class indices of the model's {n_classes} classes "
                          f"(0 to {n_classes - 1}): {shown}{', ...' if len(bad) > 5 else ''}")
-    if target_mode == "label" and len(labels) and bool((labels == -1).all()):
-        raise ValueError(f"{source} gives no labels (its items have none, or none could be read): attribute to "
+    if unlabelled:
+        shown = "; ".join(f"item {i}: {why}" for i, why in sorted(unlabelled.items())[:3])
+        raise ValueError(f"{len(unlabelled)} items of {source} give no class index ({shown}"
+                         f"{'; ...' if len(unlabelled) > 3 else ''}): give class indices, or attribute to the "
+                         "model's predictions with target_mode='prediction'")
+    if len(labels) and bool((labels == -1).all()):
+        raise ValueError(f"{source} gives no labels (none of its items could be read for one): attribute to "
                          "the model's predictions with target_mode='prediction'")
 
 
@@ -278,6 +302,15 @@ def compute_chunk(
         if images is None:
             continue
         good = rows[ok]
+        if target_mode == "label" and (labels[good] < 0).any():
+            # An item that could not be read when the labels were (-1) but decodes now has no
+            # target logit: skipped with its reason, not an index error mid-run.
+            lost = labels[good] < 0
+            skipped[good[lost]] = True
+            reasons[good[lost]] = f"{NO_LABEL}: the item could not be read when the labels were"
+            images, good = images[torch.as_tensor(~lost)], good[~lost]
+            if not len(good):
+                continue
         if pinned:
             images = images.to(device, non_blocking=True)
         with autocast(precision, device):
