@@ -412,7 +412,8 @@ def create_cube(
                            "n_images": n}
                 raise CubeMismatch(
                     f"{url} holds a cube made with other inputs (fingerprint {str(found)[:12]} vs "
-                    f"{fp[:12]}{_what_differs(root.attrs, planned)}); choose another store URL or pass overwrite=True"
+                    f"{fp[:12]}{''.join('; other ' + d for d in _what_differs(root.attrs, planned))}); choose "
+                    "another store URL or pass overwrite=True"
                 )
             _check_reopened(root, url, class_names, class_wnids, checked or {})
             return root
@@ -490,9 +491,9 @@ def create_cube(
     return root
 
 
-def _what_differs(stored: Mapping[str, Any], planned: Mapping[str, Any]) -> str:
-    """"; other <key> (<stored> there, <planned> here)" for each planned attribute the store
-    holds otherwise (one level into dicts: which layers, which part of the model identity)."""
+def _what_differs(stored: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
+    """"<key> (<stored> there, <planned> here)" for each planned attribute the store holds
+    otherwise (one level into dicts: which layers, which part of the model identity)."""
     def shown(value: Any) -> str:
         return repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
 
@@ -511,7 +512,7 @@ def _what_differs(stored: Mapping[str, Any], planned: Mapping[str, Any]) -> str:
                                                for k in inner[:4]) + (", ..." if len(inner) > 4 else ""))
         else:
             parts.append(f"{key} ({shown(old)} there, {shown(value)} here)")
-    return "; other " + "; other ".join(parts) if parts else ""
+    return parts
 
 
 def _check_reopened(root: zarr.Group, url: str | Path, class_names: Sequence[str],
@@ -527,11 +528,10 @@ def _check_reopened(root: zarr.Group, url: str | Path, class_names: Sequence[str
     stored_wnids = [str(w) for w in as_str(root["class_wnid"][:])]
     if stored_wnids != [str(w or "") for w in class_wnids]:  # as _write_class_coords stores them
         differs.append("WordNet ids of the classes")
-    more = _what_differs(root.attrs, checked)  # compared where the store has them
-    if differs or more:
-        listed = "; other ".join(differs) + (more if differs else more[len("; other "):])
-        raise CubeMismatch(f"{url} holds a cube made with other {listed}; choose another store URL or pass "
-                           "overwrite=True")
+    differs += _what_differs(root.attrs, checked)  # compared where the store has them
+    if differs:
+        raise CubeMismatch(f"{url} holds a cube made with other {'; other '.join(differs)}; choose another store "
+                           "URL or pass overwrite=True")
 
 
 def _write_class_coords(group: zarr.Group, names: Sequence[str], wnids: Sequence[str | None],

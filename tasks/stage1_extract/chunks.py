@@ -187,8 +187,9 @@ def check_labels(labels: np.ndarray, n_classes: int, target_mode: TargetMode, so
 
 def sample_image_shape(bundle: ModelBundle, data_dir: str | ImageSource, paths: Sequence[str],
                        max_image_pixels: int = defaults.MAX_IMAGE_PIXELS, tries: int = 4) -> tuple[int, ...] | None:
-    """(C, H, W) of the first of the dataset's first ``tries`` images that decodes through the
-    model's transform (at the model's input size, when it has one); None if none does."""
+    """(C, H, W) of the dataset's first ``tries`` images through the model's transform: the
+    model's input size when it has one, else their most common shape (``load_batch``); None
+    when none decodes."""
     images, _, _ = load_batch(data_dir, list(paths[:tries]), bundle.transform, input_size=bundle.input_size,
                               max_image_pixels=max_image_pixels)
     return tuple(images.shape[1:]) if images is not None else None
