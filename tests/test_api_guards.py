@@ -375,6 +375,31 @@ def test_class_names_are_checked_on_the_datasets_own_image_size(made: dict) -> N
     assert not cube.skipped().any()
 
 
+def test_a_model_whose_output_is_not_logits_stops_the_plan(made: dict) -> None:
+    """Auxiliary outputs, Hugging Face-style dicts, fully convolutional heads: every step reads
+    the output as (N, classes) logits, so planning says what the model gives instead."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 10))
+
+    class Outputs(torch.nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.trunk, self.kind = trunk, kind
+
+        def forward(self, x: torch.Tensor):
+            logits = self.trunk(x)
+            return {"tuple": (logits, x.mean()), "dict": {"logits": logits},
+                    "map": logits[:, :, None, None]}[self.kind]
+
+    for kind, what in (("tuple", "a tuple"), ("dict", "a dict"), ("map", r"a tensor of shape \(1, 10, 1, 1\)")):
+        url = f"memory://guards-output-{kind}.zarr"
+        with pytest.raises(ValueError, match=f"the model gives {what} for one image, not \\(1, classes\\) logits"):
+            pdis.extract(pdis.ModelSpec(Outputs(kind), made["spec"].class_names, trained=False), made["test"], url,
+                         layers="trunk.0")
+        assert not store_exists(url)
+
+
 def test_a_store_is_resumed_only_with_the_same_preprocessing_classes_and_items(assets_dir: Path, made: dict) -> None:
     spec, folder = made["spec"], made["folder"]
     url = str(folder / "resume.zarr")

@@ -37,7 +37,9 @@ def left_as_found(*models: nn.Module) -> Iterator[None]:
 def probe_logits(model: nn.Module, image_shape: tuple[int, ...]) -> int | None:
     """The number of logits ``model`` gives one blank image of ``image_shape`` (eval mode, no
     gradient, the model left as found), or None when the model does not run on it (an input
-    size the model does not take: the real images will say what is wrong)."""
+    size the model does not take: the real images will say what is wrong). A model that runs
+    but gives something other than (1, classes) logits (a tuple, a dict, a feature map) is a
+    ``ValueError``: every step reads its output as class logits."""
     device = _single_device(model) or torch.device("cpu")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     with left_as_found(model), torch.no_grad():
@@ -46,4 +48,9 @@ def probe_logits(model: nn.Module, image_shape: tuple[int, ...]) -> int | None:
             out = model(torch.zeros((1, *image_shape), device=device, dtype=dtype))
         except Exception:
             return None
-    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2):
+        what = (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+                else f"a {type(out).__name__}")
+        raise ValueError(f"the model gives {what} for one image, not (1, classes) logits: wrap it in a module "
+                         "whose forward returns the class logits alone")
+    return int(out.shape[1])

@@ -105,7 +105,7 @@ def plan_cube(
     shape = sample_image_shape(bundle, data_dir, manifest.paths, max_image_pixels) or bundle.image_shape()
     logits = probe_logits(bundle.model, shape)
     if logits is None:
-        warnings.warn(f"{bundle.name!r} did not give (1, classes) logits for one image of shape {shape}: its "
+        warnings.warn(f"{bundle.name!r} did not run on one blank image of shape {shape}: its "
                       f"{len(bundle.class_names)} class names are not checked against its logits", stacklevel=2)
     elif logits != len(bundle.class_names):
         # Label mode would run to the end with class indices that name other logits; prediction
