@@ -11,7 +11,6 @@ functions with files, artifacts, caching and clusters around them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -214,7 +213,7 @@ def _check_network(spec: ModelSpec, *cubes: CubeReader) -> None:
     """Refuse a spec whose module changed since it was made, and a cube extracted from another
     network: its moments and relevance would be read against these weights without a sign."""
     spec.check_unchanged()
-    preprocessing = json.loads(json.dumps(spec.preprocessing()))
+    preprocessing = spec.preprocessing()  # JSON values already: compared as the store gives them back
     for cube in cubes:
         recorded = (cube.attrs.get("model") or {}).get("state_sha256")
         if recorded and recorded != spec.state_sha256:
@@ -225,9 +224,10 @@ def _check_network(spec: ModelSpec, *cubes: CubeReader) -> None:
         if made_with is not None and made_with != preprocessing:
             raise CubeMismatch(f"{cube.url} was extracted with other preprocessing ({made_with}) than "
                                f"{spec.name!r} has ({preprocessing}): its values are those of other inputs")
-        if cube.class_names() != list(spec.class_names):
+        names = cube.class_names()
+        if names != list(spec.class_names):
             raise CubeMismatch(f"{cube.url} names its classes otherwise than {spec.name!r} does "
-                               f"({cube.class_names()[:3]}... there, {list(spec.class_names)[:3]}... here): "
+                               f"({names[:3]}... there, {list(spec.class_names)[:3]}... here): "
                                "the pairs and explanations would name other classes")
 
 
